@@ -1,0 +1,209 @@
+"""Run directories and loggers: W&B (offline when there is no account or network) plus a JSONL copy.
+
+Every run writes, under `runs/NAME/`:
+  metrics.csv      Lightning's CSVLogger
+  metrics.jsonl    one JSON object per logged step (our own: an offline W&B run keeps its history only in a
+                   binary file, so runs must be comparable without a server)
+  summary.json     final and best value of every metric, and the step of the best
+  config.yaml      the full resolved config (LightningCLI)
+  wandb/           the W&B run (online, or offline for a later `wandb sync`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger("lit_diffusion")
+
+# metrics where smaller is better; everything else counts as "higher is better" in summary.json
+LOWER_IS_BETTER = ("loss", "fid", "rfid", "kl", "nll")
+
+
+def lower_is_better(key: str) -> bool:
+    leaf = key.rsplit("/", 1)[-1]
+    return any(leaf == k or leaf.startswith(k + "_") or leaf.endswith("_" + k) for k in LOWER_IS_BETTER)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+        return host in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _reachable(url: str, timeout: float = 2.0) -> bool:
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_mode() -> tuple[str, str]:
+    """("online"|"offline"|"disabled", why). Decided once per process, before any W&B call can stall."""
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in ("offline", "disabled", "dryrun"):
+        return ("offline" if env == "dryrun" else env), f"WANDB_MODE={env}"
+    if not _has_wandb_key():
+        return "offline", "no W&B API key (set WANDB_API_KEY or run `wandb login`)"
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if not _reachable(base):
+        return "offline", f"W&B server {base} is not reachable"
+    return "online", "API key found and server reachable"
+
+
+_said_mode = False
+
+
+def _say_mode_once(mode: str, why: str) -> None:
+    global _said_mode
+    if _said_mode:
+        return
+    _said_mode = True
+    if mode == "offline":
+        rank_zero_only(log.warning)(f"W&B logs offline ({why}); upload later with `wandb sync runs/*/wandb/offline-run-*`")
+    elif mode == "disabled":
+        rank_zero_only(log.warning)(f"W&B is disabled ({why}); metrics go to CSV/JSONL only")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    return value
+
+
+class JSONLLogger(Logger):
+    """Appends each logged step to `metrics.jsonl` and keeps `summary.json` (final, best, best step) up to date."""
+
+    def __init__(self, save_dir: str | Path, name: str = "run"):
+        super().__init__()
+        self._save_dir = Path(save_dir)
+        self._name = name
+        self._final: dict[str, float] = {}
+        self._best: dict[str, tuple[float, int]] = {}
+        self._params: dict = {}
+        self.extra: dict[str, Any] = {}  # stage summaries, checkpoint paths: merged into summary.json
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @property
+    def save_dir(self) -> str:
+        return str(self._save_dir)
+
+    @property
+    def log_dir(self) -> str:
+        return str(self._save_dir)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict | Namespace, *args: Any, **kwargs: Any) -> None:
+        if isinstance(params, Namespace):
+            params = vars(params)
+        self._params.update({k: v for k, v in params.items() if isinstance(v, (str, int, float, bool, type(None)))})
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        row = {"step": step}
+        for key, value in metrics.items():
+            value = _plain(value)
+            if not isinstance(value, (int, float)):
+                continue
+            value = float(value)
+            row[key] = value
+            if key == "epoch" or not math.isfinite(value):
+                continue
+            self._final[key] = value
+            best = self._best.get(key)
+            better = best is None or (value < best[0] if lower_is_better(key) else value > best[0])
+            if better:
+                self._best[key] = (value, step if step is not None else -1)
+        self._save_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._save_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._write_summary()
+
+    def _write_summary(self) -> None:
+        summary = {
+            "final": dict(sorted(self._final.items())),
+            "best": {k: v for k, (v, _) in sorted(self._best.items())},
+            "best_step": {k: s for k, (_, s) in sorted(self._best.items())},
+            "params": self._params,
+            **self.extra,
+        }
+        tmp = self._save_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
+        os.replace(tmp, self._save_dir / "summary.json")
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._final or self.extra:
+            self.extra["status"] = status
+            self._save_dir.mkdir(parents=True, exist_ok=True)
+            self._write_summary()
+
+
+def run_dir(root: str | Path, name: str) -> Path:
+    return Path(root) / name
+
+
+def default_loggers(run_root: str | Path, name: str, project: str = "lit-diffusion", group: str | None = None,
+                    wandb: bool = True, tags: list[str] | None = None) -> list[Logger]:
+    """CSV + JSONL always; W&B unless disabled. The CSV logger comes first so `trainer.log_dir` is the run dir."""
+    directory = run_dir(run_root, name)
+    loggers: list[Logger] = [CSVLogger(save_dir=str(directory), name="", version=""), JSONLLogger(directory, name)]
+    if wandb:
+        mode, why = wandb_mode()
+        _say_mode_once(mode, why)
+        if mode != "disabled":
+            directory.mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(
+                name=name, project=project, group=group, save_dir=str(directory), offline=(mode == "offline"),
+                tags=tags, settings=_wandb_settings(),
+            ))
+    return loggers
+
+
+def _wandb_settings():
+    import wandb
+
+    # a bounded start-up wait and no console capture: logging must never stall or crash training
+    return wandb.Settings(init_timeout=30, console="off", x_disable_stats=True, silent=True)
+
+
+def find_logger(trainer, cls: type) -> Any:
+    for lg in getattr(trainer, "loggers", []):
+        if isinstance(lg, cls):
+            return lg
+    return None

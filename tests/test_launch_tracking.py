@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from lit_diffusion import tracking
+from lit_diffusion.launch import apply_launcher_env, launcher_settings
+
+
+def test_fabric_run_settings_become_trainer_arguments():
+    env = {"LT_CLI_USED": "1", "LT_ACCELERATOR": "cpu", "LT_STRATEGY": "ddp", "LT_DEVICES": "1",
+           "LT_NUM_NODES": "2", "LT_PRECISION": "None"}
+    argv = apply_launcher_env(["fit", "--config", "c.yaml"], env)
+    assert argv == ["fit", "--config", "c.yaml", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+                    "--trainer.devices", "1", "--trainer.num_nodes", "2"]
+
+
+def test_torchrun_and_slurm_settings():
+    assert launcher_settings({"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "8"}) == {
+        "devices": "2", "num_nodes": "4", "strategy": "ddp"}
+    assert launcher_settings({"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4(x2)",
+                              "SLURM_JOB_NAME": "train"}) == {"devices": "4", "num_nodes": "2", "strategy": "ddp"}
+    assert launcher_settings({}) == {}
+    assert apply_launcher_env(["fit"], {}) == ["fit"]
+
+
+def test_jsonl_logger_keeps_final_and_best(tmp_path):
+    lg = tracking.JSONLLogger(tmp_path, "r")
+    lg.log_metrics({"val/loss": 2.0, "val/psnr": 20.0}, step=1)
+    lg.log_metrics({"val/loss": 1.0, "val/psnr": 25.0}, step=2)
+    lg.log_metrics({"val/loss": 1.5, "val/psnr": 22.0, "eval/fid_clip_g3.0": 10.0}, step=3)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"]["val/loss"] == 1.5
+    assert summary["best"]["val/loss"] == 1.0 and summary["best_step"]["val/loss"] == 2
+    assert summary["best"]["val/psnr"] == 25.0 and summary["best_step"]["val/psnr"] == 2
+    assert summary["best"]["eval/fid_clip_g3.0"] == 10.0
+
+
+@pytest.mark.parametrize("key,lower", [("val/loss", True), ("eval/fid_clip_g3.0", True), ("val/rfid", True),
+                                       ("eval/clip_score_g3.0", False), ("val/psnr", False), ("val/i2t_r1", False)])
+def test_metric_direction(key, lower):
+    assert tracking.lower_is_better(key) is lower
+
+
+def test_wandb_mode_offline_without_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    mode, why = tracking.wandb_mode()
+    assert mode == "offline" and "API key" in why
+
+
+def test_wandb_mode_offline_when_server_unreachable(monkeypatch, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    mode, why = tracking.wandb_mode()
+    assert mode == "offline" and "not reachable" in why
