@@ -1,0 +1,140 @@
+"""Does a generated shapes image show what its caption asks for? (a deterministic, GenEval-style checker)
+
+Pixels are classified to the nearest palette colour (or background, or "other" when far from all), each colour's
+connected components above a speck size are objects, and each object gets a shape from its fill of the bounding
+box and the share of its mass in the box's top half (square 1.0/0.5, circle pi/4/0.5, upward triangle 0.5/0.25),
+a size from its half-extent (small 0.14, large 0.26 of the side) and a centre from its centroid. Expected objects
+are matched to detections by colour, since the two objects of a caption always differ in colour.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor
+from torchmetrics import Metric
+
+from lit_diffusion.data.shapes import BACKGROUND, COLORS, SIZES
+
+ATTRIBUTES = ("count", "colors", "shapes", "sizes", "relation")
+_PALETTE = np.array([*COLORS.values(), BACKGROUND], dtype=np.float32)  # [K + 1, 3]
+_NAMES = [*COLORS, "background"]
+# (fill of the bounding box, share of pixels in its top half) of each shape as rendered
+_SHAPE_PROTOTYPES = {"square": (1.0, 0.5), "circle": (np.pi / 4, 0.5), "triangle": (0.5, 0.27)}
+_SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2  # half-extent between small and large
+# RGB distance beyond which a pixel is no palette colour (the closest pair, blue/purple, is ~114 apart)
+_MAX_COLOR_DIST = 90.0
+_MIN_AREA_FRAC = 0.01  # specks below 1% of the image are noise (a small triangle covers ~4%)
+
+
+def _to_hwc_uint8(image: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"check_image expects an image [3, H, W] in [0, 1], got shape {tuple(image.shape)}")
+        image = image.detach().float().cpu().mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+
+
+def _classify_shape(fill: float, top_share: float) -> str:
+    return min(_SHAPE_PROTOTYPES, key=lambda s: (fill - _SHAPE_PROTOTYPES[s][0]) ** 2
+               + (top_share - _SHAPE_PROTOTYPES[s][1]) ** 2)
+
+
+def detect_objects(image: Tensor | np.ndarray) -> list[dict]:
+    """Objects in an image [3, H, W] in [0, 1] (or uint8 [H, W, 3]): dicts with color, shape, size, cx, cy
+    (centroid in [0, 1]), r (half-extent in [0, 1]) and area (fraction of the image), largest first."""
+    pixels = _to_hwc_uint8(image).astype(np.float32)  # [H, W, 3]
+    height, width = pixels.shape[:2]
+    dist = np.linalg.norm(pixels[:, :, None, :] - _PALETTE, axis=-1)  # [H, W, K + 1]
+    labels = dist.argmin(-1)
+    labels[dist.min(-1) > _MAX_COLOR_DIST] = -1
+    min_area = max(3, _MIN_AREA_FRAC * height * width)
+    objects = []
+    for index, color in enumerate(_NAMES[:-1]):
+        components, count = ndimage.label(labels == index, structure=np.ones((3, 3)))  # 8-connected
+        for sl, comp_id in zip(ndimage.find_objects(components), range(1, count + 1)):
+            mask = ndimage.binary_fill_holes(components[sl] == comp_id)  # noisy pixels inside still count
+            area = int(mask.sum())
+            if area < min_area:
+                continue
+            h, w = mask.shape
+            ys, xs = np.nonzero(mask)
+            objects.append({
+                "color": color,
+                "shape": _classify_shape(area / (h * w), float((ys < h / 2).sum()) / area),
+                "size": "large" if max(h, w) / (2 * max(height, width)) > _SIZE_THRESHOLD else "small",
+                "cx": float((xs.mean() + sl[1].start + 0.5) / width),
+                "cy": float((ys.mean() + sl[0].start + 0.5) / height),
+                "r": max(h, w) / (2 * max(height, width)),
+                "area": area / (height * width),
+            })
+    return sorted(objects, key=lambda o: -o["area"])
+
+
+def _relation_holds(first: dict, second: dict, relation: str) -> bool:
+    """`first` is `relation` `second`: right sign along the relation's axis, and that axis dominates."""
+    dx, dy = first["cx"] - second["cx"], first["cy"] - second["cy"]  # y grows downwards
+    along, across = {"above": (-dy, dx), "below": (dy, dx), "left of": (-dx, dy), "right of": (dx, dy)}[relation]
+    return along > 0 and along >= abs(across)
+
+
+def check_image(image: Tensor | np.ndarray, attrs: dict) -> dict:
+    """Per-attribute booleans (count, colors, shapes, sizes, relation) and `correct` (all of them) for one image
+    against its shapes attributes (the `KEY.json` content)."""
+    if not attrs or "objects" not in attrs:
+        raise ValueError(f"check_image needs shapes attributes with 'objects', got keys {sorted(attrs or {})}")
+    expected = attrs["objects"]
+    found = detect_objects(image)
+    by_color = {}
+    for obj in found:  # largest first, so the largest component of each colour wins
+        by_color.setdefault(obj["color"], obj)
+    matches = [by_color.get(obj["color"]) for obj in expected]
+    result = {
+        "count": len(found) == len(expected),
+        "colors": sorted(o["color"] for o in found) == sorted(o["color"] for o in expected),
+        "shapes": all(m is not None and m["shape"] == e["shape"] for m, e in zip(matches, expected)),
+        "sizes": all(m is not None and m["size"] == e["size"] for m, e in zip(matches, expected)),
+        "relation": True,
+    }
+    if attrs.get("relation") is not None:
+        result["relation"] = (len(matches) == 2 and None not in matches
+                              and _relation_holds(matches[0], matches[1], attrs["relation"]))
+    result["correct"] = all(result[k] for k in ATTRIBUTES)
+    return result
+
+
+class CaptionAccuracy(Metric):
+    """Fraction of images whose every caption attribute checks out; `attribute_accuracy()` breaks it down."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for key in (*ATTRIBUTES, "correct"):
+            self.add_state(f"{key}_sum", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, images: Tensor, attrs: list[dict]) -> None:
+        if images.dim() != 4 or len(attrs) != images.shape[0]:
+            raise ValueError(
+                f"CaptionAccuracy.update: images {tuple(images.shape)} and {len(attrs)} attrs do not match"
+            )
+        results = [check_image(image, a) for image, a in zip(images.detach().cpu(), attrs)]
+        for key in (*ATTRIBUTES, "correct"):
+            setattr(self, f"{key}_sum", getattr(self, f"{key}_sum") + sum(int(r[key]) for r in results))
+        self.count = self.count + len(results)
+
+    def compute(self) -> Tensor:
+        if int(self.count) == 0:
+            raise ValueError("CaptionAccuracy.compute() before any update()")
+        return self.correct_sum.double() / self.count
+
+    def attribute_accuracy(self) -> dict[str, float]:
+        """Accuracy of each attribute and overall, gathered over all ranks."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=self._should_unsync):
+            n = max(int(self.count), 1)
+            return {key: int(getattr(self, f"{key}_sum")) / n for key in (*ATTRIBUTES, "correct")}

@@ -1,0 +1,118 @@
+"""Real-image FID statistics, computed once per (data, resolution, sample count, feature backend + weights).
+
+The file name carries a readable summary and a hash of all key fields; the file itself stores the fields and is
+checked on load, so a stale or colliding file is recomputed rather than silently reused (a cache keyed only by
+file name is how FIDs against the wrong reference set get published).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("data", "resolution", "num_samples", "backend", "weights")
+Stats = tuple[torch.Tensor, torch.Tensor, int]
+
+
+def _canonical(key_fields: dict) -> str:
+    missing = [k for k in REQUIRED_FIELDS if k not in key_fields]
+    if missing:
+        raise ValueError(f"FID stats cache key is missing fields {missing} (needs {list(REQUIRED_FIELDS)})")
+    try:
+        return json.dumps(key_fields, sort_keys=True, separators=(",", ":"))
+    except TypeError as err:
+        raise ValueError(f"FID stats cache key fields must be plain JSON values: {err}") from err
+
+
+def stats_key(key_fields: dict) -> str:
+    return hashlib.sha256(_canonical(key_fields).encode()).hexdigest()
+
+
+def stats_path(cache_dir: str | Path, key_fields: dict) -> Path:
+    backend = re.sub(r"[^A-Za-z0-9.-]+", "-", str(key_fields["backend"]))
+    res, n = key_fields["resolution"], key_fields["num_samples"]
+    name = f"fid_stats_{backend}_{res}px_{n}_{stats_key(key_fields)[:12]}.pt"
+    return Path(cache_dir) / name
+
+
+def data_identity(paths: list[str | Path]) -> str:
+    """A cheap identity for local shard files: names, sizes and a hash of each file's first MiB."""
+    digest = hashlib.sha256()
+    for p in sorted(str(p) for p in paths):
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"FID stats cache: data file not found: {path}")
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        digest.update(f"{path.name}:{path.stat().st_size}:".encode() + hashlib.sha256(head).digest())
+    return digest.hexdigest()[:16]
+
+
+def load_stats(path: Path, key_fields: dict) -> Stats | None:
+    """The cached statistics if `path` holds them for exactly `key_fields`; None (and a log line) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        stored = blob["key_fields"]
+        mu, sigma, n = blob["mu"], blob["sigma"], int(blob["n"])
+    except Exception as err:
+        log.warning("FID stats cache %s is unreadable (%s: %s); recomputing", path, type(err).__name__, err)
+        return None
+    try:
+        same = _canonical(stored) == _canonical(key_fields)
+    except (ValueError, TypeError, AttributeError):  # a file from an older key layout
+        same = False
+    if not same:
+        stored = stored if isinstance(stored, dict) else {}
+        diff = {k: (stored.get(k), key_fields.get(k)) for k in sorted(set(stored) | set(key_fields))
+                if stored.get(k) != key_fields.get(k)}
+        log.warning("FID stats cache %s was made for other settings %s (stored, wanted); recomputing", path, diff)
+        return None
+    return mu, sigma, n
+
+
+def save_stats(path: Path, key_fields: dict, stats: Stats) -> None:
+    mu, sigma, n = stats
+    blob = {"key_fields": dict(key_fields), "key": stats_key(key_fields),
+            "mu": torch.as_tensor(mu, dtype=torch.float64).cpu(),
+            "sigma": torch.as_tensor(sigma, dtype=torch.float64).cpu(), "n": int(n)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of it
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_real_stats(cache_dir: str | Path, key_fields: dict, compute_fn: Callable[[], Stats],
+                      is_writer: bool = True) -> Stats:
+    """Load (mu, sigma, n) for `key_fields` from `cache_dir`, or run `compute_fn` and (on the writer) save it.
+
+    Under DDP every rank calls this: all ranks look before any computes, so they agree on hit or miss, and
+    `compute_fn` may run collectives (e.g. `FID.real_stats()`); only `is_writer` (global rank zero) writes.
+    """
+    path = stats_path(cache_dir, key_fields)
+    stats = load_stats(path, key_fields)
+    if stats is not None:
+        log.info("FID real statistics loaded from %s", path)
+        return stats
+    mu, sigma, n = compute_fn()
+    stats = (torch.as_tensor(mu, dtype=torch.float64).cpu(), torch.as_tensor(sigma, dtype=torch.float64).cpu(), int(n))
+    if is_writer:
+        save_stats(path, key_fields, stats)
+        log.info("FID real statistics (%d images) saved to %s", n, path)
+    return stats
