@@ -1,0 +1,184 @@
+"""Building blocks of the U-Net: timestep embedding, attention, residual blocks, resampling, spatial transformer.
+
+Spatial tensors are [B, C, H, W]; token sequences [B, N, C]. Nothing here calls `.view` on a spatial tensor, so
+channels_last inputs stay channels_last (the transformer's NCHW -> NHWC permute is free for them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps [B] -> [B, dim], as in DDPM / ADM
+    (Transformer positional encoding, Vaswani et al. 2017): [cos(t w_0..w_{h-1}), sin(t w_0..w_{h-1})] with
+    w_i = max_period^(-i/h), h = dim // 2; an odd dim gets a zero last column."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # [B, half]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= `groups` that divides `channels` (tiny test models)."""
+    g = math.gcd(channels, groups)
+    return nn.GroupNorm(g, channels, eps=1e-6)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters, so a residual branch starts as the identity (ADM, "Fixup"-style init)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (context=None) or cross-attention to `context`, via
+    F.scaled_dot_product_attention. `mask` [B, L] bool (True = real token) masks padded context keys; a row whose
+    keys are all masked attends to nothing and outputs the projection bias instead of NaN."""
+
+    def __init__(self, dim: int, context_dim: int | None = None, heads: int = 4, head_dim: int | None = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        head_dim = head_dim or dim // heads
+        inner = heads * head_dim
+        context_dim = context_dim or dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def _split(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, heads, N, head_dim]
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        ctx = x if context is None else context  # [B, L, Dc]
+        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(ctx)), self._split(self.to_v(ctx))
+        attn_mask = has_key = None
+        if mask is not None:
+            if mask.shape != ctx.shape[:2]:
+                raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected {tuple(ctx.shape[:2])}")
+            mask = mask.bool()
+            has_key = mask.any(-1)  # [B]
+            # SDPA gives NaN for rows with no visible key: unmask those rows here, zero their output below
+            attn_mask = (mask | ~has_key[:, None])[:, None, None, :]  # [B, 1, 1, L], broadcast over heads, queries
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, heads, N, head_dim]
+        out = out.transpose(1, 2).flatten(2)  # [B, N, inner]
+        if has_key is not None:
+            out = out * has_key[:, None, None].to(out.dtype)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """Feed-forward with a GELU-gated linear unit (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        inner = dim * mult
+        self.proj = nn.Linear(dim, inner * 2)
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return self.out(h * F.gelu(gate))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text context (if any), GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None, dropout: float = 0.0):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, None, heads, head_dim, dropout)
+        self.cross = context_dim is not None
+        if self.cross:
+            self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, context_dim, heads, head_dim, dropout)
+        self.norm3, self.ff = nn.LayerNorm(dim), GEGLU(dim, dropout=dropout)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        if self.cross:
+            if context is None:
+                raise ValueError("this U-Net has cross-attention (context_dim is set) but was called without context")
+            x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Latent Diffusion's transformer over the H*W positions of a feature map (Rombach et al. 2022): GroupNorm,
+    linear in-projection, `depth` transformer blocks, zero-initialised out-projection, residual."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int | None = None, depth: int = 1,
+                 dropout: float = 0.0, groups: int = 32):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = group_norm(channels, groups)
+        self.proj_in = nn.Linear(channels, inner)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth))
+        self.proj_out = zero_module(nn.Linear(inner, channels))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C]; free for channels_last
+        tokens = self.proj_in(tokens)
+        for block in self.blocks:
+            tokens = block(tokens, context, mask)
+        out = self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W]
+        return x + out
+
+
+class ResBlock(nn.Module):
+    """ADM residual block: GroupNorm-SiLU-conv, timestep embedding as scale/shift of the second GroupNorm
+    (`scale_shift`, ADM's "AdaGN") or added before it, SiLU-dropout-conv (zero-init), skip (1x1 conv if the width
+    changes)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0, scale_shift: bool = True,
+                 groups: int = 32):
+        super().__init__()
+        self.scale_shift = scale_shift
+        self.in_layers = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_ch * (2 if scale_shift else 1)))
+        self.out_norm = group_norm(out_ch, groups)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout),
+                                        zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1)))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        e = self.emb_layers(emb)[:, :, None, None].to(h.dtype)  # [B, C or 2C, 1, 1]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_norm(h) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + e)
+        return self.skip(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (halves H and W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then 3x3 convolution (avoids transposed-conv checkerboards)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))

@@ -1,0 +1,153 @@
+"""Text-conditioned U-Net denoiser in the ADM / Latent Diffusion layout (Dhariwal & Nichol 2021; Rombach et al. 2022).
+
+forward(x [B, C, H, W], t [B], context [B, L, D], context_mask [B, L]) -> raw prediction [B, C_out, H, W]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lit_diffusion.models.layers import (
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+    zero_module,
+)
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4  # latent channels of the VAE (3 for pixel-space diffusion)
+    out_channels: int = 4  # usually = in_channels (eps / v / x0 have the input's shape)
+    model_channels: int = 128  # width of the first level; level i has model_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 4)  # one entry per resolution level; len - 1 downsamplings
+    num_res_blocks: int = 2  # ResBlocks per level on the way down (the way up has one more, for the extra skip)
+    attention_resolutions: tuple[int, ...] = (2, 4)  # downsample factors (1 = input resolution) with a transformer
+    num_heads: int = 4  # attention heads, used when head_dim is None
+    head_dim: int | None = None  # if set, heads = channels // head_dim (constant head width, as in SD 2)
+    transformer_depth: int = 1  # transformer blocks per SpatialTransformer
+    context_dim: int | None = 512  # width of the text token features; None = unconditional (no cross-attention)
+    dropout: float = 0.0  # in ResBlocks, attention outputs and feed-forwards
+    norm_groups: int = 32  # GroupNorm groups (reduced to a divisor of the width for tiny models)
+    time_embed_mult: int = 4  # timestep MLP width = model_channels * time_embed_mult
+    scale_shift_norm: bool = True  # ADM's adaptive GroupNorm (scale/shift) instead of adding the time embedding
+    mid_attention: bool = True  # a SpatialTransformer between the two middle ResBlocks
+    use_checkpoint: bool = False  # gradient checkpointing of every block (torch.utils.checkpoint) when training
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(known)}")
+        d = dict(d)
+        for key in ("channel_mult", "attention_resolutions"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class UNetBlock(nn.ModuleList):
+    """A sequence of layers fed what each needs: ResBlocks the time embedding, transformers the context."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, mask)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig | dict):
+        super().__init__()
+        if isinstance(config, dict):
+            config = UNetConfig.from_dict(config)
+        self.config = c = config
+        if not c.channel_mult:
+            raise ValueError("UNetConfig.channel_mult must have at least one level")
+        ch = c.model_channels
+        emb_dim = ch * c.time_embed_mult
+        self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(i, o):
+            return ResBlock(i, o, emb_dim, c.dropout, c.scale_shift_norm, c.norm_groups)
+
+        def attn(width):
+            heads, head_dim = (width // c.head_dim, c.head_dim) if c.head_dim else (c.num_heads, width // c.num_heads)
+            if heads < 1 or head_dim < 1:
+                raise ValueError(f"UNetConfig: width {width} too small for num_heads={c.num_heads}, "
+                                 f"head_dim={c.head_dim}")
+            return SpatialTransformer(width, heads, head_dim, c.context_dim, c.transformer_depth, c.dropout,
+                                      c.norm_groups)
+
+        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
+        skip_chs, factor = [ch], 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers = [res(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if factor in c.attention_resolutions:
+                    layers.append(attn(ch))
+                self.input_blocks.append(UNetBlock(layers))
+                skip_chs.append(ch)
+            if level < len(c.channel_mult) - 1:
+                self.input_blocks.append(UNetBlock([Downsample(ch)]))
+                skip_chs.append(ch)
+                factor *= 2
+
+        self.middle_block = UNetBlock([res(ch, ch), *([attn(ch)] if c.mid_attention else []), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip_chs.pop(), mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if factor in c.attention_resolutions:
+                    layers.append(attn(ch))
+                if level > 0 and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    factor //= 2
+                self.output_blocks.append(UNetBlock(layers))
+
+        # zero-initialised output: the untrained network predicts 0 (the mean of eps / v), a stable start
+        self.out = nn.Sequential(group_norm(ch, c.norm_groups), nn.SiLU(),
+                                 zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
+        self.downsample_factor = 2 ** (len(c.channel_mult) - 1)
+
+    def _run(self, block: UNetBlock, x, emb, context, mask):
+        if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, emb, context, mask, use_reentrant=False)
+        return block(x, emb, context, mask)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        b, ch_in, h, w = x.shape
+        if ch_in != self.config.in_channels:
+            raise ValueError(f"UNet expects {self.config.in_channels} input channels, got {ch_in}")
+        if h % self.downsample_factor or w % self.downsample_factor:
+            raise ValueError(f"UNet input {h}x{w} must be divisible by {self.downsample_factor} "
+                             f"(2 ** (len(channel_mult) - 1))")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # [B, E]
+
+        skips = []
+        for block in self.input_blocks:
+            x = self._run(block, x, emb, context, context_mask)
+            skips.append(x)
+        x = self._run(self.middle_block, x, emb, context, context_mask)
+        for block in self.output_blocks:
+            x = self._run(block, torch.cat([x, skips.pop()], dim=1), emb, context, context_mask)
+        return self.out(x)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from lit_diffusion.diffusion.guidance import Conditioning, cfg_model_fn, drop_conditioning, rescale_guidance
+from lit_diffusion.diffusion.schedule import NoiseSchedule
+
+
+class SpyDenoiser:
+    """Records every call; output depends on x, t and the masked mean of the context, so halves can be told apart."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, context, mask):
+        self.calls.append({"x": x.clone(), "t": t.clone(), "context": context.clone(), "mask": mask.clone()})
+        m = mask.float().unsqueeze(-1)
+        pooled = (context * m).sum((1, 2)) / (m.sum((1, 2)).clamp(min=1) * context.shape[2])  # [B]
+        return 0.5 * x + pooled.view(-1, 1, 1, 1) + 0.01 * t.view(-1, 1, 1, 1).float()
+
+
+def cond_of(value, batch=2, length=4, dim=3, valid=3):
+    context = torch.full((batch, length, dim), float(value))
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[:, :valid] = True
+    return Conditioning(context, mask)
+
+
+X = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+T = torch.tensor([5, 9])
+
+
+def test_scale_one_is_the_conditional_forward_only():
+    spy = SpyDenoiser()
+    cond = cond_of(2.0)
+    out = cfg_model_fn(spy, cond, cond_of(-1.0), scale=1.0)(X, T)
+    assert len(spy.calls) == 1 and spy.calls[0]["x"].shape[0] == 2
+    assert torch.equal(out, SpyDenoiser()(X, T, *cond))
+
+
+def test_guidance_is_one_batched_forward():
+    spy = SpyDenoiser()
+    cond, uncond = cond_of(2.0), cond_of(-1.0)
+    out = cfg_model_fn(spy, cond, uncond, scale=4.0)(X, T)
+    assert len(spy.calls) == 1
+    call = spy.calls[0]
+    assert call["x"].shape[0] == 4
+    assert torch.equal(call["x"][:2], X) and torch.equal(call["x"][2:], X)
+    assert torch.equal(call["t"], torch.cat([T, T]))
+    assert torch.equal(call["context"][:2], uncond.context) and torch.equal(call["context"][2:], cond.context)
+    ref = SpyDenoiser()
+    u, c = ref(X, T, *uncond), ref(X, T, *cond)
+    assert torch.allclose(out, u + 4.0 * (c - u))
+
+
+def test_negative_prompt_changes_only_the_unconditional_branch():
+    cond = cond_of(2.0)
+    spy_a, spy_b = SpyDenoiser(), SpyDenoiser()
+    out_a = cfg_model_fn(spy_a, cond, cond_of(0.0), scale=3.0)(X, T)
+    out_b = cfg_model_fn(spy_b, cond, cond_of(-5.0), scale=3.0)(X, T)  # a "negative prompt" encoding
+    a, b = spy_a.calls[0], spy_b.calls[0]
+    assert torch.equal(a["context"][2:], b["context"][2:])  # conditional half identical
+    assert not torch.equal(a["context"][:2], b["context"][:2])
+    # guided = (1 - s) u + s c: moving u by -5 moves the output by (1 - 3) * -5 = +10
+    assert torch.allclose(out_b - out_a, torch.full_like(out_a, 10.0), atol=1e-5)
+
+
+def test_single_uncond_is_broadcast_and_lengths_are_padded():
+    spy = SpyDenoiser()
+    cond = cond_of(1.0, batch=2, length=6, valid=5)
+    uncond = cond_of(-1.0, batch=1, length=4, valid=2)
+    out = cfg_model_fn(spy, cond, uncond, scale=2.0)(X, T)
+    call = spy.calls[0]
+    assert call["context"].shape == (4, 6, 3) and call["mask"].shape == (4, 6)
+    assert call["mask"][:2].sum(1).tolist() == [2, 2] and call["mask"][2:].sum(1).tolist() == [5, 5]
+    assert torch.equal(call["context"][:2, 4:], torch.zeros(2, 2, 3))  # padding is masked zeros
+    ref = SpyDenoiser()
+    u = ref(X, T, uncond.context.expand(2, -1, -1), uncond.mask.expand(2, -1))
+    assert torch.allclose(out, u + 2.0 * (ref(X, T, *cond) - u))
+
+
+def test_guiding_v_equals_guiding_eps():
+    """The eps/x0 conversions are affine in the raw output and the CFG weights sum to one."""
+    sch = NoiseSchedule(1000, "cosine")
+    g = torch.Generator().manual_seed(1)
+    x_t, v_u, v_c = (torch.randn(3, 2, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([10, 500, 990])
+    s = 5.0
+    guided_v = sch.to_eps_x0(v_u + s * (v_c - v_u), x_t, t, "v")
+    e_u, e_c = sch.predict_eps_from_v(x_t, t, v_u), sch.predict_eps_from_v(x_t, t, v_c)
+    assert torch.allclose(guided_v.eps, e_u + s * (e_c - e_u), atol=1e-4)
+
+
+def test_rescale_matches_conditional_std():
+    g = torch.Generator().manual_seed(2)
+    guided, cond = 3 * torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    out = rescale_guidance(guided, cond, 1.0)
+    assert torch.allclose(out.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), rtol=1e-5)
+    assert torch.equal(rescale_guidance(guided, cond, 0.0), guided)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="needs an unconditional"):
+        cfg_model_fn(SpyDenoiser(), cond_of(1.0), None, scale=3.0)
+    with pytest.raises(TypeError, match="cond must be a Conditioning"):
+        cfg_model_fn(SpyDenoiser(), torch.zeros(2, 4, 3), cond_of(1.0), scale=3.0)
+
+
+def test_drop_conditioning_replaces_whole_samples():
+    cond = cond_of(2.0, batch=2000, length=4, valid=3)
+    empty = cond_of(0.0, batch=1, length=4, valid=2)
+    out = drop_conditioning(cond, empty, 0.25, torch.Generator().manual_seed(0))
+    dropped = out.context[:, 0, 0] == 0.0
+    assert 0.2 < dropped.float().mean().item() < 0.3
+    assert torch.equal(out.mask[dropped].sum(1), torch.full((int(dropped.sum()),), 2))
+    assert torch.equal(out.context[~dropped], cond.context[~dropped])
+    assert torch.equal(out.mask[~dropped], cond.mask[~dropped])
+    kept = drop_conditioning(cond, empty, 0.0)
+    assert torch.equal(kept.context, cond.context) and torch.equal(kept.mask, cond.mask)

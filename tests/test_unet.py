@@ -1,0 +1,144 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lit_diffusion.models.layers import Attention, SpatialTransformer, timestep_embedding
+from lit_diffusion.models.unet import UNet, UNetConfig
+
+TINY = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+            attention_resolutions=(1, 2), num_heads=2, context_dim=8, norm_groups=8)
+
+
+def tiny_unet(**overrides) -> UNet:
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**{**TINY, **overrides}))
+    # residual branches and the output conv start at zero (the net is then x-independent of t and context):
+    # randomise them, as training would, for behaviour tests
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.abs().sum():
+                nn.init.normal_(p, std=0.1)
+    return net
+
+
+def inputs(batch=2, size=8, length=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, size, size, generator=g)
+    t = torch.tensor([3, 700][:batch])
+    ctx = torch.randn(batch, length, 8, generator=g)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[0, :3] = True
+    mask[1:, :1] = True
+    return x, t, ctx, mask
+
+
+def test_timestep_embedding_values():
+    t = torch.tensor([0.0, 5.0, 250.0])
+    emb = timestep_embedding(t, 6)
+    assert emb.shape == (3, 6)
+    assert torch.equal(emb[0], torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
+    for j in range(3):
+        w = math.exp(-math.log(10000) * j / 3)
+        assert emb[1, j].item() == pytest.approx(math.cos(5 * w), abs=1e-6)
+        assert emb[1, 3 + j].item() == pytest.approx(math.sin(5 * w), abs=1e-6)
+    odd = timestep_embedding(t, 7)
+    assert odd.shape == (3, 7) and torch.equal(odd[:, -1], torch.zeros(3))
+    assert torch.allclose(timestep_embedding(t, 6, max_period=100)[2, 1], torch.tensor(math.cos(250 * 100 ** (-1 / 3))))
+
+
+def test_attention_mask_ignores_padded_tokens():
+    torch.manual_seed(0)
+    attn = Attention(16, context_dim=8, heads=2)
+    x = torch.randn(2, 10, 16)
+    ctx = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    out = attn(x, ctx, mask)
+    ctx2 = ctx.clone()
+    ctx2[~mask] = 100.0
+    assert torch.allclose(attn(x, ctx2, mask), out, atol=1e-6)
+    # identical to attending over the real tokens only
+    assert torch.allclose(out[0], attn(x[:1], ctx[:1, :3])[0], atol=1e-5)
+    assert torch.allclose(out[1], attn(x[1:], ctx[1:, :5])[0], atol=1e-5)
+
+
+def test_fully_masked_row_gives_no_nan():
+    torch.manual_seed(0)
+    attn = Attention(16, context_dim=8, heads=2)
+    mask = torch.tensor([[0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    out = attn(torch.randn(2, 4, 16), torch.randn(2, 3, 8), mask)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[0], attn.to_out[0].bias.expand(4, 16))  # attends to nothing
+    with pytest.raises(ValueError, match="attention mask has shape"):
+        attn(torch.randn(2, 4, 16), torch.randn(2, 3, 8), mask[:, :2])
+
+
+def test_spatial_transformer_starts_as_identity():
+    st = SpatialTransformer(16, heads=2, head_dim=8, context_dim=8, groups=8)
+    x = torch.randn(2, 16, 4, 4)
+    assert torch.equal(st(x, torch.randn(2, 3, 8)), x)
+
+
+@pytest.mark.parametrize("overrides,size", [({}, 8), ({"channel_mult": (1, 2, 2), "num_res_blocks": 2}, 16),
+                                            ({"context_dim": None, "head_dim": 8, "scale_shift_norm": False}, 8)])
+def test_unet_output_shape_and_zero_init(overrides, size):
+    net = UNet(UNetConfig(**{**TINY, **overrides}))
+    x, t, ctx, mask = inputs(size=size)
+    if net.config.context_dim is None:
+        ctx = mask = None
+    out = net(x, t, ctx, mask)
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output conv
+
+
+def test_unet_depends_on_time_and_context_but_not_on_padding():
+    net = tiny_unet().eval()
+    x, t, ctx, mask = inputs()
+    out = net(x, t, ctx, mask)
+    assert not torch.allclose(net(x, torch.tensor([4, 700]), ctx, mask)[0], out[0])
+    ctx_real = ctx.clone()
+    ctx_real[0, 0] += 1.0
+    assert not torch.allclose(net(x, t, ctx_real, mask)[0], out[0])
+    ctx_pad = ctx.clone()
+    ctx_pad[~mask] = 50.0
+    assert torch.allclose(net(x, t, ctx_pad, mask), out, atol=1e-5)
+    assert torch.allclose(net(x, 700, ctx, mask)[1], out[1], atol=1e-6)  # a scalar t is broadcast
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x, t, ctx, mask = inputs()
+    grads = []
+    for use_checkpoint in (False, True):
+        net = tiny_unet(use_checkpoint=use_checkpoint).train()
+        net(x, t, ctx, mask).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(net.parameters()))
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+    assert grads[0]["input_blocks.0.0.weight"].abs().sum() > 0
+
+
+def test_channels_last_gives_the_same_output():
+    net = tiny_unet().eval()
+    x, t, ctx, mask = inputs()
+    ref = net(x, t, ctx, mask)
+    net_cl = net.to(memory_format=torch.channels_last)
+    out = net_cl(x.contiguous(memory_format=torch.channels_last), t, ctx, mask)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_config_from_dict_and_clear_errors():
+    cfg = UNetConfig.from_dict({**TINY, "channel_mult": [1, 2], "attention_resolutions": [2]})
+    assert cfg.channel_mult == (1, 2) and UNetConfig.from_dict(dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown UNetConfig keys \\['channels'\\]"):
+        UNet({"channels": 3})
+    net = UNet(TINY)
+    x, t, ctx, mask = inputs()
+    with pytest.raises(ValueError, match="expects 4 input channels, got 3"):
+        net(x[:, :3], t, ctx, mask)
+    with pytest.raises(ValueError, match="must be divisible by 2"):
+        net(torch.randn(2, 4, 7, 7), t, ctx, mask)
+    with pytest.raises(ValueError, match="called without context"):
+        net(x, t)
