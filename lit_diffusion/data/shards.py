@@ -1,0 +1,480 @@
+"""WebDataset shards: URL expansion, image/caption decoding, skip accounting, and the two sample streams.
+
+- `expand_urls` turns brace patterns, globs, lists, directories, `pipe:` commands and remote URLs into a list
+  of shard URLs and fails early, naming the pattern, when local shards are missing.
+- `decode_sample` turns a raw tar sample into {"image": uint8 [3,S,S], "caption", "attrs", "key"}; anything
+  wrong with a sample raises `BadSample`, which the streams log (naming shard and key) and count, then skip.
+- `ResampledTrainStream`: an endless stream; every (rank, worker) draws shards at random with its own seed, so
+  no rank runs dry on uneven shards; each epoch yields a fixed number of batches, shared among the workers.
+- `ExactlyOnceStream`: every (rank, worker) reads the shards in order and keeps samples whose running index i
+  has i % (world * workers) == rank * workers + worker, so each sample is seen exactly once however few shards
+  there are; reading is repeated per reader, decoding is not.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+from itertools import islice
+from multiprocessing.context import get_spawning_popen
+from typing import Callable, Iterable, Iterator
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm")
+CAPTION_EXTENSIONS = ("txt", "caption")
+SKIP_REASONS = ("shard", "missing_image", "bad_image", "missing_caption", "bad_caption", "bad_json")
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
+_MAX_LOGGED_PER_PROCESS = 50  # after this, skips are still counted but logged only every 1000th
+_MAX_CONSECUTIVE_BAD = 10_000  # a resampled stream with no good sample in this many tries is misconfigured
+
+
+# ---------------------------------------------------------------------------------------------- URL expansion
+
+
+def _expand_local(pattern: str, split: str | None) -> list[str]:
+    path = os.path.expandvars(os.path.expanduser(pattern.removeprefix("file:")))
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(glob.escape(path), f"{split}-*.tar" if split else "*.tar")))
+        if not found:
+            want = f"{split}-*.tar" if split else "*.tar"
+            raise ValueError(f"no shards matching {want!r} in directory {pattern!r}")
+        return found
+    urls, missing = [], []
+    for item in braceexpand.braceexpand(path):
+        if glob.has_magic(item):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                missing.append(item)
+            urls.extend(matches)
+        elif os.path.isfile(item):
+            urls.append(item)
+        else:
+            missing.append(item)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
+        raise ValueError(f"shard pattern {pattern!r}: no such file(s): {shown}")
+    return urls
+
+
+def expand_urls(urls: str | os.PathLike | Iterable, split: str | None = None) -> list[str]:
+    """Shard URLs for a brace pattern (`train-{000000..000007}.tar`), a glob (`data/shapes/train-*.tar`), a
+    directory (with `split`: its `{split}-*.tar`), `::`-separated or list of any of these, `pipe:` commands
+    and remote URLs (brace-expanded, not checked: webdataset opens them). Missing local shards or an empty
+    result raise ValueError naming the pattern."""
+    if urls is None:
+        raise ValueError("no shard URLs given (None)")
+    if isinstance(urls, (str, os.PathLike)):
+        text = os.fspath(urls)
+        parts = text.split("::")
+    else:
+        text, parts = repr(urls), [os.fspath(u) for u in urls]
+    result: list[str] = []
+    for part in parts:
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith(_REMOTE_PREFIXES):
+            result.extend(braceexpand.braceexpand(part))
+        else:
+            result.extend(_expand_local(part, split))
+    if not result:
+        raise ValueError(f"shard pattern {text!r} expands to no shards")
+    return result
+
+
+# -------------------------------------------------------------------------------------------- skip accounting
+
+
+class _SharedInts:
+    """Integers shared between the main process and DataLoader workers, forked or spawned.
+
+    A lock-free RawArray: a SemLock made in one start-method context cannot reach processes of another, so
+    callers give every writer its own slots instead. Outside process start-up (plain pickle, deepcopy) it
+    pickles as a detached snapshot instead of failing."""
+
+    def __init__(self, n: int):
+        self._array = mp.RawArray("q", n)
+
+    def __getstate__(self):
+        if get_spawning_popen() is not None:
+            return {"array": self._array}
+        return {"values": list(self._array)}
+
+    def __setstate__(self, state):
+        if "array" in state:
+            self._array = state["array"]
+        else:
+            self._array = mp.RawArray("q", len(state["values"]))
+            self._array[:] = state["values"]
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, index: int) -> int:
+        return self._array[index]
+
+    def __setitem__(self, index: int, value: int) -> None:
+        self._array[index] = value
+
+
+class SkipCounter:
+    """Counts skipped samples/shards by reason, summed over the main process and all DataLoader workers.
+
+    Each process writes only its own row (main process: row 0, worker w: row w + 1), so no lock is needed."""
+
+    _ROWS = 65  # main process + 64 workers; more workers share rows (and may rarely lose a count)
+
+    def __init__(self):
+        self._ints = _SharedInts(self._ROWS * len(SKIP_REASONS))
+        self.logged = 0
+
+    def add(self, reason: str) -> int:
+        info = get_worker_info()
+        row = 0 if info is None else (info.id + 1) % self._ROWS
+        self._ints[row * len(SKIP_REASONS) + SKIP_REASONS.index(reason)] += 1
+        return self.total
+
+    def counts(self) -> dict[str, int]:
+        n = len(SKIP_REASONS)
+        return {r: sum(self._ints[row * n + i] for row in range(self._ROWS)) for i, r in enumerate(SKIP_REASONS)}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts().values())
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.counts()})"
+
+
+class SharedEpoch:
+    """Epoch number set in the main process (its only writer) and read by workers, so non-persistent workers,
+    which get a fresh copy of the dataset every epoch, still draw new shards and shuffles each epoch."""
+
+    def __init__(self, epoch: int = 0):
+        self._ints = _SharedInts(1)
+        self._ints[0] = epoch
+
+    @property
+    def value(self) -> int:
+        return self._ints[0]
+
+    def set(self, epoch: int) -> None:
+        self._ints[0] = epoch
+
+
+def _report(counter: SkipCounter, reason: str, url: str, key: str | None, detail: object) -> None:
+    total = counter.add(reason)
+    counter.logged += 1  # per process: each worker logs its own first skips
+    if counter.logged <= _MAX_LOGGED_PER_PROCESS or counter.logged % 1000 == 0:
+        where = f"sample {key!r} of shard {url!r}" if key is not None else f"shard {url!r}"
+        suffix = f" ({total} skipped so far)"
+        if counter.logged == _MAX_LOGGED_PER_PROCESS:
+            suffix += "; further skips are counted, and logged only every 1000th"
+        log.warning("skipping %s: %s: %s%s", where, reason, detail, suffix)
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+
+
+class BadSample(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: 16/32-bit grey scaled to 8 bits, transparency composited onto white, CMYK through
+    its ICC profile when it has one."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I"):  # I;16, I;16B, I;16L, I (16-bit PNGs): full scale is 65535
+        grey = np.asarray(image).astype(np.float32) / 257.0
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "CMYK" and image.info.get("icc_profile"):
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
+            return ImageCms.profileToProfile(image, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # a broken profile: fall back to PIL's plain conversion
+            pass
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, image_size: int, flip: bool = False) -> torch.Tensor:
+    """Image bytes -> uint8 [3, S, S]: RGB, shorter side resized to S (down or up, bicubic), centre crop."""
+    image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG":
+        # Let libjpeg decode at a reduced scale that still keeps the shorter side >= S (much faster for photos).
+        scale = image_size / min(image.size)
+        image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+    if image.format in ("JPEG", "MPO", "WEBP", "TIFF") and image.getexif().get(0x0112, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    image = to_rgb(image)
+    w, h = image.size
+    if (w, h) != (image_size, image_size):
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        image = image.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    array = np.array(image)  # [S, S, 3] uint8, a writable copy
+    if flip:
+        array = np.ascontiguousarray(array[:, ::-1])
+    return torch.from_numpy(array).permute(2, 0, 1)  # [3, S, S]
+
+
+def decode_sample(sample: dict, image_size: int, flip: bool = False) -> dict:
+    """Raw tar sample -> {"image": uint8 [3,S,S], "caption": str, "attrs": dict, "key": str}; raises BadSample."""
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if image_ext is None:
+        raise BadSample("missing_image", f"no image file (.{'/.'.join(IMAGE_EXTENSIONS[:4])}/...)")
+    caption_ext = next((e for e in CAPTION_EXTENSIONS if e in sample), None)
+    if caption_ext is None:
+        raise BadSample("missing_caption", "no .txt caption file")
+    try:
+        caption = sample[caption_ext].decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise BadSample("bad_caption", f"caption is not UTF-8 ({exc})") from None
+    if not caption:
+        raise BadSample("missing_caption", "caption file is empty")
+    attrs = {}
+    if "json" in sample:
+        try:
+            attrs = json.loads(sample["json"])
+        except ValueError as exc:
+            raise BadSample("bad_json", f"invalid .json ({exc})") from None
+    data = sample[image_ext]
+    if not data:
+        raise BadSample("bad_image", f"zero-byte .{image_ext}")
+    try:
+        image = decode_image(data, image_size, flip)
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
+    return {"image": image, "caption": caption, "attrs": attrs, "key": sample["__key__"]}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Decoded samples -> {"image": float [B,3,S,S] in [-1,1], "caption": list, "attrs": list, "key": list}."""
+    images = torch.stack([s["image"] for s in samples])  # [B, 3, S, S] uint8
+    return {
+        "image": images.float().div_(127.5).sub_(1.0),
+        "caption": [s["caption"] for s in samples],
+        "attrs": [s["attrs"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the streams
+
+
+class _TrackedStream:
+    """Read-through wrapper remembering how many bytes a shard had and its last 1024 of them.
+
+    Python's tarfile reads a tar cut inside a header as a clean end of archive; a complete tar ends with two
+    zero blocks on a 512-byte boundary, which is what `complete()` checks."""
+
+    def __init__(self, stream):
+        self.stream, self.size, self.tail = stream, 0, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.size += len(data)
+        self.tail = (self.tail + data[-1024:])[-1024:]
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def complete(self) -> bool:
+        return self.size % 512 == 0 and len(self.tail) == 1024 and not self.tail.strip(b"\0")
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterator[dict]:
+    """Raw samples of one shard. Unreadable, truncated or failing (`pipe:` exit status) shards are logged and
+    counted once (unless `report` is off); the samples read before the fault are kept."""
+    failed = False
+    tracked: list[_TrackedStream] = []
+
+    def handler(exn: Exception) -> bool:
+        nonlocal failed
+        if not failed and report:
+            _report(counter, "shard", url, None, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+        failed = True
+        return True
+
+    def opened() -> Iterator[dict]:
+        for source in url_opener([{"url": url}], handler=handler):
+            tracked.append(_TrackedStream(source["stream"]))
+            yield {**source, "stream": tracked[-1]}
+
+    yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
+    for stream in tracked:
+        try:
+            if not failed:
+                stream.drain()
+                if not stream.complete():
+                    handler(EOFError(f"truncated tar: ends after {stream.size} bytes without an end-of-archive block"))
+            stream.close()  # a pipe: command reports its exit status here
+        except Exception as exn:
+            handler(exn)
+
+
+def _decoded(
+    samples: Iterable[dict], image_size: int, counter: SkipCounter, flip: Callable[[], bool] | None
+) -> Iterator[dict]:
+    for sample in samples:
+        try:
+            yield decode_sample(sample, image_size, flip() if flip else False)
+        except BadSample as bad:
+            _report(counter, bad.reason, sample.get("__url__", "?"), sample.get("__key__"), bad.detail)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class ResampledTrainStream(IterableDataset):
+    """Collated batches from an endless stream: shards drawn with replacement, a sample shuffle buffer, decode.
+
+    One iteration (an epoch) yields `batches_per_epoch` batches in total over the DataLoader's workers, worker w
+    its share, so DataLoader iteration ends on its own and no prefetched batch is thrown away.
+    Where the dataset object survives between epochs (num_workers=0, persistent workers) the stream and its
+    shuffle buffer continue; where workers get a fresh copy each epoch, the stream restarts from the seed of
+    (seed, rank, worker, shared epoch). Either way a run repeats exactly for the same world size and workers."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        image_size: int,
+        batch_size: int,
+        batches_per_epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        random_flip: bool = False,
+        counter: SkipCounter | None = None,
+        epoch: SharedEpoch | None = None,
+    ):
+        super().__init__()
+        self.urls, self.image_size = list(urls), image_size
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
+        self.counter = counter if counter is not None else SkipCounter()
+        self.epoch = epoch if epoch is not None else SharedEpoch()
+        self._stream: tuple[tuple[int, int], Iterator[dict]] | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stream": None}  # generators do not pickle; a new process starts afresh
+
+    def _shards(self, rng: random.Random) -> Iterator[dict]:
+        empty_in_a_row = 0
+        limit = 20 * len(self.urls) + 100  # chance of a false alarm with one good shard in n: ~e^-20
+        while True:
+            url = self.urls[rng.randrange(len(self.urls))]
+            n = 0
+            for sample in shard_samples(url, self.counter):
+                n += 1
+                yield sample
+            empty_in_a_row = 0 if n else empty_in_a_row + 1
+            if empty_in_a_row >= limit:
+                raise RuntimeError(
+                    f"{empty_in_a_row} shards in a row gave no samples; shards {self.urls[:3]}... "
+                    f"({len(self.urls)} in all) look empty or unreadable; skipped: {self.counter.counts()}"
+                )
+
+    def _samples(self, worker: int) -> Iterator[dict]:
+        base = f"{self.seed}-{self.rank}-{worker}-{self.epoch.value}"
+        shard_rng, shuffle_rng, flip_rng = (random.Random(f"{base}-{part}") for part in ("shard", "shuffle", "flip"))
+        samples = self._shards(shard_rng)
+        if self.shuffle_buffer > 1:
+            samples = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng)(samples)
+        flip = (lambda: flip_rng.random() < 0.5) if self.random_flip else None
+        since_good = 0
+
+        def guarded(raw: Iterable[dict]) -> Iterator[dict]:
+            # A resampled stream of undecodable data would otherwise spin forever, logging skips.
+            nonlocal since_good
+            for sample in raw:
+                since_good += 1
+                if since_good > _MAX_CONSECUTIVE_BAD:
+                    raise RuntimeError(
+                        f"{_MAX_CONSECUTIVE_BAD} samples in a row could not be decoded from shards "
+                        f"{self.urls[:3]}... ({len(self.urls)} in all); skipped: {self.counter.counts()}"
+                    )
+                yield sample
+
+        for sample in _decoded(guarded(samples), self.image_size, self.counter, flip):
+            since_good = 0
+            yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        if self._stream is None or self._stream[0] != (worker, num_workers):
+            self._stream = ((worker, num_workers), self._samples(worker))
+        samples = self._stream[1]
+        share = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+        for _ in range(share):
+            yield collate([next(samples) for _ in range(self.batch_size)])
+
+
+class ExactlyOnceStream(IterableDataset):
+    """Decoded samples in shard order, each seen by exactly one (rank, worker); the first `max_samples` raw
+    samples (in shard order, before the split) when given."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        image_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        max_samples: int | None = None,
+        counter: SkipCounter | None = None,
+    ):
+        super().__init__()
+        self.urls, self.image_size = list(urls), image_size
+        self.rank, self.world_size, self.max_samples = rank, world_size, max_samples
+        self.counter = counter if counter is not None else SkipCounter()
+
+    def _mine(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        readers, slot = self.world_size * num_workers, self.rank * num_workers + worker
+        # every reader meets the same broken shards; only the first reports them, so each counts once
+        raw = (s for url in self.urls for s in shard_samples(url, self.counter, report=slot == 0))
+        if self.max_samples is not None:
+            raw = islice(raw, self.max_samples)
+        for index, sample in enumerate(raw):
+            if index % readers == slot:
+                yield sample
+
+    def __iter__(self) -> Iterator[dict]:
+        return _decoded(self._mine(), self.image_size, self.counter, None)

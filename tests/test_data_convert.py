@@ -1,0 +1,114 @@
+import csv
+import json
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lit_diffusion.data.convert import convert
+from lit_diffusion.data.shards import ExactlyOnceStream, expand_urls
+
+
+def _image(path, color, size=(20, 12), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format=fmt)
+    return path
+
+
+def _read_split(out, split):
+    stream = ExactlyOnceStream(expand_urls(out, split=split), 12)
+    return {s["attrs"]["source"]: s for s in stream}
+
+
+def _members(out, split):
+    names = []
+    for url in expand_urls(out, split=split):
+        with tarfile.open(url) as tar:
+            names += tar.getnames()
+    return names
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    _image(root / "a.png", (255, 0, 0))
+    (root / "a.txt").write_text("a red box")
+    _image(root / "sub" / "b.jpg", (0, 0, 255), fmt="JPEG")
+    (root / "sub" / "b.txt").write_text("  a blue box\n")
+    (root / "sub" / "b.json").write_text('{"colour": "blue"}')
+    _image(root / "c.png", (0, 255, 0))  # no caption
+    (root / "d.png").write_bytes(b"\x89PNG broken")
+    (root / "d.txt").write_text("broken")
+    return root
+
+
+def test_convert_folder(folder, tmp_path):
+    out = tmp_path / "shards"
+    info = convert(folder, out, shard_size=1)
+    assert info["counts"] == {"train": 2}
+    assert info["skipped"] == {"missing_caption": 1, "bad_image": 1}
+    assert info["shards"]["train"] == ["train-000000.tar", "train-000001.tar"]
+    assert json.loads((out / "info.json").read_text())["urls"]["train"] == str(out / "train-{000000..000001}.tar")
+    assert _members(out, "train") == [
+        "000000000.json", "000000000.png", "000000000.txt", "000000001.jpg", "000000001.json", "000000001.txt",
+    ]
+    samples = _read_split(out, "train")
+    red = samples[str(folder / "a.png")]
+    assert red["caption"] == "a red box" and red["key"] == "000000000"
+    assert (red["image"][0] == 255).all() and (red["image"][1:] == 0).all()  # 20x12 centre-cropped to 12x12
+    blue = samples[str(folder / "sub" / "b.jpg")]
+    assert blue["caption"] == "a blue box" and blue["attrs"]["colour"] == "blue"
+    assert (blue["image"][2] > 240).all() and (blue["image"][:2] < 15).all()
+    # JPEG bytes are stored untouched
+    with tarfile.open(out / "train-000001.tar") as tar:
+        assert tar.extractfile("000000001.jpg").read() == (folder / "sub" / "b.jpg").read_bytes()
+
+
+def test_convert_csv_and_jsonl_with_val_split(tmp_path):
+    images = tmp_path / "pics"
+    rows = []
+    for i in range(40):
+        _image(images / f"{i}.png", (i * 6, 100, 200 - i * 5))
+        rows.append({"file": f"pics/{i}.png", "text": f"picture number {i}"})
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["file", "text"])
+        writer.writeheader()
+        writer.writerows(rows[:20])
+    lines = [json.dumps({"file": r["file"], "text": r["text"], "score": 0.5}) for r in rows[20:]]
+    lines.insert(3, "{not json")
+    (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+
+    out = tmp_path / "out"
+    info = convert(
+        [tmp_path / "list.csv", tmp_path / "list.jsonl"], out, val_fraction=0.25, seed=0,
+        path_key="file", caption_key="text", shard_size=8,
+    )
+    assert info["skipped"] == {"bad_row": 1}
+    assert info["counts"]["train"] + info["counts"]["val"] == 40 and 3 <= info["counts"]["val"] <= 20
+    train, val = _read_split(out, "train"), _read_split(out, "val")
+    assert not set(train) & set(val)
+    for source, sample in {**train, **val}.items():
+        i = int(source.rsplit("/", 1)[1].split(".")[0])
+        assert sample["caption"] == f"picture number {i}"
+        expected = np.array(Image.open(images / f"{i}.png").crop((4, 0, 16, 12)))
+        np.testing.assert_array_equal(sample["image"].permute(1, 2, 0).numpy(), expected)
+        if i >= 20:
+            assert sample["attrs"]["score"] == 0.5
+    # the split depends on the source, not on the run
+    again = convert([tmp_path / "list.csv", tmp_path / "list.jsonl"], tmp_path / "again", val_fraction=0.25,
+                    path_key="file", caption_key="text")
+    assert again["counts"] == info["counts"]
+
+
+def test_convert_errors(tmp_path, folder):
+    with pytest.raises(ValueError, match="does not exist"):
+        convert(tmp_path / "missing-dir", tmp_path / "o")
+    (tmp_path / "bad.csv").write_text("image,caption\nx.png,hi\n")
+    with pytest.raises(ValueError, match=r"bad.csv: needs columns 'path' and 'caption'.*'image'"):
+        convert(tmp_path / "bad.csv", tmp_path / "o")
+    convert(folder, tmp_path / "o2")
+    with pytest.raises(ValueError, match="already holds train-000000.tar"):
+        convert(folder, tmp_path / "o2")
+    assert convert(folder, tmp_path / "o2", overwrite=True)["counts"] == {"train": 2}
+    assert convert(folder, tmp_path / "o3", prefix="val")["shards"] == {"val": ["val-000000.tar"]}

@@ -1,0 +1,238 @@
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lit_diffusion.data.shapes import render, sample_attrs, write_shapes
+from lit_diffusion.data.shards import (
+    ExactlyOnceStream,
+    SkipCounter,
+    collate,
+    decode_image,
+    decode_sample,
+    expand_urls,
+)
+
+
+def _png(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=kw.pop("format", "PNG"), **kw)
+    return buf.getvalue()
+
+
+def _tar(path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _good(key: str, seed: int = 0) -> list[tuple[str, bytes]]:
+    attrs = sample_attrs(seed, 16)
+    return [
+        (f"{key}.json", json.dumps(attrs).encode()),
+        (f"{key}.png", _png(render(attrs, 16))),
+        (f"{key}.txt", attrs["caption"].encode()),
+    ]
+
+
+def _read(urls, counter=None):
+    counter = counter or SkipCounter()
+    return [s["key"] for s in ExactlyOnceStream(urls, 16, counter=counter)], counter
+
+
+# ------------------------------------------------------------------------------------------------ URL expansion
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("urls")
+    write_shapes(out, train=30, val=10, size=16, shard_size=10)
+    return out
+
+
+def test_expand_brace_glob_dir_list(shard_dir):
+    names = [str(shard_dir / f"train-{i:06d}.tar") for i in range(3)]
+    assert expand_urls(str(shard_dir / "train-{000000..000002}.tar")) == names
+    assert expand_urls(str(shard_dir / "train-*.tar")) == names
+    assert expand_urls(shard_dir, split="train") == names
+    assert expand_urls(str(shard_dir) + "/", split="val") == [str(shard_dir / "val-000000.tar")]
+    assert expand_urls([names[2], str(shard_dir / "val-*.tar")]) == [names[2], str(shard_dir / "val-000000.tar")]
+    assert expand_urls(f"{names[0]}::{names[1]}") == names[:2]
+
+
+def test_expand_remote_and_pipe_left_to_webdataset():
+    pipes = expand_urls("pipe:curl -s http://x/a-{0..1}.tar")
+    assert pipes == ["pipe:curl -s http://x/a-0.tar", "pipe:curl -s http://x/a-1.tar"]
+    remote = expand_urls("https://host/d/train-{000..001}.tar")
+    assert remote == ["https://host/d/train-000.tar", "https://host/d/train-001.tar"]
+
+
+def test_expand_missing_or_empty_names_the_pattern(shard_dir, tmp_path):
+    pattern = str(shard_dir / "train-{000000..000007}.tar")
+    with pytest.raises(ValueError, match=r"train-\{000000\.\.000007\}\.tar.*train-000003\.tar"):
+        expand_urls(pattern)
+    with pytest.raises(ValueError, match="nothing-"):
+        expand_urls(str(tmp_path / "nothing-*.tar"))
+    with pytest.raises(ValueError, match="no shards matching 'test-\\*.tar'"):
+        expand_urls(shard_dir, split="test")
+    with pytest.raises(ValueError, match="expands to no shards"):
+        expand_urls([])
+
+
+# ------------------------------------------------------------------------------------------------ decoding modes
+
+
+def test_grayscale_and_upsample_small():
+    grey = Image.fromarray(np.full((8, 8), 77, np.uint8), "L")
+    out = decode_image(_png(grey), 32)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert (out == 77).all()
+
+
+def test_16_bit_grey_is_scaled_not_clipped():
+    values = np.array([[0, 257 * 128], [65535, 257 * 200]], np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode.startswith("I")
+    big = image.resize((16, 16), Image.NEAREST)
+    out = decode_image(_png(big), 16)
+    assert out[0, 0, 0] == 0 and out[0, 0, 15] == 128 and out[0, 15, 0] == 255 and out[0, 15, 15] == 200
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+
+
+def test_cmyk_converts_to_rgb():
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # no cyan, full magenta + yellow = red
+    out = decode_image(_png(cmyk, format="TIFF"), 16)
+    assert out[:, 5, 5].tolist() == [255, 0, 0]
+
+
+def test_transparency_composites_on_white():
+    rgba = Image.new("RGBA", (16, 16), (0, 0, 255, 0))
+    rgba.paste((200, 10, 10, 255), (0, 0, 8, 16))
+    out = decode_image(_png(rgba), 16)
+    assert out[:, 4, 2].tolist() == [200, 10, 10] and out[:, 4, 12].tolist() == [255, 255, 255]
+    pal = Image.new("P", (16, 16), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.paste(0, (0, 0, 16, 4))
+    out = decode_image(_png(pal, transparency=0), 16)
+    assert out[:, 1, 1].tolist() == [255, 255, 255] and out[:, 10, 1].tolist() == [10, 200, 30]
+
+
+def test_resize_shorter_side_and_centre_crop_and_flip():
+    wide = np.zeros((32, 64, 3), np.uint8)
+    wide[:, :16] = (255, 0, 0)
+    wide[:, 16:48] = (0, 0, 255)
+    wide[:, 48:] = (0, 255, 0)
+    out = decode_image(_png(Image.fromarray(wide)), 16)
+    assert out.shape == (3, 16, 16)
+    # only the blue centre remains; the bicubic kernel may blend a little of the cropped-off bands into the
+    # outermost columns, as resizing first and cropping after would
+    inner = out[:, :, 1:-1]
+    assert (inner[2] >= 250).all() and (inner[0] <= 5).all() and (inner[1] <= 5).all()
+    assert (out[2] >= 200).all() and (out[0] <= 40).all() and (out[1] <= 40).all()
+    half = np.zeros((16, 16, 3), np.uint8)
+    half[:, :4] = 255
+    flipped = decode_image(_png(Image.fromarray(half)), 16, flip=True)
+    assert (flipped[:, :, 12:] == 255).all() and (flipped[:, :, :12] == 0).all()
+
+
+def test_collate_batch_format():
+    samples = [decode_sample(dict(_kv(_good("k1", 1)), __key__="k1"), 16)]
+    white = _png(Image.new("RGB", (16, 16), (255, 255, 255)))
+    samples.append(decode_sample({"__key__": "k2", "png": white, "txt": b"x"}, 16))
+    batch = collate(samples)
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["image"][1].eq(1.0).all() and batch["image"].min() >= -1
+    assert batch["key"] == ["k1", "k2"] and batch["attrs"][1] == {} and batch["caption"][1] == "x"
+    assert batch["attrs"][0]["caption"] == batch["caption"][0]
+
+
+def _kv(members):
+    return {name.split(".", 1)[1]: data for name, data in members}
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "bad_members, reason",
+    [
+        ([("b.png", b"\x89PNG\r\n\x1a\nthis is not a png"), ("b.txt", b"a red circle")], "bad_image"),
+        ([("b.png", b""), ("b.txt", b"a red circle")], "bad_image"),
+        ([("b.png", None)], "missing_caption"),
+        ([("b.txt", b"a red circle"), ("b.json", b"{}")], "missing_image"),
+        ([("b.png", None), ("b.txt", b"caf\xe9 \xff")], "bad_caption"),
+    ],
+    ids=["corrupt-image", "zero-byte-image", "missing-caption", "missing-image", "non-utf8-caption"],
+)
+def test_bad_sample_is_skipped_counted_and_logged(tmp_path, caplog, bad_members, reason):
+    png = _kv(_good("x"))["png"]
+    members = _good("a") + [(n, png if d is None else d) for n, d in bad_members] + _good("c", 2)
+    url = _tar(tmp_path / "s.tar", members)
+    with caplog.at_level(logging.WARNING, logger="lit_diffusion.data.shards"):
+        keys, counter = _read([url])
+    assert keys == ["a", "c"]
+    assert counter.counts()[reason] == 1 and counter.total == 1
+    assert any("'b'" in r.message and url in r.message and reason in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.5, 0.75, "block"])
+def test_truncated_tar_keeps_good_prefix(tmp_path, caplog, cut):
+    members = [m for i in range(6) for m in _good(f"k{i}", i)]
+    url = _tar(tmp_path / "t.tar", members)
+    data = open(url, "rb").read()
+    end = 512 * 9 if cut == "block" else int(len(data) * cut) + 100  # in a header, in data, on a boundary
+    (tmp_path / "t.tar").write_bytes(data[:end])
+    good = _tar(tmp_path / "next.tar", _good("n0"))
+    with caplog.at_level(logging.WARNING, logger="lit_diffusion.data.shards"):
+        keys, counter = _read([url, good])
+    assert 0 < len(keys) < 7 and keys[-1] == "n0"
+    assert keys[:-1] == [f"k{i}" for i in range(len(keys) - 1)]
+    assert counter.counts()["shard"] == 1
+    assert any(url in r.message and "shard" in r.message for r in caplog.records)
+
+
+def test_unreadable_and_failing_pipe_shards_are_skipped(tmp_path, caplog):
+    good = _tar(tmp_path / "g.tar", _good("g0"))
+    empty_file = tmp_path / "zero.tar"
+    empty_file.write_bytes(b"")
+    missing = str(tmp_path / "vanished.tar")  # removed after setup
+    with caplog.at_level(logging.WARNING, logger="lit_diffusion.data.shards"):
+        keys, counter = _read(["pipe:exit 3", str(empty_file), missing, good, f"pipe:cat {good}"])
+    assert keys == ["g0", "g0"]
+    assert counter.counts()["shard"] == 3
+    messages = " ".join(r.message for r in caplog.records)
+    assert "pipe:exit 3" in messages and "vanished.tar" in messages and "zero.tar" in messages
+
+
+def test_skip_counter_survives_pickling_as_snapshot():
+    import pickle
+
+    counter = SkipCounter()
+    counter.add("bad_image")
+    copy = pickle.loads(pickle.dumps(counter))
+    assert copy.counts()["bad_image"] == 1
+    copy.add("bad_image")
+    assert counter.counts()["bad_image"] == 1
+
+
+def test_large_jpeg_and_exif_orientation():
+    big = Image.new("RGB", (400, 300), (30, 160, 90))
+    out = decode_image(_png(big, format="JPEG", quality=95), 32)  # decoded at reduced scale, then resized
+    assert out.shape == (3, 32, 32)
+    assert (out.int() - torch.tensor([30, 160, 90]).view(3, 1, 1)).abs().max() <= 3
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    wide.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated 90 degrees clockwise, the left half on top
+    out = decode_image(_png(wide, format="JPEG", quality=95, exif=exif), 16)
+    assert out[0, 2, 8] > 200 and out[2, 2, 8] < 60  # top: red
+    assert out[2, 13, 8] > 200 and out[0, 13, 8] < 60  # bottom: blue
