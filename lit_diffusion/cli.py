@@ -93,4 +93,118 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-_EXTRA_COMMANDS: list = []
+# -------------------------------------------------------------------------------------------------- sampling
+def cmd_sample(args) -> None:
+    import torch
+
+    from lit_diffusion.plots import save_grid
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LatentDiffusionModule.from_checkpoint(args.ckpt, map_location=device)
+    rows, labels = [], []
+    for i, prompt in enumerate(args.prompt):
+        seeds = [args.seed + i * args.num + j for j in range(args.num)]
+        images = model.sample([prompt] * args.num, negative_prompts=args.negative_prompt, guidance=args.guidance,
+                              sampler=args.sampler, steps=args.steps, seed=seeds, eta=args.eta, progress=True)
+        rows.append(images.cpu())
+        labels.append(prompt + (f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""))
+    out = save_grid(rows, labels, args.out, col_titles=[f"seed {args.seed + j}" for j in range(args.num)],
+                    title=f"{args.sampler or model.hparams.sampler}, {args.steps or model.hparams.sample_steps} steps, "
+                          f"guidance {args.guidance:g}")
+    print(out)
+
+
+def add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="images from a latent-diffusion checkpoint")
+    p.add_argument("--ckpt", required=True, help="ldm checkpoint (stage 3)")
+    p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
+    p.add_argument("--negative-prompt", default=None, help="pushed away from (replaces the empty prompt in CFG)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--sampler", default=None, help="ddim | ddpm | dpmpp_2m (default: the checkpoint's)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=4, help="images per prompt")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_evaluate(args) -> None:
+    import torch
+
+    from lit_diffusion.data.datamodule import ImageCaptionDataModule
+    from lit_diffusion.evaluation import EvalConfig, Evaluator, write_results
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LatentDiffusionModule.from_checkpoint(args.ckpt, map_location=device)
+    size = args.image_size or model.hparams.image_size
+    dm = ImageCaptionDataModule(train_urls=None, val_urls=args.data, image_size=size, batch_size=args.batch_size,
+                                num_workers=args.num_workers)
+    cfg = EvalConfig(guidance=args.guidance, num_samples=args.num_samples, backends=args.features.split(","),
+                     inception_weights=args.inception_weights, sampler=args.sampler, steps=args.steps,
+                     seed=args.seed, cache_dir=args.cache_dir, data_id=str(args.data), resolution=size)
+    evaluator = Evaluator(cfg, model.clip)
+    results = evaluator.run(model, dm.eval_dataloader(args.num_samples))
+    out_dir = Path(args.json).parent if args.json else Path(".")
+    paths = write_results(results, out_dir, None, cfg.backends, name=Path(args.ckpt).stem)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "data": args.data, **results}, indent=2))
+    _print_json({**results, "files": {k: str(v) for k, v in paths.items()}})
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="FID, CLIP score and caption accuracy of an ldm checkpoint")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--data", required=True, help="evaluation shards (brace pattern, glob, folder)")
+    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--guidance", type=_floats, default=[1.0, 3.0, 5.0], help="e.g. 1,3,5")
+    p.add_argument("--features", default="clip", help="FID features: clip, inception or clip,inception")
+    p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 weights file")
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--cache-dir", default="runs/.fid_cache", help="real statistics cache")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="write the figures here")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_toy(args) -> None:
+    from lit_diffusion.diffusion.toy import run_toy
+
+    _print_json(run_toy(args.config, args.out))
+
+
+def add_toy(sub) -> None:
+    p = sub.add_parser("toy", help="DDPM vs DDIM on a 2-D spiral, with a plot of the learned field")
+    p.add_argument("--config", default="configs/toy/spiral.yaml")
+    p.add_argument("--out", default="runs/toy")
+    p.set_defaults(func=cmd_toy)
+
+
+def cmd_pipeline(args) -> None:
+    from lit_diffusion.pipeline import run_pipeline
+
+    overrides = {}
+    if args.name:
+        overrides["name"] = args.name
+    if args.root:
+        overrides["root"] = args.root
+    run_pipeline(args.config, overrides)
+
+
+def add_pipeline(sub) -> None:
+    p = sub.add_parser("pipeline", help="the main job: data, CLIP, VAE, latent diffusion, evaluation, report")
+    p.add_argument("--config", default="configs/pipeline/shapes.yaml")
+    p.add_argument("--name", default=None, help="run group name (default: the config's)")
+    p.add_argument("--root", default=None, help="runs folder (default: the config's, runs/)")
+    p.set_defaults(func=cmd_pipeline)
+
+
+_EXTRA_COMMANDS: list = [add_sample, add_evaluate, add_toy, add_pipeline]

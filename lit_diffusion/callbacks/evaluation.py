@@ -1,0 +1,97 @@
+"""In-loop evaluation of the diffusion stage: FID, CLIP score and caption accuracy every N steps and at the end.
+
+It runs on every rank (each generates for its share of the val stream) with the EMA weights when a
+`WeightAveraging` callback is present; the metrics are reduced across ranks, and only rank zero logs and writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
+
+from lit_diffusion.evaluation import EvalConfig, Evaluator, write_results
+
+log = logging.getLogger("lit_diffusion")
+
+
+class DiffusionEvaluation(L.Callback):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        guidance: Sequence[float] = (1.0, 3.0, 5.0),
+        num_samples: int = 200,
+        backends: Sequence[str] = ("clip",),
+        inception_weights: str | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        seed: int = 0,
+        cache_dir: str | None = "runs/.fid_cache",
+        at_train_end: bool = True,
+    ):
+        """
+        Args:
+            every_n_steps: evaluation cadence in optimizer steps (0: only at the end).
+            guidance: classifier-free guidance scales to evaluate (1 = none).
+            num_samples: captions (val samples) generated per scale, split over all ranks.
+            backends: FID features: "clip" (the frozen stage-1 CLIP) and/or "inception" (needs inception_weights).
+            sampler, steps: default to the module's (a deterministic sampler makes evaluations rank-invariant).
+            cache_dir: real statistics cached here by (data, resolution, samples, backend, weights).
+        """
+        self.every_n_steps = every_n_steps
+        self.config = EvalConfig(guidance=[float(g) for g in guidance], num_samples=num_samples,
+                                 backends=list(backends), inception_weights=inception_weights, sampler=sampler,
+                                 steps=steps, seed=seed, cache_dir=cache_dir)
+        self.at_train_end = at_train_end
+        self.evaluator: Evaluator | None = None
+        self.history: list[dict] = []
+        self._last_step = -1
+
+    def _ema_model(self, trainer, pl_module):
+        for cb in trainer.callbacks:
+            if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
+                return cb._average_model.module  # a full copy of the LightningModule holding the averaged weights
+        return pl_module
+
+    def _loader(self, trainer):
+        dm = trainer.datamodule
+        if dm is None:
+            raise ValueError("DiffusionEvaluation needs a DataModule with a val stream (data.init_args.val_urls)")
+        return dm.eval_dataloader(self.config.num_samples) if hasattr(dm, "eval_dataloader") else dm.val_dataloader()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_train_end and trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def evaluate(self, trainer, pl_module) -> dict:
+        self._last_step = step = trainer.global_step
+        model = self._ema_model(trainer, pl_module)
+        if self.evaluator is None:
+            dm = trainer.datamodule
+            self.config.data_id = str(getattr(dm, "val_urls", ""))
+            self.config.resolution = int(getattr(dm, "image_size", 0)) or None
+            self.evaluator = Evaluator(self.config, pl_module.clip)
+        results = self.evaluator.run(model, self._loader(trainer), step=step)
+        self.history.append({"step": step, **results})
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(results, step=step)
+            paths = write_results(results, Path(trainer.default_root_dir) / "eval", step, self.config.backends)
+            from lightning.pytorch.loggers import WandbLogger
+
+            for lg in trainer.loggers:
+                if isinstance(lg, WandbLogger):
+                    plots = [str(p) for k, p in paths.items() if k.startswith("plot_")]
+                    if plots:
+                        lg.log_image(key="eval/fid_vs_clip_score", images=plots, step=step)
+            log.info("step %d evaluation: %s", step, ", ".join(
+                f"{k}={v:.4g}" for k, v in results.items() if k.startswith("eval/")))
+        return results

@@ -1,0 +1,199 @@
+"""Evaluate a latent-diffusion model: generate for the captions of an evaluation set at several guidance scales,
+then FID (per feature backend), CLIP score and caption accuracy, all reduced exactly across DDP ranks.
+
+Used by the in-loop callback, by `lit-diffusion evaluate` and by the pipeline. Each rank generates for the
+captions its share of the evaluation loader holds (the val stream gives every sample to exactly one rank), and
+the starting noise of a sample is seeded by its key, so with a deterministic sampler a caption gets the same image
+whichever rank or batch it lands on: 2 ranks give the 1-rank numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
+from lit_diffusion.metrics.clip_score import CLIPScore
+from lit_diffusion.metrics.features import make_extractor
+from lit_diffusion.metrics.fid import FID
+from lit_diffusion.metrics.stats_cache import cached_real_stats
+
+log = logging.getLogger("lit_diffusion")
+
+
+@dataclass
+class EvalConfig:
+    guidance: Sequence[float] = (1.0, 3.0, 5.0)  # one set of metrics per scale
+    num_samples: int = 500  # the first N samples of the evaluation stream (over all ranks)
+    backends: Sequence[str] = ("clip",)  # FID feature backends: clip (stage-1 CLIP) and/or inception
+    inception_weights: str | None = None  # local pt_inception-2015-12-05 file for the inception backend
+    sampler: str | None = None  # defaults to the model's
+    steps: int | None = None
+    seed: int = 0
+    caption_accuracy: bool = True  # only counted for samples whose attrs describe shapes objects
+    cache_dir: str | None = None  # where real statistics are cached (None: kept in memory only)
+    data_id: str = ""  # identity of the evaluation data (URLs), part of the real-statistics cache key
+    resolution: int | None = None  # pixel size the features see; part of the cache key
+    extra: dict = field(default_factory=dict)
+
+
+def sample_seed(key: str, seed: int) -> int:
+    """A per-sample seed from the sample's key: independent of batch composition and rank."""
+    return (int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) + seed) % (2**31 - 1)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _take(loader: Iterable, limit: int):
+    """Batches from the loader until this rank has yielded its share of the first `limit` samples. The val stream
+    applies `limit` before splitting across ranks when configured (`val_max_samples`); here we only guard."""
+    seen = 0
+    for batch in loader:
+        yield batch
+        seen += len(batch["caption"])
+        if seen >= limit:
+            break
+
+
+class Evaluator:
+    """Holds the metrics and the real statistics between evaluations (the in-loop callback keeps one)."""
+
+    def __init__(self, config: EvalConfig, clip_module):
+        self.config = config
+        self.clip = clip_module
+        self.extractors = {b: make_extractor(b, weights_path=config.inception_weights, clip=clip_module)
+                           for b in config.backends}
+        self.fids = {b: {g: FID(e, keep_real=True) for g in config.guidance} for b, e in self.extractors.items()}
+        self.clip_scores = {g: CLIPScore() for g in config.guidance}
+        self.caption_acc = {g: CaptionAccuracy() for g in config.guidance}
+        self.real_stats: dict[str, tuple] = {}  # backend -> (mu, sigma, n), after the first evaluation
+        self.timings: list[dict] = []
+
+    def _to(self, device) -> None:
+        for metric in (*[m for d in self.fids.values() for m in d.values()], *self.clip_scores.values(),
+                       *self.caption_acc.values()):
+            metric.to(device)
+
+    def _cache_fields(self, backend: str, n: int) -> dict:
+        return {"data": self.config.data_id, "resolution": self.config.resolution, "num_samples": n,
+                "backend": backend, "weights": getattr(self.extractors[backend], "identity", backend)}
+
+    @torch.no_grad()
+    def run(self, model, loader: Iterable, step: int | None = None) -> dict[str, float]:
+        """Metrics for `model` (a LatentDiffusionModule, EMA weights if wanted) over this rank's share of `loader`."""
+        cfg = self.config
+        device = model.device
+        self._to(device)
+        for d in (*self.fids.values(), self.clip_scores, self.caption_acc):
+            for metric in d.values():
+                metric.reset()
+        need_real = [b for b in cfg.backends if b not in self.real_stats]
+        t0 = time.perf_counter()
+        n_local, n_shapes = 0, 0
+        for batch in _take(loader, cfg.num_samples):
+            captions, keys = list(batch["caption"]), list(batch["key"])
+            attrs = list(batch.get("attrs") or [{}] * len(captions))
+            real = ((batch["image"].to(device).float() + 1) / 2).clamp(0, 1)
+            for b in need_real:
+                self.fids[b][cfg.guidance[0]].update(real, real=True)
+            tokens = self.clip.tokenize(captions).to(device)
+            _, text_emb = self.clip.encode_text(tokens)
+            seeds = [sample_seed(k, cfg.seed) for k in keys]
+            shapes_idx = [i for i, a in enumerate(attrs) if a and a.get("objects")]
+            for g in cfg.guidance:
+                images = model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds)
+                for b in cfg.backends:
+                    self.fids[b][g].update(images, real=False)
+                self.clip_scores[g].update(self.clip.encode_image(images * 2 - 1), text_emb)
+                if cfg.caption_accuracy and shapes_idx:
+                    self.caption_acc[g].update(images[shapes_idx].cpu(), [attrs[i] for i in shapes_idx])
+            n_local += len(captions)
+            n_shapes += len(shapes_idx)
+        t_gen = time.perf_counter() - t0
+
+        # real statistics: from the cache, or from this pass (reduced over ranks), then cached by rank zero
+        for b in need_real:
+            source = self.fids[b][cfg.guidance[0]]
+            n_real = int(_all_sum(torch.tensor(n_local, device=device)))
+            if cfg.cache_dir:
+                stats = cached_real_stats(cfg.cache_dir, self._cache_fields(b, n_real), source.real_stats,
+                                          is_writer=_rank() == 0)
+                _barrier()
+            else:
+                stats = source.real_stats()
+            self.real_stats[b] = stats
+        for b in cfg.backends:
+            for g, fid in self.fids[b].items():
+                if not fid.real_injected:
+                    fid.set_real_stats(*self.real_stats[b])
+
+        results: dict[str, float] = {}
+        for g in cfg.guidance:
+            for b in cfg.backends:
+                results[f"eval/fid_{b}_g{g:.1f}"] = float(self.fids[b][g].compute())
+            results[f"eval/clip_score_g{g:.1f}"] = float(self.clip_scores[g].compute())
+            if cfg.caption_accuracy and int(_all_sum(torch.tensor(n_shapes, device=device))) > 0:
+                acc = self.caption_acc[g].attribute_accuracy()
+                results[f"eval/caption_acc_g{g:.1f}"] = acc["correct"]
+                for attr, value in acc.items():
+                    if attr != "correct":
+                        results[f"eval_detail/caption_{attr}_g{g:.1f}"] = value
+        results["eval/num_samples"] = float(_all_sum(torch.tensor(n_local, device=device)))
+        results["eval/seconds"] = time.perf_counter() - t0
+        self.timings.append({"step": step, "seconds": results["eval/seconds"], "generate_seconds": t_gen,
+                             "real_stats_cached": not need_real})
+        return results
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def tradeoff_points(results: dict[str, float], backend: str) -> list[tuple[float, float, float]]:
+    """[(guidance, clip_score, fid)] from a results dict, for the FID-vs-CLIP-score plot."""
+    points = []
+    for key, value in results.items():
+        prefix = f"eval/fid_{backend}_g"
+        if key.startswith(prefix):
+            g = key[len(prefix):]
+            score = results.get(f"eval/clip_score_g{g}")
+            if score is not None:
+                points.append((float(g), score, value))
+    return sorted(points)
+
+
+def write_results(results: dict, out_dir: str | Path, step: int | None, backends: Sequence[str],
+                  name: str = "model") -> dict[str, Path]:
+    """eval JSON and the FID-vs-CLIP-score plot (one per backend) into out_dir; returns the paths."""
+    from lit_diffusion.plots import save_tradeoff
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"step{step:07d}" if step is not None else "final"
+    paths = {"json": out_dir / f"eval_{tag}.json"}
+    paths["json"].write_text(json.dumps({"step": step, **results}, indent=2))
+    for b in backends:
+        pts = tradeoff_points(results, b)
+        if pts:
+            paths[f"plot_{b}"] = save_tradeoff({name: pts}, out_dir / f"fid_{b}_vs_clip_score_{tag}.png",
+                                               fid_label=f"FID ({b} features)",
+                                               title=f"FID vs CLIP score across guidance ({tag})")
+    return paths

@@ -1,0 +1,68 @@
+"""Figures shared by callbacks, evaluation and reports (matplotlib, Agg: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def save_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str], out: str | Path,
+              col_titles: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """rows: each [n_cols, 3, H, W] in [0, 1]; a label to the left of each row, titles above the columns."""
+    n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols + 2.2, 1.6 * n_rows + 0.4), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < row.shape[0]:
+                ax.imshow(row[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            if j == 0:
+                ax.set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=7, wrap=True)
+            if i == 0 and col_titles:
+                ax.set_title(col_titles[j], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, out)
+
+
+def save_tradeoff(points: dict[str, list[tuple[float, float, float]]], out: str | Path,
+                  title: str = "FID vs CLIP score across guidance scales", fid_label: str = "FID",
+                  pareto: Sequence[tuple[float, float]] = ()) -> Path:
+    """points: run -> [(guidance, clip_score, fid), ...]; one line per run, guidance written at each point."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    for name, pts in points.items():
+        pts = sorted(pts)
+        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+        ax.plot(xs, ys, marker="o", label=name)
+        for g, x, y in pts:
+            ax.annotate(f"g={g:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if pareto:
+        px, py = zip(*sorted(pareto))
+        ax.plot(px, py, linestyle="--", color="black", linewidth=1, label="Pareto front")
+        ax.scatter(px, py, s=80, facecolors="none", edgecolors="black")
+    ax.set_xlabel("CLIP score (higher is better)")
+    ax.set_ylabel(f"{fid_label} (lower is better)")
+    ax.set_title(title, fontsize=9)
+    if len(points) > 1 or pareto:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)

@@ -1,0 +1,80 @@
+"""runs/NAME/report.md and report.json: every stage's figures, timings and configs, and the evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from lit_diffusion.pipeline import STAGE_KEYS, STAGES
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "missing"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _minutes(seconds) -> str:
+    return "skipped (done before)" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, evaluation: dict, grid: str,
+                 timings: dict) -> dict:
+    results = evaluation["results"]
+    stage_figures = {s: {k: (stages[s]["summary"].get("final") or {}).get(k) for k in STAGE_KEYS[s]} for s in STAGES}
+    stage_configs = {}
+    for s in STAGES:
+        path = root / s / "config.yaml"
+        stage_configs[s] = yaml.safe_load(path.read_text()) if path.is_file() else None
+    report = {
+        "name": name,
+        "data": data,
+        "stages": {s: {"ckpt": stages[s]["ckpt"], "skipped": stages[s]["skipped"], "seconds": stages[s]["seconds"],
+                       "figures": stage_figures[s], "best": (stages[s]["summary"].get("best") or {}),
+                       "config": stage_configs[s]} for s in STAGES},
+        "evaluation": {"results": results, "config": evaluation["config"], "json": evaluation["json"],
+                       "plot": evaluation["plot"]},
+        "samples": grid,
+        "timings_seconds": timings,
+        "pipeline_config": cfg,
+    }
+    json_path = root / "report.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    os.replace(tmp, json_path)
+
+    guidance = evaluation["config"]["guidance"]
+    backends = evaluation["config"]["backends"]
+    lines = [f"# lit_diffusion pipeline report: {name}", "",
+             f"Data: train `{data['train_urls']}`, val `{data['val_urls']}`.", "",
+             "## Stages", "", "| stage | time | figures |", "|---|---|---|"]
+    for s in STAGES:
+        figures = ", ".join(f"{k} = {_fmt(v)}" for k, v in stage_figures[s].items())
+        lines.append(f"| {s} | {_minutes(stages[s]['seconds'])} | {figures} |")
+    lines += ["", f"## Evaluation ({int(results.get('eval/num_samples', 0))} val captions, "
+                  f"sampler {evaluation['config']['sampler'] or 'model default'}, "
+                  f"{evaluation['config']['steps'] or 'default'} steps)", ""]
+    header = ["guidance", *[f"FID ({b})" for b in backends], "CLIP score", "caption accuracy"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in guidance:
+        row = [f"{g:g}", *[_fmt(results.get(f"eval/fid_{b}_g{g:.1f}")) for b in backends],
+               _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/caption_acc_g{g:.1f}"))]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "## Timings", ""]
+    lines += [f"- {k}: {_minutes(v)}" for k, v in timings.items()]
+    rel = lambda p: os.path.relpath(p, root) if p else None  # noqa: E731
+    lines += ["", "## Files", "", f"- samples: `{rel(grid)}`", f"- FID vs CLIP score: `{rel(evaluation['plot'])}`",
+              f"- evaluation JSON: `{rel(evaluation['json'])}`", "- checkpoints: " + ", ".join(
+                  f"`{rel(stages[s]['ckpt'])}`" for s in STAGES), ""]
+    if grid:
+        lines += [f"![samples]({rel(grid)})", ""]
+    if evaluation["plot"]:
+        lines += [f"![FID vs CLIP score]({rel(evaluation['plot'])})", ""]
+    md_path = root / "report.md"
+    md_path.write_text("\n".join(lines))
+    return {"md": str(md_path), "json": str(json_path), "report": report}

@@ -1,0 +1,290 @@
+"""Stage 3: a U-Net learns to denoise VAE latents, conditioned on the frozen CLIP text encoder (DDPM training).
+
+Condition dropout (`p_uncond`) replaces a caption's encoding by the empty caption's, so one network learns the
+conditional and the unconditional prediction that classifier-free guidance and negative prompts combine at
+sampling time. The frozen CLIP and VAE are submodules: their weights and configs travel inside ldm.ckpt, so a
+finished checkpoint samples on its own even after the stage-1/2 files are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lit_diffusion.diffusion import samplers
+from lit_diffusion.diffusion.guidance import Conditioning, cfg_model_fn, drop_conditioning
+from lit_diffusion.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTIONS, NoiseSchedule
+from lit_diffusion.models.unet import UNet, UNetConfig
+from lit_diffusion.stages.clip import CLIPModule
+from lit_diffusion.stages.common import CheckpointError, adamw_with_warmup, load_stage_checkpoint, stage_block
+from lit_diffusion.stages.vae import VAEModule
+
+log = logging.getLogger("lit_diffusion")
+
+
+class LatentDiffusionModule(L.LightningModule):
+    def __init__(
+        self,
+        clip_ckpt: str | None = None,
+        vae_ckpt: str | None = None,
+        image_size: int = 32,
+        unet: dict | None = None,
+        schedule: dict | None = None,
+        prediction: str = "eps",
+        loss_weighting: str = "plain",
+        min_snr_gamma: float = 5.0,
+        offset_noise: float = 0.0,
+        p_uncond: float = 0.1,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        sampler: str = "ddim",
+        sample_steps: int = 50,
+        guidance: float = 3.0,
+        eta: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        frozen: dict | None = None,
+    ):
+        """
+        Args:
+            clip_ckpt, vae_ckpt: the stage-1 and stage-2 checkpoints (frozen here).
+            image_size: pixel size of the training images; latents are image_size // VAE factor.
+            unet: UNetConfig fields; in/out channels and context width default to the VAE's and CLIP's.
+            schedule: NoiseSchedule arguments (num_timesteps, schedule=linear|cosine|scaled_linear, zero_terminal_snr).
+            prediction: what the U-Net predicts: eps, v or x0.
+            loss_weighting: plain or min_snr (min-SNR-gamma with `min_snr_gamma`).
+            offset_noise: strength of per-channel offset noise (0 = off).
+            p_uncond: probability that a caption is replaced by the empty caption during training.
+            sampler, sample_steps, guidance, eta: defaults for `sample` (grids, evaluation).
+            channels_last, compile: GPU speed switches for the U-Net.
+            frozen: filled in by `from_checkpoint`: the embedded CLIP/VAE checkpoints (not for configs).
+        """
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"model.init_args.prediction: {prediction!r} is not one of {PREDICTIONS}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"model.init_args.loss_weighting: {loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
+        if not 0.0 <= p_uncond < 1.0:
+            raise ValueError(f"model.init_args.p_uncond must be in [0, 1), got {p_uncond}")
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"model.init_args.sampler: {sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
+        self.save_hyperparameters(ignore=["frozen"])
+
+        clip_src = (frozen or {}).get("clip") or _required(clip_ckpt, "clip_ckpt", "clip")
+        vae_src = (frozen or {}).get("vae") or _required(vae_ckpt, "vae_ckpt", "vae")
+        self.clip = _frozen(CLIPModule, clip_src)
+        self.vae = _frozen(VAEModule, vae_src)
+        self._frozen_blocks = {"clip": self._embedded(self.clip, clip_src), "vae": self._embedded(self.vae, vae_src)}
+
+        self.latent_channels = int(self.vae.latent_channels)
+        factor = int(self.vae.downsample_factor)
+        if image_size % factor:
+            raise ValueError(f"model.init_args.image_size {image_size} is not divisible by the VAE's factor {factor}")
+        self.latent_size = image_size // factor
+
+        cfg = dict(unet or {})
+        context_dim = int(self.clip.text_width)
+        for key, want, what in (("in_channels", self.latent_channels, f"the VAE's latent channels ({vae_ckpt})"),
+                                ("out_channels", self.latent_channels, f"the VAE's latent channels ({vae_ckpt})"),
+                                ("context_dim", context_dim, f"the CLIP text width ({clip_ckpt})")):
+            if cfg.get(key) is not None and int(cfg[key]) != want:
+                raise ValueError(f"model.init_args.unet.{key} = {cfg[key]} does not match {what} = {want}")
+            cfg[key] = want
+        self.unet = UNet(UNetConfig.from_dict(cfg))
+        if channels_last:
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+        self.schedule = NoiseSchedule(**(schedule or {}))
+        self._compiled_unet = None
+        self._null_cond: Conditioning | None = None
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @staticmethod
+    def _embedded(module, src) -> dict:
+        """What `from_checkpoint` needs to rebuild a frozen stage without its file: its non-tensor checkpoint parts."""
+        ckpt = src if isinstance(src, dict) else load_stage_checkpoint(src, module.stage_kind)
+        return {k: v for k, v in ckpt.items() if k in ("hyper_parameters", "lit_diffusion")}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LatentDiffusionModule":
+        """Rebuild from ldm.ckpt alone (weights_only=True); the frozen CLIP and VAE come from inside it."""
+        ckpt = load_stage_checkpoint(path, "ldm")
+        block = ckpt["lit_diffusion"]
+        state = ckpt["state_dict"]
+        frozen = {}
+        for name in ("clip", "vae"):
+            sub = dict(block["frozen"][name])
+            sub["state_dict"] = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            frozen[name] = sub
+        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "frozen"}
+        model = cls(**hparams, frozen=frozen)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(("clip.", "vae."))]
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: U-Net weights do not match its config (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]})")
+        return model.eval().to(map_location)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lit_diffusion"] = stage_block(
+            "ldm", frozen=self._frozen_blocks, latent_size=self.latent_size, latent_channels=self.latent_channels,
+            schedule=self.schedule.config, prediction=self.hparams.prediction)
+
+    # ------------------------------------------------------------------------------------------- conditioning
+    def configure_model(self) -> None:
+        if self.hparams.compile and self._compiled_unet is None:
+            self._compiled_unet = torch.compile(self.unet)
+
+    def denoiser(self, x_t: Tensor, t: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        unet = self._compiled_unet if self._compiled_unet is not None else self.unet
+        if self.hparams.channels_last:
+            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        return unet(x_t, t, context, mask)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        tokens = self.clip.tokenize(list(prompts)).to(self.device)
+        features, _ = self.clip.encode_text(tokens)  # [B, L, W]
+        return Conditioning(features, tokens != self.clip.tokenizer.pad_id)
+
+    def null_cond(self, batch: int) -> Conditioning:
+        """The empty caption's encoding: the unconditional branch of classifier-free guidance."""
+        if self._null_cond is None or self._null_cond.context.device != self.device:
+            self._null_cond = self.encode_prompts([""])
+        ctx, mask = self._null_cond
+        return Conditioning(ctx.expand(batch, -1, -1), mask.expand(batch, -1))
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        return self.vae.encode(images)  # scaled latents [B, C, h, w]
+
+    # ----------------------------------------------------------------------------------------------- training
+    def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
+        images = batch["image"]
+        z = self.encode_images(images)
+        if z.shape[-1] != self.latent_size:
+            raise ValueError(f"data images of {images.shape[-1]} px give {z.shape[-1]}x{z.shape[-1]} latents, but "
+                             f"model.init_args.image_size={self.hparams.image_size} expects {self.latent_size}")
+        cond = self.encode_prompts(batch["caption"])
+        if train:  # condition dropout: the same network learns the unconditional branch of CFG
+            cond = drop_conditioning(cond, self.null_cond(1), self.hparams.p_uncond)
+        context, mask = cond
+        losses = self.schedule.p_losses(
+            lambda x_t, t: self.denoiser(x_t, t, context, mask), z, prediction=self.hparams.prediction,
+            weighting=self.hparams.loss_weighting, gamma=self.hparams.min_snr_gamma,
+            offset_noise=self.hparams.offset_noise if train else 0.0, generator=generator)
+        return losses.mean()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.model_step(batch, train=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        # fixed t and noise per batch, so val/loss moves only with the weights
+        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
+        loss = self.model_step(batch, train=False, generator=gen)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return adamw_with_warmup(self, self.unet.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()
+        self.vae.eval()  # frozen: dropout and norms stay in inference mode
+        return self
+
+    # ----------------------------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | str | None = None,
+        guidance: float | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        seed: int | Sequence[int] = 0,
+        eta: float | None = None,
+        progress: bool = False,
+        return_latents: bool = False,
+    ) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] for `prompts`.
+
+        `seed`: one int for the batch, or one per prompt; with per-prompt seeds a sample's starting noise does not
+        depend on which other prompts share its batch, so deterministic samplers (ddim with eta=0, dpmpp_2m)
+        give the same image for a prompt whatever the batch or the rank it lands on.
+        """
+        h = self.hparams
+        guidance = h.guidance if guidance is None else float(guidance)
+        sampler = sampler or h.sampler
+        steps = steps or h.sample_steps
+        eta = h.eta if eta is None else eta
+        b = len(prompts)
+        cond = self.encode_prompts(prompts)
+        if negative_prompts is None:
+            uncond = self.null_cond(b)
+        else:
+            negative = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
+            if len(negative) not in (1, b):
+                raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
+            uncond = self.encode_prompts(negative)
+        shape = (b, self.latent_channels, self.latent_size, self.latent_size)
+        if isinstance(seed, int):
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            x_T = torch.randn(shape, generator=generator, device=self.device)
+        else:
+            if len(seed) != b:
+                raise ValueError(f"{len(seed)} seeds for {b} prompts")
+            x_T = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                               for s in seed]).to(self.device)
+            generator = torch.Generator(device=self.device).manual_seed(int(seed[0]) if b else 0)
+        model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance)
+        kwargs = dict(prediction=h.prediction, generator=generator, x_T=x_T, progress=progress, device=self.device)
+        if sampler == "ddim":
+            kwargs.update(steps=steps, eta=eta)
+        elif sampler == "ddpm":
+            kwargs.update(steps=steps if steps < self.schedule.num_timesteps else None)
+        else:
+            kwargs.update(steps=steps)
+        with _eval_mode(self):
+            z = samplers.sample(sampler, model_fn, self.schedule, shape, **kwargs)
+            if return_latents:
+                return z
+            images = self.vae.decode(z)
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _required(path: str | None, key: str, kind: str) -> str:
+    if not path:
+        raise ValueError(f"model.init_args.{key} is required: the stage-{'1' if kind == 'clip' else '2'} "
+                         f"{kind} checkpoint")
+    return path
+
+
+def _frozen(cls, src):
+    module = cls.from_checkpoint_dict(src) if isinstance(src, dict) else cls.from_checkpoint(src)
+    module.eval()
+    module.requires_grad_(False)
+    return module
