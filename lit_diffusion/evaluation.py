@@ -24,7 +24,7 @@ from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import make_extractor
 from lit_diffusion.metrics.fid import FID
-from lit_diffusion.metrics.stats_cache import cached_real_stats
+from lit_diffusion.metrics.stats_cache import load_stats, save_stats, stats_path
 
 log = logging.getLogger("lit_diffusion")
 
@@ -89,8 +89,9 @@ class Evaluator:
                        *self.caption_acc.values()):
             metric.to(device)
 
-    def _cache_fields(self, backend: str, n: int) -> dict:
-        return {"data": self.config.data_id, "resolution": self.config.resolution, "num_samples": n,
+    def _cache_fields(self, backend: str) -> dict:
+        # the requested sample count: the evaluation stream is deterministic, so it fixes the real set
+        return {"data": self.config.data_id, "resolution": self.config.resolution, "num_samples": self.config.num_samples,
                 "backend": backend, "weights": getattr(self.extractors[backend], "identity", backend)}
 
     @torch.no_grad()
@@ -102,15 +103,23 @@ class Evaluator:
         for d in (*self.fids.values(), self.clip_scores, self.caption_acc):
             for metric in d.values():
                 metric.reset()
+        sources = {b: "memory" for b in self.real_stats}
+        for b in cfg.backends:
+            if b not in self.real_stats and cfg.cache_dir:
+                stats = load_stats(stats_path(cfg.cache_dir, self._cache_fields(b)), self._cache_fields(b))
+                # every rank must agree, or some would wait in the real-statistics reduction below
+                if _all_min(torch.tensor(int(stats is not None), device=device)) == 1:
+                    self.real_stats[b], sources[b] = stats, "disk"
         need_real = [b for b in cfg.backends if b not in self.real_stats]
         t0 = time.perf_counter()
         n_local, n_shapes = 0, 0
         for batch in _take(loader, cfg.num_samples):
             captions, keys = list(batch["caption"]), list(batch["key"])
             attrs = list(batch.get("attrs") or [{}] * len(captions))
-            real = ((batch["image"].to(device).float() + 1) / 2).clamp(0, 1)
-            for b in need_real:
-                self.fids[b][cfg.guidance[0]].update(real, real=True)
+            if need_real:
+                real = ((batch["image"].to(device).float() + 1) / 2).clamp(0, 1)
+                for b in need_real:
+                    self.fids[b][cfg.guidance[0]].update(real, real=True)
             tokens = self.clip.tokenize(captions).to(device)
             _, text_emb = self.clip.encode_text(tokens)
             seeds = [sample_seed(k, cfg.seed) for k in keys]
@@ -126,17 +135,14 @@ class Evaluator:
             n_shapes += len(shapes_idx)
         t_gen = time.perf_counter() - t0
 
-        # real statistics: from the cache, or from this pass (reduced over ranks), then cached by rank zero
+        # real statistics not cached: from this pass (reduced over ranks), written by rank zero
         for b in need_real:
-            source = self.fids[b][cfg.guidance[0]]
-            n_real = int(_all_sum(torch.tensor(n_local, device=device)))
-            if cfg.cache_dir:
-                stats = cached_real_stats(cfg.cache_dir, self._cache_fields(b, n_real), source.real_stats,
-                                          is_writer=_rank() == 0)
-                _barrier()
-            else:
-                stats = source.real_stats()
-            self.real_stats[b] = stats
+            self.real_stats[b] = self.fids[b][cfg.guidance[0]].real_stats()
+            sources[b] = "computed"
+            if cfg.cache_dir and _rank() == 0:
+                save_stats(stats_path(cfg.cache_dir, self._cache_fields(b)), self._cache_fields(b), self.real_stats[b])
+        if need_real and cfg.cache_dir:
+            _barrier()
         for b in cfg.backends:
             for g, fid in self.fids[b].items():
                 if not fid.real_injected:
@@ -156,7 +162,7 @@ class Evaluator:
         results["eval/num_samples"] = float(_all_sum(torch.tensor(n_local, device=device)))
         results["eval/seconds"] = time.perf_counter() - t0
         self.timings.append({"step": step, "seconds": results["eval/seconds"], "generate_seconds": t_gen,
-                             "real_stats_cached": not need_real})
+                             "real_stats": sources})
         return results
 
 
@@ -165,6 +171,13 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def _all_min(x: torch.Tensor) -> int:
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return int(x)
 
 
 def tradeoff_points(results: dict[str, float], backend: str) -> list[tuple[float, float, float]]:

@@ -78,8 +78,14 @@ class DiffusionEvaluation(L.Callback):
             dm = trainer.datamodule
             self.config.data_id = str(getattr(dm, "val_urls", ""))
             self.config.resolution = int(getattr(dm, "image_size", 0)) or None
+            own = float(pl_module.hparams.guidance)
+            if own not in self.config.guidance:
+                self.config.guidance = sorted([*self.config.guidance, own])
             self.evaluator = Evaluator(self.config, pl_module.clip)
         results = self.evaluator.run(model, self._loader(trainer), step=step)
+        # the figures at the model's own sampling guidance, unsuffixed: what sweeps over `guidance` optimise
+        own = f"_g{float(pl_module.hparams.guidance):.1f}"
+        results.update({k[: -len(own)]: v for k, v in list(results.items()) if k.endswith(own)})
         self.history.append({"step": step, **results})
         if trainer.is_global_zero:
             for lg in trainer.loggers:

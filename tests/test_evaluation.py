@@ -1,0 +1,77 @@
+import json
+
+import lightning as L
+import torch
+from conftest import tiny_datamodule
+from test_ldm import make_ldm
+
+from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
+from lit_diffusion.evaluation import EvalConfig, Evaluator, sample_seed
+from lit_diffusion.metrics.clip_score import clip_score_per_sample
+from lit_diffusion.tracking import JSONLLogger
+
+
+def _randomise(model):
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(std=0.05)
+
+
+def test_evaluation_equals_a_direct_computation_and_reuses_real_statistics(tiny_ckpts, tmp_path):
+    model = make_ldm(tiny_ckpts)
+    _randomise(model)
+    model.eval()
+    dm = tiny_datamodule(tiny_ckpts["data"])
+    cfg = EvalConfig(guidance=[1.0, 3.0], num_samples=24, backends=["clip"], cache_dir=str(tmp_path / "cache"),
+                     data_id="tiny", resolution=16)
+    evaluator = Evaluator(cfg, model.clip)
+    first = evaluator.run(model, dm.eval_dataloader(24))
+    assert evaluator.timings[-1]["real_stats"] == {"clip": "computed"}
+    assert first["eval/num_samples"] == 24
+    assert set(first) >= {"eval/fid_clip_g1.0", "eval/fid_clip_g3.0", "eval/clip_score_g1.0", "eval/clip_score_g3.0",
+                          "eval/caption_acc_g1.0", "eval/caption_acc_g3.0"}
+    assert len(list((tmp_path / "cache").glob("fid_stats_clip_16px_24_*.pt"))) == 1
+
+    # the same numbers by hand: the same captions, seeds and sampler
+    batches = list(dm.eval_dataloader(24))
+    captions = [c for b in batches for c in b["caption"]]
+    keys = [k for b in batches for k in b["key"]]
+    images = model.sample(captions, guidance=3.0, seed=[sample_seed(k, 0) for k in keys])
+    with torch.no_grad():
+        _, text = model.clip.encode_text(model.clip.tokenize(captions))
+        score = clip_score_per_sample(model.clip.encode_image(images * 2 - 1), text).mean()
+    assert abs(float(score) - first["eval/clip_score_g3.0"]) < 1e-4
+
+    # a second evaluator finds the real statistics on disk and gives the same figures
+    again = Evaluator(cfg, model.clip)
+    second = again.run(model, dm.eval_dataloader(24))
+    assert again.timings[-1]["real_stats"] == {"clip": "disk"}
+    for key, value in first.items():
+        if key.startswith("eval/") and key != "eval/seconds":
+            assert abs(second[key] - value) <= 1e-6 * max(1.0, abs(value)), key
+
+
+def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    model = make_ldm(tiny_ckpts)
+    evaluation = DiffusionEvaluation(every_n_steps=2, guidance=[1.0, 2.0], num_samples=16,
+                                     cache_dir=str(tmp_path / "cache"))
+    jsonl = JSONLLogger(tmp_path / "run")
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=[jsonl], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[EMAWeightAveraging(decay=0.9), evaluation], default_root_dir=str(tmp_path / "run"))
+    trainer.fit(model, datamodule=tiny_datamodule(tiny_ckpts["data"]))
+    assert [h["step"] for h in evaluation.history] == [2, 4]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "eval/fid_clip_g2.0" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert logged[-1]["eval/clip_score_g1.0"] == evaluation.history[-1]["eval/clip_score_g1.0"]
+    # the model's own guidance (3.0) joins the list, and its figures are logged without the suffix too
+    assert logged[-1]["eval/fid_clip"] == logged[-1]["eval/fid_clip_g3.0"]
+    assert logged[-1]["eval/clip_score"] == logged[-1]["eval/clip_score_g3.0"]
+    assert (tmp_path / "run" / "eval" / "eval_step0000004.json").is_file()
+    assert (tmp_path / "run" / "eval" / "fid_clip_vs_clip_score_step0000004.png").is_file()
+    # the second evaluation reused the real statistics of the first
+    assert [t["real_stats"] for t in evaluation.evaluator.timings] == [{"clip": "computed"}, {"clip": "memory"}]
