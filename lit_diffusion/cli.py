@@ -49,6 +49,14 @@ def cmd_data_convert(args) -> None:
     _print_json(summary)
 
 
+def cmd_data_tokenizer(args) -> None:
+    from lit_diffusion.data.tokenizer import train_from_shards
+
+    tok = train_from_shards(args.data, args.out, vocab_size=args.vocab_size, context_length=args.context_length,
+                            max_captions=args.max_captions)
+    _print_json({"out": args.out, "vocab_size": tok.vocab_size, "context_length": tok.context_length})
+
+
 def add_data(sub) -> None:
     data = sub.add_parser("data", help="make WebDataset shards").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("shapes", help="draw the embedded default data: captioned shapes")
@@ -65,6 +73,13 @@ def add_data(sub) -> None:
     p.add_argument("--prefix", default="train", help="shard name prefix (train, val)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.set_defaults(func=cmd_data_convert)
+    p = data.add_parser("tokenizer", help="train a BPE tokenizer on the captions of shards")
+    p.add_argument("--data", required=True, help="training shards (brace pattern, glob, folder)")
+    p.add_argument("--out", required=True, help="tokenizer.json to write")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--context-length", type=int, default=77)
+    p.add_argument("--max-captions", type=int, default=200_000)
+    p.set_defaults(func=cmd_data_tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,3 +223,18 @@ def add_pipeline(sub) -> None:
 
 
 _EXTRA_COMMANDS: list = [add_sample, add_evaluate, add_toy, add_pipeline]
+
+
+def add_sweep(sub) -> None:
+    from lit_diffusion.sweep import add_sweep as add
+
+    add(sub)
+
+
+def add_compare(sub) -> None:
+    from lit_diffusion.compare import add_compare as add
+
+    add(sub)
+
+
+_EXTRA_COMMANDS += [add_sweep, add_compare]

@@ -56,7 +56,17 @@ def _flatten(prefix: str, value) -> list[str]:
 def _ensure_data(cfg: dict) -> dict:
     data = cfg.get("data") or {}
     if data.get("train_urls"):
-        return {"train_urls": data["train_urls"], "val_urls": data.get("val_urls"), "made": False}
+        tokenizer = data.get("tokenizer")
+        if not tokenizer:
+            from lit_diffusion.data.tokenizer import train_from_shards
+
+            tokenizer = str(Path(cfg.get("root", "runs")) / cfg.get("name", "pipeline") / "tokenizer.json")
+            if not Path(tokenizer).is_file():
+                log.info("data: training a tokenizer on the captions of %s", data["train_urls"])
+                train_from_shards(data["train_urls"], tokenizer, vocab_size=int(data.get("vocab_size", 8192)),
+                                  context_length=int(data.get("context_length", 77)))
+        return {"train_urls": data["train_urls"], "val_urls": data.get("val_urls"), "tokenizer": tokenizer,
+                "made": False}
     out = Path(data.get("out", "data/shapes"))
     info = out / "info.json"
     wanted = {k: data.get(k, d) for k, d in (("train", 5000), ("val", 500), ("size", 32), ("seed", 0))}
@@ -64,13 +74,15 @@ def _ensure_data(cfg: dict) -> dict:
         have = json.loads(info.read_text())
         if all(have.get(k) == v for k, v in wanted.items()):
             log.info("data: using the shapes shards in %s", out)
-            return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"), "made": False}
+            return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
+                    "tokenizer": str(out / "tokenizer.json"), "made": False}
     from lit_diffusion.data.shapes import write_shapes
 
     log.info("data: drawing %d + %d shapes images into %s", wanted["train"], wanted["val"], out)
     write_shapes(out, train=wanted["train"], val=wanted["val"], size=wanted["size"],
                  shard_size=data.get("shard_size", 1000), seed=wanted["seed"])
-    return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"), "made": True}
+    return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
+            "tokenizer": str(out / "tokenizer.json"), "made": True}
 
 
 def _summary(run_dir: Path) -> dict:
@@ -138,7 +150,7 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     data = _ensure_data(cfg)
     timings["data"] = time.perf_counter() - t0
     stages: dict[str, dict] = {}
-    stages["clip"] = run_stage("clip", cfg, root, name, data, {})
+    stages["clip"] = run_stage("clip", cfg, root, name, data, {"model.init_args.tokenizer_path": data["tokenizer"]})
     stages["vae"] = run_stage("vae", cfg, root, name, data, {"model.init_args.clip_ckpt": str(root / "clip.ckpt")})
     stages["ldm"] = run_stage("ldm", cfg, root, name, data, {"model.init_args.clip_ckpt": str(root / "clip.ckpt"),
                                                             "model.init_args.vae_ckpt": str(root / "vae.ckpt")})

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import WeightAveraging
 
+from lit_diffusion.callbacks.ema import averaged_module
 from lit_diffusion.evaluation import EvalConfig, Evaluator, write_results
 
 log = logging.getLogger("lit_diffusion")
@@ -50,12 +50,6 @@ class DiffusionEvaluation(L.Callback):
         self.history: list[dict] = []
         self._last_step = -1
 
-    def _ema_model(self, trainer, pl_module):
-        for cb in trainer.callbacks:
-            if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
-                return cb._average_model.module  # a full copy of the LightningModule holding the averaged weights
-        return pl_module
-
     def _loader(self, trainer):
         dm = trainer.datamodule
         if dm is None:
@@ -73,7 +67,7 @@ class DiffusionEvaluation(L.Callback):
 
     def evaluate(self, trainer, pl_module) -> dict:
         self._last_step = step = trainer.global_step
-        model = self._ema_model(trainer, pl_module)
+        model = averaged_module(trainer, pl_module)
         if self.evaluator is None:
             dm = trainer.datamodule
             self.config.data_id = str(getattr(dm, "val_urls", ""))

@@ -133,3 +133,29 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+def train_from_shards(urls, out: str | Path, vocab_size: int = 8192, context_length: int = 77,
+                      max_captions: int = 200_000) -> Tokenizer:
+    """Train a tokenizer on the captions (`.txt`) of the first `max_captions` samples of `urls`; save it to `out`."""
+    from lit_diffusion.data.shards import SkipCounter, expand_urls, shard_samples
+
+    captions: list[str] = []
+    counter = SkipCounter()
+    for url in expand_urls(urls):
+        for sample in shard_samples(url, counter):
+            text = sample.get("txt")
+            if isinstance(text, bytes):
+                try:
+                    captions.append(text.decode("utf-8"))
+                except UnicodeDecodeError:
+                    counter.add("caption")
+            if len(captions) >= max_captions:
+                break
+        if len(captions) >= max_captions:
+            break
+    if not captions:
+        raise ValueError(f"no captions (.txt) found in {urls}: cannot train a tokenizer")
+    tokenizer = Tokenizer.train(captions, vocab_size=vocab_size, context_length=context_length)
+    tokenizer.save(out)
+    return tokenizer

@@ -1,0 +1,262 @@
+"""The offline sweep runner: W&B's sweep engine proposes, a stand-in program runs, summary.json feeds back."""
+
+import itertools
+import json
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_diffusion import sweep as sw
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
+
+# Writes RUN_ROOT/RUN_NAME/summary.json like tracking.JSONLLogger, with a metric that is a known function of the
+# parameters; fails (exit 3) for x=1, y=b.
+PROGRAM = textwrap.dedent("""
+    import json, pathlib, sys
+    args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+    x, y = float(args["x"]), args.get("y", "a")
+    if x == 1 and y == "b":
+        print("diverged: loss is nan", file=sys.stderr)
+        sys.exit(3)
+    loss = (x - 2.5) ** 2 + {"a": 0.0, "b": 0.5}[y]
+    out = pathlib.Path(args["run.root"]) / args["run.name"]
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"final": {"eval/loss": loss}, "best": {"eval/loss": loss - 0.25}, "best_step": {"eval/loss": 7},
+               "params": {"argv": sys.argv[1:]}, "status": "success"}
+    (out / "summary.json").write_text(json.dumps(summary))
+""")
+
+
+def f(params):
+    return (float(params["x"]) - 2.5) ** 2 + {"a": 0.0, "b": 0.5}[params.get("y", "a")]
+
+
+def write_sweep(tmp_path, method="grid", parameters=None, **extra):
+    program = tmp_path / "program.py"
+    program.write_text(PROGRAM)
+    config = {"program": str(program), "method": method, "metric": {"name": "eval/loss", "goal": "minimize"},
+              "parameters": parameters or {"x": {"values": [1, 2, 3]}, "y": {"values": ["a", "b"]}}, **extra}
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_grid_runs_every_combination_records_failures_and_keeps_going(tmp_path):
+    path = write_sweep(tmp_path)
+    state = sw.run_sweep(path, root=tmp_path / "sweeps", overrides=["trainer.max_steps=2"], echo=False)
+    runs = state["runs"]
+    assert sorted((r["params"]["x"], r["params"]["y"]) for r in runs) == sorted(itertools.product([1, 2, 3], "ab"))
+    assert [r["name"] for r in runs] == [f"run-{i:03d}" for i in range(6)]
+    failed = [r for r in runs if r["status"] == "failed"]
+    assert [(r["params"]["x"], r["params"]["y"]) for r in failed] == [(1, "b")]
+    assert failed[0]["returncode"] == 3 and failed[0]["metric"] is None
+    assert "diverged: loss is nan" in failed[0]["log_tail"]
+    assert state["failed"] == [failed[0]["name"]]
+    # the runs after the failure still ran, and each metric is the program's function of its params
+    assert runs.index(failed[0]) < len(runs) - 1
+    for r in runs:
+        if r["status"] == "finished":
+            assert r["metric"] == f(r["params"]) and r["metric_best"] == f(r["params"]) - 0.25
+    assert state["best"]["params"] in ({"x": 2, "y": "a"}, {"x": 3, "y": "a"})  # both 0.25 from 2.5
+    assert state["best"]["metric"] == 0.25
+    # every run got the override and the sweep's run dir / name / group
+    argv = json.loads((tmp_path / "sweeps" / "grid" / "run-000" / "summary.json").read_text())["params"]["argv"]
+    assert argv[-4:] == ["--trainer.max_steps=2", f"--run.root={tmp_path / 'sweeps' / 'grid'}", "--run.name=run-000",
+                         "--run.group=grid"]
+    on_disk = json.loads((tmp_path / "sweeps" / "grid" / "sweep.json").read_text())
+    assert on_disk["runs"] == json.loads(json.dumps(runs)) and on_disk["config"]["method"] == "grid"
+
+
+def test_grid_count_then_resume_finishes_the_grid_without_repeats(tmp_path):
+    path = write_sweep(tmp_path, parameters={"x": {"values": [2, 3, 4]}})
+    first = sw.run_sweep(path, count=2, root=tmp_path, name="s", echo=False)
+    assert [r["params"]["x"] for r in first["runs"]] == [2, 3]
+    second = sw.run_sweep(path, root=tmp_path, name="s", echo=False)  # the rest of the grid
+    assert [r["params"]["x"] for r in second["runs"]] == [2, 3, 4]
+    assert [r["name"] for r in second["runs"]] == ["run-000", "run-001", "run-002"]
+    third = sw.run_sweep(path, count=5, root=tmp_path, name="s", echo=False)
+    assert len(third["runs"]) == 3  # exhausted: nothing new
+
+
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_random_and_bayes_respect_count_and_bounds(tmp_path, method):
+    path = write_sweep(tmp_path, method=method,
+                       parameters={"x": {"min": 0.0, "max": 5.0}, "y": {"values": ["a", "b"]}})
+    state = sw.run_sweep(path, count=4, root=tmp_path / "s", echo=False)
+    assert len(state["runs"]) == 4
+    for r in state["runs"]:
+        assert 0.0 <= r["params"]["x"] <= 5.0 and r["params"]["y"] in ("a", "b")
+        assert r["status"] == "finished" and math.isclose(r["metric"], f(r["params"]))
+    # seeded: the same sweep proposes the same runs
+    again = sw.run_sweep(path, count=4, root=tmp_path / "again", echo=False)
+    assert [r["params"] for r in again["runs"]] == [r["params"] for r in state["runs"]]
+
+
+def test_random_without_count_is_refused(tmp_path):
+    path = write_sweep(tmp_path, method="random", parameters={"x": {"min": 0.0, "max": 5.0}})
+    with pytest.raises(ValueError, match="--count"):
+        sw.run_sweep(path, root=tmp_path, echo=False)
+
+
+def test_engine_sees_finished_failed_and_best_values():
+    run = sw._engine_run({"name": "run-000", "status": "finished", "params": {"x": 2.0}, "metric": 3.0,
+                          "metric_best": 1.5}, "eval/loss")
+    assert run.state == "finished" and run.config == {"x": {"value": 2.0}}
+    assert run.metric_extremum("eval/loss", "minimum") == 1.5  # as the W&B controller sees summary + history
+    failed = sw._engine_run({"name": "run-001", "status": "failed", "params": {"x": 1.0}, "metric": None}, "eval/loss")
+    assert failed.state == "failed" and failed.summary_metrics == {} and failed.history == []
+
+
+def test_missing_program_is_a_failed_run_not_a_crash(tmp_path):
+    path = write_sweep(tmp_path, parameters={"x": {"values": [2]}})
+    config = yaml.safe_load(path.read_text())
+    config["program"] = str(tmp_path / "nope.py")
+    path.write_text(yaml.safe_dump(config))
+    state = sw.run_sweep(path, root=tmp_path / "s", echo=False)
+    assert [r["status"] for r in state["runs"]] == ["failed"]
+    assert "nope.py" in state["runs"][0]["log_tail"]
+
+
+def test_commands_are_expanded_like_wandb_agent():
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    params = {"model.init_args.lr": 0.0003, "model.init_args.sampler": "ddim", "run.wandb": False, "n": 3}
+    ours = sw.command_args(params)
+    theirs = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    for macro in ours:
+        assert ours[macro] == theirs[macro], macro
+    config = {"program": "train.py", "command": ["${env}", "${interpreter}", "-m", "lit_diffusion", "fit",
+                                                 "${args_no_hyphens}", "${envvar:SWEEP_TEST_VAR}"]}
+    import os
+
+    os.environ["SWEEP_TEST_VAR"] = "--seed_everything=3"
+    try:
+        cmd = sw.expand_command(config, {"a.b": 1.5}, interpreter="python")
+    finally:
+        del os.environ["SWEEP_TEST_VAR"]
+    assert cmd[1:] == ["python", "-m", "lit_diffusion", "fit", "a.b=1.5", "--seed_everything=3"]
+    assert sw.expand_command({"program": "p.py"}, {"k": 2}, interpreter="py")[1:] == ["py", "p.py", "--k=2"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_sweeps_validate_and_run_the_ldm_stage(path):
+    config = sw.load_sweep_config(path)
+    sweeps, _ = sw._import_sweeps()
+    filled = sweeps.SweepConfig(config)  # the schema W&B's server applies
+    assert filled["metric"] == {"name": "eval/fid_clip", "goal": "minimize"}
+    cmd = sw.expand_command(config, {"k": 1})
+    assert cmd[1:] == [sys.executable, "-m", "lit_diffusion", "fit", "--config", "configs/ldm/shapes.yaml", "--k=1"]
+    assert "${args}" in config["command"] and (REPO / config["program"]).is_file()
+    assert sw.propose(config, []) is not None
+
+
+def test_shipped_sweeps_cover_the_required_parameters():
+    params = {p.name: set(sw.load_sweep_config(p)["parameters"]) for p in SHIPPED}
+    wanted = [{"model.init_args.guidance", "model.init_args.p_uncond"},
+              {"model.init_args.lr", "trainer.callbacks.decay"},
+              {"model.init_args.sampler", "model.init_args.sample_steps"}]
+    for keys in wanted:
+        assert any(keys <= p for p in params.values()), keys
+
+
+def _first_value(spec):
+    if "value" in spec:
+        return spec["value"]
+    if "values" in spec:
+        return spec["values"][-1]
+    return spec["min"]
+
+
+def _lookup(namespace, key):
+    node = namespace
+    for part in key.split("."):
+        if isinstance(node, list):  # LightningCLI applies `callbacks.X` to the list's last entry
+            node = node[-1].init_args
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_sweep_parameters_parse_against_the_ldm_config(path, monkeypatch):
+    """Every swept key is an option that configs/ldm/shapes.yaml's LightningCLI accepts, holding the value."""
+    from lit_diffusion.lightning_cli import LitDiffusionCLI
+
+    class ParseOnly(LitDiffusionCLI):
+        def instantiate_classes(self):
+            pass
+
+    config = sw.load_sweep_config(path)
+    params = {k: _first_value(v) for k, v in config["parameters"].items()}
+    cmd = sw.expand_command(config, params)
+    argv = cmd[cmd.index("fit") + 1:]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lit-diffusion"])
+    try:
+        cli = ParseOnly(args=argv, run=False)
+    except SystemExit:
+        pytest.fail(f"configs/ldm/shapes.yaml rejects {path.name}'s arguments {argv[2:]} (see stderr); "
+                    "`trainer.callbacks.decay` needs EMAWeightAveraging as the last entry of trainer.callbacks")
+    for key, value in params.items():
+        got = _lookup(cli.config, key)
+        assert got == value, (f"{path.name}: --{key}={value} parsed to {got!r}; for trainer.callbacks.decay the "
+                              "EMAWeightAveraging callback must be the last entry of trainer.callbacks")
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"method": "grd"}, ["method", "'grd'"]),
+    ({"metrc": {"name": "x"}}, ["metrc"]),
+    ({"parameters": {"x": {"valuess": [1, 2]}}}, ["parameters.x", "valuess"]),
+    ({"metric": {"name": "loss", "goal": "minimise"}}, ["metric.goal", "minimise"]),
+    ({"command": ["${interpreter}", "${program}"]}, ["command", "${args}"]),
+    ({"command": ["${interpreter}", "${program}", "${argz}"]}, ["command", "${argz}"]),
+    ({"parameters": {"x": {"min": 3.0, "max": 1.0}}}, ["x", "min"]),
+])
+def test_invalid_sweep_yaml_names_the_file_and_key(tmp_path, change, words):
+    path = write_sweep(tmp_path)
+    config = {**yaml.safe_load(path.read_text()), **change}
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(sw.SweepConfigError) as err:
+        sw.load_sweep_config(path)
+    message = str(err.value)
+    assert str(path) in message
+    for word in words:
+        assert word in message
+
+
+def test_cli_reports_a_bad_sweep_yaml_in_one_line(tmp_path, capsys):
+    from lit_diffusion.cli import main
+
+    path = write_sweep(tmp_path)
+    path.write_text(path.read_text().replace("method: grid", "method: gridd"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", str(path), "--root", str(tmp_path / "s")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "lit-diffusion sweep: error" in err and str(path) in err and "method" in err and "gridd" in err
+
+
+def test_cli_runs_a_sweep(tmp_path, capsys):
+    from lit_diffusion.cli import main
+
+    path = write_sweep(tmp_path, parameters={"x": {"values": [2, 4]}})
+    main(["sweep", str(path), "--count", "2", "--root", str(tmp_path / "s"), "--name", "cli", "--set", "k=v"])
+    state = json.loads((tmp_path / "s" / "cli" / "sweep.json").read_text())
+    assert [r["metric"] for r in state["runs"]] == [0.25, 2.25]
+    assert all("--k=v" in r["command"] for r in state["runs"])
+    assert "best run by eval/loss (minimize): run-000" in capsys.readouterr().out
+
+
+def test_run_sweep_takes_a_config_dict_from_python(tmp_path):
+    """How a test shrinks a shipped sweep: load it, narrow the grid, run with overrides."""
+    path = write_sweep(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["parameters"] = {"x": {"values": [2.5]}, "y": {"value": "b"}}
+    state = sw.run_sweep(config, root=tmp_path / "s", name="py", overrides={"trainer.max_steps": 1}, echo=False)
+    assert [(r["params"], r["metric"]) for r in state["runs"]] == [({"x": 2.5, "y": "b"}, 0.5)]
+    assert "--trainer.max_steps=1" in state["runs"][0]["command"]
