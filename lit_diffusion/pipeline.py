@@ -44,13 +44,9 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-def _flatten(prefix: str, value) -> list[str]:
-    if isinstance(value, dict):
-        out = []
-        for k, v in value.items():
-            out += _flatten(f"{prefix}.{k}" if prefix else k, v)
-        return out
-    return [f"--{prefix}", json.dumps(value) if not isinstance(value, str) else value]
+def _arg(key: str, value) -> list[str]:
+    """One LightningCLI override; dicts and lists go as JSON (a dict replaces the whole init arg)."""
+    return [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
 
 
 def _ensure_data(cfg: dict) -> dict:
@@ -114,7 +110,7 @@ def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: d
     if data.get("val_urls"):
         argv += ["--data.init_args.val_urls", data["val_urls"]]
     for key, value in {**extra, **(spec.get("args") or {})}.items():
-        argv += _flatten(key, value)
+        argv += _arg(key, value)
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         log.info("[%s] resuming from %s", stage, last)
