@@ -1,0 +1,143 @@
+"""CLIP (Radford et al. 2021): a ViT image encoder and a causal text Transformer mapped into one embedding space.
+
+Images are [B, 3, H, W] in [-1, 1]; tokens [B, L] long ([sot, ..., eot, pad...]). Both encoders end in a linear
+projection to `embed_dim`; the `CLIP` module returns L2-normalised embeddings and the learnt logit scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lit_diffusion.models.transformer import Transformer
+
+INIT_LOGIT_SCALE = math.log(1 / 0.07)  # temperature 0.07, as in CLIP
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the scale at 100 to keep training stable
+POOLING = ("cls", "mean")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32  # side of the (square) input images
+    patch_size: int = 4  # side of each patch token; image_size must be a multiple
+    width: int = 128  # token width
+    layers: int = 4  # Transformer blocks
+    heads: int = 4  # attention heads (width % heads == 0)
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    pool: str = "cls"  # "cls": a class token's output (CLIP); "mean": mean of patch tokens (no class token)
+    dropout: float = 0.0  # attention dropout
+
+    def __post_init__(self):
+        if self.pool not in POOLING:
+            raise ValueError(f"vision.pool must be one of {POOLING}, got {self.pool!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int | None = None  # tokenizer vocabulary; None = filled in from the tokenizer
+    context_length: int | None = None  # tokens per caption; None = filled in from the tokenizer
+    eot_id: int | None = None  # end-of-text id, where the caption is pooled; None = from the tokenizer
+    width: int = 128  # token width (the conditioning width the diffusion U-Net cross-attends to)
+    layers: int = 4  # Transformer blocks
+    heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden width / width
+    dropout: float = 0.0  # attention dropout
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        width, scale = cfg.width, cfg.width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pool == "cls")
+        self.class_embedding = nn.Parameter(scale * torch.randn(width)) if cfg.pool == "cls" else None
+        self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> unnormalised embeddings [B, E]."""
+        size = self.cfg.image_size
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"CLIP vision encoder expects {size}x{size} images, got {tuple(images.shape[-2:])}")
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W]
+        if self.class_embedding is not None:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
+            x = torch.cat([cls, x], dim=1)  # [B, 1 + N, W]
+        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        x = self.transformer(x)
+        pooled = x[:, 0] if self.class_embedding is not None else x.mean(dim=1)  # [B, W]
+        return self.ln_post(pooled) @ self.proj.to(x.dtype)  # [B, E]
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, embed_dim: int):
+        super().__init__()
+        missing = [k for k in ("vocab_size", "context_length", "eot_id") if getattr(cfg, k) is None]
+        if missing:
+            raise ValueError(f"text config needs {missing} (normally filled in from the tokenizer)")
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width ** -0.5)
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens [B, L] -> (token features [B, L, W] after the final LayerNorm, unnormalised pooled [B, E]).
+
+        Attention is causal only: every real token sits before the padding, so no real token ever sees a pad
+        and a padding mask would change nothing up to the end-of-text token."""
+        length = tokens.shape[1]
+        if length > self.cfg.context_length:
+            raise ValueError(f"{length} tokens exceed the text encoder's context length {self.cfg.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # [B, L, W]
+        x = self.ln_final(self.transformer(x, causal=True))  # [B, L, W]
+        # pool at the first end-of-text token (CLIP used argmax of ids, which only works when eot is the top id);
+        # a row without one (cut by a foreign tokenizer) pools at its last position
+        is_eot = tokens == self.cfg.eot_id
+        pos = torch.where(is_eot.any(1), is_eot.int().argmax(1), length - 1)  # [B]
+        pooled = x[torch.arange(x.shape[0], device=x.device), pos]  # [B, W]
+        return x, pooled @ self.text_projection.to(x.dtype)  # [B, L, W], [B, E]
+
+
+class CLIP(nn.Module):
+    def __init__(self, vision: VisionConfig, text: TextConfig, embed_dim: int = 128,
+                 init_logit_scale: float = INIT_LOGIT_SCALE, max_logit_scale: float = MAX_LOGIT_SCALE):
+        super().__init__()
+        self.embed_dim, self.max_logit_scale = embed_dim, max_logit_scale
+        self.visual = VisionTransformer(vision, embed_dim)
+        self.text = TextTransformer(text, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return F.normalize(self.visual(images), dim=-1)  # [B, E]
+
+    def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        features, pooled = self.text(tokens)
+        return features, F.normalize(pooled, dim=-1)  # [B, L, W], [B, E]
+
+    def scale(self) -> Tensor:
+        """exp(logit_scale), clamped at exp(max_logit_scale) even between `clamp_logit_scale_` calls."""
+        return self.logit_scale.clamp(max=self.max_logit_scale).exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clip the parameter itself after an optimizer step (as CLIP does), so it cannot drift above the cap."""
+        self.logit_scale.clamp_(0.0, self.max_logit_scale)
+
+    def forward(self, images: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (image embeddings [B, E], text embeddings [B, E], both L2-normalised; logit scale (scalar))."""
+        return self.encode_image(images), self.encode_text(tokens)[1], self.scale()

@@ -1,0 +1,222 @@
+"""CLIP networks and stage: masks, eot pooling, causality, logit-scale clamp, retrieval metrics, checkpoints."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_diffusion.data.tokenizer import Tokenizer
+from lit_diffusion.models.clip import CLIP, MAX_LOGIT_SCALE, TextConfig, VisionConfig
+from lit_diffusion.models.transformer import Transformer, attention_mask
+from lit_diffusion.stages.clip import (
+    ZEROSHOT_CLASSES,
+    CLIPModule,
+    caption_ids,
+    recall_chance,
+    retrieval_recall,
+    zeroshot_label,
+)
+from lit_diffusion.stages.common import CheckpointError, stage_block
+
+CAPTIONS = ["a small red circle", "a large blue square", "a small green triangle above a large red square",
+            "a large yellow circle left of a small cyan triangle"]
+TINY = dict(vision=dict(image_size=16, patch_size=4, width=32, layers=2, heads=2),
+            text=dict(width=32, layers=2, heads=2), embed_dim=16)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    Tokenizer.train(CAPTIONS * 3, vocab_size=200, context_length=16).save(path)
+    return path
+
+
+@pytest.fixture
+def module(tokenizer_file):
+    torch.manual_seed(0)
+    return CLIPModule(tokenizer_path=str(tokenizer_file), **TINY).eval()
+
+
+# ---- transformer ----
+def test_attention_mask_combines_causal_and_padding():
+    pad = torch.tensor([[True, True, False]])
+    mask = attention_mask(3, causal=True, padding_mask=pad)[0, 0]
+    expected = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)  # pad key 2 only seen by itself
+    assert torch.equal(mask, expected)
+    assert attention_mask(3, causal=False, padding_mask=None) is None
+
+
+def test_padding_mask_hides_padded_keys():
+    torch.manual_seed(0)
+    net = Transformer(width=16, layers=2, heads=2).eval()
+    x = torch.randn(1, 5, 16)
+    keep = torch.tensor([[True, True, True, False, False]])
+    y = net(x, padding_mask=keep)
+    x2 = x.clone()
+    x2[:, 3:] = torch.randn(1, 2, 16) * 10  # change only the padded positions
+    y2 = net(x2, padding_mask=keep)
+    torch.testing.assert_close(y[:, :3], y2[:, :3])
+    assert torch.isfinite(y2).all()
+    # without the mask the real tokens do see the change
+    assert not torch.allclose(net(x)[:, :3], net(x2)[:, :3])
+
+
+# ---- text encoder ----
+def test_text_is_pooled_at_the_end_of_text_token_and_causal(module):
+    tokens = module.tokenize(["a small red circle"])  # [1, L]
+    eot = int((tokens[0] == module.tokenizer.eot_id).nonzero()[0])
+    features, pooled = module.encode_text(tokens)
+    text = module.model.text
+    expected = F.normalize(features[0, eot] @ text.text_projection, dim=-1)
+    torch.testing.assert_close(pooled[0], expected)
+    assert pooled.norm(dim=-1).item() == pytest.approx(1.0, abs=1e-5)
+
+    # causal: changing the token at position eot - 1 changes nothing before it, and changes the pooled output
+    changed = tokens.clone()
+    changed[0, eot - 1] = module.tokenizer.encode("blue")[0]
+    features2, pooled2 = module.encode_text(changed)
+    torch.testing.assert_close(features2[0, : eot - 1], features[0, : eot - 1])
+    assert not torch.allclose(features2[0, eot - 1], features[0, eot - 1])
+    assert not torch.allclose(pooled2, pooled)
+    # tokens after eot (padding) never reach the pooled output
+    junk = tokens.clone()
+    junk[0, eot + 1:] = module.tokenizer.encode("square")[0]
+    torch.testing.assert_close(module.encode_text(junk)[1], pooled)
+
+
+def test_dropping_the_padding_tail_keeps_the_pooled_embedding(module):
+    tokens = module.tokenize(CAPTIONS)
+    short = tokens[:, : int((tokens != module.tokenizer.pad_id).sum(1).max())]
+    assert short.shape[1] < tokens.shape[1]
+    torch.testing.assert_close(module.encode_text(short)[1], module.encode_text(tokens)[1], rtol=1e-5, atol=1e-6)
+
+
+def test_image_encoder_output_and_size_check(module):
+    emb = module.encode_image(torch.rand(3, 3, 16, 16) * 2 - 1)
+    assert emb.shape == (3, 16)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    with pytest.raises(ValueError, match="16x16"):
+        module.encode_image(torch.zeros(1, 3, 32, 32))
+
+
+def test_mean_pooling_has_no_class_token():
+    vision = VisionConfig(image_size=16, patch_size=4, width=16, layers=1, heads=2, pool="mean")
+    clip = CLIP(vision, TextConfig(vocab_size=10, context_length=4, eot_id=1, width=16, layers=1, heads=2), 8)
+    assert clip.visual.class_embedding is None and clip.visual.positional_embedding.shape == (16, 16)
+    with pytest.raises(ValueError, match="pool"):
+        VisionConfig(pool="max")
+
+
+def test_logit_scale_starts_at_clip_temperature_and_is_clamped_at_100(module):
+    clip = module.model
+    assert clip.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    with torch.no_grad():
+        clip.logit_scale.fill_(7.0)
+    assert clip.scale().item() == pytest.approx(100.0, rel=1e-5)  # clamped in use
+    clip.clamp_logit_scale_()
+    assert clip.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)  # and in the parameter itself
+    # the stage clamps after every training batch
+    with torch.no_grad():
+        clip.logit_scale.fill_(9.0)
+    module.on_train_batch_end(None, None, 0)
+    assert clip.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_text_config_must_agree_with_the_tokenizer(tokenizer_file):
+    with pytest.raises(ValueError, match="text.vocab_size = 7 does not match the tokenizer"):
+        CLIPModule(tokenizer_path=str(tokenizer_file), **{**TINY, "text": dict(vocab_size=7)})
+    with pytest.raises(ValueError, match="tokenizer_path is required"):
+        CLIPModule(**TINY)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CLIPModule(tokenizer_path="nope.json", **TINY)
+
+
+# ---- validation metrics ----
+def test_retrieval_counts_any_item_with_the_same_caption_as_correct():
+    captions = ["a", "b", "a", "c"]
+    ids = caption_ids(captions)
+    assert ids[0] == ids[2] and len(set(ids.tolist())) == 3
+    queries = torch.eye(4)
+    # query 0 retrieves item 2 (same caption "a": correct); query 1 retrieves item 3 ("c" != "b": wrong)
+    gallery = torch.eye(4)[[2, 3, 0, 1]]
+    r = retrieval_recall(queries, gallery, ids, ids, ks=(1, 2), chunk=3)
+    # top-1 per query: q0->item2 ("a", hit), q1->item3 ("c", miss), q2->item0 ("a", hit), q3->item1 ("b", miss)
+    assert r[1] == pytest.approx(0.5)
+    assert r[2] >= r[1]
+
+
+def test_recall_chance_matches_closed_form():
+    ids = caption_ids(["a", "a", "b", "c", "d"])
+    chance = recall_chance(ids, ids, ks=(1, 2))
+    # "a" queries: 2 of 5 items match; others 1 of 5. r@1 = (2*2/5 + 3*1/5) / 5
+    assert chance[1] == pytest.approx((2 * 2 / 5 + 3 / 5) / 5)
+    # r@2 = 1 - P(no match in 2 draws): a: 1 - 3/5*2/4; others: 1 - 4/5*3/4
+    assert chance[2] == pytest.approx((2 * (1 - 3 / 5 * 2 / 4) + 3 * (1 - 4 / 5 * 3 / 4)) / 5)
+
+
+def test_zeroshot_labels_only_for_single_objects():
+    one = {"objects": [{"color": "blue", "shape": "square"}], "relation": None}
+    two = {"objects": [{"color": "blue", "shape": "square"}, {"color": "red", "shape": "circle"}]}
+    assert ZEROSHOT_CLASSES[zeroshot_label(one)] == ("blue", "square")
+    assert zeroshot_label(two) == -1 and zeroshot_label({}) == -1 and zeroshot_label(None) == -1
+
+
+def test_zeroshot_accuracy_uses_the_best_prompt_per_class(module):
+    prompts = module.zeroshot_prompt_embeddings()  # [P, C, E]
+    assert prompts.shape == (2, len(ZEROSHOT_CLASSES), 16)  # "{size}" expands to small and large
+    # images equal to a class's "large" prompt embedding are classified as that class
+    labels = torch.tensor([0, 5, 17, -1])
+    images = prompts[1, labels.clamp_min(0)]
+    assert module.zeroshot_accuracy(images, labels) == 1.0
+    assert module.zeroshot_accuracy(images, torch.full((4,), -1)) is None
+
+
+# ---- checkpoints ----
+def _save_checkpoint(module, path):
+    import lightning as L
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+
+
+def test_checkpoint_round_trip_with_weights_only(module, tmp_path, tokenizer_file):
+    path = tmp_path / "clip.ckpt"
+    _save_checkpoint(module, path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["lit_diffusion"]["kind"] == "clip"
+    assert Tokenizer.from_json(raw["lit_diffusion"]["tokenizer"]).to_json() == module.tokenizer.to_json()
+    tokenizer_file.rename(tokenizer_file.with_suffix(".moved"))  # the checkpoint must not need the file
+    try:
+        loaded = CLIPModule.from_checkpoint(path)
+    finally:
+        tokenizer_file.with_suffix(".moved").rename(tokenizer_file)
+    assert not loaded.training
+    tokens = loaded.tokenize(CAPTIONS)
+    assert torch.equal(tokens, module.tokenize(CAPTIONS))
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), module.encode_image(images), rtol=0, atol=0)
+        for a, b in zip(loaded.encode_text(tokens), module.encode_text(tokens)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert loaded.text_width == 32 and loaded.embed_dim == 16 and loaded.image_size == 16
+
+
+def test_wrong_kind_and_missing_checkpoints_are_refused(tmp_path):
+    vae = tmp_path / "vae.ckpt"
+    torch.save({"state_dict": {}, "lit_diffusion": stage_block("vae", scale_factor=1.0)}, vae)
+    with pytest.raises(CheckpointError, match="is a 'vae' checkpoint, expected a 'clip' checkpoint"):
+        CLIPModule.from_checkpoint(vae)
+    with pytest.raises(CheckpointError, match="not found"):
+        CLIPModule.from_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_checkpoint_with_mismatched_weights_is_refused(module, tmp_path):
+    path = tmp_path / "clip.ckpt"
+    _save_checkpoint(module, path)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["state_dict"]["model.visual.proj"]
+    with pytest.raises(CheckpointError, match="missing .*model.visual.proj"):
+        CLIPModule.from_checkpoint_dict(ckpt, source="broken.ckpt")
