@@ -82,9 +82,20 @@ def add_data(sub) -> None:
     p.set_defaults(func=cmd_data_tokenizer)
 
 
+def _setup_logging() -> None:
+    """Our own messages at INFO on stderr; Lightning keeps its own handler (no root handler: no duplicate lines)."""
+    ours = logging.getLogger("lit_diffusion")
+    if not ours.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s lit_diffusion: %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging()
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from lit_diffusion.launch import apply_launcher_env
         from lit_diffusion.lightning_cli import run_lightning_cli
@@ -203,6 +214,23 @@ def add_toy(sub) -> None:
     p.set_defaults(func=cmd_toy)
 
 
+def cmd_clip_query(args) -> None:
+    from lit_diffusion.clip_query import query
+
+    for rank, (source, score) in enumerate(query(args.ckpt, args.images, args.text, top_k=args.top_k), 1):
+        print(f"{rank:3d}  {score:+.4f}  {source}")
+
+
+def add_clip(sub) -> None:
+    clip = sub.add_parser("clip", help="use a CLIP checkpoint").add_subparsers(dest="clip_cmd", required=True)
+    p = clip.add_parser("query", help='rank images for a caption; "+red -blue" adds and subtracts embeddings')
+    p.add_argument("--ckpt", required=True, help="CLIP checkpoint (stage 1)")
+    p.add_argument("--images", required=True, help="an image folder, shard URLs or a single image")
+    p.add_argument("--text", required=True, help='e.g. "a large red circle" or "a large red circle +blue -red"')
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(func=cmd_clip_query)
+
+
 def cmd_pipeline(args) -> None:
     from lit_diffusion.pipeline import run_pipeline
 
@@ -222,7 +250,7 @@ def add_pipeline(sub) -> None:
     p.set_defaults(func=cmd_pipeline)
 
 
-_EXTRA_COMMANDS: list = [add_sample, add_evaluate, add_toy, add_pipeline]
+_EXTRA_COMMANDS: list = [add_clip, add_sample, add_evaluate, add_toy, add_pipeline]
 
 
 def add_sweep(sub) -> None:

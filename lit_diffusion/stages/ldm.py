@@ -9,6 +9,7 @@ finished checkpoint samples on its own even after the stage-1/2 files are gone.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -123,7 +124,9 @@ class LatentDiffusionModule(L.LightningModule):
             sub = dict(block["frozen"][name])
             sub["state_dict"] = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
             frozen[name] = sub
-        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k != "frozen"}
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "frozen"}
+        # LightningCLI adds its own keys (_class_path, _instantiator) to the saved hyperparameters
+        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted}
         model = cls(**hparams, frozen=frozen)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(("clip.", "vae."))]
