@@ -68,6 +68,7 @@ def _ensure_data(cfg: dict) -> dict:
     wanted = {k: data.get(k, d) for k, d in (("train", 5000), ("val", 500), ("size", 32), ("seed", 0))}
     if info.is_file():
         have = json.loads(info.read_text())
+        have = {**have.get("counts", {}), "size": have.get("image_size"), "seed": have.get("seed")}
         if all(have.get(k) == v for k, v in wanted.items()):
             log.info("data: using the shapes shards in %s", out)
             return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
