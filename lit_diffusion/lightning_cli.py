@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import glob
 import os
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_diffusion import tracking
+from lit_diffusion import safety, tracking
+from lit_diffusion.callbacks.batch_info import BatchInfo
+from lit_diffusion.launch import shared_run_name
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -50,6 +52,16 @@ class LitDiffusionCLI(LightningCLI):
         parser.add_argument("--run.project", type=str, default="lit-diffusion", help="W&B project")
         parser.add_argument("--run.group", type=str | None, default=None, help="W&B group (pipeline, sweep)")
         parser.add_argument("--run.wandb", type=bool, default=True, help="log to W&B (offline without an account)")
+        parser.add_argument("--run.checkpoint_every", type=int, default=500,
+                            help="write RUN_DIR/checkpoints/last.ckpt every N optimizer steps and at the end "
+                                 "(0: at each epoch end); ignored when the config has a ModelCheckpoint with save_last")
+        parser.add_argument("--run.on_nonfinite", type=Literal["stop", "skip", "off"], default="stop",
+                            help="a NaN/inf training loss: stop naming the step and last checkpoint, or skip the update")
+        parser.add_argument("--run.scale_lr", type=bool, default=False,
+                            help="multiply learning rates by global batch / run.reference_batch_size (linear scaling); "
+                                 "global batch = data batch_size x devices x nodes x accumulate_grad_batches")
+        parser.add_argument("--run.reference_batch_size", type=int | None, default=None,
+                            help="the global batch the configured lr was tuned for (default: data batch_size, one device)")
 
     def _run_settings(self) -> dict:
         cfg = self.config.get(str(self.subcommand), self.config)
@@ -58,24 +70,53 @@ class LitDiffusionCLI(LightningCLI):
         if not run.get("name"):
             configs = cfg.get("config") or []
             stem = Path(str(configs[-1])).stem if configs else "run"
-            run["name"] = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-            # every DDP process must agree on the name: the launcher's rank 0 sets it for the others
-            run["name"] = os.environ.setdefault("LIT_DIFFUSION_RUN_NAME", run["name"])
+            # every DDP process must agree on the name, also where each parses its own command line (torchrun)
+            run["name"] = shared_run_name(stem)
         return run
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         run = self._run_settings()
+        cfg = self.config.get(str(self.subcommand), self.config)
+        if cfg.get("ckpt_path") == "last" and not _explicit_run_name(cfg):
+            run["name"] = _resumable_run(run["root"], run["name"])
+            os.environ["LIT_DIFFUSION_RUN_NAME"] = run["name"]  # DDP processes launched from here resume it too
         directory = tracking.run_dir(run["root"], run["name"])
         if config.get("default_root_dir") is None:
             config["default_root_dir"] = str(directory)
         if config.get("logger") in (None, True):
             config["logger"] = tracking.default_loggers(
                 run["root"], run["name"], project=run["project"], group=run["group"], wandb=run["wandb"])
-        user_callbacks = config.get("callbacks") or []
-        if config.get("enable_checkpointing", True) is not False and not any(
-                isinstance(c, ModelCheckpoint) for c in user_callbacks):
-            callbacks = [*callbacks, ModelCheckpoint(dirpath=str(directory / "checkpoints"), save_last=True)]
+        user_callbacks = [*(config.get("callbacks") or []), *callbacks]
+        checkpointing = config.get("enable_checkpointing", True) is not False
+        callbacks = [*callbacks, *safety.default_callbacks(
+            user_callbacks, str(directory / "checkpoints") if checkpointing else None,
+            every_n_steps=int(run.get("checkpoint_every", 500)), on_nonfinite=run.get("on_nonfinite", "stop"))]
+        if not any(isinstance(c, BatchInfo) for c in user_callbacks):  # logs per-device and global batch size
+            callbacks.append(BatchInfo(bool(run.get("scale_lr")), run.get("reference_batch_size")))
+        if not safety.has_checkpoint_io(config.get("plugins")):
+            plugins = config.get("plugins")
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] if plugins else []
+            config["plugins"] = [*plugins, safety.AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def _explicit_run_name(cfg) -> bool:
+    run = cfg.get("run")
+    name = run.get("name") if isinstance(run, dict) else getattr(run, "name", None)
+    return bool(name)
+
+
+def _resumable_run(root: str, fresh_name: str) -> str:
+    """`--ckpt_path last` without `--run.name`: the newest run of the same config (`STEM-*`) holding a last.ckpt,
+    so a plain re-run of the same command resumes instead of silently starting over in a new run dir."""
+    stem = fresh_name.rsplit("-", 2)[0]
+    found = sorted(Path(root).glob(f"{glob.escape(stem)}-*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        rank_zero_warn(f"--ckpt_path last: no earlier run {root}/{stem}-*/checkpoints/last.ckpt; starting afresh")
+        return fresh_name
+    name = found[-1].parent.parent.name
+    rank_zero_info(f"--ckpt_path last: resuming run {name} ({found[-1]}); pass --run.name to pick another")
+    return name
 
 
 def run_lightning_cli(argv: list[str]) -> LitDiffusionCLI:

@@ -188,11 +188,72 @@ def default_loggers(run_root: str | Path, name: str, project: str = "lit-diffusi
         _say_mode_once(mode, why)
         if mode != "disabled":
             directory.mkdir(parents=True, exist_ok=True)
-            loggers.append(WandbLogger(
+            loggers.append(SafeWandbLogger(
                 name=name, project=project, group=group, save_dir=str(directory), offline=(mode == "offline"),
                 tags=tags, settings=_wandb_settings(),
             ))
     return loggers
+
+
+class _NullExperiment:
+    """Stands in for the W&B run once it failed: every attribute and call is a no-op."""
+
+    def __getattr__(self, name: str) -> "_NullExperiment":
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> "_NullExperiment":
+        return self
+
+
+def _guarded(method_name: str):
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failed is not None:
+            return None
+        try:
+            return getattr(super(SafeWandbLogger, self), method_name)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any W&B failure: the run goes on with CSV/JSONL
+            self._disable(method_name, err)
+            return None
+
+    method.__name__ = method_name
+    return method
+
+
+class SafeWandbLogger(WandbLogger):
+    """A WandbLogger that can never stop training: the first exception from W&B (creating the run, logging
+    metrics, images, tables, hyperparameters, checkpoints, finishing) is logged once and W&B is switched off
+    for the rest of the run; CSV and JSONL keep every metric."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.failed: str | None = None
+        super().__init__(*args, **kwargs)
+
+    def _disable(self, where: str, err: Exception) -> None:
+        self.failed = f"{where}: {type(err).__name__}: {err}"
+        rank_zero_only(log.warning)(f"W&B failed in {self.failed}; W&B logging is off for the rest of this run "
+                                    f"(metrics still go to metrics.csv and metrics.jsonl)")
+
+    @property
+    def experiment(self) -> Any:
+        if self.failed is not None:
+            return _NullExperiment()
+        try:
+            return super().experiment
+        except Exception as err:  # noqa: BLE001
+            self._disable("experiment", err)
+            return _NullExperiment()
+
+    log_metrics = _guarded("log_metrics")
+    log_hyperparams = _guarded("log_hyperparams")
+    log_image = _guarded("log_image")
+    log_table = _guarded("log_table")
+    log_text = _guarded("log_text")
+    log_audio = _guarded("log_audio")
+    log_video = _guarded("log_video")
+    log_graph = _guarded("log_graph")
+    after_save_checkpoint = _guarded("after_save_checkpoint")
+    finalize = _guarded("finalize")
+    save = _guarded("save")
 
 
 def _wandb_settings():

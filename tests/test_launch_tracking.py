@@ -10,8 +10,9 @@ def test_fabric_run_settings_become_trainer_arguments():
     env = {"LT_CLI_USED": "1", "LT_ACCELERATOR": "cpu", "LT_STRATEGY": "ddp", "LT_DEVICES": "1",
            "LT_NUM_NODES": "2", "LT_PRECISION": "None"}
     argv = apply_launcher_env(["fit", "--config", "c.yaml"], env)
-    assert argv == ["fit", "--config", "c.yaml", "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
-                    "--trainer.devices", "1", "--trainer.num_nodes", "2"]
+    assert argv == ["fit", "--config", "c.yaml", "--trainer.accelerator", "cpu", "--trainer.strategy",
+                    '{"class_path": "lightning.pytorch.strategies.DDPStrategy"}', "--trainer.devices", "1",
+                    "--trainer.num_nodes", "2"]
 
 
 def test_torchrun_and_slurm_settings():

@@ -1,0 +1,283 @@
+"""Training that survives: atomic checkpoint files, a last.ckpt that always holds the latest step, a checkpoint
+on SIGTERM/SIGUSR1 before exit, and a guard that never lets a NaN/inf loss update the weights.
+
+`LitDiffusionCLI` adds all of these by default (see `default_callbacks`); plain `Trainer` users add them by hand:
+    Trainer(plugins=[AtomicCheckpointIO()], callbacks=[LastCheckpoint(...), SignalCheckpoint(), NonFiniteGuard()])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+log = logging.getLogger("lit_diffusion")
+
+
+# ----------------------------------------------------------------------------------------------- atomic files
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a local checkpoint to a temporary file in its own directory, fsyncs it, then `os.replace`s it over
+    the target, so a kill or a full disk mid-save leaves the previous file whole.
+
+    Lightning's own save serialises to memory first but then writes through an fsspec transaction whose temporary
+    file lives in the system temp dir; moving it into a run dir on another filesystem is a copy, which a kill can
+    cut short. Remote paths (s3://, gs://, ...) keep Lightning's behaviour: object stores replace whole objects.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(str(path).removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        # os.open with 0o666 honours the umask, like a plain open() (mkstemp would make it owner-only)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)  # the rename itself survives a power cut only once the directory is synced
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- last.ckpt cadence
+class LastCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint whose `last.ckpt` holds the state at the end of training.
+
+    With `every_n_train_steps=N`, Lightning writes last.ckpt every N steps but not at the end of training unless no
+    checkpoint was written at all, so a run whose max_steps is not a multiple of N would finish with a stale
+    last.ckpt (and the pipeline copies last.ckpt as the stage's result); and when the last step is a multiple of
+    N, last.ckpt is written before that step's validation, which is where the VAE measures its latent scale.
+    """
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        before = (self._last_checkpoint_saved, self._last_global_step_saved)
+        super().on_train_end(trainer, pl_module)
+        if (self._last_checkpoint_saved, self._last_global_step_saved) != before:
+            return  # Lightning just wrote it
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        if self.save_last and not trainer.fast_dev_run and trainer.state.fn == TrainerFn.FITTING:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def save_last(trainer: Trainer) -> str:
+    """Write last.ckpt now through the trainer's ModelCheckpoint that keeps one (every rank must call this);
+    returns its path. Without such a callback: `default_root_dir/checkpoints/last.ckpt`."""
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+            cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+            return cb.last_model_path
+    path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+    trainer.save_checkpoint(path)
+    return path
+
+
+def last_checkpoint(trainer: Trainer) -> str | None:
+    """Path of the newest last.ckpt the trainer's checkpoint callbacks wrote or resumed from, if it exists."""
+    for cb in trainer.checkpoint_callbacks:
+        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+        if path and get_filesystem(path).exists(path):
+            return str(path)
+    return str(trainer.ckpt_path) if trainer.ckpt_path else None
+
+
+# ------------------------------------------------------------------------------------------------------ signals
+class SignalExit(SystemExit):
+    """Raised after the pre-emption checkpoint is written; exit status 128 + signal number, as for a process the
+    signal killed, so a pipeline or scheduler never mistakes the interrupted run for a finished one."""
+
+    def __init__(self, signum: int, path: str):
+        super().__init__(128 + int(signum))
+        self.signum, self.path = int(signum), path
+
+
+class SignalCheckpoint(Callback):
+    """On SIGTERM or SIGUSR1 (SLURM pre-emption, `scancel --signal=USR1@90`), write last.ckpt at the end of the
+    current training batch and exit with status 128 + signum.
+
+    Lightning 2.6 on SIGTERM only sets `trainer.received_sigterm` and raises `SIGTERMException` (exit status 0)
+    at the next batch end, without a checkpoint; SIGUSR1 is handled only under SLURM with auto-requeue (it then
+    saves an hpc_ckpt from inside the signal handler, at an arbitrary point of the step). Here the handler only
+    sets a flag; the checkpoint is written between steps, where the state is consistent, by every rank together
+    (ranks agree through one boolean all-reduce per batch under DDP). A signal that arrives during validation is
+    acted on at the next training batch, unless Lightning's own SIGTERM stop ends validation first; then the
+    newest periodic last.ckpt is what a resume starts from.
+    """
+
+    def __init__(self, signals: Sequence[str | int] = ("SIGTERM", "SIGUSR1")):
+        self.signals = [signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals]
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.received = signum
+        previous = self._previous.get(signum)
+        if callable(previous):  # e.g. Lightning's SIGTERM notifier, SLURM requeue
+            previous(signum, frame)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after Lightning registered its handlers (so it does not restore ours as "original" at teardown)
+        if threading.current_thread() is not threading.main_thread():
+            rank_zero_warn("SignalCheckpoint: not in the main thread, no signal handlers installed")
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handler)
+
+    def _restore(self) -> None:
+        for sig, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(sig, previous)
+        self._previous = {}
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        signum = self.received
+        if signum is None and trainer.received_sigterm:
+            signum = signal.SIGTERM
+        pending = signum is not None
+        if trainer.world_size > 1:
+            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
+        if not pending:
+            return
+        signum = signum if signum is not None else signal.SIGTERM  # this rank learnt of it from another
+        path = save_last(trainer)
+        name = signal.Signals(signum).name
+        rank_zero_info(f"{name}: saved {path} at step {trainer.global_step}; resume with --ckpt_path last "
+                       f"(same --run.name)")
+        raise SignalExit(signum, path)
+
+
+# ----------------------------------------------------------------------------------------------- NaN/inf guard
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class NonFiniteGuard(Callback):
+    """Checks every loss that reaches backward (automatic and manual optimisation) and never lets a NaN/inf loss
+    update the weights.
+
+    mode="stop": raise `NonFiniteLossError` naming the step and the last good checkpoint, before the optimizer
+    step. mode="skip": drop the update (gradients are set to None, so the optimizer leaves those parameters and
+    their moments alone; global_step and the LR schedule still advance), count it in `train/nonfinite_skips`, and
+    stop after `max_consecutive_skips` in a row. Only the loss is checked: under fp16 mixed precision an overflow
+    in the gradients is the GradScaler's business, not an error. Costs one host-device sync per backward.
+    """
+
+    def __init__(self, mode: str = "stop", max_consecutive_skips: int = 10):
+        if mode not in ("stop", "skip"):
+            raise ValueError(f"NonFiniteGuard mode must be 'stop' or 'skip', got {mode!r}")
+        self.mode, self.max_consecutive_skips = mode, int(max_consecutive_skips)
+        self.skips = 0
+        self._consecutive = 0
+        self._bad: float | None = None  # the non-finite loss value seen since the last optimizer step
+        self._saved_step: int | None = None
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._bad = float(loss.detach().float().flatten()[0])
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        bad = self._bad is not None
+        if trainer.world_size > 1:  # one rank's NaN reaches every rank's gradients through the all-reduce
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        value, self._bad = self._bad, None
+        if not bad:
+            self._consecutive = 0
+            return
+        where = f"at global step {trainer.global_step} (epoch {trainer.current_epoch})"
+        what = f"non-finite training loss ({value if value is not None else 'on another rank'}) {where}"
+        if self.mode == "stop":
+            raise NonFiniteLossError(f"{what}; {self._checkpoint_note(trainer)}. Lower the learning rate, enable "
+                                     f"gradient clipping, or set --run.on_nonfinite skip to skip such batches")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.skips += 1
+        self._consecutive += 1
+        rank_zero_warn(f"{what}: update skipped ({self.skips} skipped so far)")
+        if trainer.is_global_zero:  # straight to the loggers: self.log would repeat the value on later steps
+            for logger in trainer.loggers:
+                logger.log_metrics({"train/nonfinite_skips": float(self.skips)}, step=trainer.global_step)
+        if self._consecutive >= self.max_consecutive_skips:
+            raise NonFiniteLossError(f"{what}: {self._consecutive} non-finite losses in a row, stopping; "
+                                     f"{self._checkpoint_note(trainer)}")
+
+    def _checkpoint_note(self, trainer: Trainer) -> str:
+        path = last_checkpoint(trainer)
+        if path is None:
+            return "no checkpoint was written before it"
+        step = f" (step {self._saved_step})" if self._saved_step is not None else ""
+        return f"last good checkpoint: {path}{step}"
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self._saved_step = int(checkpoint.get("global_step", trainer.global_step))
+
+    def state_dict(self) -> dict:
+        return {"skips": self.skips}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skips = int(state_dict.get("skips", 0))
+
+
+# ------------------------------------------------------------------------------------------------ CLI defaults
+def default_callbacks(user_callbacks: Sequence[Callback], checkpoint_dir: str | None, every_n_steps: int,
+                      on_nonfinite: str) -> list[Callback]:
+    """What `LitDiffusionCLI` adds to the configured callbacks: a LastCheckpoint in `checkpoint_dir` (unless a
+    configured ModelCheckpoint already keeps a last.ckpt, or checkpointing is off: `checkpoint_dir=None`), the
+    signal checkpoint and the non-finite guard (unless configured already)."""
+    added: list[Callback] = []
+    if checkpoint_dir is not None and not any(
+            isinstance(c, ModelCheckpoint) and c.save_last for c in user_callbacks):
+        if every_n_steps > 0:  # last.ckpt only: a top-k copy of the same state would double every write
+            added.append(LastCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0,
+                                        every_n_train_steps=every_n_steps))
+        else:  # at each epoch end, as before
+            added.append(LastCheckpoint(dirpath=checkpoint_dir, save_last=True))
+    if not any(isinstance(c, SignalCheckpoint) for c in user_callbacks):
+        added.append(SignalCheckpoint())
+    if on_nonfinite != "off" and not any(isinstance(c, NonFiniteGuard) for c in user_callbacks):
+        added.append(NonFiniteGuard(mode=on_nonfinite))
+    return added
+
+
+def has_checkpoint_io(plugins: Any) -> bool:
+    from lightning.fabric.plugins import CheckpointIO
+
+    plugins = plugins if isinstance(plugins, (list, tuple)) else [plugins] if plugins is not None else []
+    return any(isinstance(p, CheckpointIO) for p in plugins)
+
