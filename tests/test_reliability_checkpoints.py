@@ -187,8 +187,6 @@ def test_preempted_run_resumes_weights_ema_and_optimizer_exactly(shapes_data, tm
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.xfail(strict=True, reason="data/datamodule.py: EpochLoader counts iter() calls to advance the data "
-                                       "epoch; after a resume the next epoch replays epoch 0's draws (reported)")
 def test_resume_at_an_epoch_boundary_continues_with_the_next_epochs_data(shapes_data, tmp_path):
     reference, resumed = _preempt_and_resume(shapes_data, tmp_path, 5)
     assert [resumed.keys[s] for s in (5, 6)] == [reference.keys[s] for s in (5, 6)]

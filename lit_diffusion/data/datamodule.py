@@ -37,21 +37,32 @@ def _identity(batch):
 
 
 class EpochLoader:
-    """The train DataLoader with a length (its workers together yield `num_batches` per epoch); bumps the
-    shared epoch before every epoch after the first, so fresh (non-persistent) workers draw new shards."""
+    """The train DataLoader with a length (its workers together yield `num_batches` per epoch).
 
-    def __init__(self, loader: DataLoader, num_batches: int, epoch: SharedEpoch):
+    The data epoch (which seeds the workers' shard and sample draws) is set when the first batch of an epoch is
+    drawn, from the trainer's epoch when there is one: Lightning may create the iterator before it has restored
+    a resumed run's loop state, so reading the epoch at `iter()` time would replay epoch 0's draws.
+    """
+
+    def __init__(self, loader: DataLoader, num_batches: int, epoch: SharedEpoch, trainer_epoch=None):
         self.loader, self.num_batches, self.epoch = loader, num_batches, epoch
+        self.trainer_epoch = trainer_epoch  # () -> int | None
         self._started = False
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
-        if self._started:
+        return self._batches()
+
+    def _batches(self) -> Iterator[dict]:
+        epoch = self.trainer_epoch() if self.trainer_epoch is not None else None
+        if epoch is not None:
+            self.epoch.set(epoch)
+        elif self._started:
             self.epoch.set(self.epoch.value + 1)
         self._started = True
-        return iter(self.loader)
+        yield from self.loader
 
 
 class ImageCaptionDataModule(L.LightningDataModule):
@@ -149,7 +160,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
             counter=self.train_skips,
             epoch=self._epoch,
         )
-        return EpochLoader(self._loader(dataset, batched=True), self.train_batches_per_epoch, self._epoch)
+        return EpochLoader(self._loader(dataset, batched=True), self.train_batches_per_epoch, self._epoch,
+                           trainer_epoch=lambda: self.trainer.current_epoch if self.trainer is not None else None)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_urls is None:

@@ -366,9 +366,10 @@ class ResampledTrainStream(IterableDataset):
 
     One iteration (an epoch) yields `batches_per_epoch` batches in total over the DataLoader's workers, worker w
     its share, so DataLoader iteration ends on its own and no prefetched batch is thrown away.
-    Where the dataset object survives between epochs (num_workers=0, persistent workers) the stream and its
-    shuffle buffer continue; where workers get a fresh copy each epoch, the stream restarts from the seed of
-    (seed, rank, worker, shared epoch). Either way a run repeats exactly for the same world size and workers."""
+    Every epoch the stream restarts from the seed of (seed, rank, worker, shared epoch), whether or not the
+    dataset object survives between epochs (num_workers=0, persistent workers), so a run repeats exactly for the
+    same world size and workers, and a run resumed at an epoch boundary draws what the uninterrupted run drew.
+    (The cost: the shuffle buffer fills again at each epoch start.)"""
 
     def __init__(
         self,
@@ -439,8 +440,9 @@ class ResampledTrainStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
-        if self._stream is None or self._stream[0] != (worker, num_workers):
-            self._stream = ((worker, num_workers), self._samples(worker))
+        key = (worker, num_workers, self.epoch.value)
+        if self._stream is None or self._stream[0] != key:
+            self._stream = (key, self._samples(worker))
         samples = self._stream[1]
         share = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
         for _ in range(share):
