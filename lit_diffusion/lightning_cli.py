@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_diffusion import safety, tracking
+
+log = logging.getLogger("lit_diffusion")
 from lit_diffusion.callbacks.batch_info import BatchInfo
 from lit_diffusion.launch import shared_run_name
 
@@ -29,7 +32,10 @@ class RunConfigCallback(SaveConfigCallback):
         extra["data_urls"] = {k: data.get(k) for k in ("train_urls", "val_urls") if k in data}
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
-                lg.experiment.config.update(extra, allow_val_change=True)
+                try:
+                    lg.experiment.config.update(extra, allow_val_change=True)
+                except Exception as err:  # a logging failure must never stop training
+                    log.warning(f"W&B: could not record the config ({type(err).__name__}: {err})")
             elif isinstance(lg, tracking.JSONLLogger):
                 lg.extra.update({"git_commit": extra["git_commit"], "data_urls": extra["data_urls"]})
 

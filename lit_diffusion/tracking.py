@@ -11,6 +11,7 @@ Every run writes, under `runs/NAME/`:
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -22,7 +23,9 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger("lit_diffusion")
@@ -99,6 +102,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class _AppendingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(set(self.metrics_keys) | set(header))
+
+
+class RunCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 class JSONLLogger(Logger):
     """Appends each logged step to `metrics.jsonl` and keeps `summary.json` (final, best, best step) up to date."""
 
@@ -110,6 +133,14 @@ class JSONLLogger(Logger):
         self._best: dict[str, tuple[float, int]] = {}
         self._params: dict = {}
         self.extra: dict[str, Any] = {}  # stage summaries, checkpoint paths: merged into summary.json
+        previous = self._save_dir / "summary.json"
+        if previous.is_file():  # a resumed run keeps its history's final and best values
+            try:
+                old = json.loads(previous.read_text())
+                self._final = dict(old.get("final", {}))
+                self._best = {k: (v, old.get("best_step", {}).get(k, -1)) for k, v in old.get("best", {}).items()}
+            except (OSError, ValueError):
+                log.warning(f"{previous} is unreadable; summary.json starts afresh")
 
     @property
     def name(self) -> str:
@@ -182,7 +213,7 @@ def default_loggers(run_root: str | Path, name: str, project: str = "lit-diffusi
                     wandb: bool = True, tags: list[str] | None = None) -> list[Logger]:
     """CSV + JSONL always; W&B unless disabled. The CSV logger comes first so `trainer.log_dir` is the run dir."""
     directory = run_dir(run_root, name)
-    loggers: list[Logger] = [CSVLogger(save_dir=str(directory), name="", version=""), JSONLLogger(directory, name)]
+    loggers: list[Logger] = [RunCSVLogger(save_dir=str(directory), name="", version=""), JSONLLogger(directory, name)]
     if wandb:
         mode, why = wandb_mode()
         _say_mode_once(mode, why)

@@ -63,3 +63,26 @@ def test_wandb_mode_offline_when_server_unreachable(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     mode, why = tracking.wandb_mode()
     assert mode == "offline" and "not reachable" in why
+
+
+def test_resumed_run_appends_to_metrics_csv_and_keeps_summary(tmp_path):
+    import csv
+
+    first = tracking.default_loggers(tmp_path, "r", wandb=False)
+    first[0].log_metrics({"train/loss": 2.0}, step=1)
+    first[1].log_metrics({"train/loss": 2.0}, step=1)
+    for lg in first:
+        lg.save()
+        lg.finalize("success")
+    second = tracking.default_loggers(tmp_path, "r", wandb=False)  # the same run dir, as a resumed run
+    second[0].log_metrics({"train/loss": 1.0, "val/psnr": 20.0}, step=2)
+    second[1].log_metrics({"train/loss": 3.0}, step=2)
+    for lg in second:
+        lg.save()
+        lg.finalize("success")
+    with open(tmp_path / "r" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["train/loss"]) for r in rows] == [("1", "2.0"), ("2", "1.0")]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["final"]["train/loss"] == 3.0 and summary["best"]["train/loss"] == 2.0
+    assert summary["best_step"]["train/loss"] == 1
