@@ -266,3 +266,12 @@ def add_compare(sub) -> None:
 
 
 _EXTRA_COMMANDS += [add_sweep, add_compare]
+
+
+def add_bench(sub) -> None:
+    from lit_diffusion.bench import add_bench as add  # imports torch only when a benchmark runs
+
+    add(sub)
+
+
+_EXTRA_COMMANDS += [add_bench]

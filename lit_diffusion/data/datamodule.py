@@ -193,6 +193,13 @@ class ImageCaptionDataModule(L.LightningDataModule):
         """Samples/shards skipped on this rank so far, by reason, summed over workers."""
         return {"train": self.train_skips.counts(), "val": self.val_skips.counts()}
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # only the images go to the device: walking the captions' and attributes' nested Python objects costs
+        # milliseconds per step (measured: ~3 ms, a third of a tiny CLIP step)
+        if isinstance(batch, dict) and "image" in batch:
+            return {**batch, "image": batch["image"].to(device, non_blocking=True)}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def state_dict(self) -> dict:
         return {"epoch": self._epoch.value}
 
