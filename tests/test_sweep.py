@@ -260,3 +260,49 @@ def test_run_sweep_takes_a_config_dict_from_python(tmp_path):
     state = sw.run_sweep(config, root=tmp_path / "s", name="py", overrides={"trainer.max_steps": 1}, echo=False)
     assert [(r["params"], r["metric"]) for r in state["runs"]] == [({"x": 2.5, "y": "b"}, 0.5)]
     assert "--trainer.max_steps=1" in state["runs"][0]["command"]
+
+
+@pytest.mark.slow
+def test_offline_sweep_of_three_tiny_ldm_runs_and_their_comparison(tiny_ckpts, tmp_path):
+    """The real thing: 3 latent-diffusion runs (grid over guidance) and a table whose numbers are the runs'."""
+    import csv as _csv
+    import json as _json
+
+    import yaml as _yaml
+    from conftest import TINY_UNET
+
+    from lit_diffusion.compare import compare
+    from lit_diffusion.sweep import run_sweep
+
+    data = tiny_ckpts["data"]
+    tiny = {
+        "model": {"init_args": {"clip_ckpt": str(tiny_ckpts["clip"]), "vae_ckpt": str(tiny_ckpts["vae"]),
+                                "image_size": 16, "unet": TINY_UNET, "sample_steps": 2, "warmup_steps": 0}},
+        "data": {"init_args": {"train_urls": str(data / "train-*.tar"), "val_urls": str(data / "val-*.tar"),
+                               "image_size": 16, "batch_size": 8, "num_workers": 0, "train_batches_per_epoch": 2,
+                               "val_max_samples": 8}},
+        "trainer": {"max_steps": 2, "enable_progress_bar": False, "callbacks": [
+            {"class_path": "lit_diffusion.callbacks.evaluation.DiffusionEvaluation",
+             "init_args": {"every_n_steps": 0, "guidance": [1.0], "num_samples": 8,
+                           "cache_dir": str(tmp_path / "cache")}}]},
+    }
+    tiny_path = tmp_path / "tiny.yaml"
+    tiny_path.write_text(_yaml.safe_dump(tiny))
+    sweep = _yaml.safe_load(open("sweeps/ldm_guidance_puncond.yaml"))
+    sweep["parameters"] = {"model.init_args.guidance": {"values": [1.5, 3.0, 5.0]}}
+    state = run_sweep(sweep, root=tmp_path / "sweeps", name="e2e",
+                      overrides=[f"--config={tiny_path}", "--run.wandb=false"], echo=False)
+    sweep_dir = tmp_path / "sweeps" / "e2e"
+    runs = sorted(p for p in sweep_dir.iterdir() if (p / "summary.json").is_file())
+    assert len(runs) == 3, state
+    out = compare([str(sweep_dir)], tmp_path / "cmp", echo=False)
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        rows = {r["run"]: r for r in _csv.DictReader(f)}
+    assert len(rows) == 3 and out
+    for run in runs:
+        summary = _json.loads((run / "summary.json").read_text())["final"]
+        row = rows[run.name]
+        guidance = float(row["model.init_args.guidance"])
+        assert float(row["eval/fid_clip"]) == pytest.approx(summary["eval/fid_clip"], rel=1e-9)
+        assert summary["eval/fid_clip"] == summary[f"eval/fid_clip_g{guidance:.1f}"]
+        assert float(row["eval/clip_score_g1.0"]) == pytest.approx(summary["eval/clip_score_g1.0"], rel=1e-9)
