@@ -83,14 +83,13 @@ def add_data(sub) -> None:
 
 
 def _setup_logging() -> None:
-    """Our own messages at INFO on stderr; Lightning keeps its own handler (no root handler: no duplicate lines)."""
+    """Our own messages at INFO on stderr. No root handler (Lightning keeps its own): no duplicate lines."""
     ours = logging.getLogger("lit_diffusion")
     if not ours.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s lit_diffusion: %(message)s"))
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
-        ours.propagate = False
 
 
 def main(argv: list[str] | None = None) -> None:
