@@ -61,3 +61,11 @@ def tiny_ckpts(shapes_data, tmp_path_factory):
     trainer = _fit(vae, tiny_datamodule(shapes_data), 5, root)
     trainer.save_checkpoint(root / "vae.ckpt")
     return {"clip": root / "clip.ckpt", "vae": root / "vae.ckpt", "data": shapes_data}
+
+
+def randomise_unet(model) -> None:
+    """A trained-looking U-Net: its zero-initialised output layers would make the text condition invisible."""
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            if p.ndim > 1 and not p.any():
+                p.normal_(std=0.05)

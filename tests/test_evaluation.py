@@ -2,7 +2,7 @@ import json
 
 import lightning as L
 import torch
-from conftest import tiny_datamodule
+from conftest import randomise_unet, tiny_datamodule
 from test_ldm import make_ldm
 
 from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
@@ -11,16 +11,9 @@ from lit_diffusion.metrics.clip_score import clip_score_per_sample
 from lit_diffusion.tracking import JSONLLogger
 
 
-def _randomise(model):
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(std=0.05)
-
-
 def test_evaluation_equals_a_direct_computation_and_reuses_real_statistics(tiny_ckpts, tmp_path):
     model = make_ldm(tiny_ckpts)
-    _randomise(model)
+    randomise_unet(model)
     model.eval()
     dm = tiny_datamodule(tiny_ckpts["data"])
     cfg = EvalConfig(guidance=[1.0, 3.0], num_samples=24, backends=["clip"], cache_dir=str(tmp_path / "cache"),

@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_UNET, _fit, tiny_datamodule
+from conftest import randomise_unet, TINY_UNET, _fit, tiny_datamodule
 
 from lit_diffusion.stages.common import CheckpointError
 from lit_diffusion.stages.ldm import LatentDiffusionModule
@@ -57,11 +57,7 @@ def test_condition_dropout_replaces_captions_by_the_empty_caption(tiny_ckpts):
 
 def test_guidance_negative_prompt_and_per_sample_seeds(tiny_ckpts):
     model = make_ldm(tiny_ckpts)
-    # a trained-looking U-Net: its zero-initialised output layers would make the text condition invisible
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(std=0.05)
+    randomise_unet(model)
     prompts = ["a large red circle", "a small blue square"]
     both = model.sample(prompts, guidance=3.0, seed=[11, 12])
     assert both.shape == (2, 3, 16, 16) and 0 <= both.min() and both.max() <= 1

@@ -1,6 +1,6 @@
 import lightning as L
 import torch
-from conftest import tiny_datamodule
+from conftest import randomise_unet, tiny_datamodule
 from PIL import Image
 from test_ldm import make_ldm
 
@@ -9,10 +9,7 @@ from lit_diffusion.callbacks.sample_grid import SampleGrid
 
 def test_grid_rows_columns_and_negative_prompt_row(tiny_ckpts):
     model = make_ldm(tiny_ckpts)
-    with torch.no_grad():
-        for p in model.unet.parameters():
-            if p.ndim > 1 and not p.any():
-                p.normal_(std=0.05)
+    randomise_unet(model)
     grid = SampleGrid(prompts=["a large red circle", "a small blue square"], guidance=[1.0, 4.0],
                       negative_prompt="a green triangle", steps=3)
     rows, labels = grid.grid(model)
