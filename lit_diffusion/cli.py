@@ -157,24 +157,15 @@ def add_sample(sub) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    import torch
+    from lit_diffusion.evaluation import EvalConfig, evaluate_checkpoint
 
-    from lit_diffusion.data.datamodule import ImageCaptionDataModule
-    from lit_diffusion.evaluation import EvalConfig, Evaluator, write_results
-    from lit_diffusion.stages.ldm import LatentDiffusionModule
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = LatentDiffusionModule.from_checkpoint(args.ckpt, map_location=device)
-    size = args.image_size or model.hparams.image_size
-    dm = ImageCaptionDataModule(train_urls=None, val_urls=args.data, image_size=size, batch_size=args.batch_size,
-                                num_workers=args.num_workers)
     cfg = EvalConfig(guidance=args.guidance, num_samples=args.num_samples, backends=args.features.split(","),
                      inception_weights=args.inception_weights, sampler=args.sampler, steps=args.steps,
-                     seed=args.seed, cache_dir=args.cache_dir, data_id=str(args.data), resolution=size)
-    evaluator = Evaluator(cfg, model.clip)
-    results = evaluator.run(model, dm.eval_dataloader(args.num_samples))
+                     seed=args.seed, cache_dir=args.cache_dir)
     out_dir = Path(args.json).parent if args.json else Path(".")
-    paths = write_results(results, out_dir, None, cfg.backends, name=Path(args.ckpt).stem)
+    results, paths, _ = evaluate_checkpoint(args.ckpt, args.data, cfg, out_dir, name=Path(args.ckpt).stem,
+                                            batch_size=args.batch_size, num_workers=args.num_workers,
+                                            image_size=args.image_size, device=args.device)
     if args.json:
         Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "data": args.data, **results}, indent=2))
     _print_json({**results, "files": {k: str(v) for k, v in paths.items()}})

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -42,7 +42,6 @@ class EvalConfig:
     cache_dir: str | None = None  # where real statistics are cached (None: kept in memory only)
     data_id: str = ""  # identity of the evaluation data (URLs), part of the real-statistics cache key
     resolution: int | None = None  # pixel size the features see; part of the cache key
-    extra: dict = field(default_factory=dict)
 
 
 def sample_seed(key: str, seed: int) -> int:
@@ -210,3 +209,22 @@ def write_results(results: dict, out_dir: str | Path, step: int | None, backends
                                                fid_label=f"FID ({b} features)",
                                                title=f"FID vs CLIP score across guidance ({tag})")
     return paths
+
+
+def evaluate_checkpoint(ckpt: str | Path, data_urls, config: EvalConfig, out_dir: str | Path, name: str = "model",
+                        batch_size: int = 50, num_workers: int = 0, image_size: int | None = None,
+                        device: str | None = None) -> tuple[dict[str, float], dict[str, Path], EvalConfig]:
+    """Evaluate an ldm checkpoint on `data_urls` in this process (`lit-diffusion evaluate`, the pipeline);
+    returns the figures, the files written (eval JSON, plots) and the config as used."""
+    from lit_diffusion.data.datamodule import ImageCaptionDataModule
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LatentDiffusionModule.from_checkpoint(ckpt, map_location=device)
+    size = image_size or int(model.hparams.image_size)
+    config = replace(config, data_id=str(data_urls), resolution=size)
+    dm = ImageCaptionDataModule(train_urls=None, val_urls=data_urls, image_size=size, batch_size=batch_size,
+                                num_workers=num_workers)
+    with torch.inference_mode():
+        results = Evaluator(config, model.clip).run(model, dm.eval_dataloader(config.num_samples))
+    return results, write_results(results, out_dir, None, config.backends, name=name), config

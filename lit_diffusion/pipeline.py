@@ -170,31 +170,22 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
 
 def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
     """Evaluate ldm.ckpt on the val shards (one process; the in-loop callback does the same under DDP)."""
-    import torch
-
-    from lit_diffusion.data.datamodule import ImageCaptionDataModule
-    from lit_diffusion.evaluation import EvalConfig, Evaluator, write_results
-    from lit_diffusion.stages.ldm import LatentDiffusionModule
+    from lit_diffusion.evaluation import EvalConfig, evaluate_checkpoint
 
     ev = dict(cfg.get("evaluation") or {})
-    model = LatentDiffusionModule.from_checkpoint(root / "ldm.ckpt")
-    size = int(model.hparams.image_size)
     backends = ev.get("features", ["clip"])
     backends = [backends] if isinstance(backends, str) else list(backends)
     ecfg = EvalConfig(guidance=[float(g) for g in ev.get("guidance", [1, 3, 5])],
                       num_samples=int(ev.get("num_samples", 200)), backends=backends,
                       inception_weights=ev.get("inception_weights"), sampler=ev.get("sampler"),
                       steps=ev.get("steps"), seed=int(ev.get("seed", 0)),
-                      cache_dir=str(Path(cfg.get("root", "runs")) / ".fid_cache"),
-                      data_id=str(data["val_urls"]), resolution=size)
-    dm = ImageCaptionDataModule(train_urls=None, val_urls=data["val_urls"], image_size=size,
-                                batch_size=int(ev.get("batch_size", 100)), num_workers=0)
-    with torch.inference_mode():
-        results = Evaluator(ecfg, model.clip).run(model, dm.eval_dataloader(ecfg.num_samples))
-    paths = write_results(results, root / "eval", None, backends, name=cfg.get("name", "model"))
-    return {"results": results, "json": str(paths["json"]),
-            "plot": str(paths.get(f"plot_{backends[0]}")) if paths.get(f"plot_{backends[0]}") else None,
-            "config": {k: v for k, v in vars(ecfg).items() if k != "extra"}}
+                      cache_dir=str(Path(cfg.get("root", "runs")) / ".fid_cache"))
+    results, paths, ecfg = evaluate_checkpoint(root / "ldm.ckpt", data["val_urls"], ecfg, root / "eval",
+                                               name=cfg.get("name", "model"),
+                                               batch_size=int(ev.get("batch_size", 100)), device="cpu")
+    plot = paths.get(f"plot_{backends[0]}")
+    return {"results": results, "json": str(paths["json"]), "plot": str(plot) if plot else None,
+            "config": dict(vars(ecfg))}
 
 
 def sample_grid(cfg: dict, root: Path) -> str:
