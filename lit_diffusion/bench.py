@@ -614,16 +614,17 @@ def bench_eval(module, shapes_dir: Path, work: Path, settings: Settings, backend
             runs["disk"].append(again.timings[-1]["seconds"])
             sources.append([t["real_stats"][backend] for t in (*evaluator.timings, *again.timings)])
         first, second = _median(runs["first"]), _median(runs["second"])
-        # a fixed cost of every evaluation that no cache removes: FID's matrix square root at this feature width
+        # a fixed cost of every evaluation that no cache removes: the Frechet distance given the real side's root
         from lit_diffusion.metrics.fid import frechet_distance
 
-        mu, sigma, _ = evaluator.real_stats[backend]
-        frechet_seconds, _ = _timed(lambda: frechet_distance(mu, sigma, mu, sigma), "cpu")
+        real = evaluator.real_stats[backend]
+        frechet_seconds, _ = _timed(lambda: frechet_distance(real.mu, real.sigma, real.mu, real.sigma,
+                                                             root1=real.root), "cpu")
         rows.append(row("eval", f"{backend} features, {n} samples", "s/eval", second, first, "<=", 0.6,
                         framework_label="2nd evaluation (cached real stats)", baseline_label="1st evaluation"))
         details[backend] = {"seconds": runs, "generate_seconds": generate, "real_stats_sources": sources,
                             "disk_over_first": _median(runs["disk"]) / first, "num_samples": n,
-                            "frechet_distance_seconds": frechet_seconds, "feature_dim": int(mu.numel()),
+                            "frechet_distance_seconds": frechet_seconds, "feature_dim": int(real.mu.numel()),
                             "sampler_steps": settings.eval_steps, "guidance": [3.0]}
     return rows, details
 

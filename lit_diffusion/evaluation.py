@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import make_extractor
-from lit_diffusion.metrics.fid import FID
+from lit_diffusion.metrics.fid import FID, RealStats
 from lit_diffusion.metrics.stats_cache import load_stats, save_stats, stats_path
 
 log = logging.getLogger("lit_diffusion")
@@ -80,7 +80,7 @@ class Evaluator:
         self.fids = {b: {g: FID(e, keep_real=True) for g in config.guidance} for b, e in self.extractors.items()}
         self.clip_scores = {g: CLIPScore() for g in config.guidance}
         self.caption_acc = {g: CaptionAccuracy() for g in config.guidance}
-        self.real_stats: dict[str, tuple] = {}  # backend -> (mu, sigma, n), after the first evaluation
+        self.real_stats: dict[str, RealStats] = {}  # backend -> (mu, sigma, n, root), after the first evaluation
         self.timings: list[dict] = []
 
     def _to(self, device) -> None:

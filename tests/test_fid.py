@@ -20,7 +20,7 @@ from lit_diffusion.metrics.features import (
     save_random_inception_weights,
     to_uint8,
 )
-from lit_diffusion.metrics.fid import FID, frechet_distance
+from lit_diffusion.metrics.fid import FID, RealStats, frechet_distance, psd_root
 from lit_diffusion.metrics.stats_cache import cached_real_stats, stats_path
 
 
@@ -74,6 +74,34 @@ def test_frechet_distance_matches_scipy_sqrtm_reference():
     assert frechet_distance(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy()).item() == pytest.approx(ref, rel=1e-12)
 
 
+def test_frechet_distance_with_fewer_samples_than_dimensions_matches_the_full_eigenproblem():
+    """n < D: singular covariances. The thin-root path solves a k x k problem (k = n - 1) and must equal the
+    general D x D eigenvalue formula that torchmetrics and torch-fidelity use."""
+    g = torch.Generator().manual_seed(2)
+    d, n_real, n_fake = 64, 20, 15
+    real = torch.randn(n_real, d, generator=g, dtype=torch.float64)
+    fake = 1.3 * torch.randn(n_fake, d, generator=g, dtype=torch.float64) + 0.2
+    mu1, s1, mu2, s2 = real.mean(0), real.T.cov(), fake.mean(0), fake.T.cov()
+    root = psd_root(s1)
+    assert root.shape == (d, n_real - 1)  # the numerical rank of n centred samples
+    torch.testing.assert_close(root @ root.T, s1, rtol=0, atol=1e-12)
+    # exact reference: with s = Xc^T Xc / (n - 1), Tr((s1 s2)^{1/2}) is the nuclear norm of Xc1 Xc2^T / sqrt(..)
+    xc1, xc2 = real - mu1, fake - mu2
+    tr_sqrt = torch.linalg.svdvals(xc1 @ xc2.T).sum() / ((n_real - 1) * (n_fake - 1)) ** 0.5
+    exact = (((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+    # (R^T s2 R still has n_real - n_fake rounding-level eigenvalues; their square roots are the residual error)
+    assert frechet_distance(mu1, s1, mu2, s2).item() == pytest.approx(exact, rel=1e-8)
+    assert frechet_distance(mu1, s1, mu2, s2, root1=root).item() == pytest.approx(exact, rel=1e-8)
+    # the general formula agrees up to the square roots of its ~1e-15 rounding eigenvalues (D - k of them)
+    general = ((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() \
+        - 2 * torch.linalg.eigvals(s1 @ s2).sqrt().real.sum()
+    assert general.item() == pytest.approx(exact, rel=1e-7)
+    with pytest.raises(ValueError, match="root1"):
+        frechet_distance(mu1, s1, mu2, s2, root1=root[:5])
+    with pytest.raises(ValueError, match="root"):
+        RealStats.of(mu1, s1, n_real, root=root.T)
+
+
 def test_frechet_distance_closed_forms():
     # 1-D Gaussians: (m1 - m2)^2 + (std1 - std2)^2
     got = frechet_distance(torch.tensor([1.0]), torch.tensor([[4.0]]), torch.tensor([-2.0]), torch.tensor([[9.0]]))
@@ -98,8 +126,9 @@ def test_fid_metric_statistics_and_value_match_numpy_reference():
         fid.update(chunk, real=False)
     with torch.no_grad():
         f_real, f_fake = ext(real), ext(fake)
-    mu, sigma, n = fid.real_stats()
+    mu, sigma, n, root = fid.real_stats()
     assert n == 60
+    np.testing.assert_allclose((root @ root.T).numpy(), sigma.numpy(), rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(mu.numpy(), f_real.double().mean(0).numpy(), rtol=1e-10)
     np.testing.assert_allclose(sigma.numpy(), np.cov(f_real.double().numpy(), rowvar=False), rtol=1e-8, atol=1e-12)
     assert fid.compute().item() == pytest.approx(numpy_fid(f_real, f_fake), rel=1e-6)
@@ -397,15 +426,16 @@ def test_stats_cache_miss_hit_and_mismatch(tmp_path):
         return torch.full((4,), value), torch.eye(4) * value, 64
 
     key = _key()
-    mu, sigma, n = cached_real_stats(tmp_path, key, compute, is_writer=True)
+    mu, sigma, n, _ = cached_real_stats(tmp_path, key, compute, is_writer=True)
     assert len(calls) == 1 and n == 64 and mu.dtype == torch.float64
     path = stats_path(tmp_path, key)
     assert path.exists() and path.name.startswith("fid_stats_inception_32px_64_")
     blob = torch.load(path, weights_only=True)
     assert blob["key_fields"] == key and blob["n"] == 64
+    torch.testing.assert_close(blob["root"] @ blob["root"].T, torch.eye(4, dtype=torch.float64))
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temp file left behind
 
-    mu2, _, _ = cached_real_stats(tmp_path, key, lambda: compute(2.0), is_writer=True)  # hit
+    mu2, *_ = cached_real_stats(tmp_path, key, lambda: compute(2.0), is_writer=True)  # hit
     assert len(calls) == 1 and torch.equal(mu2, mu)
 
     # another resolution or weights is another file, not a reuse
@@ -415,7 +445,7 @@ def test_stats_cache_miss_hit_and_mismatch(tmp_path):
     # a file at the right name holding other fields (stale, or a hash collision) is recomputed and replaced
     blob["key_fields"] = _key(num_samples=999)
     torch.save(blob, path)
-    mu4, _, _ = cached_real_stats(tmp_path, key, lambda: compute(4.0), is_writer=True)
+    mu4, *_ = cached_real_stats(tmp_path, key, lambda: compute(4.0), is_writer=True)
     assert calls[-1] == 4.0 and mu4[0].item() == 4.0
     assert torch.load(path, weights_only=True)["key_fields"] == key
 

@@ -1,8 +1,9 @@
 """Real-image FID statistics, computed once per (data, resolution, sample count, feature backend + weights).
 
-The file name carries a readable summary and a hash of all key fields; the file itself stores the fields and is
-checked on load, so a stale or colliding file is recomputed rather than silently reused (a cache keyed only by
-file name is how FIDs against the wrong reference set get published).
+The file name carries a readable summary and a hash of all key fields; the file itself stores the fields next to
+mu, sigma, n and sigma's thin square root (what each later FID uses), and is checked on load, so a stale or
+colliding file is recomputed rather than silently reused (a cache keyed only by file name is how FIDs against the
+wrong reference set get published).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Callable
 
 import torch
 
+from lit_diffusion.metrics.fid import RealStats
+
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("data", "resolution", "num_samples", "backend", "weights")
-Stats = tuple[torch.Tensor, torch.Tensor, int]
 
 
 def _canonical(key_fields: dict) -> str:
@@ -58,14 +60,14 @@ def data_identity(paths: list[str | Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_stats(path: Path, key_fields: dict) -> Stats | None:
+def load_stats(path: Path, key_fields: dict) -> RealStats | None:
     """The cached statistics if `path` holds them for exactly `key_fields`; None (and a log line) otherwise."""
     if not path.is_file():
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         stored = blob["key_fields"]
-        mu, sigma, n = blob["mu"], blob["sigma"], int(blob["n"])
+        stats = RealStats.of(blob["mu"], blob["sigma"], int(blob["n"]), blob.get("root"))
     except Exception as err:
         log.warning("FID stats cache %s is unreadable (%s: %s); recomputing", path, type(err).__name__, err)
         return None
@@ -79,14 +81,13 @@ def load_stats(path: Path, key_fields: dict) -> Stats | None:
                 if stored.get(k) != key_fields.get(k)}
         log.warning("FID stats cache %s was made for other settings %s (stored, wanted); recomputing", path, diff)
         return None
-    return mu, sigma, n
+    return stats
 
 
-def save_stats(path: Path, key_fields: dict, stats: Stats) -> None:
-    mu, sigma, n = stats
-    blob = {"key_fields": dict(key_fields), "key": stats_key(key_fields),
-            "mu": torch.as_tensor(mu, dtype=torch.float64).cpu(),
-            "sigma": torch.as_tensor(sigma, dtype=torch.float64).cpu(), "n": int(n)}
+def save_stats(path: Path, key_fields: dict, stats: RealStats | tuple) -> None:
+    stats = RealStats.of(*stats)
+    blob = {"key_fields": dict(key_fields), "key": stats_key(key_fields), "mu": stats.mu, "sigma": stats.sigma,
+            "n": stats.n, "root": stats.root}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -98,9 +99,9 @@ def save_stats(path: Path, key_fields: dict, stats: Stats) -> None:
         raise
 
 
-def cached_real_stats(cache_dir: str | Path, key_fields: dict, compute_fn: Callable[[], Stats],
-                      is_writer: bool = True) -> Stats:
-    """Load (mu, sigma, n) for `key_fields` from `cache_dir`, or run `compute_fn` and (on the writer) save it.
+def cached_real_stats(cache_dir: str | Path, key_fields: dict, compute_fn: Callable[[], RealStats | tuple],
+                      is_writer: bool = True) -> RealStats:
+    """Load RealStats (mu, sigma, n, root) for `key_fields` from `cache_dir`, or run `compute_fn` and (on the writer) save it.
 
     Under DDP every rank calls this: all ranks look before any computes, so they agree on hit or miss, and
     `compute_fn` may run collectives (e.g. `FID.real_stats()`); only `is_writer` (global rank zero) writes.
@@ -110,9 +111,8 @@ def cached_real_stats(cache_dir: str | Path, key_fields: dict, compute_fn: Calla
     if stats is not None:
         log.info("FID real statistics loaded from %s", path)
         return stats
-    mu, sigma, n = compute_fn()
-    stats = (torch.as_tensor(mu, dtype=torch.float64).cpu(), torch.as_tensor(sigma, dtype=torch.float64).cpu(), int(n))
+    stats = RealStats.of(*compute_fn())
     if is_writer:
         save_stats(path, key_fields, stats)
-        log.info("FID real statistics (%d images) saved to %s", n, path)
+        log.info("FID real statistics (%d images) saved to %s", stats.n, path)
     return stats
