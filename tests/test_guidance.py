@@ -34,7 +34,7 @@ def test_scale_one_is_the_conditional_forward_only():
     cond = cond_of(2.0)
     out = cfg_model_fn(spy, cond, cond_of(-1.0), scale=1.0)(X, T)
     assert len(spy.calls) == 1 and spy.calls[0]["x"].shape[0] == 2
-    assert torch.equal(out, SpyDenoiser()(X, T, *cond))
+    assert torch.equal(out, SpyDenoiser()(X, T, cond.context, cond.mask))
 
 
 def test_guidance_is_one_batched_forward():
@@ -48,7 +48,7 @@ def test_guidance_is_one_batched_forward():
     assert torch.equal(call["t"], torch.cat([T, T]))
     assert torch.equal(call["context"][:2], uncond.context) and torch.equal(call["context"][2:], cond.context)
     ref = SpyDenoiser()
-    u, c = ref(X, T, *uncond), ref(X, T, *cond)
+    u, c = ref(X, T, uncond.context, uncond.mask), ref(X, T, cond.context, cond.mask)
     assert torch.allclose(out, u + 4.0 * (c - u))
 
 
@@ -75,7 +75,7 @@ def test_single_uncond_is_broadcast_and_lengths_are_padded():
     assert torch.equal(call["context"][:2, 4:], torch.zeros(2, 2, 3))  # padding is masked zeros
     ref = SpyDenoiser()
     u = ref(X, T, uncond.context.expand(2, -1, -1), uncond.mask.expand(2, -1))
-    assert torch.allclose(out, u + 2.0 * (ref(X, T, *cond) - u))
+    assert torch.allclose(out, u + 2.0 * (ref(X, T, cond.context, cond.mask) - u))
 
 
 def test_guiding_v_equals_guiding_eps():
@@ -116,3 +116,35 @@ def test_drop_conditioning_replaces_whole_samples():
     assert torch.equal(out.mask[~dropped], cond.mask[~dropped])
     kept = drop_conditioning(cond, empty, 0.0)
     assert torch.equal(kept.context, cond.context) and torch.equal(kept.mask, cond.mask)
+
+
+class PooledSpy(SpyDenoiser):
+    """A denoiser that also takes the pooled text embedding (a U-Net with pooled_dim)."""
+
+    def __call__(self, x, t, context, mask, pooled):
+        self.calls.append({"pooled": pooled.clone()})
+        return super().__call__(x, t, context, mask) + pooled.sum(1).view(-1, 1, 1, 1)
+
+
+def test_pooled_embedding_travels_with_its_prompt_through_guidance_and_dropout():
+    cond = Conditioning(*cond_of(2.0)[:2], pooled=torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    uncond = Conditioning(*cond_of(0.0, batch=1)[:2], pooled=torch.tensor([[-1.0, 0.5]]))
+    spy = PooledSpy()
+    out = cfg_model_fn(spy, cond, uncond, scale=3.0)(X, T)
+    assert len(spy.calls) == 2  # the parent's record and ours: one forward
+    assert torch.equal(spy.calls[0]["pooled"], torch.tensor([[-1.0, 0.5], [-1.0, 0.5], [1.0, 2.0], [3.0, 4.0]]))
+    ref = PooledSpy()
+    u = ref(X, T, uncond.context.expand(2, -1, -1), uncond.mask.expand(2, -1), uncond.pooled.expand(2, -1))
+    c = ref(X, T, cond.context, cond.mask, cond.pooled)
+    assert torch.allclose(out, u + 3.0 * (c - u))
+    assert torch.equal(cfg_model_fn(PooledSpy(), cond, uncond, scale=1.0)(X, T), c)
+    with pytest.raises(ValueError, match="both have a pooled"):
+        cfg_model_fn(spy, cond, cond_of(0.0), scale=3.0)(X, T)
+
+    many = Conditioning(torch.full((500, 4, 3), 2.0), torch.ones(500, 4, dtype=torch.bool),
+                        torch.arange(500.0)[:, None].expand(500, 2))
+    out = drop_conditioning(many, uncond, 0.3, torch.Generator().manual_seed(1))
+    dropped = out.context[:, 0, 0] == 0.0
+    assert 0.2 < dropped.float().mean() < 0.4
+    assert torch.equal(out.pooled[dropped], uncond.pooled.expand(int(dropped.sum()), -1))  # same rows as the context
+    assert torch.equal(out.pooled[~dropped], many.pooled[~dropped])

@@ -107,6 +107,25 @@ def test_unet_depends_on_time_and_context_but_not_on_padding():
     assert torch.allclose(net(x, 700, ctx, mask)[1], out[1], atol=1e-6)  # a scalar t is broadcast
 
 
+def test_pooled_embedding_is_added_to_the_timestep_embedding():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**{**TINY, "pooled_dim": 5})).eval()
+    for p in net.parameters():  # the zero-initialised output would hide every input
+        if p.ndim > 1 and not p.any():
+            p.data.normal_(std=0.05)
+    x, t, ctx, mask = inputs()
+    pooled = torch.randn(2, 5)
+    out = net(x, t, ctx, mask, pooled)
+    moved = pooled.clone()
+    moved[0] += 1.0
+    changed = net(x, t, ctx, mask, moved)
+    assert not torch.allclose(changed[0], out[0]) and torch.equal(changed[1], out[1])
+    with pytest.raises(ValueError, match=r"pooled_dim=5 needs pooled \[2, 5\], got None"):
+        net(x, t, ctx, mask)
+    with pytest.raises(ValueError, match="no pooled_dim"):
+        tiny_unet()(x, t, ctx, mask, pooled)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x, t, ctx, mask = inputs()
     grads = []

@@ -1,6 +1,8 @@
 """Text-conditioned U-Net denoiser in the ADM / Latent Diffusion layout (Dhariwal & Nichol 2021; Rombach et al. 2022).
 
-forward(x [B, C, H, W], t [B], context [B, L, D], context_mask [B, L]) -> raw prediction [B, C_out, H, W]
+forward(x [B, C, H, W], t [B], context [B, L, D], context_mask [B, L], pooled [B, E]) -> raw prediction
+[B, C_out, H, W]. `pooled` (only with `pooled_dim`): a sentence embedding projected and added to the timestep
+embedding, as unCLIP's decoder adds the CLIP text embedding: global attributes reach every ResBlock directly.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class UNetConfig:
     head_dim: int | None = None  # if set, heads = channels // head_dim (constant head width, as in SD 2)
     transformer_depth: int = 1  # transformer blocks per SpatialTransformer
     context_dim: int | None = 512  # width of the text token features; None = unconditional (no cross-attention)
+    pooled_dim: int | None = None  # width of a pooled text embedding added to the timestep embedding (unCLIP); None = off
     dropout: float = 0.0  # in ResBlocks, attention outputs and feed-forwards
     norm_groups: int = 32  # GroupNorm groups (reduced to a divisor of the width for tiny models)
     time_embed_mult: int = 4  # timestep MLP width = model_channels * time_embed_mult
@@ -79,6 +82,8 @@ class UNet(nn.Module):
         ch = c.model_channels
         emb_dim = ch * c.time_embed_mult
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_embed = (nn.Sequential(nn.Linear(c.pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                             if c.pooled_dim else None)
 
         def res(i, o):
             return ResBlock(i, o, emb_dim, c.dropout, c.scale_shift_norm, c.norm_groups)
@@ -131,7 +136,7 @@ class UNet(nn.Module):
         return block(x, emb, context, mask)
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None,
-                context_mask: Tensor | None = None) -> Tensor:
+                context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
         b, ch_in, h, w = x.shape
         if ch_in != self.config.in_channels:
             raise ValueError(f"UNet expects {self.config.in_channels} input channels, got {ch_in}")
@@ -142,6 +147,14 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(b)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # [B, E]
+        if self.pooled_embed is not None:
+            if pooled is None or pooled.shape != (b, self.config.pooled_dim):
+                got = None if pooled is None else tuple(pooled.shape)
+                raise ValueError(f"UNet with pooled_dim={self.config.pooled_dim} needs pooled [{b}, "
+                                 f"{self.config.pooled_dim}], got {got}")
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))
+        elif pooled is not None:
+            raise ValueError("UNet got a pooled embedding but has no pooled_dim")
 
         skips = []
         for block in self.input_blocks:
