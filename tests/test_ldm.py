@@ -27,32 +27,45 @@ def test_missing_or_wrong_stage_checkpoints_are_named(tiny_ckpts, tmp_path):
         make_ldm(tiny_ckpts, unet={**TINY_UNET, "context_dim": 7})
     with pytest.raises(ValueError, match="p_uncond"):
         make_ldm(tiny_ckpts, p_uncond=1.0)
+    with pytest.raises(ValueError, match="unet.pooled_dim is set by model.init_args.pooled_text"):
+        make_ldm(tiny_ckpts, unet={**TINY_UNET, "pooled_dim": 8})
+    with pytest.raises(ValueError, match="unet.pooled_dim = 8 does not match the CLIP embedding width"):
+        make_ldm(tiny_ckpts, unet={**TINY_UNET, "pooled_dim": 8}, pooled_text=True)
 
 
-def test_condition_dropout_replaces_captions_by_the_empty_caption(tiny_ckpts):
-    model = make_ldm(tiny_ckpts, p_uncond=0.5)
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_condition_dropout_replaces_captions_by_the_empty_caption(tiny_ckpts, pooled_text):
+    model = make_ldm(tiny_ckpts, p_uncond=0.5, pooled_text=pooled_text)
     seen = []
     unet_forward = model.unet.forward
 
-    def spy(x, t, context=None, context_mask=None):
-        seen.append((context.detach().clone(), context_mask.clone()))
-        return unet_forward(x, t, context, context_mask)
+    def spy(x, t, context=None, context_mask=None, pooled=None):
+        seen.append((context.detach().clone(), context_mask.clone(), pooled))
+        return unet_forward(x, t, context, context_mask, pooled)
 
     model.unet.forward = spy
     captions = ["a large red circle"] * 200
     batch = {"image": torch.zeros(200, 3, 16, 16), "caption": captions}
     torch.manual_seed(1)
     model.model_step(batch, train=True)
-    context, mask = seen[-1]
-    cond_ctx, cond_mask = model.encode_prompts(captions[:1])
-    null_ctx, null_mask = model.null_cond(1)
-    is_null = torch.tensor([torch.equal(c, null_ctx[0]) and torch.equal(m, null_mask[0]) for c, m in zip(context, mask)])
-    is_cond = torch.tensor([torch.equal(c, cond_ctx[0]) and torch.equal(m, cond_mask[0]) for c, m in zip(context, mask)])
-    assert bool((is_null ^ is_cond).all())  # every row is exactly one of the two
+    context, mask, pooled = seen[-1]
+    cond, null = model.encode_prompts(captions), model.null_cond(200)
+    if pooled_text:
+        assert pooled.shape == (200, model.clip.embed_dim)
+    else:
+        assert pooled is None and cond.pooled is None
+        pooled = torch.zeros(200)
+        cond, null = cond._replace(pooled=torch.zeros(200)), null._replace(pooled=torch.zeros(200))
+
+    def rows_equal(want):
+        return torch.tensor([torch.equal(context[i], want.context[i]) and torch.equal(mask[i], want.mask[i])
+                             and torch.equal(pooled[i], want.pooled[i]) for i in range(200)])
+
+    is_null, is_cond = rows_equal(null), rows_equal(cond)
+    assert bool((is_null ^ is_cond).all())  # every row is exactly one of the two, pooled embedding included
     assert 0.35 < is_null.float().mean() < 0.65
     model.model_step(batch, train=False)  # validation never drops
-    context, _ = seen[-1]
-    assert all(torch.equal(c, cond_ctx[0]) for c in context)
+    assert all(torch.equal(c, cond.context[0]) for c in seen[-1][0])
 
 
 def test_guidance_negative_prompt_and_per_sample_seeds(tiny_ckpts):
@@ -74,11 +87,12 @@ def test_guidance_negative_prompt_and_per_sample_seeds(tiny_ckpts):
         model.sample(prompts + ["x"], negative_prompts=["a", "b"])
 
 
-def test_checkpoint_is_self_contained_and_holds_the_ema_weights(tiny_ckpts, tmp_path):
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_checkpoint_is_self_contained_and_holds_the_ema_weights(tiny_ckpts, tmp_path, pooled_text):
     from lightning.pytorch.callbacks import EMAWeightAveraging
     import lightning as L
 
-    model = make_ldm(tiny_ckpts)
+    model = make_ldm(tiny_ckpts, pooled_text=pooled_text)
     ema = EMAWeightAveraging(decay=0.5)
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -102,3 +116,32 @@ def test_checkpoint_is_self_contained_and_holds_the_ema_weights(tiny_ckpts, tmp_
     with pytest.raises(CheckpointError, match="is a 'ldm' checkpoint, expected a 'clip' checkpoint"):
         make_ldm(tiny_ckpts, clip_ckpt=str(tmp_path / "ldm.ckpt"))
     assert clip_copy and vae_copy
+
+
+def test_encoding_cache_encodes_each_sample_once_and_changes_nothing(tiny_ckpts):
+    cached = make_ldm(tiny_ckpts, cache_encodings=3, pooled_text=True)
+    plain = make_ldm(tiny_ckpts, pooled_text=True)
+    randomise_unet(cached)
+    plain.load_state_dict(cached.state_dict())
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, "key": ["a", "b", "c", "d"],
+             "caption": ["a large red circle", "a small blue square above a large red circle", "", "a blue square"]}
+    calls = []
+    encode = cached.vae.encode
+    cached.vae.encode = lambda images, **kw: calls.append(len(images)) or encode(images, **kw)
+
+    def losses(model, b):
+        torch.manual_seed(5)  # the same t, noise and condition dropout for both models
+        return model.model_step(b, train=True)
+
+    assert losses(cached, batch) == losses(plain, batch)  # first sight: encoded, 3 of 4 stored (the cap)
+    assert sorted(cached._encodings) == ["a", "b", "c"] and calls == [4]
+    hit = {k: v[:3] for k, v in batch.items()}
+    torch.testing.assert_close(losses(cached, hit), losses(plain, hit), rtol=1e-6, atol=0)
+    assert calls == [4] and cached.encoding_cache_hits == 3  # served from memory
+    assert losses(cached, batch) == losses(plain, batch) and calls == [4, 4]  # "d" not cached: encoded again
+    # validation never uses the cache; a reused key with another caption is named
+    with pytest.raises(ValueError, match="sample key 'b' seen with two captions"):
+        cached.model_step({**hit, "caption": ["a large red circle", "a cyan circle", ""]}, train=True)
+    with pytest.raises(ValueError, match="cache_encodings must be >= 0"):
+        make_ldm(tiny_ckpts, cache_encodings=-1)
