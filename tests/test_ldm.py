@@ -145,3 +145,9 @@ def test_encoding_cache_encodes_each_sample_once_and_changes_nothing(tiny_ckpts)
         cached.model_step({**hit, "caption": ["a large red circle", "a cyan circle", ""]}, train=True)
     with pytest.raises(ValueError, match="cache_encodings must be >= 0"):
         make_ldm(tiny_ckpts, cache_encodings=-1)
+
+
+def test_encoding_cache_is_refused_with_random_flips(tiny_ckpts, tmp_path):
+    model = make_ldm(tiny_ckpts, cache_encodings=100)
+    with pytest.raises(ValueError, match="cache_encodings needs data.init_args.random_flip: false"):
+        _fit(model, tiny_datamodule(tiny_ckpts["data"], random_flip=True), steps=1, root=tmp_path)
