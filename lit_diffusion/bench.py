@@ -40,7 +40,7 @@ QUICK_VAE = dict(arch=dict(base_channels=8, ch_mult=[1, 2, 2], num_res_blocks=1,
                            mid_attention=False, norm_groups=4), lr=2e-3, warmup_steps=2)
 QUICK_LDM = dict(image_size=16, unet=dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
                                           attention_resolutions=[2], head_dim=8, norm_groups=4),
-                 warmup_steps=2, sample_steps=4)
+                 warmup_steps=2, sample_steps=4, pooled_text=True)  # the conditioning path of the shapes config
 
 # dense bf16 tensor-core peak (FLOP/s) by device-name fragment, for MFU; --peak-tflops overrides
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
@@ -69,7 +69,9 @@ class Settings:
         self.memory_shards = 2  # 1x; the 10x run reads 10 times as many
         self.memory_shard_size = 100 if quick else 200
         self.memory_pixels = 160 if quick else 192  # noise PNGs (incompressible): 10x = 150 / 430 MiB on disk
-        self.data_samples = 512 if quick else 2000
+        # one epoch of configs/clip/shapes.yaml (100 batches of 64), the shortest of the shapes configs: every epoch
+        # refills the 1000-sample shuffle buffer, a cost that a shorter epoch would overstate
+        self.data_samples = 512 if quick else 6400
         for key, value in overrides.items():
             if not hasattr(self, key):
                 raise ValueError(f"unknown bench setting {key!r}")
@@ -467,9 +469,9 @@ class CountedCalls:
     def __init__(self, fn):
         self.fn, self.calls = fn, 0
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         self.calls += 1
-        return self.fn(*args)
+        return self.fn(*args, **kwargs)
 
 
 def sampler_run(name: str, denoiser, schedule, cond, uncond, guidance: float, shape, steps: int | None,

@@ -67,23 +67,26 @@ def test_optimizer_and_schedule_come_from_the_module(shapes_data, tmp_path):
     assert lrs[-1] < lrs[2]
 
 
+@pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("name,steps", [("ddpm", None), ("ddim", 4), ("dpmpp_2m", 5)])
-def test_bare_forward_baseline_makes_as_many_unet_calls_as_the_sampler(name, steps):
+def test_bare_forward_baseline_makes_as_many_unet_calls_as_the_sampler(name, steps, pooled):
     torch.manual_seed(0)
     unet = UNet(dict(in_channels=4, out_channels=4, model_channels=8, channel_mult=[1], num_res_blocks=1,
-                     attention_resolutions=[1], head_dim=4, norm_groups=4, context_dim=6)).eval()
+                     attention_resolutions=[1], head_dim=4, norm_groups=4, context_dim=6,
+                     pooled_dim=3 if pooled else None)).eval()
     schedule = NoiseSchedule(num_timesteps=7 if name == "ddpm" else 50)
-    cond = Conditioning(torch.randn(3, 5, 6), torch.ones(3, 5, dtype=torch.bool))
-    uncond = Conditioning(torch.randn(1, 2, 6), torch.ones(1, 2, dtype=torch.bool))
+    cond = Conditioning(torch.randn(3, 5, 6), torch.ones(3, 5, dtype=torch.bool), torch.randn(3, 3) if pooled else None)
+    uncond = Conditioning(torch.randn(1, 2, 6), torch.ones(1, 2, dtype=torch.bool), torch.randn(1, 3) if pooled else None)
     shape = (3, 4, 4, 4)
 
     seen = {"sampler": [], "bare": []}
 
     def recorder(kind):
-        def denoiser(x, t, context, mask):
-            seen[kind].append((tuple(x.shape), tuple(context.shape), sorted(set(t.tolist()))))
-            return unet(x, t, context, mask)
-        return denoiser
+        def denoiser(x, t, context, mask, pooled=None):
+            seen[kind].append((tuple(x.shape), tuple(context.shape), sorted(set(t.tolist())),
+                               None if pooled is None else pooled.sum().item()))
+            return unet(x, t, context, mask, pooled)
+        return bench.CountedCalls(denoiser)
 
     sampler_calls = bench.sampler_run(name, recorder("sampler"), schedule, cond, uncond, 3.0, shape, steps, "cpu")
     ts = bench.sampler_timesteps(name, schedule, steps)
