@@ -148,6 +148,13 @@ def test_channels_last_gives_the_same_output():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_config_from_dict_reads_command_line_strings():
+    cfg = UNetConfig.from_dict({"model_channels": "48", "channel_mult": "[1, 2]", "mid_attention": "false",
+                                "head_dim": "null", "dropout": "0.1"})
+    assert (cfg.model_channels, cfg.channel_mult, cfg.mid_attention, cfg.head_dim, cfg.dropout) == \
+        (48, (1, 2), False, None, 0.1)
+
+
 def test_config_from_dict_and_clear_errors():
     cfg = UNetConfig.from_dict({**TINY, "channel_mult": [1, 2], "attention_resolutions": [2]})
     assert cfg.channel_mult == (1, 2) and UNetConfig.from_dict(dataclasses.asdict(cfg)) == cfg

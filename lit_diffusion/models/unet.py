@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import yaml
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -44,13 +45,19 @@ class UNetConfig:
     mid_attention: bool = True  # a SpatialTransformer between the two middle ResBlocks
     use_checkpoint: bool = False  # gradient checkpointing of every block (torch.utils.checkpoint) when training
 
+    @staticmethod
+    def parse_strings(d: dict | None) -> dict:
+        """`d` with string values read as YAML ("48" -> 48, "[1, 2]" -> [1, 2], "null" -> None): every field is a
+        number, flag or tuple, and a command-line override of a key inside a plain dict arrives as a string."""
+        return {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in (d or {}).items()}
+
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown UNetConfig keys {unknown}; known keys: {sorted(known)}")
-        d = dict(d)
+        d = cls.parse_strings(d)
         for key in ("channel_mult", "attention_resolutions"):
             if key in d:
                 d[key] = tuple(d[key])

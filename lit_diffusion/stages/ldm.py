@@ -77,6 +77,7 @@ class LatentDiffusionModule(L.LightningModule):
             frozen: filled in by `from_checkpoint`: the embedded CLIP/VAE checkpoints (not for configs).
         """
         super().__init__()
+        unet = UNetConfig.parse_strings(unet)  # before save_hyperparameters: checkpoints keep the parsed values
         if prediction not in PREDICTIONS:
             raise ValueError(f"model.init_args.prediction: {prediction!r} is not one of {PREDICTIONS}")
         if loss_weighting not in LOSS_WEIGHTINGS:
