@@ -21,6 +21,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("lit_diffusion")
 
@@ -164,6 +165,20 @@ class SignalCheckpoint(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
+        # A SIGTERM that lands after this callback's batch-end check but before Lightning's own (the end of the
+        # same batch) reaches us as Lightning's SIGTERMException, raised between steps during training: the state
+        # is consistent, so write the checkpoint here and give the exception our exit status instead of 0.
+        if isinstance(exception, SIGTERMException) and not isinstance(exception, SignalExit) \
+                and trainer.training and not trainer.sanity_checking:
+            path = self._save(trainer, self.received if self.received is not None else signal.SIGTERM)
+            exception.code = 128 + int(self.received if self.received is not None else signal.SIGTERM)
+            exception.path = path
+
+    def _save(self, trainer: Trainer, signum: int) -> str:
+        path = save_last(trainer)
+        rank_zero_info(f"{signal.Signals(signum).name}: saved {path} at step {trainer.global_step}; resume with "
+                       f"--ckpt_path last (same --run.name)")
+        return path
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         signum = self.received
@@ -175,11 +190,7 @@ class SignalCheckpoint(Callback):
         if not pending:
             return
         signum = signum if signum is not None else signal.SIGTERM  # this rank learnt of it from another
-        path = save_last(trainer)
-        name = signal.Signals(signum).name
-        rank_zero_info(f"{name}: saved {path} at step {trainer.global_step}; resume with --ckpt_path last "
-                       f"(same --run.name)")
-        raise SignalExit(signum, path)
+        raise SignalExit(signum, self._save(trainer, signum))
 
 
 # ----------------------------------------------------------------------------------------------- NaN/inf guard

@@ -30,6 +30,16 @@ def test_sigterm_saves_the_current_step_and_exits_143(shapes_data, tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
 
 
+def test_sigterm_after_the_batch_end_check_still_saves_and_exits_143(shapes_data, tmp_path):
+    """The signal lands after SignalCheckpoint's batch-end check; Lightning then stops the same batch end with its
+    own SIGTERMException (exit status 0, no checkpoint), which SignalCheckpoint turns into ours."""
+    with pytest.raises(SystemExit) as exit_info:
+        _vae_run(shapes_data, tmp_path, [SignalCheckpoint(), SendSignal(3, signal.SIGTERM)])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert exit_info.value.path == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
 # ------------------------------------------------------------------------------------------- real processes
 def _start(tmp_path, config: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
