@@ -170,9 +170,9 @@ class SignalCheckpoint(Callback):
         # is consistent, so write the checkpoint here and give the exception our exit status instead of 0.
         if isinstance(exception, SIGTERMException) and not isinstance(exception, SignalExit) \
                 and trainer.training and not trainer.sanity_checking:
-            path = self._save(trainer, self.received if self.received is not None else signal.SIGTERM)
-            exception.code = 128 + int(self.received if self.received is not None else signal.SIGTERM)
-            exception.path = path
+            signum = self.received if self.received is not None else signal.SIGTERM
+            exception.path = self._save(trainer, signum)
+            exception.code = 128 + int(signum)
 
     def _save(self, trainer: Trainer, signum: int) -> str:
         path = save_last(trainer)

@@ -152,9 +152,10 @@ class FID(Metric):
         """Use these real statistics (e.g. from the disk cache) instead of accumulating real images; `root`
         (`psd_root(sigma)`) is computed here when not given."""
         d = self.num_features
-        if _f64(mu).shape != (d,) or _f64(sigma).shape != (d, d):
+        mu, sigma = _f64(mu), _f64(sigma)
+        if mu.shape != (d,) or sigma.shape != (d, d):
             raise ValueError(f"FID.set_real_stats: expected mu [{d}] and sigma [{d}, {d}], "
-                             f"got {tuple(_f64(mu).shape)} and {tuple(_f64(sigma).shape)}")
+                             f"got {tuple(mu.shape)} and {tuple(sigma.shape)}")
         try:
             stats = RealStats.of(mu, sigma, n, root)
         except ValueError as err:

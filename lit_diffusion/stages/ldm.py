@@ -12,11 +12,13 @@ import contextlib
 import inspect
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.guidance import Conditioning, call_denoiser, cfg_model_fn, drop_conditioning
@@ -27,6 +29,15 @@ from lit_diffusion.stages.common import CheckpointError, adamw_with_warmup, load
 from lit_diffusion.stages.vae import VAEModule
 
 log = logging.getLogger("lit_diffusion")
+
+
+class _Encoded(NamedTuple):
+    """One training sample's frozen-encoder outputs, as `cache_encodings` keeps them."""
+
+    caption: str
+    latent: Tensor  # [C, h, w]
+    context: Tensor  # [n, W]: the caption's real tokens only (the padding is masked anyway)
+    pooled: Tensor | None  # [E] with pooled_text
 
 
 class LatentDiffusionModule(L.LightningModule):
@@ -121,7 +132,7 @@ class LatentDiffusionModule(L.LightningModule):
         self._null_cond: Conditioning | None = None
         if cache_encodings < 0:
             raise ValueError(f"model.init_args.cache_encodings must be >= 0, got {cache_encodings}")
-        self._encodings: dict[str, tuple] = {}  # key -> (caption, latent, context, pooled); not in checkpoints
+        self._encodings: dict[str, _Encoded] = {}  # by sample key; not in checkpoints
         self.encoding_cache_hits = 0
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -203,30 +214,30 @@ class LatentDiffusionModule(L.LightningModule):
         if keys is not None and all(k in self._encodings for k in keys):
             entries = [self._encodings[k] for k in keys]
             for key, entry, caption in zip(keys, entries, captions):
-                if entry[0] != caption:
-                    raise ValueError(f"sample key {key!r} seen with two captions ({entry[0]!r}, {caption!r}): keys must "
-                                     f"be unique across the train shards for model.init_args.cache_encodings")
+                if entry.caption != caption:
+                    raise ValueError(f"sample key {key!r} seen with two captions ({entry.caption!r}, {caption!r}): keys "
+                                     f"must be unique across the train shards for model.init_args.cache_encodings")
             self.encoding_cache_hits += len(keys)
-            length = self._encoded_length  # the tokenizer's padded length, as the uncached path gives
-            context = torch.zeros(len(keys), length, entries[0][2].shape[1], device=self.device)
-            mask = torch.zeros(len(keys), length, dtype=torch.bool, device=self.device)
-            for i, e in enumerate(entries):
-                context[i, :e[2].shape[0]], mask[i, :e[2].shape[0]] = e[2], True
-            pooled = torch.stack([e[3] for e in entries]) if entries[0][3] is not None else None
-            return torch.stack([e[1] for e in entries]), Conditioning(context, mask, pooled)
+            # padded to the tokenizer's length with masked zeros, as the uncached path gives
+            length = self.clip.tokenizer.context_length
+            context = pad_sequence([e.context for e in entries], batch_first=True)  # [B, n_max, W]
+            context = F.pad(context, (0, 0, 0, length - context.shape[1]))
+            lengths = torch.tensor([e.context.shape[0] for e in entries], device=context.device)
+            mask = torch.arange(length, device=context.device) < lengths[:, None]
+            pooled = torch.stack([e.pooled for e in entries]) if entries[0].pooled is not None else None
+            return torch.stack([e.latent for e in entries]), Conditioning(context, mask, pooled)
         z = self.encode_images(images)
         if z.shape[-1] != self.latent_size:
             raise ValueError(f"data images of {images.shape[-1]} px give {z.shape[-1]}x{z.shape[-1]} latents, but "
                              f"model.init_args.image_size={self.hparams.image_size} expects {self.latent_size}")
         cond = self.encode_prompts(captions)
         if keys is not None:
-            self._encoded_length = cond.context.shape[1]
             for i, key in enumerate(keys):
                 if len(self._encodings) >= self.hparams.cache_encodings:
                     break
                 n = int(cond.mask[i].sum())  # tokens are left-aligned: the real ones, then padding
-                self._encodings[key] = (captions[i], z[i].clone(), cond.context[i, :n].clone(),
-                                        None if cond.pooled is None else cond.pooled[i].clone())
+                self._encodings[key] = _Encoded(captions[i], z[i].clone(), cond.context[i, :n].clone(),
+                                                None if cond.pooled is None else cond.pooled[i].clone())
         return z, cond
 
     def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
