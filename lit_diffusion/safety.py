@@ -54,6 +54,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)  # the rename itself survives a power cut only once the directory is synced
+        _remove_orphans(path)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files for `path` left by writers that were killed mid-save (SIGKILL, OOM): their pid,
+    part of the name, no longer runs. Each is checkpoint-sized, and a resumed run would otherwise keep them."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive, owned by another user
+            pass
 
 
 def _fsync_dir(directory: Path) -> None:

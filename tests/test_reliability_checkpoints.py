@@ -58,6 +58,21 @@ def test_atomic_save_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # a normal file, not mkstemp's 0600
 
 
+def test_atomic_save_removes_temporary_files_of_killed_writers_only(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that no longer runs
+    path = tmp_path / "last.ckpt"
+    orphan, live, other = (tmp_path / f".last.ckpt.{pid}.00ff00ff.tmp" for pid in (dead, os.getppid(), "x"))
+    for tmp in (orphan, live, other, tmp_path / f".best.ckpt.{dead}.00ff00ff.tmp"):
+        tmp.write_bytes(b"half a checkpoint")
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["last.ckpt", live.name, other.name, f".best.ckpt.{dead}.00ff00ff.tmp"])
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
