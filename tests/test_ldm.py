@@ -31,6 +31,8 @@ def test_missing_or_wrong_stage_checkpoints_are_named(tiny_ckpts, tmp_path):
         make_ldm(tiny_ckpts, unet={**TINY_UNET, "pooled_dim": 8})
     with pytest.raises(ValueError, match="unet.pooled_dim = 8 does not match the CLIP embedding width"):
         make_ldm(tiny_ckpts, unet={**TINY_UNET, "pooled_dim": 8}, pooled_text=True)
+    with pytest.raises(ValueError, match="min_snr_plus_one needs model.init_args.prediction v or x0"):
+        make_ldm(tiny_ckpts, prediction="eps", loss_weighting="min_snr_plus_one")
 
 
 @pytest.mark.parametrize("pooled_text", [False, True])

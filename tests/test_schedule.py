@@ -130,6 +130,29 @@ def test_min_snr_weights_are_the_same_objective_for_every_prediction():
     assert torch.allclose(w[sch.snr(t) < 5], torch.ones(int((sch.snr(t) < 5).sum())))  # eps weight 1 below gamma
 
 
+def test_min_snr_plus_one_keeps_weight_at_high_noise_for_v_and_x0():
+    """v/x0 losses weighted by loss_weight(min_snr_plus_one) equal min(SNR + 1, gamma) ||x0 error||^2: about 1 at
+    high noise, where min_snr's weight min(SNR, gamma) vanishes; eps is refused."""
+    sch = NoiseSchedule(1000, "linear", zero_terminal_snr=True)
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([0, 50, 200, 400, 700, 999])
+    x0, eps, delta = (torch.randn(6, 2, generator=g, dtype=torch.float32) for _ in range(3))
+    x_t = sch.q_sample(x0, t, eps)
+    x0_hat = x0 + 0.1 * delta
+    eps_hat = sch.predict_eps_from_x0(x_t[:-1], t[:-1], x0_hat[:-1])  # (eps from x0 is undefined at SNR 0)
+    x0_error = (x0_hat - x0).pow(2).mean(1)
+    expected = (sch.snr(t) + 1).clamp(max=5.0) * x0_error
+    v_hat = torch.cat([sch.v_target(x0_hat[:-1], eps_hat, t[:-1]), -x0_hat[-1:]])  # v = -x0 at SNR 0
+    for prediction, hat in (("x0", x0_hat), ("v", v_hat)):
+        mse = (hat - sch.target(x0, eps, t, prediction)).pow(2).mean(1)
+        got = mse * sch.loss_weight(t, prediction, "min_snr_plus_one", gamma=5.0)
+        assert torch.allclose(got, expected, rtol=2e-3, atol=1e-7), prediction
+    assert torch.allclose(expected[-2:], x0_error[-2:], rtol=2e-2)  # high noise: weight ~1 on the x0 error
+    assert sch.loss_weight(t, "x0", "min_snr")[-1].item() == 0.0  # where min_snr gives none
+    with pytest.raises(ValueError, match="'min_snr_plus_one' needs prediction v or x0"):
+        sch.loss_weight(t, "eps", "min_snr_plus_one")
+
+
 def test_min_snr_with_zero_terminal_snr_is_finite():
     sch = NoiseSchedule(100, "linear", zero_terminal_snr=True)
     t = torch.tensor([0, 99])

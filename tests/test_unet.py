@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_diffusion.models.layers import Attention, SpatialTransformer, timestep_embedding
+from lit_diffusion.models.layers import Attention, SpatialTransformer, grid_embedding, timestep_embedding
 from lit_diffusion.models.unet import UNet, UNetConfig
 
 TINY = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -75,6 +75,28 @@ def test_fully_masked_row_gives_no_nan():
         attn(torch.randn(2, 4, 16), torch.randn(2, 3, 8), mask[:, :2])
 
 
+def test_grid_embedding_encodes_row_then_column():
+    emb = grid_embedding(2, 3, 8)  # rows then columns, 4 channels each: [cos(p), cos(p/100), sin(p), sin(p/100)]
+    assert emb.shape == (6, 8)
+    for index in range(6):
+        row, col = divmod(index, 3)
+        for offset, p in ((0, row), (4, col)):
+            expected = [math.cos(p), math.cos(p / 100), math.sin(p), math.sin(p / 100)]
+            assert emb[index, offset:offset + 4].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("pos_embed", [False, True])
+def test_spatial_transformer_position_embedding_tells_positions_apart(pos_embed):
+    torch.manual_seed(0)
+    st = SpatialTransformer(16, heads=2, head_dim=8, context_dim=8, groups=8, pos_embed=pos_embed)
+    nn.init.normal_(st.proj_out.weight, std=0.1)
+    x = torch.randn(1, 16, 1, 1).expand(2, 16, 4, 4)  # every position holds the same features
+    out = st(x, torch.randn(2, 3, 8))
+    spread = (out - out[:, :, :1, :1]).abs().amax()
+    # without positions, identical tokens attend identically and stay identical
+    assert spread > 1e-3 if pos_embed else spread < 1e-5
+
+
 def test_spatial_transformer_starts_as_identity():
     st = SpatialTransformer(16, heads=2, head_dim=8, context_dim=8, groups=8)
     x = torch.randn(2, 16, 4, 4)
@@ -93,18 +115,41 @@ def test_unet_output_shape_and_zero_init(overrides, size):
     assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output conv
 
 
-def test_unet_depends_on_time_and_context_but_not_on_padding():
-    net = tiny_unet().eval()
+@pytest.mark.parametrize("context_layers", [0, 1])
+def test_unet_depends_on_time_and_context_but_not_on_padding(context_layers):
+    net = tiny_unet(context_layers=context_layers, context_heads=2).eval()
     x, t, ctx, mask = inputs()
     out = net(x, t, ctx, mask)
     assert not torch.allclose(net(x, torch.tensor([4, 700]), ctx, mask)[0], out[0])
     ctx_real = ctx.clone()
-    ctx_real[0, 0] += 1.0
+    ctx_real[0, 0] += torch.linspace(-1, 1, 8)
     assert not torch.allclose(net(x, t, ctx_real, mask)[0], out[0])
     ctx_pad = ctx.clone()
     ctx_pad[~mask] = 50.0
     assert torch.allclose(net(x, t, ctx_pad, mask), out, atol=1e-5)
     assert torch.allclose(net(x, 700, ctx, mask)[1], out[1], atol=1e-6)  # a scalar t is broadcast
+
+
+def test_context_encoder_is_bidirectional_over_real_tokens_only():
+    net = tiny_unet(context_layers=2, context_heads=2).eval()
+    x, t, ctx, mask = inputs()
+
+    def encoded(c):
+        return net.context_norm(net.context_encoder(c, padding_mask=mask))
+
+    base = encoded(ctx)
+    later = ctx.clone()
+    later[0, 2] += torch.linspace(-1, 1, 8)  # the last real token of caption 0 (not a constant: LayerNorms)
+    moved = encoded(later)
+    # the first token sees a later one (a causal encoder could not), and caption 1 is untouched
+    assert (moved[0, 0] - base[0, 0]).abs().max() > 1e-3
+    assert torch.equal(moved[1], base[1])
+    padded = ctx.clone()
+    padded[~mask] = 50.0
+    torch.testing.assert_close(encoded(padded)[mask], base[mask])
+    assert (net(x, t, later, mask)[0] - net(x, t, ctx, mask)[0]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="context_layers needs a context_dim"):
+        UNet(UNetConfig(**{**TINY, "context_dim": None, "context_layers": 1}))
 
 
 def test_pooled_embedding_is_added_to_the_timestep_embedding():

@@ -19,7 +19,7 @@ ModelPrediction = namedtuple("ModelPrediction", ["eps", "x0"])
 """What every sampler needs from a network output: the noise and the clean-data estimate at x_t."""
 
 PREDICTIONS = ("eps", "v", "x0")
-LOSS_WEIGHTINGS = ("plain", "min_snr")
+LOSS_WEIGHTINGS = ("plain", "min_snr", "min_snr_plus_one")
 
 
 # ---------------------------------------------------------------------------------------------- beta schedules
@@ -222,21 +222,33 @@ class NoiseSchedule(nn.Module):
         weighted by min(SNR, gamma). Since ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and
         ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2, the same weighting is min(SNR, gamma) / SNR on an eps loss and
         min(SNR, gamma) / (SNR + 1) on a v loss.
+
+        min_snr_plus_one: the x0-space weight min(SNR + 1, gamma), i.e. the plain v loss with its low-noise end
+        capped at gamma (weight min(1, gamma / (SNR + 1)) on a v loss). Where min_snr's weight vanishes with the SNR,
+        at the high noise levels that decide an image's layout (where its objects go), this one stays at 1, as a
+        plain v loss or truncated-SNR weighting (Salimans & Ho 2022) does. Not for eps: on an eps loss it would be
+        1 / SNR, unbounded as the noise grows.
         """
         if kind == "plain":
             return torch.ones(t.shape, device=self.betas.device, dtype=torch.float32)
-        if kind != "min_snr":
+        if kind not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {kind!r}; choose one of {LOSS_WEIGHTINGS}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
         snr = self.snr(t)
+        if kind == "min_snr_plus_one":
+            if prediction == "eps":
+                raise ValueError("loss weighting 'min_snr_plus_one' needs prediction v or x0: on an eps loss its "
+                                 "weight (SNR + 1) / SNR is unbounded at high noise")
+            clipped = (snr + 1).clamp(max=gamma)
+            return clipped if prediction == "x0" else clipped / (snr + 1)
         clipped = snr.clamp(max=gamma)
         if prediction == "x0":
             return clipped
         if prediction == "eps":
             # the limit SNR -> 0 of min(SNR, gamma) / SNR is 1 (zero-terminal-SNR schedules reach it)
             return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
-        if prediction == "v":
-            return clipped / (snr + 1)
-        raise ValueError(f"unknown prediction type {prediction!r}; choose one of {PREDICTIONS}")
+        return clipped / (snr + 1)
 
     def p_losses(
         self,

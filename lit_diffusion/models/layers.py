@@ -26,6 +26,14 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+def grid_embedding(height: int, width: int, dim: int, device=None) -> Tensor:
+    """Fixed 2-D sin-cos position embedding of an H x W grid -> [H*W, dim] (row-major, as DiT / MAE): the first
+    half of the channels encodes the row, the second the column, each with `timestep_embedding`."""
+    rows = torch.arange(height, device=device).repeat_interleave(width)  # [H*W]
+    cols = torch.arange(width, device=device).repeat(height)
+    return torch.cat([timestep_embedding(rows, dim // 2), timestep_embedding(cols, dim - dim // 2)], dim=-1)
+
+
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with the largest group count <= `groups` that divides `channels` (tiny test models)."""
     g = math.gcd(channels, groups)
@@ -113,11 +121,16 @@ class TransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """Latent Diffusion's transformer over the H*W positions of a feature map (Rombach et al. 2022): GroupNorm,
-    linear in-projection, `depth` transformer blocks, zero-initialised out-projection, residual."""
+    linear in-projection, `depth` transformer blocks, zero-initialised out-projection, residual.
+
+    `pos_embed` adds a fixed 2-D sin-cos embedding of each position to its token (as DiT does): queries then know
+    where they are, so cross-attention can bind a caption's "above" / "left of" to rows and columns directly
+    instead of inferring position from the convolutions' zero padding."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int | None = None, depth: int = 1,
-                 dropout: float = 0.0, groups: int = 32):
+                 dropout: float = 0.0, groups: int = 32, pos_embed: bool = False):
         super().__init__()
+        self.pos_embed = pos_embed
         inner = heads * head_dim
         self.norm = group_norm(channels, groups)
         self.proj_in = nn.Linear(channels, inner)
@@ -129,6 +142,8 @@ class SpatialTransformer(nn.Module):
         b, c, h, w = x.shape
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C]; free for channels_last
         tokens = self.proj_in(tokens)
+        if self.pos_embed:
+            tokens = tokens + grid_embedding(h, w, tokens.shape[-1], tokens.device).to(tokens.dtype)
         for block in self.blocks:
             tokens = block(tokens, context, mask)
         out = self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W]

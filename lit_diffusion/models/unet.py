@@ -3,6 +3,11 @@
 forward(x [B, C, H, W], t [B], context [B, L, D], context_mask [B, L], pooled [B, E]) -> raw prediction
 [B, C_out, H, W]. `pooled` (only with `pooled_dim`): a sentence embedding projected and added to the timestep
 embedding, as unCLIP's decoder adds the CLIP text embedding: global attributes reach every ResBlock directly.
+
+`context_layers` > 0 runs a small bidirectional Transformer over the context first, trained with the U-Net: the
+jointly trained conditioning encoder of Latent Diffusion (Rombach et al. 2022, tau_theta). A causal text encoder
+such as CLIP's gives the first object of "A above B" features that never saw "above" or B; a bidirectional layer
+lets every token see the whole caption, as Imagen's T5 encoder does, which is what binding relations needs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from lit_diffusion.models.layers import (
     timestep_embedding,
     zero_module,
 )
+from lit_diffusion.models.transformer import Transformer
 
 
 @dataclass
@@ -38,6 +44,9 @@ class UNetConfig:
     transformer_depth: int = 1  # transformer blocks per SpatialTransformer
     context_dim: int | None = 512  # width of the text token features; None = unconditional (no cross-attention)
     pooled_dim: int | None = None  # width of a pooled text embedding added to the timestep embedding (unCLIP); None = off
+    context_layers: int = 0  # bidirectional Transformer blocks over the context, trained with the U-Net (LDM's tau)
+    context_heads: int = 4  # their attention heads
+    pos_embed: bool = False  # fixed 2-D sin-cos position embedding on every SpatialTransformer's tokens (DiT)
     dropout: float = 0.0  # in ResBlocks, attention outputs and feed-forwards
     norm_groups: int = 32  # GroupNorm groups (reduced to a divisor of the width for tiny models)
     time_embed_mult: int = 4  # timestep MLP width = model_channels * time_embed_mult
@@ -91,6 +100,12 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.pooled_embed = (nn.Sequential(nn.Linear(c.pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                              if c.pooled_dim else None)
+        self.context_encoder = None
+        if c.context_layers:
+            if not c.context_dim:
+                raise ValueError("UNetConfig.context_layers needs a context_dim (a conditional U-Net)")
+            self.context_encoder = Transformer(c.context_dim, c.context_layers, c.context_heads)
+            self.context_norm = nn.LayerNorm(c.context_dim)
 
         def res(i, o):
             return ResBlock(i, o, emb_dim, c.dropout, c.scale_shift_norm, c.norm_groups)
@@ -101,7 +116,7 @@ class UNet(nn.Module):
                 raise ValueError(f"UNetConfig: width {width} too small for num_heads={c.num_heads}, "
                                  f"head_dim={c.head_dim}")
             return SpatialTransformer(width, heads, head_dim, c.context_dim, c.transformer_depth, c.dropout,
-                                      c.norm_groups)
+                                      c.norm_groups, c.pos_embed)
 
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
         skip_chs, factor = [ch], 1
@@ -162,6 +177,10 @@ class UNet(nn.Module):
             emb = emb + self.pooled_embed(pooled.to(emb.dtype))
         elif pooled is not None:
             raise ValueError("UNet got a pooled embedding but has no pooled_dim")
+
+        if self.context_encoder is not None and context is not None:
+            # bidirectional over the real tokens (padding hidden); padded positions stay masked in cross-attention
+            context = self.context_norm(self.context_encoder(context, padding_mask=context_mask))
 
         skips = []
         for block in self.input_blocks:

@@ -76,7 +76,8 @@ class LatentDiffusionModule(L.LightningModule):
                 colour, shape and size reach every ResBlock directly, which speeds up learning them.
             schedule: NoiseSchedule arguments (num_timesteps, schedule=linear|cosine|scaled_linear, zero_terminal_snr).
             prediction: what the U-Net predicts: eps, v or x0.
-            loss_weighting: plain or min_snr (min-SNR-gamma with `min_snr_gamma`).
+            loss_weighting: plain, min_snr (min-SNR-gamma with `min_snr_gamma`) or min_snr_plus_one (v or x0 only:
+                also weights the high noise levels that place objects; see `NoiseSchedule.loss_weight`).
             offset_noise: strength of per-channel offset noise (0 = off).
             p_uncond: probability that a caption is replaced by the empty caption during training.
             sampler, sample_steps, guidance, eta: defaults for `sample` (grids, evaluation).
@@ -93,6 +94,9 @@ class LatentDiffusionModule(L.LightningModule):
             raise ValueError(f"model.init_args.prediction: {prediction!r} is not one of {PREDICTIONS}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"model.init_args.loss_weighting: {loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
+        if loss_weighting == "min_snr_plus_one" and prediction == "eps":
+            raise ValueError("model.init_args.loss_weighting: min_snr_plus_one needs model.init_args.prediction v or x0 "
+                             "(on an eps loss its weight is unbounded at high noise)")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"model.init_args.p_uncond must be in [0, 1), got {p_uncond}")
         if sampler not in samplers.SAMPLERS:
