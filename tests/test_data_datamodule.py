@@ -210,3 +210,50 @@ def test_lightning_fit_uses_fixed_epochs_and_full_validation(data):
     trainer.fit(probe, datamodule=_dm(data, train_batches_per_epoch=4))
     assert probe.train_batches == 8
     assert Counter(probe.val_keys) == Counter({f"{i:09d}": 2 for i in range(37)})
+
+
+def _rendered(attrs, size=16):
+    return torch.from_numpy(np.array(render(attrs, size))).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("inline_bytes", [None, 0])
+def test_workers_hand_over_uint8_and_images_arrive_as_float(data, tmp_path, monkeypatch, inline_bytes):
+    import lightning as L
+
+    from lit_diffusion.data import shards
+
+    if inline_bytes is not None:  # every batch through shared memory (the workers are forked: they inherit it)
+        monkeypatch.setattr(shards, "INLINE_BATCH_BYTES", inline_bytes)
+    # outside a trainer the loader makes the workers' uint8 images float itself
+    dm = _dm(data, num_workers=1, train_batches_per_epoch=2)
+    dm.setup("fit")
+    for batch in dm.train_dataloader():
+        assert batch["image"].dtype == torch.float32
+        for image, attrs in zip(batch["image"], batch["attrs"]):
+            assert torch.equal(image, _rendered(attrs))
+    raw = next(iter(dm.train_dataloader().loader))  # what crosses from the worker
+    assert isinstance(raw["image"], np.ndarray if inline_bytes is None else torch.Tensor)
+    assert raw["image"].dtype in (np.uint8, torch.uint8) and raw["image"].shape == (4, 3, 16, 16)
+
+    # under a trainer they stay uint8 until transfer_batch_to_device has moved them
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((batch["image"].dtype, all(torch.equal(i, _rendered(a))
+                                                        for i, a in zip(batch["image"], batch["attrs"]))))
+            return self.weight * batch["image"].mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    probe = Probe()
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(probe, datamodule=_dm(data, num_workers=1, train_batches_per_epoch=3))
+    assert probe.seen == [(torch.float32, True)] * 3

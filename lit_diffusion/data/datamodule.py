@@ -28,6 +28,7 @@ from lit_diffusion.data.shards import (
     SharedEpoch,
     SkipCounter,
     collate,
+    images_to_float,
     expand_urls,
 )
 
@@ -42,11 +43,18 @@ class EpochLoader:
     The data epoch (which seeds the workers' shard and sample draws) is set when the first batch of an epoch is
     drawn, from the trainer's epoch when there is one: Lightning may create the iterator before it has restored
     a resumed run's loop state, so reading the epoch at `iter()` time would replay epoch 0's draws.
+
+    Workers hand over uint8 images (a quarter of the bytes; small batches as numpy arrays, see
+    `shards.INLINE_BATCH_BYTES`). They become float in [-1, 1] here, or, when `images_on_device()` says a trainer
+    moves the batches, after the move (`ImageCaptionDataModule.transfer_batch_to_device`): a quarter of the
+    host-to-GPU bytes too.
     """
 
-    def __init__(self, loader: DataLoader, num_batches: int, epoch: SharedEpoch, trainer_epoch=None):
+    def __init__(self, loader: DataLoader, num_batches: int, epoch: SharedEpoch, trainer_epoch=None,
+                 images_on_device=None):
         self.loader, self.num_batches, self.epoch = loader, num_batches, epoch
         self.trainer_epoch = trainer_epoch  # () -> int | None
+        self.images_on_device = images_on_device  # () -> bool
         self._started = False
 
     def __len__(self) -> int:
@@ -62,7 +70,11 @@ class EpochLoader:
         elif self._started:
             self.epoch.set(self.epoch.value + 1)
         self._started = True
-        yield from self.loader
+        if self.images_on_device is not None and self.images_on_device():
+            yield from self.loader
+            return
+        for batch in self.loader:
+            yield {**batch, "image": images_to_float(batch["image"])}
 
 
 class ImageCaptionDataModule(L.LightningDataModule):
@@ -161,7 +173,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
             epoch=self._epoch,
         )
         return EpochLoader(self._loader(dataset, batched=True), self.train_batches_per_epoch, self._epoch,
-                           trainer_epoch=lambda: self.trainer.current_epoch if self.trainer is not None else None)
+                           trainer_epoch=lambda: self.trainer.current_epoch if self.trainer is not None else None,
+                           # a trainer calls transfer_batch_to_device, which converts after the move
+                           images_on_device=lambda: self.trainer is not None)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_urls is None:
@@ -197,7 +211,8 @@ class ImageCaptionDataModule(L.LightningDataModule):
         # only the images go to the device: walking the captions' and attributes' nested Python objects costs
         # milliseconds per step (measured: ~3 ms, a third of a tiny CLIP step)
         if isinstance(batch, dict) and "image" in batch:
-            return {**batch, "image": batch["image"].to(device, non_blocking=True)}
+            image = torch.as_tensor(batch["image"]).to(device, non_blocking=True)  # small train batches: numpy
+            return {**batch, "image": images_to_float(image) if image.dtype == torch.uint8 else image}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def state_dict(self) -> dict:

@@ -276,11 +276,25 @@ def decode_sample(sample: dict, image_size: int, flip: bool = False) -> dict:
     return {"image": image, "caption": caption, "attrs": attrs, "key": sample["__key__"]}
 
 
-def collate(samples: list[dict]) -> dict:
-    """Decoded samples -> {"image": float [B,3,S,S] in [-1,1], "caption": list, "attrs": list, "key": list}."""
+# A train worker hands a smaller uint8 image batch to the main process as a numpy array, pickled by value through
+# its pipe, not as a tensor in shared memory: each shared tensor costs a file-descriptor exchange with the
+# worker's resource-sharer thread, which contends with the decoding for the GIL. Measured here for a 196 KB batch
+# (64 x 3 x 32 x 32): main-process CPU 0.11 ms by value vs 0.33 ms shared, and the data bench ratio 0.93 vs 0.85.
+# By value costs the main process a copy, which passes shared memory's fixed cost near 512 KB (1 MB: 1.8 vs 0.6 ms).
+INLINE_BATCH_BYTES = 512 * 1024
+
+
+def images_to_float(images) -> torch.Tensor:
+    """uint8 images [..., 3, S, S] (a tensor on any device, or a numpy array) -> float in [-1, 1]."""
+    return torch.as_tensor(images).float().div_(127.5).sub_(1.0)
+
+
+def collate(samples: list[dict], as_float: bool = True) -> dict:
+    """Decoded samples -> {"image": float [B,3,S,S] in [-1,1] (uint8 [B,3,S,S] without `as_float`), "caption":
+    list, "attrs": list, "key": list}."""
     images = torch.stack([s["image"] for s in samples])  # [B, 3, S, S] uint8
     return {
-        "image": images.float().div_(127.5).sub_(1.0),
+        "image": images_to_float(images) if as_float else images,
         "caption": [s["caption"] for s in samples],
         "attrs": [s["attrs"] for s in samples],
         "key": [s["key"] for s in samples],
@@ -446,7 +460,11 @@ class ResampledTrainStream(IterableDataset):
         samples = self._stream[1]
         share = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
         for _ in range(share):
-            yield collate([next(samples) for _ in range(self.batch_size)])
+            # uint8: a quarter of the bytes to hand to the main process (EpochLoader makes them float)
+            batch = collate([next(samples) for _ in range(self.batch_size)], as_float=False)
+            if batch["image"].nbytes < INLINE_BATCH_BYTES:
+                batch["image"] = batch["image"].numpy()  # by value through the worker's pipe: see the constant
+            yield batch
 
 
 class ExactlyOnceStream(IterableDataset):
