@@ -257,3 +257,31 @@ def test_workers_hand_over_uint8_and_images_arrive_as_float(data, tmp_path, monk
                         default_root_dir=str(tmp_path))
     trainer.fit(probe, datamodule=_dm(data, num_workers=1, train_batches_per_epoch=3))
     assert probe.seen == [(torch.float32, True)] * 3
+
+
+@pytest.mark.parametrize("bad_keys", [0, 3])
+def test_an_epoch_reads_the_samples_it_yields_shuffled(data, monkeypatch, bad_keys):
+    from lit_diffusion.data.shards import ResampledTrainStream, SharedEpoch
+
+    urls = [str(p) for p in sorted(data.glob("train-*.tar"))]
+    stream = ResampledTrainStream(urls, 16, batch_size=4, batches_per_epoch=5, shuffle_buffer=20, epoch=SharedEpoch())
+    reads = []
+    original = stream._shards
+
+    def counting(rng):
+        for sample in original(rng):
+            reads.append(sample["__key__"])
+            if len(reads) <= bad_keys:  # the first few undecodable
+                sample = {**sample, "png": b"not a png"}
+            yield sample
+
+    monkeypatch.setattr(stream, "_shards", counting)
+    keys = [k for batch in stream for k in batch["key"]]
+    assert len(keys) == 20 and len(set(keys)) == 20
+    assert stream.counter.counts().get("bad_image", 0) == bad_keys
+    if not bad_keys:
+        # every sample read was yielded: nothing is left in the shuffle buffer when the next epoch restarts
+        assert sorted(keys) == sorted(reads) and keys != reads  # and shuffled
+    else:
+        # a dropped sample is replaced by reading on: 3 more than yielded, then the rest of that run's buffer
+        assert set(keys) <= set(reads[bad_keys:]) and len(reads) >= 20 + bad_keys

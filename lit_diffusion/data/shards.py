@@ -383,7 +383,8 @@ class ResampledTrainStream(IterableDataset):
     Every epoch the stream restarts from the seed of (seed, rank, worker, shared epoch), whether or not the
     dataset object survives between epochs (num_workers=0, persistent workers), so a run repeats exactly for the
     same world size and workers, and a run resumed at an epoch boundary draws what the uninterrupted run drew.
-    (The cost: the shuffle buffer fills again at each epoch start.)"""
+    An epoch reads the raw samples it needs and no more: its shuffle buffer fills at the start and drains at the
+    end, as a finite webdataset pipeline's does, so no read sample is left over when the stream restarts."""
 
     def __init__(
         self,
@@ -427,19 +428,20 @@ class ResampledTrainStream(IterableDataset):
                     f"({len(self.urls)} in all) look empty or unreadable; skipped: {self.counter.counts()}"
                 )
 
-    def _samples(self, worker: int) -> Iterator[dict]:
+    def _samples(self, worker: int, needed: int) -> Iterator[dict]:
+        """Decoded samples for one epoch of `needed`: raw samples are read in runs of what is still needed and
+        shuffled through a buffer that drains at the end of each run, so an epoch reads what it yields; a new run
+        starts only when undecodable samples were dropped."""
         base = f"{self.seed}-{self.rank}-{worker}-{self.epoch.value}"
         shard_rng, shuffle_rng, flip_rng = (random.Random(f"{base}-{part}") for part in ("shard", "shuffle", "flip"))
-        samples = self._shards(shard_rng)
-        if self.shuffle_buffer > 1:
-            samples = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng)(samples)
+        raw = self._shards(shard_rng)
         flip = (lambda: flip_rng.random() < 0.5) if self.random_flip else None
         since_good = 0
 
-        def guarded(raw: Iterable[dict]) -> Iterator[dict]:
+        def guarded(samples: Iterable[dict]) -> Iterator[dict]:
             # A resampled stream of undecodable data would otherwise spin forever, logging skips.
             nonlocal since_good
-            for sample in raw:
+            for sample in samples:
                 since_good += 1
                 if since_good > _MAX_CONSECUTIVE_BAD:
                     raise RuntimeError(
@@ -448,17 +450,23 @@ class ResampledTrainStream(IterableDataset):
                     )
                 yield sample
 
-        for sample in _decoded(guarded(samples), self.image_size, self.counter, flip):
-            since_good = 0
-            yield sample
+        epoch_size = needed
+        while True:  # (past `needed`, when an epoch is iterated again, the stream goes on in epoch-sized runs)
+            run = islice(raw, needed if needed > 0 else epoch_size)
+            if self.shuffle_buffer > 1:
+                run = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng)(run)
+            for sample in _decoded(guarded(run), self.image_size, self.counter, flip):
+                since_good = 0
+                needed -= 1
+                yield sample
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
         key = (worker, num_workers, self.epoch.value)
-        if self._stream is None or self._stream[0] != key:
-            self._stream = (key, self._samples(worker))
-        samples = self._stream[1]
         share = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+        if self._stream is None or self._stream[0] != key:
+            self._stream = (key, self._samples(worker, share * self.batch_size))
+        samples = self._stream[1]
         for _ in range(share):
             # uint8: a quarter of the bytes to hand to the main process (EpochLoader makes them float)
             batch = collate([next(samples) for _ in range(self.batch_size)], as_float=False)
