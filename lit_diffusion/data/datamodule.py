@@ -28,8 +28,8 @@ from lit_diffusion.data.shards import (
     SharedEpoch,
     SkipCounter,
     collate,
-    images_to_float,
     expand_urls,
+    images_to_float,
 )
 
 

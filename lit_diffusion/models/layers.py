@@ -124,8 +124,8 @@ class SpatialTransformer(nn.Module):
     linear in-projection, `depth` transformer blocks, zero-initialised out-projection, residual.
 
     `pos_embed` adds a fixed 2-D sin-cos embedding of each position to its token (as DiT does): queries then know
-    where they are, so cross-attention can bind a caption's "above" / "left of" to rows and columns directly
-    instead of inferring position from the convolutions' zero padding."""
+    where they are, instead of inferring it from the convolutions' zero padding, which is what placing a caption's
+    "above" / "left of" asks of cross-attention."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int | None = None, depth: int = 1,
                  dropout: float = 0.0, groups: int = 32, pos_embed: bool = False):
