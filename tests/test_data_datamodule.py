@@ -107,6 +107,10 @@ def test_resampled_train_survives_uneven_shards(data, tmp_path):
         del loader
 
 
+def _rendered(attrs, size=16):
+    return torch.from_numpy(np.array(render(attrs, size))).permute(2, 0, 1).float() / 127.5 - 1
+
+
 def _train_keys(dm, epochs=1):
     loader = dm.train_dataloader()
     return [[k for b in loader for k in b["key"]] for _ in range(epochs)]
@@ -142,7 +146,7 @@ def test_random_flip_mirrors_some_images(data):
     flipped = Counter()
     for batch in dm.train_dataloader():
         for image, attrs in zip(batch["image"], batch["attrs"]):
-            plain = torch.from_numpy(np.array(render(attrs, 16))).permute(2, 0, 1).float() / 127.5 - 1
+            plain = _rendered(attrs)
             if torch.equal(image, plain) and torch.equal(image, plain.flip(-1)):
                 continue  # symmetric image
             assert torch.equal(image, plain) or torch.equal(image, plain.flip(-1))
@@ -210,10 +214,6 @@ def test_lightning_fit_uses_fixed_epochs_and_full_validation(data):
     trainer.fit(probe, datamodule=_dm(data, train_batches_per_epoch=4))
     assert probe.train_batches == 8
     assert Counter(probe.val_keys) == Counter({f"{i:09d}": 2 for i in range(37)})
-
-
-def _rendered(attrs, size=16):
-    return torch.from_numpy(np.array(render(attrs, size))).permute(2, 0, 1).float() / 127.5 - 1
 
 
 @pytest.mark.timeout(120)

@@ -135,7 +135,7 @@ def test_context_encoder_is_bidirectional_over_real_tokens_only():
     x, t, ctx, mask = inputs()
 
     def encoded(c):
-        return net.context_norm(net.context_encoder(c, padding_mask=mask))
+        return net.encode_context(c, mask)
 
     base = encoded(ctx)
     later = ctx.clone()

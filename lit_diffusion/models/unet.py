@@ -158,6 +158,13 @@ class UNet(nn.Module):
             return checkpoint(block, x, emb, context, mask, use_reentrant=False)
         return block(x, emb, context, mask)
 
+    def encode_context(self, context: Tensor | None, context_mask: Tensor | None) -> Tensor | None:
+        """The context as cross-attention sees it: through the bidirectional encoder when `context_layers` > 0
+        (over the real tokens, padding hidden; padded positions stay masked in cross-attention), else as given."""
+        if self.context_encoder is None or context is None:
+            return context
+        return self.context_norm(self.context_encoder(context, padding_mask=context_mask))
+
     def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None,
                 context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
         b, ch_in, h, w = x.shape
@@ -179,9 +186,7 @@ class UNet(nn.Module):
         elif pooled is not None:
             raise ValueError("UNet got a pooled embedding but has no pooled_dim")
 
-        if self.context_encoder is not None and context is not None:
-            # bidirectional over the real tokens (padding hidden); padded positions stay masked in cross-attention
-            context = self.context_norm(self.context_encoder(context, padding_mask=context_mask))
+        context = self.encode_context(context, context_mask)
 
         skips = []
         for block in self.input_blocks:
