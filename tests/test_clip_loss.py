@@ -33,6 +33,25 @@ def test_loss_matches_the_written_out_formula():
     assert ClipLoss()(image, text, scale).item() == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_hard_negatives_join_the_image_to_text_softmax_only():
+    image, text = _pairs(0, 4)
+    negatives, _ = _pairs(1, 4)
+    mask = torch.tensor([True, False, True, False])
+    scale = torch.tensor(10.0)
+    # image i's candidates: every caption, then every present negative (rows 0 and 2); captions only see images
+    candidates = torch.cat([text, negatives[mask]])
+    expected = 0.0
+    for i in range(4):
+        row = scale * candidates @ image[i]
+        col = scale * image @ text[i]
+        expected -= (row[i] - torch.logsumexp(row, 0)) / 8 + (col[i] - torch.logsumexp(col, 0)) / 8
+    loss = ClipLoss()(image, text, scale, negatives, mask)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    assert loss.item() > ClipLoss()(image, text, scale).item()  # more candidates, lower probability
+    with pytest.raises(ValueError, match="negatives and negative_mask together"):
+        ClipLoss()(image, text, scale, negatives)
+
+
 def test_perfectly_aligned_pairs_give_low_loss_and_shuffled_pairs_high():
     image, _ = _pairs(1, 16, dim=32)
     scale = torch.tensor(100.0)
@@ -45,6 +64,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _negatives() -> tuple[torch.Tensor, torch.Tensor]:
+    negatives, _ = _pairs(2, WORLD * LOCAL)
+    return negatives, torch.arange(WORLD * LOCAL) % 2 == 0  # both ranks hold present and missing slots
 
 
 def _worker(rank: int, port: int, out_dir):
@@ -61,6 +85,12 @@ def _worker(rank: int, port: int, out_dir):
             loss = ClipLoss(rank, WORLD, gather_with_grad=with_grad)(img, txt, scale)
             loss.backward()
             out[with_grad] = (loss.detach(), img.grad, txt.grad, scale.grad)
+        negatives, mask = _negatives()
+        neg = negatives[rows].clone().requires_grad_(True)
+        img = image[rows].clone().requires_grad_(True)
+        loss = ClipLoss(rank, WORLD)(img, text[rows], torch.tensor(7.0), neg, mask[rows])
+        loss.backward()
+        out["negatives"] = (loss.detach(), img.grad, neg.grad)
         # uneven per-rank rows (as in validation) gather in rank order
         uneven = gather_rows(torch.full((rank + 1, 2), float(rank)))
         torch.save({"out": out, "uneven": uneven}, f"{out_dir}/rank{rank}.pt")
@@ -99,6 +129,20 @@ def test_distributed_loss_and_gradients_equal_one_process_on_the_global_batch(tm
         assert results[r]["out"][False][0].item() == pytest.approx(losses[r].item(), rel=1e-6)
         rows = slice(r * LOCAL, (r + 1) * LOCAL)
         assert not torch.allclose(results[r]["out"][False][1] / WORLD, image.grad[rows], atol=1e-6)
+
+    # hard negatives: gathered from every rank like the captions, so every image sees all of them
+    negatives, mask = _negatives()
+    image, negatives = image.detach().requires_grad_(True), negatives.requires_grad_(True)
+    global_loss = ClipLoss()(image, text.detach(), torch.tensor(7.0), negatives, mask)
+    global_loss.backward()
+    losses = [results[r]["out"]["negatives"][0] for r in range(WORLD)]
+    assert torch.stack(losses).mean().item() == pytest.approx(global_loss.item(), rel=1e-6)
+    for r in range(WORLD):
+        rows = slice(r * LOCAL, (r + 1) * LOCAL)
+        _, g_img, g_neg = results[r]["out"]["negatives"]
+        torch.testing.assert_close(g_img / WORLD, image.grad[rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_neg / WORLD, negatives.grad[rows], rtol=1e-5, atol=1e-6)
+    assert negatives.grad[~mask].abs().max() == 0  # a missing slot takes no part
 
     expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     for r in range(WORLD):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lit_diffusion.data.negatives import swap_table, swap_words
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, MAX_LOGIT_SCALE, TextConfig, VisionConfig
 from lit_diffusion.models.transformer import Transformer, attention_mask
@@ -96,8 +97,8 @@ def test_image_encoder_output_and_size_check(module):
     emb = module.encode_image(torch.rand(3, 3, 16, 16) * 2 - 1)
     assert emb.shape == (3, 16)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
-    with pytest.raises(ValueError, match="16x16"):
-        module.encode_image(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="16x16"):  # the network checks; the stage resizes (test below)
+        module.model.encode_image(torch.zeros(1, 3, 32, 32))
 
 
 def test_mean_pooling_has_no_class_token():
@@ -220,3 +221,47 @@ def test_checkpoint_with_mismatched_weights_is_refused(module, tmp_path):
     del ckpt["state_dict"]["model.visual.proj"]
     with pytest.raises(CheckpointError, match="missing .*model.visual.proj"):
         CLIPModule.from_checkpoint_dict(ckpt, source="broken.ckpt")
+
+
+# ---- hard negatives ----
+def test_swap_words_swaps_both_ways_whole_words_and_keeps_capitals():
+    pairs = {"above": "below", "left": "right", "on top of": "under"}
+    assert swap_words("a red circle above a blue square", pairs) == "a red circle below a blue square"
+    assert swap_words("Below the box, left of it", pairs) == "Above the box, right of it"
+    assert swap_words("a cat on top of a mat", pairs) == "a cat under a mat"
+    assert swap_words("leftover abovementioned", pairs) is None  # whole words only
+    assert swap_words("a small red circle", pairs) is None
+
+
+def test_contradictory_swap_pairs_are_refused_naming_the_option(tokenizer_file):
+    with pytest.raises(ValueError, match="hard_negatives: 'below' is paired with both 'above' and 'under'"):
+        swap_table({"above": "below", "under": "below"})
+    with pytest.raises(ValueError, match=r"model\.init_args\.hard_negatives: 'up' -> 'up'"):
+        CLIPModule(tokenizer_path=str(tokenizer_file), hard_negatives={"up": "up"}, **TINY)
+
+
+def test_negative_embeddings_are_the_swapped_captions_in_their_rows(tokenizer_file):
+    torch.manual_seed(0)
+    module = CLIPModule(tokenizer_path=str(tokenizer_file), hard_negatives={"above": "below", "left": "right"},
+                        **TINY).eval()
+    with torch.no_grad():
+        negatives, mask = module.negative_embeddings(CAPTIONS)
+        swapped = ["a small green triangle below a large red square",
+                   "a large yellow circle right of a small cyan triangle"]
+        expected = module.encode_text(module.tokenize(swapped))[1]
+    assert mask.tolist() == [False, False, True, True]
+    torch.testing.assert_close(negatives[2:], expected, rtol=1e-5, atol=1e-6)
+    assert not negatives[:2].any()
+    assert CLIPModule(tokenizer_path=str(tokenizer_file), **TINY).negative_embeddings(CAPTIONS) is None
+
+
+def test_images_of_another_size_are_cropped_and_resized_as_clip_preprocesses_them(module):
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    images = torch.rand(2, 3, 40, 48) * 2 - 1  # the tower reads 16 px: crop to 40 x 40, resize to 16
+    reference = TF.resize(TF.center_crop(images, [40, 40]), [16, 16], interpolation=InterpolationMode.BICUBIC,
+                          antialias=True).clamp(-1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(module.encode_image(images), module.encode_image(reference), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(module.encode_image(images), module.encode_image(images[..., :16, :16]), atol=1e-3)

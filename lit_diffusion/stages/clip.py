@@ -10,6 +10,8 @@ Validation embeds the whole val set, gathers it from every rank (uneven per-rank
   default prompt names the size too ("a {size} {color} {shape}", max over sizes): every training caption names
   one, and a size-less "a {color} {shape}" is out of distribution for the text encoder (measured on shapes after
   400 steps: 0.36 accuracy without the size, 0.34 averaging the two sizes' embeddings CLIP-style, 0.86 with the max).
+- with `hard_negatives` (word swaps such as above <-> below): `val/negative_acc`, the fraction of val captions
+  holding a swap word whose image scores its true caption above the swapped one (0.5: the swap goes unnoticed).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from typing import Sequence
 import lightning as L
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from lit_diffusion.data.negatives import swap_table, swap_words
 from lit_diffusion.data.shapes import COLORS, SHAPES, SIZES
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig
@@ -106,6 +110,7 @@ class CLIPModule(L.LightningModule):
         zeroshot_templates: Sequence[str] | None = ("a {size} {color} {shape}",),
         gather_with_grad: bool = True,
         tokenizer_json: str | None = None,
+        hard_negatives: dict[str, str] | None = None,
     ):
         """CLIP training stage.
 
@@ -118,6 +123,10 @@ class CLIPModule(L.LightningModule):
             for val/zeroshot_acc; None or [] switches it off.
         gather_with_grad: contrast against the global batch with gradients through the all-gather (open_clip).
         tokenizer_json: the tokenizer itself instead of a path (used by `from_checkpoint`; not saved in hparams).
+        hard_negatives: word pairs, e.g. {above: below, left: right}: every caption holding one of the words also
+            yields a false caption with the words swapped, a negative for its image (NegCLIP; see `ClipLoss`).
+            Without them CLIP reads captions as bags of words and the diffusion model it conditions cannot tell
+            "A above B" from "A below B".
         """
         super().__init__()
         if tokenizer_json is not None:
@@ -134,12 +143,15 @@ class CLIPModule(L.LightningModule):
         for t in templates:
             if "{color}" not in t or "{shape}" not in t:
                 raise ValueError(f"model.init_args.zeroshot_templates: {t!r} needs both {{color}} and {{shape}}")
+        hard_negatives = dict(hard_negatives or {})
+        swap_table(hard_negatives, "model.init_args.hard_negatives")  # fail at startup, naming the option
         # plain python only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({
             "vision": asdict(vision), "text": asdict(text), "embed_dim": int(embed_dim),
             "tokenizer_path": None if tokenizer_path is None else str(tokenizer_path), "lr": lr,
             "weight_decay": weight_decay, "betas": [float(b) for b in betas], "warmup_steps": warmup_steps,
             "zeroshot_templates": templates, "gather_with_grad": gather_with_grad,
+            "hard_negatives": {str(k): str(v) for k, v in hard_negatives.items()},
         })
         self.tokenizer = tokenizer
         self.model = CLIP(vision, text, embed_dim)
@@ -158,7 +170,16 @@ class CLIPModule(L.LightningModule):
         return self.model.encode_text(tokens.to(self.device))
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> [B, E] L2-normalised."""
+        """images [B, 3, H, W] in [-1, 1] -> [B, E] L2-normalised. Images of another size are centre-cropped to a
+        square and resized to the tower's (antialiased bicubic, CLIP's preprocessing): a 256 px diffusion model's
+        samples meet a 224 px CLIP in FID-with-CLIP-features and CLIP score."""
+        size = self.image_size
+        if images.shape[-2:] != (size, size):
+            h, w = images.shape[-2:]
+            side = min(h, w)
+            top, left = (h - side) // 2, (w - side) // 2
+            images = F.interpolate(images[..., top:top + side, left:left + side].float(), size=(size, size),
+                                   mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
         return self.model.encode_image(images.to(self.device, self.model.visual.conv1.weight.dtype))
 
     @classmethod
@@ -195,17 +216,34 @@ class CLIPModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.train_loss_fn = ClipLoss(self.global_rank, self.trainer.world_size, self.hparams.gather_with_grad)
 
-    def model_step(self, batch: dict, loss_fn: ClipLoss) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """-> (loss, image embeddings [B, E], text embeddings [B, E], logit scale)."""
-        tokens = self.tokenize(batch["caption"])
+    def _text_tokens(self, captions: Sequence[str]) -> Tensor:
+        tokens = self.tokenize(captions)
         # drop the all-padding tail: attention is causal, so the pooled end-of-text features do not change,
         # and short captions in a long context would otherwise spend most of the text compute on padding
-        tokens = tokens[:, : int((tokens != self.tokenizer.pad_id).sum(1).max())]
-        image, text, scale = self.model(batch["image"], tokens)
-        return loss_fn(image, text, scale), image, text, scale
+        return tokens[:, : int((tokens != self.tokenizer.pad_id).sum(1).max())]
+
+    def negative_embeddings(self, captions: Sequence[str]) -> tuple[Tensor, Tensor] | None:
+        """(embeddings [B, E] of the swapped captions, zero where a caption has no swap word; mask [B] bool),
+        or None without `hard_negatives`."""
+        pairs = self.hparams.get("hard_negatives")
+        if not pairs:
+            return None
+        swapped = [swap_words(c, pairs) for c in captions]
+        mask = torch.tensor([s is not None for s in swapped], device=self.device)
+        negatives = torch.zeros(len(captions), self.embed_dim, device=self.device)
+        if bool(mask.any()):
+            _, embedded = self.model.encode_text(self._text_tokens([s for s in swapped if s is not None]))
+            negatives = negatives.to(embedded.dtype).index_copy(0, mask.nonzero()[:, 0], embedded)
+        return negatives, mask
+
+    def model_step(self, batch: dict, loss_fn: ClipLoss) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple | None]:
+        """-> (loss, image embeddings [B, E], text embeddings [B, E], logit scale, hard negatives or None)."""
+        image, text, scale = self.model(batch["image"], self._text_tokens(batch["caption"]))
+        negatives = self.negative_embeddings(batch["caption"])
+        return loss_fn(image, text, scale, *(negatives or ())), image, text, scale, negatives
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        loss, _, _, scale = self.model_step(batch, self.train_loss_fn)
+        loss, _, _, scale, _ = self.model_step(batch, self.train_loss_fn)
         b = len(batch["caption"])
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
         self.log("train/temperature", 1.0 / scale.detach(), batch_size=b)
@@ -220,10 +258,10 @@ class CLIPModule(L.LightningModule):
 
     # ---- validation ----
     def on_validation_epoch_start(self) -> None:
-        self._val = {"image": [], "text": [], "ids": [], "zeroshot": []}
+        self._val = {"image": [], "text": [], "ids": [], "zeroshot": [], "negative_win": []}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, image, text, _ = self.model_step(batch, self.local_loss_fn)
+        loss, image, text, _, negatives = self.model_step(batch, self.local_loss_fn)
         b = len(batch["caption"])
         self.val_loss.update(loss, weight=b)
         self.log("val/loss", self.val_loss, prog_bar=True, batch_size=b)
@@ -232,6 +270,10 @@ class CLIPModule(L.LightningModule):
         self._val["text"].append(text.float())
         self._val["ids"].append(caption_ids(batch["caption"]).to(self.device))
         self._val["zeroshot"].append(torch.tensor([zeroshot_label(a) for a in attrs], device=self.device))
+        if negatives is not None:
+            embedded, mask = negatives
+            wins = (image * text).sum(1) > (image * embedded.to(image.dtype)).sum(1)  # [B]
+            self._val["negative_win"].append(wins[mask].long())
 
     def _gathered(self, name: str, width: int | None) -> Tensor:
         parts = self._val.get(name) or []
@@ -247,6 +289,7 @@ class CLIPModule(L.LightningModule):
         text = self._gathered("text", self.embed_dim)
         ids = self._gathered("ids", None)
         labels = self._gathered("zeroshot", None)
+        negative_wins = self._gathered("negative_win", None)
         self._val = {}
         if image.shape[0] == 0:
             return
@@ -260,6 +303,8 @@ class CLIPModule(L.LightningModule):
         if zeroshot is not None:
             metrics["val/zeroshot_acc"] = zeroshot
             metrics["val/zeroshot_chance"] = 1.0 / len(ZEROSHOT_CLASSES)
+        if negative_wins.numel():
+            metrics["val/negative_acc"] = float(negative_wins.float().mean())
         # every rank computed the same numbers from the same gathered data; sync_dist only averages equals
         for name, value in metrics.items():
             self.log(name, torch.tensor(value, device=self.device), sync_dist=True,
