@@ -65,6 +65,14 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
         row = [f"{g:g}", *[_fmt(results.get(f"eval/fid_{b}_g{g:.1f}")) for b in backends],
                _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/caption_acc_g{g:.1f}"))]
         lines.append("| " + " | ".join(row) + " |")
+    detail = ("one_object", "two_objects", "count", "colors", "shapes", "sizes", "relation")
+    if any(f"eval_detail/caption_{k}_g{g:.1f}" in results for k in detail for g in guidance):
+        lines += ["", "Caption accuracy by caption kind and by attribute:", "",
+                  "| guidance | " + " | ".join(k.replace("_", " ") for k in detail) + " |",
+                  "|" + "---|" * (len(detail) + 1)]
+        for g in guidance:
+            lines.append(f"| {g:g} | " + " | ".join(_fmt(results.get(f"eval_detail/caption_{k}_g{g:.1f}"))
+                                                    for k in detail) + " |")
     lines += ["", "## Timings", ""]
     lines += [f"- {k}: {_minutes(v)}" for k, v in timings.items()]
     rel = lambda p: os.path.relpath(p, root) if p else None  # noqa: E731

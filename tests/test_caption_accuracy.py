@@ -116,7 +116,13 @@ def test_metric_fraction_and_errors():
     metric = CaptionAccuracy()
     metric.update(images, attrs)
     assert metric.compute().item() == pytest.approx(6 / 8)
-    assert metric.attribute_accuracy()["count"] == pytest.approx(6 / 8)
+    per_attribute = metric.attribute_accuracy()
+    assert per_attribute["count"] == pytest.approx(6 / 8)
+    # by kind: the blanks are wrong for either kind of caption
+    kinds = [len(a["objects"]) for a in attrs]
+    for kind, objects in (("one_object", 1), ("two_objects", 2)):
+        expected = sum(k == objects for k in kinds[2:]) / sum(k == objects for k in kinds)
+        assert per_attribute[kind] == pytest.approx(expected)
     with pytest.raises(ValueError, match="do not match"):
         metric.update(images, attrs[:3])
     with pytest.raises(ValueError, match="objects"):

@@ -18,6 +18,7 @@ from torchmetrics import Metric
 from lit_diffusion.data.shapes import BACKGROUND, COLORS, SIZES
 
 ATTRIBUTES = ("count", "colors", "shapes", "sizes", "relation")
+KINDS = ("one_object", "two_objects")  # GenEval-style split: a caption with one object, or two and a relation
 _PALETTE = np.array([*COLORS.values(), BACKGROUND], dtype=np.float32)  # [K + 1, 3]
 _NAMES = [*COLORS, "background"]
 # (fill of the bounding box, share of pixels in its top half) of each shape as rendered
@@ -104,8 +105,13 @@ def check_image(image: Tensor | np.ndarray, attrs: dict) -> dict:
     return result
 
 
+def caption_kind(attrs: dict) -> str:
+    return KINDS[0] if len(attrs["objects"]) == 1 else KINDS[1]
+
+
 class CaptionAccuracy(Metric):
-    """Fraction of images whose every caption attribute checks out; `attribute_accuracy()` breaks it down."""
+    """Fraction of images whose every caption attribute checks out; `attribute_accuracy()` breaks it down by
+    attribute and by caption kind."""
 
     is_differentiable = False
     higher_is_better = True
@@ -116,6 +122,9 @@ class CaptionAccuracy(Metric):
         for key in (*ATTRIBUTES, "correct"):
             self.add_state(f"{key}_sum", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        for kind in KINDS:
+            self.add_state(f"{kind}_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+            self.add_state(f"{kind}_count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, images: Tensor, attrs: list[dict]) -> None:
         if images.dim() != 4 or len(attrs) != images.shape[0]:
@@ -126,6 +135,10 @@ class CaptionAccuracy(Metric):
         for key in (*ATTRIBUTES, "correct"):
             setattr(self, f"{key}_sum", getattr(self, f"{key}_sum") + sum(int(r[key]) for r in results))
         self.count = self.count + len(results)
+        for kind in KINDS:
+            mine = [r for r, a in zip(results, attrs) if caption_kind(a) == kind]
+            setattr(self, f"{kind}_correct", getattr(self, f"{kind}_correct") + sum(int(r["correct"]) for r in mine))
+            setattr(self, f"{kind}_count", getattr(self, f"{kind}_count") + len(mine))
 
     def compute(self) -> Tensor:
         if int(self.count) == 0:
@@ -133,8 +146,13 @@ class CaptionAccuracy(Metric):
         return self.correct_sum.double() / self.count
 
     def attribute_accuracy(self) -> dict[str, float]:
-        """Accuracy of each attribute and overall, gathered over all ranks."""
+        """Accuracy of each attribute, overall (`correct`) and of each caption kind present (`one_object`,
+        `two_objects`), gathered over all ranks."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
                                should_unsync=self._should_unsync):
             n = max(int(self.count), 1)
-            return {key: int(getattr(self, f"{key}_sum")) / n for key in (*ATTRIBUTES, "correct")}
+            out = {key: int(getattr(self, f"{key}_sum")) / n for key in (*ATTRIBUTES, "correct")}
+            for kind in KINDS:
+                if int(getattr(self, f"{kind}_count")):
+                    out[kind] = int(getattr(self, f"{kind}_correct")) / int(getattr(self, f"{kind}_count"))
+            return out
