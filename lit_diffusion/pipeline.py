@@ -23,7 +23,7 @@ log = logging.getLogger("lit_diffusion")
 
 STAGES = ("clip", "vae", "ldm")
 STAGE_KEYS = {  # the figures a stage's one-line summary and the report show
-    "clip": ("val/i2t_r1", "val/t2i_r1", "val/zeroshot_acc", "val/loss"),
+    "clip": ("val/i2t_r1", "val/t2i_r1", "val/zeroshot_acc", "val/negative_acc", "val/loss"),
     "vae": ("val/psnr", "val/ssim", "val/rfid", "val/latent_std"),
     "ldm": ("val/loss", "train/loss"),
 }
@@ -168,6 +168,11 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     return report
 
 
+def eval_device(cfg: dict) -> str:
+    """`evaluation.device` (default cpu: the figures of the shapes pipeline are measured there; base.yaml says cuda)."""
+    return str((cfg.get("evaluation") or {}).get("device", "cpu"))
+
+
 def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
     """Evaluate ldm.ckpt on the val shards (one process; the in-loop callback does the same under DDP)."""
     from lit_diffusion.evaluation import EvalConfig, evaluate_checkpoint
@@ -182,7 +187,8 @@ def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
                       cache_dir=str(Path(cfg.get("root", "runs")) / ".fid_cache"))
     results, paths, ecfg = evaluate_checkpoint(root / "ldm.ckpt", data["val_urls"], ecfg, root / "eval",
                                                name=cfg.get("name", "model"),
-                                               batch_size=int(ev.get("batch_size", 100)), device="cpu")
+                                               batch_size=int(ev.get("batch_size", 100)),
+                                               device=eval_device(cfg))
     plot = paths.get(f"plot_{backends[0]}")
     return {"results": results, "json": str(paths["json"]), "plot": str(plot) if plot else None,
             "config": dict(vars(ecfg))}
@@ -194,7 +200,7 @@ def sample_grid(cfg: dict, root: Path) -> str:
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     spec = cfg.get("samples") or {}
-    model = LatentDiffusionModule.from_checkpoint(root / "ldm.ckpt")
+    model = LatentDiffusionModule.from_checkpoint(root / "ldm.ckpt", map_location=eval_device(cfg))
     grid = SampleGrid(prompts=spec.get("prompts", SampleGrid().prompts), guidance=spec.get("guidance", [1, 3, 5]),
                       negative_prompt=spec.get("negative_prompt"), sampler=spec.get("sampler"),
                       steps=spec.get("steps"), seed=int(spec.get("seed", 0)))

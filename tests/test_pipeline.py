@@ -3,7 +3,8 @@ import json
 import pytest
 import yaml
 
-from lit_diffusion.pipeline import run_pipeline
+from lit_diffusion import bench
+from lit_diffusion.pipeline import eval_device, load_config, run_pipeline
 
 DATA = {"image_size": 16, "batch_size": 16, "num_workers": 0, "train_batches_per_epoch": 3}
 
@@ -64,6 +65,10 @@ def test_pipeline_end_to_end_report_matches_run_directories(tmp_path, monkeypatc
     md = (root / "report.md").read_text()
     g3 = report["evaluation"]["results"]
     assert f"| 3 | {g3['eval/fid_clip_g3.0']:.4g} | {g3['eval/clip_score_g3.0']:.4g} |" in md
+    kinds = [evaluation.get(f"eval_detail/caption_{k}_g3.0") for k in ("one_object", "two_objects")]
+    assert None not in kinds and f"| 3 | {kinds[0]:.4g} | {kinds[1]:.4g} |" in md  # the breakdown by kind
+    # CLIP trained with relation hard negatives (configs/clip/shapes.yaml) and measured how often it tells them apart
+    assert 0 <= report["stages"]["clip"]["figures"]["val/negative_acc"] <= 1
     assert (root / "samples.png").is_file() and (root / "eval" / "fid_clip_vs_clip_score_final.png").is_file()
     # the in-loop evaluation ran at the end of the diffusion stage too
     ldm_rows = [json.loads(x) for x in (root / "ldm" / "metrics.jsonl").read_text().splitlines()]
@@ -73,3 +78,18 @@ def test_pipeline_end_to_end_report_matches_run_directories(tmp_path, monkeypatc
     again = run_pipeline(cfg_path)["report"]
     assert all(again["stages"][s]["skipped"] for s in ("clip", "vae", "ldm"))
     assert again["evaluation"]["results"]["eval/fid_clip_g3.0"] == pytest.approx(g3["eval/fid_clip_g3.0"], rel=1e-6)
+
+
+def test_base_pipeline_runs_the_gpu_scale_stage_configs_on_real_shards():
+    cfg = load_config("configs/pipeline/base.yaml")
+    assert cfg["data"]["train_urls"] and "out" not in cfg["data"]  # real shards, not the shapes generator
+    stages = {s: yaml.safe_load(open(cfg["stages"][s]["config"])) for s in ("clip", "vae", "ldm")}
+    for stage, raw in stages.items():
+        assert raw["trainer"]["accelerator"] == "gpu" and raw["trainer"]["precision"] == "bf16-mixed", stage
+    ldm, vae = stages["ldm"]["model"]["init_args"], stages["vae"]["model"]["init_args"]
+    assert ldm["image_size"] == stages["vae"]["data"]["init_args"]["image_size"] == 256
+    assert 2 ** (len(vae["arch"]["ch_mult"]) - 1) == 8  # f=8: 32x32 latents
+    width = stages["clip"]["model"]["init_args"]["text"]["width"]
+    assert 2e8 < bench.unet_step_flops({**ldm["unet"], "context_dim": width}, 1, 32)["params"] < 9e8
+    assert stages["clip"]["model"]["init_args"]["hard_negatives"]
+    assert eval_device(cfg) == "cuda" and eval_device(load_config("configs/pipeline/shapes.yaml")) == "cpu"
