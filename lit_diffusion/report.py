@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from lit_diffusion.metrics.caption_accuracy import ATTRIBUTES, KINDS
 from lit_diffusion.pipeline import STAGE_KEYS, STAGES
 
 
@@ -65,9 +66,9 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
         row = [f"{g:g}", *[_fmt(results.get(f"eval/fid_{b}_g{g:.1f}")) for b in backends],
                _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/caption_acc_g{g:.1f}"))]
         lines.append("| " + " | ".join(row) + " |")
-    detail = ("one_object", "two_objects", "count", "colors", "shapes", "sizes", "relation")
+    detail = (*KINDS, *ATTRIBUTES)
     if any(f"eval_detail/caption_{k}_g{g:.1f}" in results for k in detail for g in guidance):
-        lines += ["", "Caption accuracy by caption kind and by attribute:", "",
+        lines += ["", "Caption accuracy by caption kind, and of each attribute over all captions:", "",
                   "| guidance | " + " | ".join(k.replace("_", " ") for k in detail) + " |",
                   "|" + "---|" * (len(detail) + 1)]
         for g in guidance:
