@@ -104,3 +104,28 @@ def test_embedding_arithmetic_moves_the_query(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         query(stub, tmp_path / "empty", "a red circle")
+
+
+@pytest.mark.slow
+def test_hard_negatives_teach_clip_which_object_is_where(tmp_path):
+    """Trained with relation swaps as negatives, a tiny CLIP tells "A above B" from "A below B"; the same CLIP
+    trained without them reads captions as bags of words (measured: 0.77 vs 0.55 after 1500 steps, ~1 min each)."""
+    info = write_shapes(tmp_path / "data", train=3000, val=300, shard_size=1000, seed=0)
+    pairs = {"above": "below", "left": "right"}
+    args = dict(TINY, tokenizer_path=str(tmp_path / "data" / "tokenizer.json"))
+    data = ImageCaptionDataModule(train_urls=info["urls"]["train"], val_urls=info["urls"]["val"], image_size=32,
+                                  batch_size=64, num_workers=0, train_batches_per_epoch=1500, shuffle_buffer=500)
+
+    def trainer():
+        return L.Trainer(accelerator="cpu", max_steps=1500, num_sanity_val_steps=0, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+
+    accuracy = {}
+    for name, negatives in (("with", pairs), ("without", None)):
+        L.seed_everything(0)
+        module = CLIPModule(hard_negatives=negatives, **args)
+        trainer().fit(module, data)
+        probe = CLIPModule(hard_negatives=pairs, **args)  # scores the same swaps, whatever the training saw
+        probe.load_state_dict(module.state_dict())
+        accuracy[name] = trainer().validate(probe, data, verbose=False)[0]["val/negative_acc"]
+    assert accuracy["with"] > 0.7 and accuracy["without"] < 0.65, accuracy
