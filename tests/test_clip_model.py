@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_diffusion.data.negatives import swap_table, swap_words
+from lit_diffusion.data.negatives import WordSwaps, swap_table
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, MAX_LOGIT_SCALE, TextConfig, VisionConfig
 from lit_diffusion.models.transformer import Transformer, attention_mask
@@ -225,12 +225,12 @@ def test_checkpoint_with_mismatched_weights_is_refused(module, tmp_path):
 
 # ---- hard negatives ----
 def test_swap_words_swaps_both_ways_whole_words_and_keeps_capitals():
-    pairs = {"above": "below", "left": "right", "on top of": "under"}
-    assert swap_words("a red circle above a blue square", pairs) == "a red circle below a blue square"
-    assert swap_words("Below the box, left of it", pairs) == "Above the box, right of it"
-    assert swap_words("a cat on top of a mat", pairs) == "a cat under a mat"
-    assert swap_words("leftover abovementioned", pairs) is None  # whole words only
-    assert swap_words("a small red circle", pairs) is None
+    swap_words = WordSwaps({"above": "below", "left": "right", "on top of": "under"})
+    assert swap_words("a red circle above a blue square") == "a red circle below a blue square"
+    assert swap_words("Below the box, left of it") == "Above the box, right of it"
+    assert swap_words("a cat on top of a mat") == "a cat under a mat"
+    assert swap_words("leftover abovementioned") is None  # whole words only
+    assert swap_words("a small red circle") is None
 
 
 def test_contradictory_swap_pairs_are_refused_naming_the_option(tokenizer_file):

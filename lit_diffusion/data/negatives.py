@@ -1,6 +1,6 @@
 """Hard negative captions for contrastive training: a caption made false by swapping words (NegCLIP).
 
-`swap_words("a red circle above a blue square", {"above": "below"})` -> "a red circle below a blue square".
+`WordSwaps({"above": "below"})("a red circle above a blue square")` -> "a red circle below a blue square".
 Pairs apply both ways and match whole words or phrases, case-insensitively; a swap keeps a capital first letter.
 """
 
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import re
 from typing import Mapping
-
-_compiled: dict[tuple, tuple[re.Pattern, dict[str, str]]] = {}
 
 
 def swap_table(pairs: Mapping[str, str], option: str = "hard_negatives") -> dict[str, str]:
@@ -25,20 +23,20 @@ def swap_table(pairs: Mapping[str, str], option: str = "hard_negatives") -> dict
     return table
 
 
-def swap_words(caption: str, pairs: Mapping[str, str]) -> str | None:
-    """`caption` with every word of `pairs` replaced by its partner, or None when it holds none of them."""
-    key = tuple(sorted(pairs.items()))
-    if key not in _compiled:
-        table = swap_table(pairs)
-        words = sorted(table, key=len, reverse=True)  # longest first: "on top of" before "on"
-        pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
-        _compiled[key] = pattern, table
-    pattern, table = _compiled[key]
+class WordSwaps:
+    """`WordSwaps(pairs)(caption)`: the caption with every word of `pairs` replaced by its partner, or None when it
+    holds none of them. The pairs are checked (`swap_table`, errors name `option`) and compiled once."""
 
-    def partner(match: re.Match) -> str:
+    def __init__(self, pairs: Mapping[str, str], option: str = "hard_negatives"):
+        self.table = swap_table(pairs, option)
+        words = sorted(self.table, key=len, reverse=True)  # longest first: "on top of" before "on"
+        self.pattern = re.compile(r"\b(" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+
+    def _partner(self, match: re.Match) -> str:
         word = match.group(0)
-        swapped = table[word.lower()]
+        swapped = self.table[word.lower()]
         return swapped[:1].upper() + swapped[1:] if word[:1].isupper() else swapped
 
-    swapped, count = pattern.subn(partner, caption)
-    return swapped if count else None
+    def __call__(self, caption: str) -> str | None:
+        swapped, count = self.pattern.subn(self._partner, caption)
+        return swapped if count else None

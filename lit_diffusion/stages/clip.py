@@ -30,7 +30,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lit_diffusion.data.negatives import swap_table, swap_words
+from lit_diffusion.data.negatives import WordSwaps
 from lit_diffusion.data.shapes import COLORS, SHAPES, SIZES
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig
@@ -144,7 +144,8 @@ class CLIPModule(L.LightningModule):
             if "{color}" not in t or "{shape}" not in t:
                 raise ValueError(f"model.init_args.zeroshot_templates: {t!r} needs both {{color}} and {{shape}}")
         hard_negatives = dict(hard_negatives or {})
-        swap_table(hard_negatives, "model.init_args.hard_negatives")  # fail at startup, naming the option
+        # checked here, so a bad pair fails at startup naming the option
+        self.word_swaps = WordSwaps(hard_negatives, "model.init_args.hard_negatives") if hard_negatives else None
         # plain python only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({
             "vision": asdict(vision), "text": asdict(text), "embed_dim": int(embed_dim),
@@ -225,10 +226,9 @@ class CLIPModule(L.LightningModule):
     def negative_embeddings(self, captions: Sequence[str]) -> tuple[Tensor, Tensor] | None:
         """(embeddings [B, E] of the swapped captions, zero where a caption has no swap word; mask [B] bool),
         or None without `hard_negatives`."""
-        pairs = self.hparams.get("hard_negatives")
-        if not pairs:
+        if self.word_swaps is None:
             return None
-        swapped = [swap_words(c, pairs) for c in captions]
+        swapped = [self.word_swaps(c) for c in captions]
         mask = torch.tensor([s is not None for s in swapped], device=self.device)
         negatives = torch.zeros(len(captions), self.embed_dim, device=self.device)
         if bool(mask.any()):
