@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        from lit_diffusion.launch import apply_launcher_env
-        from lit_diffusion.lightning_cli import run_lightning_cli
+        from lit_diffusion.runtime.launch import apply_launcher_env
+        from lit_diffusion.runtime.lightning_cli import run_lightning_cli
 
         run_lightning_cli(apply_launcher_env(argv))
         return
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
 def cmd_sample(args) -> None:
     import torch
 
-    from lit_diffusion.plots import save_grid
+    from lit_diffusion.evaluation.plots import save_grid
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,7 +157,7 @@ def add_sample(sub) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from lit_diffusion.evaluation import EvalConfig, evaluate_checkpoint
+    from lit_diffusion.evaluation.evaluator import EvalConfig, evaluate_checkpoint
 
     cfg = EvalConfig(guidance=args.guidance, num_samples=args.num_samples, backends=args.features.split(","),
                      inception_weights=args.inception_weights, sampler=args.sampler, steps=args.steps,
@@ -192,7 +192,7 @@ def add_evaluate(sub) -> None:
 
 
 def cmd_toy(args) -> None:
-    from lit_diffusion.diffusion.toy import run_toy
+    from lit_diffusion.stages.toy import run_toy
 
     _print_json(run_toy(args.config, args.out))
 
@@ -205,7 +205,7 @@ def add_toy(sub) -> None:
 
 
 def cmd_clip_query(args) -> None:
-    from lit_diffusion.clip_query import query
+    from lit_diffusion.evaluation.clip_query import query
 
     for rank, (source, score) in enumerate(query(args.ckpt, args.images, args.text, top_k=args.top_k), 1):
         print(f"{rank:3d}  {score:+.4f}  {source}")
@@ -250,7 +250,7 @@ def add_sweep(sub) -> None:
 
 
 def add_compare(sub) -> None:
-    from lit_diffusion.compare import add_compare as add
+    from lit_diffusion.evaluation.compare import add_compare as add
 
     add(sub)
 

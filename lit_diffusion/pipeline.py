@@ -19,14 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
+
 log = logging.getLogger("lit_diffusion")
 
-STAGES = ("clip", "vae", "ldm")
-STAGE_KEYS = {  # the figures a stage's one-line summary and the report show
-    "clip": ("val/i2t_r1", "val/t2i_r1", "val/zeroshot_acc", "val/negative_acc", "val/loss"),
-    "vae": ("val/psnr", "val/ssim", "val/rfid", "val/latent_std"),
-    "ldm": ("val/loss", "train/loss"),
-}
 
 
 def load_config(path: str | Path) -> dict:
@@ -160,7 +156,7 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     grid = sample_grid(cfg, root)
     timings["total"] = time.perf_counter() - t_start
 
-    from lit_diffusion.report import write_report
+    from lit_diffusion.evaluation.report import write_report
 
     report = write_report(root, name, cfg, data, stages, evaluation, grid, timings)
     print(f"report: {report['md']}\n        {report['json']}\nsamples: {grid}\nplot: {evaluation.get('plot')}",
@@ -175,7 +171,7 @@ def eval_device(cfg: dict) -> str:
 
 def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
     """Evaluate ldm.ckpt on the val shards (one process; the in-loop callback does the same under DDP)."""
-    from lit_diffusion.evaluation import EvalConfig, evaluate_checkpoint
+    from lit_diffusion.evaluation.evaluator import EvalConfig, evaluate_checkpoint
 
     ev = dict(cfg.get("evaluation") or {})
     backends = ev.get("features", ["clip"])
@@ -196,7 +192,7 @@ def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
 
 def sample_grid(cfg: dict, root: Path) -> str:
     from lit_diffusion.callbacks.sample_grid import SampleGrid
-    from lit_diffusion.plots import save_grid
+    from lit_diffusion.evaluation.plots import save_grid
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     spec = cfg.get("samples") or {}

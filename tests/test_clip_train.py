@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lit_diffusion.callbacks.clip_viz import CLIPVisualization
-from lit_diffusion.clip_query import parse_query, query, text_query_embedding
+from lit_diffusion.evaluation.clip_query import parse_query, query, text_query_embedding
 from lit_diffusion.data.datamodule import ImageCaptionDataModule
 from lit_diffusion.data.shapes import render, write_shapes
 from lit_diffusion.stages.clip import CLIPModule

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_diffusion import compare as cmp
+from lit_diffusion.evaluation import compare as cmp
 
 
 def write_run(directory: Path, final: dict, best: dict | None = None, best_step: dict | None = None,

@@ -1,6 +1,6 @@
 import pytest
 
-from lit_diffusion.data.bench import bench_data
+from lit_diffusion.bench.data import bench_data
 from lit_diffusion.data.shapes import write_shapes
 
 

@@ -13,8 +13,8 @@ import torch
 from conftest import TINY_VAE, tiny_datamodule
 from lightning.pytorch.loggers import Logger
 
-from lit_diffusion import launch
-from lit_diffusion.callbacks.batch_info import BatchInfo
+from lit_diffusion.runtime import launch
+from lit_diffusion.runtime.batch_info import BatchInfo
 from lit_diffusion.stages.vae import VAEModule
 
 
@@ -52,7 +52,7 @@ def test_launcher_strategy_keeps_the_configured_ddp_arguments(shapes_data, tmp_p
     """`fabric run --strategy ddp` used to replace a configured DDPStrategy (and its timeout) by the string "ddp"."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lit_diffusion.lightning_cli import LitDiffusionCLI
+    from lit_diffusion.runtime.lightning_cli import LitDiffusionCLI
 
     config = tmp_path / "vae.yaml"
     config.write_text(json.dumps({

@@ -278,7 +278,7 @@ def test_ldm_two_fabric_nodes_with_in_loop_evaluation(tiny_ckpts, tmp_path):
     rank-zero-only side effects, and the 2-rank evaluation equals a 1-rank evaluation of the saved EMA weights."""
     from conftest import tiny_datamodule
 
-    from lit_diffusion.evaluation import EvalConfig, Evaluator
+    from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     data = tiny_ckpts["data"]

@@ -6,9 +6,9 @@ from conftest import randomise_unet, tiny_datamodule
 from test_ldm import make_ldm
 
 from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
-from lit_diffusion.evaluation import EvalConfig, Evaluator, sample_seed
+from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, sample_seed
 from lit_diffusion.metrics.clip_score import clip_score_per_sample
-from lit_diffusion.tracking import JSONLLogger
+from lit_diffusion.runtime.tracking import JSONLLogger
 
 
 def test_evaluation_equals_a_direct_computation_and_reuses_real_statistics(tiny_ckpts, tmp_path):

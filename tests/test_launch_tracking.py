@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from lit_diffusion import tracking
-from lit_diffusion.launch import apply_launcher_env, launcher_settings
+from lit_diffusion.runtime import tracking
+from lit_diffusion.runtime.launch import apply_launcher_env, launcher_settings
 
 
 def test_fabric_run_settings_become_trainer_arguments():

@@ -13,7 +13,7 @@ import yaml
 from conftest import TINY_VAE, tiny_datamodule
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
-from lit_diffusion.safety import AtomicCheckpointIO, LastCheckpoint, SignalCheckpoint
+from lit_diffusion.runtime.safety import AtomicCheckpointIO, LastCheckpoint, SignalCheckpoint
 
 
 def tiny_vae_config(data: Path, max_steps: int, **trainer) -> dict:
@@ -32,7 +32,7 @@ def tiny_vae_config(data: Path, max_steps: int, **trainer) -> dict:
 
 
 def run_cli(argv):
-    from lit_diffusion.lightning_cli import run_lightning_cli
+    from lit_diffusion.runtime.lightning_cli import run_lightning_cli
 
     return run_lightning_cli(argv)
 
@@ -46,7 +46,7 @@ def test_atomic_save_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch
         f.write(b"PK\x03\x04 half a zip")  # what a kill mid-write leaves behind
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("lit_diffusion.safety.torch.save", torch_save_dies_halfway)
+    monkeypatch.setattr("lit_diffusion.runtime.safety.torch.save", torch_save_dies_halfway)
     with pytest.raises(OSError, match="No space left"):
         io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()

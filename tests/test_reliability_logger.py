@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from conftest import TINY_VAE, tiny_datamodule
 
-from lit_diffusion.tracking import SafeWandbLogger, default_loggers
+from lit_diffusion.runtime.tracking import SafeWandbLogger, default_loggers
 
 
 class BreakWandb(L.Callback):

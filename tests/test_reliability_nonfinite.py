@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import TINY_CLIP, TINY_VAE, tiny_datamodule
 
-from lit_diffusion.safety import LastCheckpoint, NonFiniteGuard, NonFiniteLossError
-from lit_diffusion.tracking import JSONLLogger
+from lit_diffusion.runtime.safety import LastCheckpoint, NonFiniteGuard, NonFiniteLossError
+from lit_diffusion.runtime.tracking import JSONLLogger
 
 BAD_STEP = 3
 

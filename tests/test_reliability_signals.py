@@ -16,7 +16,7 @@ import torch
 import yaml
 from test_reliability_checkpoints import SendSignal, _vae_run, tiny_vae_config
 
-from lit_diffusion.safety import SignalCheckpoint
+from lit_diffusion.runtime.safety import SignalCheckpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

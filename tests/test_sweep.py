@@ -185,7 +185,7 @@ def _lookup(namespace, key):
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_sweep_parameters_parse_against_the_ldm_config(path, monkeypatch):
     """Every swept key is an option that configs/ldm/shapes.yaml's LightningCLI accepts, holding the value."""
-    from lit_diffusion.lightning_cli import LitDiffusionCLI
+    from lit_diffusion.runtime.lightning_cli import LitDiffusionCLI
 
     class ParseOnly(LitDiffusionCLI):
         def instantiate_classes(self):
@@ -271,7 +271,7 @@ def test_offline_sweep_of_three_tiny_ldm_runs_and_their_comparison(tiny_ckpts, t
     import yaml as _yaml
     from conftest import TINY_UNET
 
-    from lit_diffusion.compare import compare
+    from lit_diffusion.evaluation.compare import compare
     from lit_diffusion.sweep import run_sweep
 
     data = tiny_ckpts["data"]

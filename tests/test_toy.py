@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_diffusion.diffusion.toy import DEFAULT_CONFIG, load_toy_config, run_toy
+from lit_diffusion.stages.toy import DEFAULT_CONFIG, load_toy_config, run_toy
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "toy" / "spiral.yaml"
 

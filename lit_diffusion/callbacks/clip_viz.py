@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from lit_diffusion.plots import plt, save_grid
+from lit_diffusion.evaluation.plots import plt, save_grid
 
 
 def _run_dir(trainer) -> Path:

@@ -13,7 +13,7 @@ from typing import Sequence
 import lightning as L
 
 from lit_diffusion.callbacks.ema import averaged_module
-from lit_diffusion.evaluation import EvalConfig, Evaluator, write_results
+from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, write_results
 
 log = logging.getLogger("lit_diffusion")
 

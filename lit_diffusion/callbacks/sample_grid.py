@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from lit_diffusion.callbacks.ema import averaged_module
-from lit_diffusion.plots import save_grid
+from lit_diffusion.evaluation.plots import save_grid
 
 
 class SampleGrid(L.Callback):

@@ -13,11 +13,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lit_diffusion import safety, tracking
+from lit_diffusion.runtime import safety, tracking
 
 log = logging.getLogger("lit_diffusion")
-from lit_diffusion.callbacks.batch_info import BatchInfo
-from lit_diffusion.launch import shared_run_name
+from lit_diffusion.runtime.batch_info import BatchInfo
+from lit_diffusion.runtime.launch import shared_run_name
 
 
 class RunConfigCallback(SaveConfigCallback):

@@ -195,7 +195,7 @@ def tradeoff_points(results: dict[str, float], backend: str) -> list[tuple[float
 def write_results(results: dict, out_dir: str | Path, step: int | None, backends: Sequence[str],
                   name: str = "model") -> dict[str, Path]:
     """eval JSON and the FID-vs-CLIP-score plot (one per backend) into out_dir; returns the paths."""
-    from lit_diffusion.plots import save_tradeoff
+    from lit_diffusion.evaluation.plots import save_tradeoff
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Every figure is a ratio framework / baseline from runs interleaved with the baseline's (alternating order), taking
 medians, so a busy machine slows both sides alike; both absolute numbers are reported next to it.
-  data      DataModule samples/s vs a raw webdataset + PIL loop (lit_diffusion.data.bench)      target >= 0.9
+  data      DataModule samples/s vs a raw webdataset + PIL loop (lit_diffusion.bench.data)      target >= 0.9
   train     steps/s of Lightning `fit` vs a hand-written loop, per stage                        target >= 0.95
   sampling  each sampler's loop vs the bare U-Net forwards it performs; batched CFG vs 2 calls  target <= 1.05
   eval      second in-loop evaluation (real statistics cached) vs the first                     target <= 0.6
@@ -31,7 +31,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 SECTIONS = ("data", "train", "sampling", "eval", "memory")
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 # --quick: models small enough for a busy 2-core CPU (the shapes-sized configs are used otherwise)
 QUICK_CLIP = dict(embed_dim=32, vision=dict(image_size=16, patch_size=8, width=32, layers=1, heads=2),
@@ -588,7 +588,7 @@ def bench_eval(module, shapes_dir: Path, work: Path, settings: Settings, backend
     """Evaluator.run twice per fresh Evaluator (1st computes the real statistics, 2nd reuses them from memory),
     then once more with a new Evaluator (from the disk cache); real set = generated set = eval_samples."""
     from lit_diffusion.data.datamodule import ImageCaptionDataModule
-    from lit_diffusion.evaluation import EvalConfig, Evaluator
+    from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator
 
     module = module.eval()
     n = settings.eval_samples
@@ -733,7 +733,7 @@ def bench_memory(work: Path, settings: Settings, num_workers: int = 1) -> tuple[
 
 # ------------------------------------------------------------------------------------------------------ data
 def bench_data_section(shapes_dir: Path, settings: Settings) -> tuple[list[dict], dict]:
-    from lit_diffusion.data.bench import bench_data
+    from lit_diffusion.bench.data import bench_data
 
     result = bench_data(str(shapes_dir / "train-*.tar"), image_size=settings.image_size, batch_size=64,
                         num_samples=settings.data_samples, num_workers=1, repeats=settings.repeats)

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from lit_diffusion.metrics.caption_accuracy import ATTRIBUTES, KINDS
-from lit_diffusion.pipeline import STAGE_KEYS, STAGES
+from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
 
 
 def _fmt(value) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from lit_diffusion import tracking
+from lit_diffusion.runtime import tracking
 
 MISSING = "missing"
 GUIDANCE_KEY = re.compile(
@@ -280,7 +280,7 @@ def _md_cell(text: str) -> str:
 def compare(specs: Sequence[str], out: str | Path, metric: str | None = None, goal: str | None = None,
             which: str = "final", api=None, echo: bool = True) -> dict:
     """Write DIR/compare.md, DIR/compare.csv and the FID-vs-CLIP-score figures; returns what it found."""
-    from lit_diffusion.plots import save_tradeoff
+    from lit_diffusion.evaluation.plots import save_tradeoff
 
     if which not in ("final", "best"):
         raise ValueError(f"--which must be final or best, got {which!r}")
