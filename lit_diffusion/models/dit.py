@@ -131,8 +131,8 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block: self-attention, cross-attention to the text (if `context_dim`), MLP.
 
     The conditioning vector c gives, per sample, a shift, scale and gate for the self-attention and for the MLP;
-    the cross-attention is ungated with its own pre-norm (PixArt-alpha; the LayerNorm keeps its queries at unit
-    scale whatever the residual stream's)."""
+    the cross-attention is ungated, as in PixArt-alpha, but has a pre-norm that PixArt lacks (as Stable Diffusion's
+    transformer blocks do): its queries stay at unit scale whatever the residual stream's."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, context_dim: int | None):
         super().__init__()
