@@ -55,3 +55,25 @@ def test_cross_attention_ignores_padded_context_and_matches_torch_multihead():
     garbage = ctx.clone()
     garbage[0, 2:] = 1e3  # what sits under the padding does not matter
     torch.testing.assert_close(layer(x, garbage, mask), out)
+
+
+def test_attention_over_padded_context_equals_attention_over_its_real_tokens():
+    torch.manual_seed(0)
+    attn = Attention(16, context_dim=8, heads=2)
+    x = torch.randn(2, 10, 16)
+    ctx = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    out = attn(x, ctx, mask)
+    assert torch.allclose(out[0], attn(x[:1], ctx[:1, :3])[0], atol=1e-5)
+    assert torch.allclose(out[1], attn(x[1:], ctx[1:, :5])[0], atol=1e-5)
+
+
+def test_a_query_with_no_real_key_gets_the_output_bias():
+    torch.manual_seed(0)
+    attn = Attention(16, context_dim=8, heads=2)
+    mask = torch.tensor([[0, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    out = attn(torch.randn(2, 4, 16), torch.randn(2, 3, 8), mask)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[0], attn.to_out[0].bias.expand(4, 16))  # attends to nothing
+    with pytest.raises(ValueError, match="key_padding_mask has shape"):
+        attn(torch.randn(2, 4, 16), torch.randn(2, 3, 8), mask[:, :2])

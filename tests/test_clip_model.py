@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lit_diffusion.data.negatives import WordSwaps, swap_table
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, MAX_LOGIT_SCALE, TextConfig, VisionConfig
-from lit_diffusion.models.transformer import Transformer, attention_mask
+from lit_diffusion.models.transformer import Transformer
 from lit_diffusion.stages.clip import (
     ZEROSHOT_CLASSES,
     CLIPModule,
@@ -40,12 +40,24 @@ def module(tokenizer_file):
 
 
 # ---- transformer ----
-def test_attention_mask_combines_causal_and_padding():
-    pad = torch.tensor([[True, True, False]])
-    mask = attention_mask(3, causal=True, padding_mask=pad)[0, 0]
-    expected = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)  # pad key 2 only seen by itself
-    assert torch.equal(mask, expected)
-    assert attention_mask(3, causal=False, padding_mask=None) is None
+def test_fused_self_attention_matches_torch_multihead_with_causal_and_padding_masks():
+    torch.manual_seed(0)
+    attn = Transformer(width=8, layers=1, heads=2).blocks[0].attn.double().eval()
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
+    with torch.no_grad():  # CLIP's qkv is MultiheadAttention's in_proj: q, k, v stacked
+        ref.in_proj_weight.copy_(attn.qkv.weight)
+        ref.in_proj_bias.copy_(torch.randn(24))
+        attn.qkv.bias.copy_(ref.in_proj_bias)
+        ref.out_proj.weight.copy_(attn.proj.weight)
+        ref.out_proj.bias.copy_(torch.randn(8))
+        attn.proj.bias.copy_(ref.out_proj.bias)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    future = torch.ones(5, 5, dtype=torch.bool).triu(1)  # torch's convention: True = hidden
+    for causal, attn_mask in ((False, None), (True, future)):
+        expected = ref(x, x, x, key_padding_mask=~keep, attn_mask=attn_mask, need_weights=False)[0]
+        torch.testing.assert_close(attn(x, keep, causal), expected)
+    torch.testing.assert_close(attn(x, causal=True), ref(x, x, x, attn_mask=future, need_weights=False)[0])
 
 
 def test_padding_mask_hides_padded_keys():

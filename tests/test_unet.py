@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_diffusion.models.layers import Attention, SpatialTransformer, grid_embedding, timestep_embedding
+from lit_diffusion.models.layers import SpatialTransformer, grid_embedding, timestep_embedding
 from lit_diffusion.models.unet import UNet, UNetConfig
 
 TINY = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -47,32 +47,6 @@ def test_timestep_embedding_values():
     odd = timestep_embedding(t, 7)
     assert odd.shape == (3, 7) and torch.equal(odd[:, -1], torch.zeros(3))
     assert torch.allclose(timestep_embedding(t, 6, max_period=100)[2, 1], torch.tensor(math.cos(250 * 100 ** (-1 / 3))))
-
-
-def test_attention_mask_ignores_padded_tokens():
-    torch.manual_seed(0)
-    attn = Attention(16, context_dim=8, heads=2)
-    x = torch.randn(2, 10, 16)
-    ctx = torch.randn(2, 6, 8)
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    out = attn(x, ctx, mask)
-    ctx2 = ctx.clone()
-    ctx2[~mask] = 100.0
-    assert torch.allclose(attn(x, ctx2, mask), out, atol=1e-6)
-    # identical to attending over the real tokens only
-    assert torch.allclose(out[0], attn(x[:1], ctx[:1, :3])[0], atol=1e-5)
-    assert torch.allclose(out[1], attn(x[1:], ctx[1:, :5])[0], atol=1e-5)
-
-
-def test_fully_masked_row_gives_no_nan():
-    torch.manual_seed(0)
-    attn = Attention(16, context_dim=8, heads=2)
-    mask = torch.tensor([[0, 0, 0], [1, 1, 0]], dtype=torch.bool)
-    out = attn(torch.randn(2, 4, 16), torch.randn(2, 3, 8), mask)
-    assert torch.isfinite(out).all()
-    assert torch.allclose(out[0], attn.to_out[0].bias.expand(4, 16))  # attends to nothing
-    with pytest.raises(ValueError, match="attention mask has shape"):
-        attn(torch.randn(2, 4, 16), torch.randn(2, 3, 8), mask[:, :2])
 
 
 def test_grid_embedding_encodes_row_then_column():
@@ -128,6 +102,22 @@ def test_unet_depends_on_time_and_context_but_not_on_padding(context_layers):
     ctx_pad[~mask] = 50.0
     assert torch.allclose(net(x, t, ctx_pad, mask), out, atol=1e-5)
     assert torch.allclose(net(x, 700, ctx, mask)[1], out[1], atol=1e-6)  # a scalar t is broadcast
+
+
+@pytest.mark.parametrize("context_layers", [0, 1])
+def test_a_caption_without_real_tokens_conditions_on_nothing(context_layers):
+    net = tiny_unet(context_layers=context_layers, context_heads=2).eval()
+    x, t, ctx, mask = inputs()
+    mask[1] = False  # caption 1 is all padding
+    out = net(x, t, ctx, mask)
+    garbage = ctx.clone()
+    garbage[1] = torch.randn(5, 8) * 100
+    changed = net(x, t, garbage, mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(changed[1], out[1]) and torch.equal(changed[0], out[0])
+    # and it is not the unconditional path by accident: caption 0's real tokens still count
+    garbage[0, 0] += 1.0
+    assert not torch.allclose(net(x, t, garbage, mask)[0], out[0])
 
 
 def test_context_encoder_is_bidirectional_over_real_tokens_only():

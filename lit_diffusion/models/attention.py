@@ -30,11 +30,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = No
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal)
     if key_padding_mask.shape != (k.shape[0], m):
         raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected [{k.shape[0]}, {m}]")
-    visible = key_padding_mask.bool()[:, None, None, :]  # [B, 1, 1, M]
+    visible = key_padding_mask.bool()[:, None, None, :]  # [B, 1, 1, M]: the same keys for every query
     if causal:
         visible = visible & torch.ones(n, m, dtype=torch.bool, device=q.device).tril()  # [B, 1, N, M]
-    visible = visible.expand(-1, 1, n, m)
-    has_key = visible.any(-1, keepdim=True)  # [B, 1, N, 1]
+    # left broadcast over queries unless causal: no [B, N, M] mask is built for a U-Net's thousands of pixels
+    has_key = visible.any(-1, keepdim=True)  # [B, 1, 1 or N, 1]
     # SDPA gives NaN for a row that sees no key: let such rows see every key, then zero what they produce
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible | ~has_key, dropout_p=dropout)
     return out * has_key.to(out.dtype)

@@ -1,4 +1,5 @@
-"""Building blocks of the U-Net: timestep embedding, attention, residual blocks, resampling, spatial transformer.
+"""Building blocks of the U-Net: timestep embedding, residual blocks, resampling, spatial transformer (its
+attention is `models.attention.Attention`).
 
 Spatial tensors are [B, C, H, W]; token sequences [B, N, C]. Nothing here calls `.view` on a spatial tensor, so
 channels_last inputs stay channels_last (the transformer's NCHW -> NHWC permute is free for them).
@@ -11,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lit_diffusion.models.attention import Attention
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -45,44 +48,6 @@ def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention (context=None) or cross-attention to `context`, via
-    F.scaled_dot_product_attention. `mask` [B, L] bool (True = real token) masks padded context keys; a row whose
-    keys are all masked attends to nothing and outputs the projection bias instead of NaN."""
-
-    def __init__(self, dim: int, context_dim: int | None = None, heads: int = 4, head_dim: int | None = None,
-                 dropout: float = 0.0):
-        super().__init__()
-        head_dim = head_dim or dim // heads
-        inner = heads * head_dim
-        context_dim = context_dim or dim
-        self.heads, self.head_dim = heads, head_dim
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
-
-    def _split(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, heads, N, head_dim]
-
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        ctx = x if context is None else context  # [B, L, Dc]
-        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(ctx)), self._split(self.to_v(ctx))
-        attn_mask = has_key = None
-        if mask is not None:
-            if mask.shape != ctx.shape[:2]:
-                raise ValueError(f"attention mask has shape {tuple(mask.shape)}, expected {tuple(ctx.shape[:2])}")
-            mask = mask.bool()
-            has_key = mask.any(-1)  # [B]
-            # SDPA gives NaN for rows with no visible key: unmask those rows here, zero their output below
-            attn_mask = (mask | ~has_key[:, None])[:, None, None, :]  # [B, 1, 1, L], broadcast over heads, queries
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B, heads, N, head_dim]
-        out = out.transpose(1, 2).flatten(2)  # [B, N, inner]
-        if has_key is not None:
-            out = out * has_key[:, None, None].to(out.dtype)
-        return self.to_out(out)
 
 
 class GEGLU(nn.Module):

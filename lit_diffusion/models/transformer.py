@@ -1,34 +1,21 @@
 """Pre-LN Transformer (as in CLIP / GPT-2): x + attn(ln(x)), then x + mlp(ln(x)).
 
-Sequences are [B, L, W]. Attention runs through F.scaled_dot_product_attention, which picks a fused kernel
-(flash / memory-efficient) when the mask allows it.
+The towers of CLIP (causal text, bidirectional image) and the U-Net's context encoder. Sequences are [B, L, W];
+the attention is `models.attention.attend`.
 """
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def attention_mask(length: int, causal: bool, padding_mask: Tensor | None, device=None) -> Tensor | None:
-    """Boolean SDPA mask (True = may attend) [B or 1, 1, L, L] from a causal flag and a key mask [B, L]
-    (True = real token); None when neither is given, so SDPA can use its unmasked kernels."""
-    mask = None
-    if causal:
-        mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]  # [1, 1, L, L]
-    if padding_mask is not None:
-        if padding_mask.dim() != 2 or padding_mask.shape[1] != length:
-            raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected [B, {length}]")
-        keys = padding_mask.bool()[:, None, None, :]  # [B, 1, 1, L]
-        # a query whose keys are all masked would give NaN: let it see itself instead (its output is ignored)
-        own = torch.eye(length, dtype=torch.bool, device=keys.device)[None, None]
-        keys = keys | own
-        mask = keys if mask is None else mask & keys
-    return mask
+from lit_diffusion.models.attention import attend
 
 
 class SelfAttention(nn.Module):
+    """Multi-head self-attention with CLIP's fused in-projection `qkv` (q, k, v stacked, as nn.MultiheadAttention's
+    in_proj) and output `proj`; the attention itself is `attend`."""
+
     def __init__(self, width: int, heads: int, dropout: float = 0.0):
         super().__init__()
         if width % heads:
@@ -38,12 +25,9 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, causal: bool = False) -> Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x [B, heads, L, hd]
-        drop = self.dropout if self.training else 0.0
-        # is_causal only when there is no explicit mask: SDPA refuses both at once
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop,
-                                             is_causal=causal and mask is None)  # [B, heads, L, hd]
+        out = attend(q, k, v, padding_mask, causal, self.dropout if self.training else 0.0)  # [B, heads, L, hd]
         return self.proj(out.transpose(1, 2).flatten(2))  # [B, L, W]
 
 
@@ -66,8 +50,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_ratio)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        x = x + self.attn(self.ln_1(x), mask, causal)
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, causal: bool = False) -> Tensor:
+        x = x + self.attn(self.ln_1(x), padding_mask, causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -93,7 +77,6 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor, causal: bool = False, padding_mask: Tensor | None = None) -> Tensor:
         """x [B, L, W]; causal: token i sees tokens <= i; padding_mask [B, L] (True = real token) hides keys."""
-        mask = attention_mask(x.shape[1], causal, padding_mask, x.device) if padding_mask is not None else None
         for block in self.blocks:
-            x = block(x, mask, causal)
+            x = block(x, padding_mask, causal)
         return x

@@ -48,7 +48,7 @@ class UNetConfig:
     context_layers: int = 0  # bidirectional Transformer blocks over the context, trained with the U-Net (LDM's tau)
     context_heads: int = 4  # their attention heads
     pos_embed: bool = False  # fixed 2-D sin-cos position embedding on every SpatialTransformer's tokens (DiT)
-    dropout: float = 0.0  # in ResBlocks, attention outputs and feed-forwards
+    dropout: float = 0.0  # in ResBlocks, attention (weights and outputs) and feed-forwards
     norm_groups: int = 32  # GroupNorm groups (reduced to a divisor of the width for tiny models)
     time_embed_mult: int = 4  # timestep MLP width = model_channels * time_embed_mult
     scale_shift_norm: bool = True  # ADM's adaptive GroupNorm (scale/shift) instead of adding the time embedding

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_diffusion.models.attention import attend
+
 
 @dataclass
 class VAEConfig:
@@ -76,7 +78,7 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # each [B, HW, C]
-        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # [B, HW, C]
+        out = attend(q[:, None], k[:, None], v[:, None])[:, 0]  # one head: [B, HW, C]
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
