@@ -174,19 +174,24 @@ def test_p_losses_is_the_velocity_mse_at_the_network_time():
     assert exact.p_losses(perfect, -torch.ones(5, 3), noise=torch.ones(5, 3)).abs().max() == 0
 
 
-def test_min_snr_weighting_is_min_snr_times_the_x0_error():
+@pytest.mark.parametrize("weighting", ["min_snr", "min_snr_plus_one"])
+def test_min_snr_weightings_are_the_clipped_snr_times_the_x0_error(weighting):
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
     t = torch.tensor([0.02, 0.1, 0.3, 0.5, 0.8, 0.97], dtype=torch.float64)
     fs = FlowSchedule()
     model_fn = lambda x_t, t_net: 0.5 * x_t + 0.1  # noqa: E731
-    loss = fs.p_losses(model_fn, x0, t=t, noise=eps, weighting="min_snr", gamma=5.0)
+    loss = fs.p_losses(model_fn, x0, t=t, noise=eps, weighting=weighting, gamma=5.0)
     x_t = fs.q_sample(x0, t, eps)
     x0_hat = fs.predict_x0(x_t, t, model_fn(x_t, t))
-    snr = ((1 - t) / t) ** 2
-    assert torch.allclose(loss.double(), snr.clamp(max=5.0) * (x0_hat - x0).pow(2).mean(1), rtol=1e-5)
+    snr = ((1 - t) / t) ** 2  # Hang et al.: alpha^2 / sigma^2 with alpha = 1 - t, sigma = t
+    x0_weight = (snr if weighting == "min_snr" else snr + 1).clamp(max=5.0)
+    assert torch.allclose(loss.double(), x0_weight * (x0_hat - x0).pow(2).mean(1), rtol=1e-5)
+
+
+def test_unknown_weighting_is_named():
     with pytest.raises(ValueError, match="unknown loss weighting 'p2'"):
-        fs.p_losses(model_fn, x0, t=t, noise=eps, weighting="p2")
+        FlowSchedule().p_losses(lambda x, t: x, torch.zeros(2, 3), weighting="p2")
 
 
 # ------------------------------------------------------------------------------------------------------ sampling

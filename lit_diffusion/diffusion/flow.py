@@ -28,7 +28,7 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[int, Tensor, Tensor, ModelPrediction], None]
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
-LOSS_WEIGHTINGS = ("plain", "min_snr")
+LOSS_WEIGHTINGS = ("plain", "min_snr", "min_snr_plus_one")
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
@@ -132,16 +132,19 @@ class FlowSchedule:
         """Per-sample weight [B] of the velocity MSE.
 
         plain: 1, the rectified-flow loss (SD3's best with logit-normal t).
-        min_snr (Hang et al. 2023): the x0-space loss weighted by min(SNR, gamma). Since x0_hat = x_t - t v_hat,
-        ||x0 - x0_hat||^2 = t^2 ||v - v_hat||^2, so the weight on the velocity loss is min(SNR, gamma) t^2
-        = min((1 - t)^2, gamma t^2).
+        min_snr (Hang et al. 2023): the x0-space loss weighted by min(SNR, gamma), SNR = ((1 - t) / t)^2. Since
+        x0_hat = x_t - t v_hat, ||x0 - x0_hat||^2 = t^2 ||v - v_hat||^2, so the weight on the velocity loss is
+        min(SNR, gamma) t^2 = min((1 - t)^2, gamma t^2).
+        min_snr_plus_one: the x0-space weight min(SNR + 1, gamma), as in `NoiseSchedule.loss_weight`; on the
+        velocity loss min((1 - t)^2 + t^2, gamma t^2), which stays near 1 at high noise where min_snr's vanishes.
         """
+        if kind not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {kind!r}; choose one of {LOSS_WEIGHTINGS}")
         if kind == "plain":
             return torch.ones_like(t, dtype=torch.float32)
-        if kind == "min_snr":
-            t = t.double()
-            return torch.minimum((1 - t) ** 2, gamma * t**2).float()
-        raise ValueError(f"unknown loss weighting {kind!r}; choose one of {LOSS_WEIGHTINGS}")
+        t = t.double()
+        x0_weight_times_t2 = (1 - t) ** 2 if kind == "min_snr" else (1 - t) ** 2 + t**2  # SNR t^2, (SNR + 1) t^2
+        return torch.minimum(x0_weight_times_t2, gamma * t**2).float()
 
     def p_losses(
         self,
