@@ -27,7 +27,7 @@ from lit_diffusion.diffusion.flow import (
     resolution_shift,
     shift_time,
 )
-from lit_diffusion.diffusion.guidance import Conditioning, cfg_model_fn
+from lit_diffusion.diffusion.guidance import Conditioning, cfg_model_fn, rescale_guidance
 from lit_diffusion.diffusion.samplers import SAMPLERS, check_sampler, ddim_sample, sample
 from lit_diffusion.diffusion.schedule import NoiseSchedule
 
@@ -72,7 +72,8 @@ def test_q_sample_target_and_inverses_match_the_formulas():
     # v is d x_t / dt: the path is linear in t, so a central difference is exact up to rounding
     h = 1e-3
     t_mid = torch.full((4,), 0.5, dtype=torch.float64)
-    dx = (fs.q_sample(x0.double(), t_mid + h, eps.double()) - fs.q_sample(x0.double(), t_mid - h, eps.double())) / (2 * h)
+    x0d, epsd = x0.double(), eps.double()
+    dx = (fs.q_sample(x0d, t_mid + h, epsd) - fs.q_sample(x0d, t_mid - h, epsd)) / (2 * h)
     assert torch.allclose(dx, v.double(), atol=1e-9)
     assert torch.allclose(fs.predict_x0(x_t, t, v), x0, atol=1e-6)
     assert torch.allclose(fs.predict_eps(x_t, t, v), eps, atol=1e-6)
@@ -326,6 +327,12 @@ def test_guided_flow_sample_combines_velocities_like_eps_and_a_negative_prompt_m
     v_neg = gaussian_velocity(fs, MU - 2.0)(x_t, fs.model_time(t))
     v_emp = gaussian_velocity(fs, MU + 0.0)(x_t, fs.model_time(t))
     assert torch.allclose(v - v_empty, (1 - g) * (v_neg - v_emp), atol=1e-12)
+    # guidance rescale (Lin et al. 2023) acts on the velocity as on eps: matched to the conditional velocity's std
+    v_cond = gaussian_velocity(fs, MU + 1.0)(x_t, fs.model_time(t))
+    rescaled_fn = cfg_model_fn(ShiftedGaussianDenoiser(fs), cond, cond_of(-2.0, 1), scale=g, rescale=0.7)
+    v_res = rescaled_fn(x_t, fs.model_time(t))
+    assert torch.allclose(v_res, rescale_guidance(v, v_cond, 0.7), atol=1e-12)
+    assert torch.allclose(v_res.std(1), 0.7 * v_cond.std(1) + 0.3 * v.std(1), atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------ registry and dispatch
@@ -337,10 +344,12 @@ def test_dispatch_knows_each_samplers_objective():
         assert torch.equal(sample(name, fn, fs, (2, 3), steps=5, x_T=x1, dtype=torch.float64),
                            direct(fn, fs, (2, 3), steps=5, x_T=x1, dtype=torch.float64))
     for name in ("ddpm", "ddim", "dpmpp_2m"):
-        with pytest.raises(ValueError, match=f"sampler '{name}' needs objective 'ddpm', this model's objective is 'flow'"):
+        message = f"sampler '{name}' needs objective 'ddpm', this model's objective is 'flow'"
+        with pytest.raises(ValueError, match=message):
             sample(name, fn, fs, (2, 3))
     for name in ("euler", "heun"):
-        with pytest.raises(ValueError, match=f"sampler '{name}' needs objective 'flow', this model's objective is 'ddpm'"):
+        message = f"sampler '{name}' needs objective 'flow', this model's objective is 'ddpm'"
+        with pytest.raises(ValueError, match=message):
             sample(name, lambda x, t: x, ddpm, (2, 3))
     # the check alone, for validating a config before any schedule exists
     for name in SAMPLERS:
