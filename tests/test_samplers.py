@@ -191,13 +191,13 @@ def test_callback_sees_every_step_and_clip_x0_clamps():
 
 
 def test_registry_and_dispatch():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m", "euler", "heun"}  # euler, heun: tests/test_flow.py
     sch = NoiseSchedule(50)
     fn = gaussian_denoiser(sch)
     a = sample("ddim", fn, sch, (2, 1), steps=5, generator=torch.Generator().manual_seed(0))
     b = ddim_sample(fn, sch, (2, 1), steps=5, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        sample("euler", fn, sch, (2, 1))
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        sample("lms", fn, sch, (2, 1))
     with pytest.raises(ValueError, match="x_T has shape"):
         ddim_sample(fn, sch, (2, 1), x_T=torch.zeros(3, 1))

@@ -1,4 +1,5 @@
-"""Reverse-process samplers: ancestral DDPM, DDIM, DPM-Solver++(2M).
+"""Reverse-process samplers: ancestral DDPM, DDIM, DPM-Solver++(2M); and the registry of every sampler, which
+also holds rectified flow's Euler and Heun (`diffusion/flow.py`) and knows which objective each one needs.
 
 Every sampler takes `model_fn(x_t, t) -> raw network output | ModelPrediction`, where t is a long tensor [B] of
 timestep indices 0..T-1; a raw output is read as `prediction` ("eps" | "v" | "x0"). Per-step coefficients are
@@ -13,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lit_diffusion.diffusion.flow import FLOW_SAMPLERS, FlowSchedule
 from lit_diffusion.diffusion.schedule import ModelPrediction, NoiseSchedule
 
 ModelFn = Callable[[Tensor, Tensor], "Tensor | ModelPrediction"]
@@ -220,15 +222,36 @@ def dpmpp_2m_sample(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
+DDPM_SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
     "dpmpp_2m": dpmpp_2m_sample,
 }
+OBJECTIVES = ("ddpm", "flow")
+SAMPLERS: dict[str, Callable[..., Tensor]] = {**DDPM_SAMPLERS, **FLOW_SAMPLERS}
+SAMPLER_OBJECTIVE: dict[str, str] = {**dict.fromkeys(DDPM_SAMPLERS, "ddpm"), **dict.fromkeys(FLOW_SAMPLERS, "flow")}
+"""The objective a sampler integrates: DDPM's samplers read eps / v / x0 on a NoiseSchedule, the flow samplers a
+velocity on a FlowSchedule; the two outputs mean different things, so a mismatch is refused, not converted."""
 
 
-def sample(name: str, model_fn: ModelFn, schedule: NoiseSchedule, shape, **kwargs) -> Tensor:
-    """Dispatch to `SAMPLERS[name]`; kwargs are that sampler's keyword arguments (steps, eta, generator, ...)."""
+def objective_of(schedule: NoiseSchedule | FlowSchedule) -> str:
+    return "flow" if isinstance(schedule, FlowSchedule) else "ddpm"
+
+
+def check_sampler(name: str, objective: str) -> None:
+    """Raise a ValueError naming both sides unless sampler `name` can sample a model trained with `objective`."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    if SAMPLER_OBJECTIVE[name] != objective:
+        fitting = sorted(k for k, v in SAMPLER_OBJECTIVE.items() if v == objective)
+        raise ValueError(f"sampler {name!r} needs objective {SAMPLER_OBJECTIVE[name]!r}, this model's objective is "
+                         f"{objective!r}; choose one of {fitting}")
+
+
+def sample(name: str, model_fn: ModelFn, schedule: NoiseSchedule | FlowSchedule, shape, **kwargs) -> Tensor:
+    """Dispatch to `SAMPLERS[name]` after checking it fits the schedule's objective (a NoiseSchedule is 'ddpm', a
+    FlowSchedule 'flow'); kwargs are that sampler's keyword arguments (steps, eta, generator, ...)."""
+    check_sampler(name, objective_of(schedule))
     return SAMPLERS[name](model_fn, schedule, shape, **kwargs)
