@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import randomise_unet, TINY_UNET, _fit, tiny_datamodule
 
-from lit_diffusion.stages.common import CheckpointError
+from lit_diffusion.stages.base import CheckpointError
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 
 
