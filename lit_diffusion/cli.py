@@ -131,13 +131,23 @@ def cmd_sample(args) -> None:
     for i, prompt in enumerate(args.prompt):
         seeds = [args.seed + i * args.num + j for j in range(args.num)]
         images = model.sample([prompt] * args.num, negative_prompts=args.negative_prompt, guidance=args.guidance,
-                              sampler=args.sampler, steps=args.steps, seed=seeds, eta=args.eta, progress=True)
+                              sampler=args.sampler, steps=args.steps, seed=seeds, eta=args.eta,
+                              guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, progress=True)
         rows.append(images.cpu())
         labels.append(prompt + (f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""))
     out = save_grid(rows, labels, args.out, col_titles=[f"seed {args.seed + j}" for j in range(args.num)],
                     title=f"{args.sampler or model.hparams.sampler}, {args.steps or model.hparams.sample_steps} steps, "
                           f"guidance {args.guidance:g}")
     print(out)
+
+
+def _add_guidance_rescale_and_clip_x0(p) -> None:
+    p.add_argument("--guidance-rescale", type=float, default=None,
+                   help="0..1: blend in the guided output rescaled to the conditional one's std (Lin et al. 2024; "
+                        "0 = plain guidance; default: the checkpoint's)")
+    p.add_argument("--clip-x0", type=float, default=None,
+                   help="clamp each step's predicted x0 (scaled latents) to [-v, v] (0 = off; default: the "
+                        "checkpoint's)")
 
 
 def add_sample(sub) -> None:
@@ -149,6 +159,7 @@ def add_sample(sub) -> None:
     p.add_argument("--sampler", default=None, help="ddim | ddpm | dpmpp_2m (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    _add_guidance_rescale_and_clip_x0(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=4, help="images per prompt")
     p.add_argument("--device", default=None)
@@ -161,7 +172,8 @@ def cmd_evaluate(args) -> None:
 
     cfg = EvalConfig(guidance=args.guidance, num_samples=args.num_samples, backends=args.features.split(","),
                      inception_weights=args.inception_weights, sampler=args.sampler, steps=args.steps,
-                     seed=args.seed, cache_dir=args.cache_dir)
+                     guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, seed=args.seed,
+                     cache_dir=args.cache_dir)
     out_dir = Path(args.json).parent if args.json else Path(".")
     results, paths, _ = evaluate_checkpoint(args.ckpt, args.data, cfg, out_dir, name=Path(args.ckpt).stem,
                                             batch_size=args.batch_size, num_workers=args.num_workers,
@@ -181,6 +193,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 weights file")
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None)
+    _add_guidance_rescale_and_clip_x0(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--num-workers", type=int, default=0)

@@ -42,22 +42,38 @@ def test_fit_rejects_unknown_keys_and_prints_config(tmp_path):
     assert printed["model"]["init_args"]["lr"] == 3e-4
 
 
-def test_sample_and_evaluate_commands(tiny_ckpts, tmp_path, capsys):
+def test_sample_and_evaluate_commands(tiny_ckpts, tmp_path, capsys, monkeypatch):
     from test_ldm import make_ldm
 
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    calls = []
+    sample = LatentDiffusionModule.sample
+
+    def spy(self, prompts, **kwargs):
+        calls.append({k: kwargs.get(k) for k in ("guidance", "guidance_rescale", "clip_x0")})
+        return sample(self, prompts, **kwargs)
+
+    monkeypatch.setattr(LatentDiffusionModule, "sample", spy)
     model = make_ldm(tiny_ckpts)
     trainer = _fit(model, tiny_datamodule(tiny_ckpts["data"]), 2, tmp_path)
     trainer.save_checkpoint(tmp_path / "ldm.ckpt")
     out = tmp_path / "grid.png"
     main(["sample", "--ckpt", str(tmp_path / "ldm.ckpt"), "--prompt", "a large red circle", "--prompt",
           "a small blue square", "--negative-prompt", "a green square", "--guidance", "3", "--sampler", "ddim",
-          "--steps", "3", "--seed", "0", "--num", "2", "--out", str(out)])
+          "--steps", "3", "--seed", "0", "--num", "2", "--guidance-rescale", "0.7", "--clip-x0", "2.5",
+          "--out", str(out)])
     assert capsys.readouterr().out.strip().endswith("grid.png")
     assert Image.open(out).size[0] > 100
+    assert calls == [{"guidance": 3.0, "guidance_rescale": 0.7, "clip_x0": 2.5}] * 2  # one call per prompt
+    calls.clear()
     result = tmp_path / "eval.json"
     main(["evaluate", "--ckpt", str(tmp_path / "ldm.ckpt"), "--data", str(tiny_ckpts["data"] / "val-*.tar"),
           "--num-samples", "8", "--guidance", "1,3", "--features", "clip", "--steps", "3", "--batch-size", "4",
+          "--guidance-rescale", "0.5", "--clip-x0", "3",
           "--cache-dir", str(tmp_path / "cache"), "--json", str(result)])
+    # 2 batches of 4, each at both guidance scales
+    assert calls == [{"guidance": g, "guidance_rescale": 0.5, "clip_x0": 3.0} for g in (1.0, 3.0)] * 2
     figures = json.loads(result.read_text())
     assert figures["eval/num_samples"] == 8
     for key in ("eval/fid_clip_g1.0", "eval/fid_clip_g3.0", "eval/clip_score_g3.0", "eval/caption_acc_g3.0"):

@@ -18,7 +18,7 @@ from lit_diffusion.stages.clip import (
     retrieval_recall,
     zeroshot_label,
 )
-from lit_diffusion.stages.common import CheckpointError, stage_block
+from lit_diffusion.stages.base import CheckpointError, stage_block
 
 CAPTIONS = ["a small red circle", "a large blue square", "a small green triangle above a large red square",
             "a large yellow circle left of a small cyan triangle"]

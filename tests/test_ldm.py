@@ -4,7 +4,9 @@ import pytest
 import torch
 from conftest import randomise_unet, TINY_UNET, _fit, tiny_datamodule
 
-from lit_diffusion.stages.common import CheckpointError
+from lit_diffusion.diffusion import samplers
+from lit_diffusion.diffusion.guidance import call_denoiser, rescale_guidance
+from lit_diffusion.stages.base import CheckpointError
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 
 
@@ -87,6 +89,60 @@ def test_guidance_negative_prompt_and_per_sample_seeds(tiny_ckpts):
     assert (g1 - both).abs().max() > 1e-4
     with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
         model.sample(prompts + ["x"], negative_prompts=["a", "b"])
+
+
+def test_guidance_rescale_reaches_sample_and_matches_the_guidance_function_by_hand(tiny_ckpts):
+    model = make_ldm(tiny_ckpts).eval()
+    randomise_unet(model)
+    prompts, seeds, scale, phi = ["a large red circle", "a small blue square"], [11, 12], 5.0, 0.7
+    plain = model.sample(prompts, guidance=scale, seed=seeds, return_latents=True)
+    rescaled = model.sample(prompts, guidance=scale, guidance_rescale=phi, seed=seeds, return_latents=True)
+    # reference: separate conditional and unconditional forwards, combined by hand (Lin et al. 2024, eq. 15-16)
+    cond, uncond = model.encode_prompts(prompts), model.null_cond(len(prompts))
+
+    def by_hand(x_t, t):
+        out_cond, out_uncond = (call_denoiser(model.denoiser, x_t, t, c) for c in (cond, uncond))
+        return rescale_guidance(out_uncond + scale * (out_cond - out_uncond), out_cond, phi)
+
+    x_T = torch.stack([torch.randn(plain.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        want = samplers.ddim_sample(by_hand, model.schedule, x_T.shape, steps=4, eta=0.0, x_T=x_T,
+                                    prediction=model.hparams.prediction)
+    # float32 round-off of batched vs separate forwards, grown by the guidance scale over the steps
+    tol = 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(rescaled, want, rtol=0, atol=tol)
+    assert (rescaled - plain).abs().max() > 100 * tol
+    # the stage's default (configs set it as model.init_args.guidance_rescale) reaches `sample` too
+    default = make_ldm(tiny_ckpts, guidance_rescale=phi).eval()
+    default.load_state_dict(model.state_dict())
+    torch.testing.assert_close(default.sample(prompts, guidance=scale, seed=seeds, return_latents=True), rescaled)
+    with pytest.raises(ValueError, match=r"model.init_args.guidance_rescale must be in \[0, 1\]"):
+        make_ldm(tiny_ckpts, guidance_rescale=1.5)
+
+
+def test_clip_x0_bounds_the_predicted_x0_of_every_step(tiny_ckpts, monkeypatch):
+    seen = []
+    ddim = samplers.ddim_sample
+
+    def spying_ddim(*args, **kwargs):  # the stage passes no callback of its own
+        return ddim(*args, callback=lambda i, t, x, pred: seen.append(pred.x0.abs().max().item()), **kwargs)
+
+    monkeypatch.setitem(samplers.SAMPLERS, "ddim", spying_ddim)
+    model = make_ldm(tiny_ckpts).eval()
+    randomise_unet(model)
+    prompts, seeds = ["a large red circle", "a small blue square"], [11, 12]
+    model.sample(prompts, guidance=5.0, seed=seeds)
+    bound = max(seen) / 2  # half the largest unclipped |x0|: the clamp must act
+    seen.clear()
+    model.sample(prompts, guidance=5.0, seed=seeds, clip_x0=bound)
+    assert len(seen) == 4 and max(seen) == pytest.approx(bound)
+    seen.clear()
+    default = make_ldm(tiny_ckpts, clip_x0=bound).eval()
+    default.load_state_dict(model.state_dict())
+    z = default.sample(prompts, guidance=5.0, seed=seeds, return_latents=True)
+    assert max(seen) == pytest.approx(bound) and z.abs().max() <= bound * (1 + 1e-6)  # DDIM ends on x0
+    with pytest.raises(ValueError, match="clip_x0 must be >= 0"):
+        model.sample(prompts, clip_x0=-1.0)
 
 
 @pytest.mark.parametrize("pooled_text", [False, True])

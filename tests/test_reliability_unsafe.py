@@ -12,7 +12,7 @@ import yaml
 from conftest import tiny_datamodule
 from test_reliability_checkpoints import run_cli, tiny_vae_config
 
-from lit_diffusion.stages.common import CheckpointError, load_stage_checkpoint
+from lit_diffusion.stages.base import CheckpointError, load_stage_checkpoint
 
 
 class Exploit:

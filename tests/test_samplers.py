@@ -190,6 +190,29 @@ def test_callback_sees_every_step_and_clip_x0_clamps():
     assert torch.allclose(out, torch.ones(3, 2))  # last DDIM step returns x0_hat
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_clip_x0_bounds_every_predicted_x0_and_keeps_eps_consistent(name, prediction):
+    sch = NoiseSchedule(50)
+    # a raw output whose implied x0 grows without bound as the noise level rises (|x0| >> 1 early on)
+    overshoot = lambda x, t: -3 * x  # noqa: E731
+    abar = sch.alphas_cumprod_f64.float()
+
+    def run(clip_x0):
+        seen = []
+        sample(name, overshoot, sch, (4, 3), prediction=prediction, steps=None if name == "ddpm" else 10,
+               clip_x0=clip_x0, generator=torch.Generator().manual_seed(0),
+               callback=lambda i, t, x, pred: seen.append((t[0].item(), x, pred)))
+        return seen
+
+    assert max(pred.x0.abs().max().item() for _, _, pred in run(None)) > 10  # the bound below really bites
+    for t, x, pred in run(2.0):
+        assert pred.x0.abs().max().item() <= 2.0
+        # eps recomputed from the clipped x0: both still describe x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
+        torch.testing.assert_close(abar[t].sqrt() * pred.x0 + (1 - abar[t]).sqrt() * pred.eps, x,
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_registry_and_dispatch():
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpmpp_2m", "euler", "heun"}  # euler, heun: tests/test_flow.py
     sch = NoiseSchedule(50)

@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from lit_diffusion.callbacks.reconstruction import ReconstructionGrid
-from lit_diffusion.stages.common import CheckpointError, stage_block
+from lit_diffusion.stages.base import CheckpointError, stage_block
 from lit_diffusion.stages.vae import LatentStats, VAEModule
 
 ARCH = dict(base_channels=8, ch_mult=[1, 2, 2], num_res_blocks=1, norm_groups=4, z_channels=4, mid_attention=True)

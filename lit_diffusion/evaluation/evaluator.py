@@ -37,6 +37,8 @@ class EvalConfig:
     inception_weights: str | None = None  # local pt_inception-2015-12-05 file for the inception backend
     sampler: str | None = None  # defaults to the model's
     steps: int | None = None
+    guidance_rescale: float | None = None  # 0..1, Lin et al. 2024's rescale of the guided output; None: the model's
+    clip_x0: float | None = None  # clamp of the predicted x0 at each step (0 = off); None: the model's
     seed: int = 0
     caption_accuracy: bool = True  # only counted for samples whose attrs describe shapes objects
     cache_dir: str | None = None  # where real statistics are cached (None: kept in memory only)
@@ -124,7 +126,8 @@ class Evaluator:
             seeds = [sample_seed(k, cfg.seed) for k in keys]
             shapes_idx = [i for i, a in enumerate(attrs) if a and a.get("objects")]
             for g in cfg.guidance:
-                images = model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds)
+                images = model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
+                                      guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
                 for b in cfg.backends:
                     self.fids[b][g].update(images, real=False)
                 self.clip_scores[g].update(self.clip.encode_image(images * 2 - 1), text_emb)

@@ -17,12 +17,9 @@ Validation embeds the whole val set, gathers it from every rank (uneven per-rank
 from __future__ import annotations
 
 import hashlib
-import inspect
 from dataclasses import asdict
-from pathlib import Path
 from typing import Sequence
 
-import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,7 +32,8 @@ from lit_diffusion.data.shapes import COLORS, SHAPES, SIZES
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig
 from lit_diffusion.models.clip_loss import ClipLoss
-from lit_diffusion.stages.common import CheckpointError, adamw_with_warmup, load_stage_checkpoint, stage_block
+from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
+from lit_diffusion.stages.common import adamw_with_warmup
 
 ZEROSHOT_CLASSES: list[tuple[str, str]] = [(c, s) for c in COLORS for s in SHAPES]
 
@@ -94,7 +92,7 @@ def gather_rows(x: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- the stage
-class CLIPModule(L.LightningModule):
+class CLIPModule(Stage):
     stage_kind = "clip"
 
     def __init__(
@@ -184,34 +182,13 @@ class CLIPModule(L.LightningModule):
         return self.model.encode_image(images.to(self.device, self.model.visual.conv1.weight.dtype))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "CLIPModule":
-        """The CLIP of a stage-1 checkpoint (read with weights_only=True), in eval mode."""
-        return cls.from_checkpoint_dict(load_stage_checkpoint(path, "clip"), source=str(path)).to(map_location)
-
-    @classmethod
-    def from_checkpoint_dict(cls, ckpt: dict, source: str = "embedded CLIP checkpoint") -> "CLIPModule":
-        """Rebuild from a checkpoint's parts: `lit_diffusion` block (config, tokenizer), `state_dict`."""
-        block = ckpt.get("lit_diffusion") or {}
-        if block.get("kind") != "clip":
-            raise CheckpointError(f"{source} is a {block.get('kind')!r} checkpoint, expected a 'clip' checkpoint")
+    def init_args_from_checkpoint(cls, ckpt: dict, source: str) -> dict:
+        """The saved config and the tokenizer itself: the checkpoint does not need the tokenizer file."""
+        block = ckpt["lit_diffusion"]
         if "tokenizer" not in block:
             raise CheckpointError(f"{source}: the CLIP checkpoint holds no tokenizer")
-        hparams = dict(ckpt.get("hyper_parameters") or {})
-        hparams.update(block.get("config") or {})
-        accepted = inspect.signature(cls.__init__).parameters
-        hparams = {k: v for k, v in hparams.items() if k in accepted}
-        hparams.update(tokenizer_json=block["tokenizer"], tokenizer_path=None)
-        try:
-            module = cls(**hparams)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{source}: cannot rebuild CLIP from its saved config: {err}") from err
-        state = ckpt.get("state_dict") or {}
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("val_loss")]
-        if missing or unexpected:
-            raise CheckpointError(f"{source}: CLIP weights do not match its config (missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]})")
-        return module.eval()
+        hparams = {**(ckpt.get("hyper_parameters") or {}), **(block.get("config") or {})}
+        return {**cls.accepted_args(hparams), "tokenizer_json": block["tokenizer"], "tokenizer_path": None}
 
     # ---- training ----
     def setup(self, stage: str) -> None:

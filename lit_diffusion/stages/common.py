@@ -1,45 +1,14 @@
-"""What every stage shares: reading stage checkpoints safely, the optimizer with warm-up."""
+"""The optimizer every stage trains with: AdamW with a linear warm-up and cosine decay."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
 
 import torch
 
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A stage checkpoint that is missing, unreadable, unsafe or of the wrong kind."""
-
-
-def stage_block(kind: str, **fields: Any) -> dict:
-    """The `checkpoint["lit_diffusion"]` block every stage writes in `on_save_checkpoint`."""
-    return {"kind": kind, "version": CHECKPOINT_VERSION, **fields}
-
-
-def load_stage_checkpoint(path: str | Path, kind: str) -> dict:
-    """Load a stage checkpoint with `weights_only=True` and check that it is a `kind` checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{kind} checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for unsafe globals, RuntimeError for corrupt zips
-        raise CheckpointError(
-            f"cannot load {kind} checkpoint {path} safely (weights_only=True): {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
-    block = ckpt.get("lit_diffusion") if isinstance(ckpt, dict) else None
-    if not isinstance(block, dict) or "kind" not in block:
-        raise CheckpointError(f"{path} is not a lit_diffusion stage checkpoint (no 'lit_diffusion' block)")
-    if block["kind"] != kind:
-        raise CheckpointError(f"{path} is a {block['kind']!r} checkpoint, expected a {kind!r} checkpoint")
-    if block.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer lit_diffusion (version {block['version']})")
-    return ckpt
+# the checkpoint helpers lived here before `stages.base`; still importable from here for code written then
+from lit_diffusion.stages.base import (  # noqa: F401
+    CHECKPOINT_VERSION, CheckpointError, load_stage_checkpoint, stage_block)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float = 0.1) -> float:

@@ -9,12 +9,9 @@ finished checkpoint samples on its own even after the stage-1/2 files are gone.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,8 +21,9 @@ from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.guidance import Conditioning, call_denoiser, cfg_model_fn, drop_conditioning
 from lit_diffusion.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTIONS, NoiseSchedule
 from lit_diffusion.models.unet import UNet, UNetConfig
+from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.clip import CLIPModule
-from lit_diffusion.stages.common import CheckpointError, adamw_with_warmup, load_stage_checkpoint, stage_block
+from lit_diffusion.stages.common import adamw_with_warmup
 from lit_diffusion.stages.vae import VAEModule
 
 log = logging.getLogger("lit_diffusion")
@@ -40,7 +38,9 @@ class _Encoded(NamedTuple):
     pooled: Tensor | None  # [E] with pooled_text
 
 
-class LatentDiffusionModule(L.LightningModule):
+class LatentDiffusionModule(Stage):
+    stage_kind = "ldm"
+
     def __init__(
         self,
         clip_ckpt: str | None = None,
@@ -62,6 +62,8 @@ class LatentDiffusionModule(L.LightningModule):
         sample_steps: int = 50,
         guidance: float = 3.0,
         eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        clip_x0: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
         cache_encodings: int = 0,
@@ -81,6 +83,11 @@ class LatentDiffusionModule(L.LightningModule):
             offset_noise: strength of per-channel offset noise (0 = off).
             p_uncond: probability that a caption is replaced by the empty caption during training.
             sampler, sample_steps, guidance, eta: defaults for `sample` (grids, evaluation).
+            guidance_rescale: default for `sample`: blend weight of the guided output rescaled to the conditional
+                output's std (Lin et al. 2024, sec. 3.4; they use 0.7), against over-exposure at high guidance
+                scales. 0 = plain classifier-free guidance.
+            clip_x0: default for `sample`: clamp each step's predicted x0 (scaled latents) to [-clip_x0, clip_x0]
+                and recompute eps from it (ADM's clipped sampling). 0 = no clipping.
             channels_last, compile: GPU speed switches for the U-Net.
             cache_encodings: keep the frozen encoders' outputs (VAE latent, caption encoding) of up to this many
                 training samples in memory, by sample key, so each image and caption is encoded once, not once per
@@ -101,13 +108,16 @@ class LatentDiffusionModule(L.LightningModule):
             raise ValueError(f"model.init_args.p_uncond must be in [0, 1), got {p_uncond}")
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"model.init_args.sampler: {sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
+        _check_guidance_rescale_and_clip_x0(guidance_rescale, clip_x0, "model.init_args.")
         self.save_hyperparameters(ignore=["frozen"])
 
-        clip_src = (frozen or {}).get("clip") or _required(clip_ckpt, "clip_ckpt", "clip")
-        vae_src = (frozen or {}).get("vae") or _required(vae_ckpt, "vae_ckpt", "vae")
-        self.clip = _frozen(CLIPModule, clip_src)
-        self.vae = _frozen(VAEModule, vae_src)
-        self._frozen_blocks = {"clip": self._embedded(self.clip, clip_src), "vae": self._embedded(self.vae, vae_src)}
+        # each stage file is read once: the same dict rebuilds the frozen stage and travels inside ldm.ckpt
+        frozen = frozen or {}
+        clip = frozen.get("clip") or CLIPModule.read_checkpoint(_required(clip_ckpt, "clip_ckpt", "clip"))
+        vae = frozen.get("vae") or VAEModule.read_checkpoint(_required(vae_ckpt, "vae_ckpt", "vae"))
+        self.clip = _frozen(CLIPModule, clip, None if "clip" in frozen else clip_ckpt)
+        self.vae = _frozen(VAEModule, vae, None if "vae" in frozen else vae_ckpt)
+        self._frozen_blocks = {"clip": _embedded(clip), "vae": _embedded(vae)}
 
         self.latent_channels = int(self.vae.latent_channels)
         factor = int(self.vae.downsample_factor)
@@ -140,33 +150,17 @@ class LatentDiffusionModule(L.LightningModule):
         self.encoding_cache_hits = 0
 
     # ----------------------------------------------------------------------------------------------- loading
-    @staticmethod
-    def _embedded(module, src) -> dict:
-        """What `from_checkpoint` needs to rebuild a frozen stage without its file: its non-tensor checkpoint parts."""
-        ckpt = src if isinstance(src, dict) else load_stage_checkpoint(src, module.stage_kind)
-        return {k: v for k, v in ckpt.items() if k in ("hyper_parameters", "lit_diffusion")}
-
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LatentDiffusionModule":
-        """Rebuild from ldm.ckpt alone (weights_only=True); the frozen CLIP and VAE come from inside it."""
-        ckpt = load_stage_checkpoint(path, "ldm")
-        block = ckpt["lit_diffusion"]
-        state = ckpt["state_dict"]
+    def init_args_from_checkpoint(cls, ckpt: dict, source: str) -> dict:
+        """The saved hyper-parameters, and the frozen CLIP and VAE from inside ldm.ckpt (their files may be gone)."""
+        block, state = ckpt["lit_diffusion"], ckpt.get("state_dict") or {}
+        if not isinstance(block.get("frozen"), dict) or not {"clip", "vae"} <= set(block["frozen"]):
+            raise CheckpointError(f"{source}: the ldm checkpoint holds no embedded clip and vae")
         frozen = {}
         for name in ("clip", "vae"):
-            sub = dict(block["frozen"][name])
-            sub["state_dict"] = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-            frozen[name] = sub
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "frozen"}
-        # LightningCLI adds its own keys (_class_path, _instantiator) to the saved hyperparameters
-        hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k in accepted}
-        model = cls(**hparams, frozen=frozen)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(("clip.", "vae."))]
-        if missing or unexpected:
-            raise CheckpointError(f"{path}: U-Net weights do not match its config (missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]})")
-        return model.eval().to(map_location)
+            weights = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            frozen[name] = {**block["frozen"][name], "state_dict": weights}
+        return {**cls.accepted_args(ckpt.get("hyper_parameters") or {}), "frozen": frozen}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lit_diffusion"] = stage_block(
@@ -287,6 +281,8 @@ class LatentDiffusionModule(L.LightningModule):
         steps: int | None = None,
         seed: int | Sequence[int] = 0,
         eta: float | None = None,
+        guidance_rescale: float | None = None,
+        clip_x0: float | None = None,
         progress: bool = False,
         return_latents: bool = False,
     ) -> Tensor:
@@ -295,12 +291,16 @@ class LatentDiffusionModule(L.LightningModule):
         `seed`: one int for the batch, or one per prompt; with per-prompt seeds a sample's starting noise does not
         depend on which other prompts share its batch, so deterministic samplers (ddim with eta=0, dpmpp_2m)
         give the same image for a prompt whatever the batch or the rank it lands on.
+        `guidance_rescale` (0 = plain CFG) and `clip_x0` (0 = off): see `__init__`. None takes the stage's default.
         """
         h = self.hparams
         guidance = h.guidance if guidance is None else float(guidance)
         sampler = sampler or h.sampler
         steps = steps or h.sample_steps
         eta = h.eta if eta is None else eta
+        rescale = h.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
+        clip_x0 = h.clip_x0 if clip_x0 is None else float(clip_x0)
+        _check_guidance_rescale_and_clip_x0(rescale, clip_x0)
         b = len(prompts)
         cond = self.encode_prompts(prompts)
         if negative_prompts is None:
@@ -320,8 +320,9 @@ class LatentDiffusionModule(L.LightningModule):
             x_T = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s)))
                                for s in seed]).to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(int(seed[0]) if b else 0)
-        model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance)
-        kwargs = dict(prediction=h.prediction, generator=generator, x_T=x_T, progress=progress, device=self.device)
+        model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale)
+        kwargs = dict(prediction=h.prediction, generator=generator, x_T=x_T, progress=progress, device=self.device,
+                      clip_x0=clip_x0 or None)
         if sampler == "ddim":
             kwargs.update(steps=steps, eta=eta)
         elif sampler == "ddpm":
@@ -353,8 +354,19 @@ def _required(path: str | None, key: str, kind: str) -> str:
     return path
 
 
-def _frozen(cls, src):
-    module = cls.from_checkpoint_dict(src) if isinstance(src, dict) else cls.from_checkpoint(src)
-    module.eval()
+def _check_guidance_rescale_and_clip_x0(guidance_rescale: float, clip_x0: float, prefix: str = "") -> None:
+    if not 0.0 <= guidance_rescale <= 1.0:
+        raise ValueError(f"{prefix}guidance_rescale must be in [0, 1] (0 = plain guidance), got {guidance_rescale}")
+    if not clip_x0 >= 0.0:
+        raise ValueError(f"{prefix}clip_x0 must be >= 0 (0 = no clipping), got {clip_x0}")
+
+
+def _frozen(cls: type[Stage], ckpt: dict, source: str | None) -> Stage:
+    module = cls.from_checkpoint_dict(ckpt, source=source)  # eval mode, which LatentDiffusionModule.train keeps
     module.requires_grad_(False)
     return module
+
+
+def _embedded(ckpt: dict) -> dict:
+    """What `from_checkpoint` needs to rebuild a frozen stage without its file: its non-tensor checkpoint parts."""
+    return {k: v for k, v in ckpt.items() if k in ("hyper_parameters", "lit_diffusion")}

@@ -10,11 +10,8 @@ posterior means over all ranks, exactly), so `encode` hands the diffusion stage 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict
-from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric, Metric
@@ -22,7 +19,8 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from lit_diffusion.models.discriminator import PatchGAN, hinge_d_loss, hinge_g_loss
 from lit_diffusion.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
-from lit_diffusion.stages.common import CheckpointError, adamw_with_warmup, load_stage_checkpoint, stage_block
+from lit_diffusion.stages.base import Stage, stage_block
+from lit_diffusion.stages.common import adamw_with_warmup
 
 RFID_BACKENDS = (None, "clip", "inception")
 
@@ -50,8 +48,9 @@ class LatentStats(Metric):
         return mean, var.sqrt()
 
 
-class VAEModule(L.LightningModule):
+class VAEModule(Stage):
     stage_kind = "vae"
+    skip_on_load = ("discriminator.",)  # not needed to encode or decode; rebuilt without it
 
     def __init__(
         self,
@@ -125,13 +124,10 @@ class VAEModule(L.LightningModule):
             self.discriminator = PatchGAN(self.config.in_channels, disc_channels, disc_layers)
             self.automatic_optimization = False
 
-        # frozen helper networks live outside the module tree: their weights stay out of the checkpoint and
-        # out of DDP; `_apply` still moves them with the module
-        self._aux: dict[str, torch.nn.Module] = {}
         if perceptual_weight > 0 and perceptual_weights:
             from lit_diffusion.models.perceptual import PerceptualLoss
 
-            self._aux["perceptual"] = PerceptualLoss(perceptual_weights)
+            self.add_helper("perceptual", PerceptualLoss(perceptual_weights))
         elif perceptual_weight > 0:
             rank_zero_info("VAE: perceptual_weight > 0 but no perceptual_weights file: no perceptual term")
         self._rfid_ready = False
@@ -140,12 +136,6 @@ class VAEModule(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.latent_stats = LatentStats()
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        for module in self._aux.values():
-            module._apply(fn, *args, **kwargs)
-        return self
 
     # ---- public API used by the diffusion stage ----
     def _to_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,39 +156,22 @@ class VAEModule(L.LightningModule):
         return self.vae.decode(self._to_weights(z)).clamp(-1, 1)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "VAEModule":
-        """The VAE of a stage-2 checkpoint (read with weights_only=True) in eval mode, without discriminator,
-        perceptual network or rFID."""
-        return cls.from_checkpoint_dict(load_stage_checkpoint(path, "vae"), source=str(path)).to(map_location)
-
-    @classmethod
-    def from_checkpoint_dict(cls, ckpt: dict, source: str = "embedded VAE checkpoint") -> "VAEModule":
-        """Rebuild from a checkpoint's parts: `lit_diffusion` block (config, latent scale), `hyper_parameters`,
-        `state_dict` (also what the diffusion stage embeds)."""
-        block = ckpt.get("lit_diffusion") or {}
-        if block.get("kind") != "vae":
-            raise CheckpointError(f"{source} is a {block.get('kind')!r} checkpoint, expected a 'vae' checkpoint")
-        hparams = dict(ckpt.get("hyper_parameters") or {})
+    def init_args_from_checkpoint(cls, ckpt: dict, source: str) -> dict:
+        """The saved network config, without discriminator, perceptual network or rFID: what encodes and decodes."""
+        hparams = cls.accepted_args(ckpt.get("hyper_parameters") or {})
+        block = ckpt["lit_diffusion"]
         if "config" in block:
             hparams["arch"] = block["config"]
-        accepted = inspect.signature(cls.__init__).parameters
-        hparams = {k: v for k, v in hparams.items() if k in accepted}
-        hparams.update(perceptual_weight=0.0, perceptual_weights=None, disc_weight=0.0, rfid_backend=None)
-        try:
-            module = cls(**hparams)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{source}: cannot rebuild the VAE from its saved config: {err}") from err
-        own = module.state_dict()
-        # the discriminator's weights (if it was trained with one) are not needed to encode or decode
-        state = {k: v for k, v in (ckpt.get("state_dict") or {}).items() if k in own}
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise CheckpointError(f"{source}: VAE weights missing from the checkpoint: {missing[:5]}")
-        module.load_state_dict(state, strict=True)
-        module.latent_scale_measured = bool(block.get("latent_scale_measured", True))
+        return {**hparams, "perceptual_weight": 0.0, "perceptual_weights": None, "disc_weight": 0.0,
+                "rfid_backend": None}
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict, source: str | None = None) -> "VAEModule":
+        module = super().from_checkpoint_dict(ckpt, source)
         if not module.latent_scale_measured:
-            rank_zero_warn(f"{source}: the latent scale was never measured (no validation ran): scale 1, mean 0")
-        return module.eval()
+            rank_zero_warn(f"{source or 'embedded VAE checkpoint'}: the latent scale was never measured (no "
+                           f"validation ran): scale 1, mean 0")
+        return module
 
     # ---- losses ----
     def _losses(self, x: torch.Tensor, rec: torch.Tensor, posterior: DiagonalGaussian) -> dict[str, torch.Tensor]:
@@ -299,7 +272,7 @@ class VAEModule(L.LightningModule):
                 extractor = make_extractor("clip", clip=CLIPModule.from_checkpoint(self.hparams.clip_ckpt))
             else:
                 extractor = make_extractor("inception", weights_path=self.hparams.inception_weights)
-            self._aux["rfid"] = FID(extractor).to(self.device)
+            self.add_helper("rfid", FID(extractor))
 
     def on_fit_start(self) -> None:
         # a `trainer.validate` before `fit` leaves metric states created under inference mode, which fit's
@@ -350,4 +323,5 @@ class VAEModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         block = checkpoint.get("lit_diffusion") or {}
-        self.latent_scale_measured = bool(block.get("latent_scale_measured", False))
+        # checkpoints older than the flag: trust their stored scale, as loading them always has
+        self.latent_scale_measured = bool(block.get("latent_scale_measured", True))
