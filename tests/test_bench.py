@@ -2,6 +2,7 @@
 No wall-clock thresholds here: timings on a shared machine are only checked for structure."""
 
 import copy
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 
 from lit_diffusion.bench import run_bench
 from lit_diffusion.bench.common import Settings, build_stage, format_table, prebuilt_batches, row, save_stage_checkpoint
-from lit_diffusion.bench.flops import train_step_flops, unet_step_flops
+from lit_diffusion.bench.flops import denoiser_network, denoiser_step_flops, train_step_flops, unet_step_flops
 from lit_diffusion.bench.memory import bench_memory
 from lit_diffusion.bench.sampling import CountedCalls, bare_forwards, sampler_run, sampler_timesteps
 from lit_diffusion.bench.train import configured_optimizer, lightning_fit, plain_loop
@@ -153,9 +154,58 @@ def test_train_step_flops_of_the_ldm(tiny_ckpts, tmp_path):
                                clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]))
     batch = prebuilt_batches(tiny_ckpts["data"], 16, 2, 1, "cpu")[0]
     flops = train_step_flops(module, batch)
-    assert flops["batch_size"] == 2
-    assert 0 < flops["unet"] < flops["total"]  # frozen CLIP text and VAE encoder forwards come on top
+    assert flops["batch_size"] == 2 and flops["denoiser_class"] == "UNet"
+    assert 0 < flops["denoiser"] < flops["total"]  # frozen CLIP text and VAE encoder forwards come on top
     assert all(p.grad is None for p in module.parameters())
+    # the U-Net's share of the real step is one forward + backward of the U-Net alone at the step's shapes (2 latents,
+    # the tokenizer's context length, the pooled text embedding of the quick config), attention included
+    cfg = module.unet.config
+    assert cfg.pooled_dim
+    shapes = (cfg.in_channels, 2, module.latent_size, cfg.context_dim, module.clip.tokenizer.context_length,
+              cfg.pooled_dim)
+    alone = denoiser_step_flops(lambda: UNet(cfg), *shapes, device="cpu")
+    assert flops["denoiser"] == alone["total_flops"]
+    # on the meta device: the same forward; the backward without the fused attention's recomputed scores
+    meta = unet_step_flops(dataclasses.asdict(cfg), 2, module.latent_size, module.clip.tokenizer.context_length)
+    assert meta == denoiser_step_flops(lambda: UNet(cfg), *shapes)
+    assert meta["forward_flops"] == alone["forward_flops"]
+    assert 0.9 * alone["backward_flops"] < meta["backward_flops"] < alone["backward_flops"]
+
+
+class PixelDenoiser(torch.nn.Module):
+    """Not a U-Net: a per-pixel linear map plus projected text features, behind the shared denoiser call."""
+
+    def __init__(self, channels: int, context_dim: int, pooled_dim: int):
+        super().__init__()
+        self.pixel = torch.nn.Linear(channels, channels)
+        self.context = torch.nn.Linear(context_dim, channels)
+        self.pooled = torch.nn.Linear(pooled_dim, channels)
+
+    def forward(self, x, t, context, mask, pooled):
+        h = self.pixel(x.movedim(1, -1))  # [B, H, W, C]
+        text = self.context(context).mean(1) + self.pooled(pooled)  # [B, C]
+        return (h + text[:, None, None]).movedim(-1, 1)  # [B, C, H, W]
+
+
+def test_denoiser_step_flops_of_any_network_match_the_closed_form():
+    b, c, s, length, d, e = 3, 4, 8, 5, 6, 7
+    flops = denoiser_step_flops(lambda: PixelDenoiser(c, d, e), c, b, s, context_dim=d, context_len=length,
+                                pooled_dim=e)
+    forward = 2 * b * (s * s * c * c + length * d * c + e * c)  # three matmuls, 2 FLOPs per multiply-add
+    assert flops["forward_flops"] == forward
+    assert flops["backward_flops"] == forward  # no input needs a gradient: one weight-gradient matmul per layer
+    assert flops["params"] == (c + 1) * c + (d + 1) * c + (e + 1) * c
+
+
+def test_denoiser_network_is_the_one_trainable_child():
+    stage = torch.nn.Module()
+    stage.encoder = torch.nn.Linear(2, 2).requires_grad_(False)
+    stage.net = torch.nn.Linear(2, 2)
+    stage.compiled = torch.compile(stage.net)  # shares the net's parameters: not a second denoiser
+    assert denoiser_network(stage) is stage.net
+    stage.other = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"2 child modules with trainable parameters \(net, other\)"):
+        denoiser_network(stage)
 
 
 def test_ldm_base_config(tiny_ckpts, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lit_diffusion.bench.common import Settings, median, row, timed
+from lit_diffusion.bench.flops import denoiser_network
 
 
 def bench_eval(module, shapes_dir: Path, work: Path, settings: Settings, backends=("clip",),
@@ -58,12 +59,12 @@ def bench_eval(module, shapes_dir: Path, work: Path, settings: Settings, backend
 
 
 def randomise_output(module) -> None:
-    """The U-Net's zero-initialised output layer makes every sample alike; small random weights instead, so the
+    """The denoiser's zero-initialised output layers make every sample alike; small random weights instead, so the
     evaluation's generated images vary like a trained model's (timing is unaffected)."""
     import torch
 
     with torch.no_grad():
-        for p in module.unet.parameters():
+        for p in denoiser_network(module).parameters():
             if p.ndim > 1 and not p.any():
                 p.normal_(std=0.05)
 
