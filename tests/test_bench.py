@@ -197,6 +197,20 @@ def test_denoiser_step_flops_of_any_network_match_the_closed_form():
     assert flops["params"] == (c + 1) * c + (d + 1) * c + (e + 1) * c
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_denoiser_step_flops_of_a_dit(joint):
+    dit = pytest.importorskip("lit_diffusion.models.dit")  # the DiT backbone is written on its own branch
+    cfg = dit.DiTConfig(hidden_size=64, depth=2, num_heads=4, context_dim=32, pooled_dim=16, joint_attention=joint)
+    shapes = (cfg.in_channels, 2, 8, cfg.context_dim, 7, cfg.pooled_dim)
+    meta = denoiser_step_flops(lambda: dit.DiT(cfg), *shapes)
+    cpu = denoiser_step_flops(lambda: dit.DiT(cfg), *shapes, device="cpu")
+    # attention by the math path (meta) or CPU's fused kernel (counted by bench's own formula): the same forward
+    assert meta["forward_flops"] == cpu["forward_flops"] > 0
+    assert meta["backward_flops"] < cpu["backward_flops"]  # the fused backward recomputes the attention scores
+    six = denoiser_step_flops(lambda: dit.DiT(cfg), cfg.in_channels, 6, *shapes[2:])
+    assert six["total_flops"] == 3 * meta["total_flops"]
+
+
 def test_denoiser_network_is_the_one_trainable_child():
     stage = torch.nn.Module()
     stage.encoder = torch.nn.Linear(2, 2).requires_grad_(False)
