@@ -2,6 +2,7 @@
 No wall-clock thresholds here: timings on a shared machine are only checked for structure."""
 
 import copy
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -10,7 +11,12 @@ import pytest
 import torch
 import yaml
 
-from lit_diffusion import bench
+from lit_diffusion.bench import run_bench
+from lit_diffusion.bench.common import Settings, build_stage, format_table, prebuilt_batches, row, save_stage_checkpoint
+from lit_diffusion.bench.flops import denoiser_network, denoiser_step_flops, train_step_flops, unet_step_flops
+from lit_diffusion.bench.memory import bench_memory
+from lit_diffusion.bench.sampling import CountedCalls, bare_forwards, sampler_run, sampler_timesteps
+from lit_diffusion.bench.train import configured_optimizer, lightning_fit, plain_loop
 from lit_diffusion.diffusion.guidance import Conditioning
 from lit_diffusion.diffusion.schedule import NoiseSchedule
 from lit_diffusion.models.unet import UNet
@@ -25,11 +31,11 @@ def _float_state(module) -> dict:
 
 @pytest.mark.parametrize("stage", ["clip", "vae", "ldm"])
 def test_plain_loop_and_lightning_fit_train_the_same_weights(stage, shapes_data, tmp_path):
-    module, _, _ = bench.build_stage(stage, shapes_data, tmp_path, quick=True)
-    batches = bench.prebuilt_batches(shapes_data, 16, 8, 4, "cpu")
+    module, _, _ = build_stage(stage, shapes_data, tmp_path, quick=True)
+    batches = prebuilt_batches(shapes_data, 16, 8, 4, "cpu")
     lit, plain = copy.deepcopy(module), copy.deepcopy(module)
-    lit_stamps = bench.lightning_fit(lit, batches, "cpu", gradient_clip_val=0.5, root=str(tmp_path))
-    plain_stamps = bench.plain_loop(plain, batches, "cpu", gradient_clip_val=0.5)
+    lit_stamps = lightning_fit(lit, batches, "cpu", gradient_clip_val=0.5, root=str(tmp_path))
+    plain_stamps = plain_loop(plain, batches, "cpu", gradient_clip_val=0.5)
     assert len(lit_stamps) == len(plain_stamps) == 4  # one timed step per batch on both sides
 
     init, a, b = _float_state(module), _float_state(lit), _float_state(plain)
@@ -40,12 +46,12 @@ def test_plain_loop_and_lightning_fit_train_the_same_weights(stage, shapes_data,
 
 
 def test_same_weights_under_bf16_mixed(shapes_data, tmp_path):
-    module, _, _ = bench.build_stage("vae", shapes_data, tmp_path, quick=True)
-    batches = bench.prebuilt_batches(shapes_data, 16, 8, 3, "cpu")
+    module, _, _ = build_stage("vae", shapes_data, tmp_path, quick=True)
+    batches = prebuilt_batches(shapes_data, 16, 8, 3, "cpu")
     lit, plain, fp32 = copy.deepcopy(module), copy.deepcopy(module), copy.deepcopy(module)
-    bench.lightning_fit(lit, batches, "cpu", precision="bf16-mixed", root=str(tmp_path))
-    bench.plain_loop(plain, batches, "cpu", precision="bf16-mixed")
-    bench.plain_loop(fp32, batches, "cpu")
+    lightning_fit(lit, batches, "cpu", precision="bf16-mixed", root=str(tmp_path))
+    plain_loop(plain, batches, "cpu", precision="bf16-mixed")
+    plain_loop(fp32, batches, "cpu")
     a, b, c = _float_state(lit), _float_state(plain), _float_state(fp32)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
@@ -53,8 +59,8 @@ def test_same_weights_under_bf16_mixed(shapes_data, tmp_path):
 
 
 def test_optimizer_and_schedule_come_from_the_module(shapes_data, tmp_path):
-    module, _, _ = bench.build_stage("clip", shapes_data, tmp_path, quick=True)
-    opt, sched = bench.configured_optimizer(module, total_steps=10)
+    module, _, _ = build_stage("clip", shapes_data, tmp_path, quick=True)
+    opt, sched = configured_optimizer(module, total_steps=10)
     assert isinstance(opt, torch.optim.AdamW) and module._trainer is None
     assert opt.param_groups[0]["weight_decay"] == module.hparams.weight_decay
     # warm-up then cosine to 10% over the 10 steps Lightning would report as estimated_stepping_batches
@@ -86,11 +92,11 @@ def test_bare_forward_baseline_makes_as_many_unet_calls_as_the_sampler(name, ste
             seen[kind].append((tuple(x.shape), tuple(context.shape), sorted(set(t.tolist())),
                                None if pooled is None else pooled.sum().item()))
             return unet(x, t, context, mask, pooled)
-        return bench.CountedCalls(denoiser)
+        return CountedCalls(denoiser)
 
-    sampler_calls = bench.sampler_run(name, recorder("sampler"), schedule, cond, uncond, 3.0, shape, steps, "cpu")
-    ts = bench.sampler_timesteps(name, schedule, steps)
-    bare_calls = bench.bare_forwards(recorder("bare"), ts, cond, uncond, shape, "cpu")
+    sampler_calls = sampler_run(name, recorder("sampler"), schedule, cond, uncond, 3.0, shape, steps, "cpu")
+    ts = sampler_timesteps(name, schedule, steps)
+    bare_calls = bare_forwards(recorder("bare"), ts, cond, uncond, shape, "cpu")
     assert sampler_calls == bare_calls == len(ts) == (7 if name == "ddpm" else steps)
     # the same forwards: batch 2B of [uncond; cond] padded to one context length, at the same timesteps
     assert seen["sampler"] == seen["bare"]
@@ -99,8 +105,8 @@ def test_bare_forward_baseline_makes_as_many_unet_calls_as_the_sampler(name, ste
 
 def test_report_json_and_table(shapes_data, tmp_path):
     out = tmp_path / "bench.json"
-    report = bench.run_bench("sampling", json_out=str(out), device="cpu", data_dir=str(shapes_data),
-                             work_dir=str(tmp_path / "work"), settings=bench.Settings(**TINY))
+    report = run_bench("sampling", json_out=str(out), device="cpu", data_dir=str(shapes_data),
+                       work_dir=str(tmp_path / "work"), settings=Settings(**TINY))
     saved = json.loads(out.read_text())
     assert saved["rows"] == report["rows"]
     assert {"cpu", "cpu_cores", "torch", "lightning", "device", "load_average_1min"} <= set(saved["machine"])
@@ -119,22 +125,22 @@ def test_report_json_and_table(shapes_data, tmp_path):
     ddim = details["ddim"]
     assert saved["rows"][1]["framework"] == pytest.approx(statistics.median(ddim["sampler_seconds"]))
 
-    table = bench.format_table(saved)
+    table = format_table(saved)
     assert "ddim (3 steps)" in table and f"{saved['rows'][1]['ratio']:.3f}" in table
     assert saved["machine"]["cpu"] in table.splitlines()[0]
 
 
 def test_row_ratio_and_target():
-    r = bench.row("train", "clip", "steps/s", 9.0, 10.0, ">=", 0.95)
+    r = row("train", "clip", "steps/s", 9.0, 10.0, ">=", 0.95)
     assert r["ratio"] == pytest.approx(0.9) and r["meets_target"] is False and r["target"] == ">= 0.95"
-    r = bench.row("eval", "clip", "s/eval", 3.0, 6.0, "<=", 0.6)
+    r = row("eval", "clip", "s/eval", 3.0, 6.0, "<=", 0.6)
     assert r["ratio"] == pytest.approx(0.5) and r["meets_target"] is True
 
 
 def test_flop_counts_scale_with_batch_and_backward_costs_about_twice_forward():
     cfg = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
                attention_resolutions=[2], head_dim=8, norm_groups=4, context_dim=32)
-    one, three = bench.unet_step_flops(cfg, 1, 8, 7), bench.unet_step_flops(cfg, 3, 8, 7)
+    one, three = unet_step_flops(cfg, 1, 8, 7), unet_step_flops(cfg, 3, 8, 7)
     assert three["total_flops"] == 3 * one["total_flops"]  # matmuls and convolutions only: linear in batch
     assert three["params"] == sum(p.numel() for p in UNet(cfg).parameters())
     # grad of inputs and of weights: 2x forward, except the first conv (its input needs no gradient)
@@ -144,13 +150,76 @@ def test_flop_counts_scale_with_batch_and_backward_costs_about_twice_forward():
 
 
 def test_train_step_flops_of_the_ldm(tiny_ckpts, tmp_path):
-    module, _, _ = bench.build_stage("ldm", tiny_ckpts["data"], tmp_path, quick=True,
-                                     clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]))
-    batch = bench.prebuilt_batches(tiny_ckpts["data"], 16, 2, 1, "cpu")[0]
-    flops = bench.train_step_flops(module, batch)
-    assert flops["batch_size"] == 2
-    assert 0 < flops["unet"] < flops["total"]  # frozen CLIP text and VAE encoder forwards come on top
+    module, _, _ = build_stage("ldm", tiny_ckpts["data"], tmp_path, quick=True,
+                               clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]))
+    batch = prebuilt_batches(tiny_ckpts["data"], 16, 2, 1, "cpu")[0]
+    flops = train_step_flops(module, batch)
+    assert flops["batch_size"] == 2 and flops["denoiser_class"] == "UNet"
+    assert 0 < flops["denoiser"] < flops["total"]  # frozen CLIP text and VAE encoder forwards come on top
     assert all(p.grad is None for p in module.parameters())
+    # the U-Net's share of the real step is one forward + backward of the U-Net alone at the step's shapes (2 latents,
+    # the tokenizer's context length, the pooled text embedding of the quick config), attention included
+    cfg = module.unet.config
+    assert cfg.pooled_dim
+    shapes = (cfg.in_channels, 2, module.latent_size, cfg.context_dim, module.clip.tokenizer.context_length,
+              cfg.pooled_dim)
+    alone = denoiser_step_flops(lambda: UNet(cfg), *shapes, device="cpu")
+    assert flops["denoiser"] == alone["total_flops"]
+    # on the meta device: the same forward; the backward without the fused attention's recomputed scores
+    meta = unet_step_flops(dataclasses.asdict(cfg), 2, module.latent_size, module.clip.tokenizer.context_length)
+    assert meta == denoiser_step_flops(lambda: UNet(cfg), *shapes)
+    assert meta["forward_flops"] == alone["forward_flops"]
+    assert 0.9 * alone["backward_flops"] < meta["backward_flops"] < alone["backward_flops"]
+
+
+class PixelDenoiser(torch.nn.Module):
+    """Not a U-Net: a per-pixel linear map plus projected text features, behind the shared denoiser call."""
+
+    def __init__(self, channels: int, context_dim: int, pooled_dim: int):
+        super().__init__()
+        self.pixel = torch.nn.Linear(channels, channels)
+        self.context = torch.nn.Linear(context_dim, channels)
+        self.pooled = torch.nn.Linear(pooled_dim, channels)
+
+    def forward(self, x, t, context, mask, pooled):
+        h = self.pixel(x.movedim(1, -1))  # [B, H, W, C]
+        text = self.context(context).mean(1) + self.pooled(pooled)  # [B, C]
+        return (h + text[:, None, None]).movedim(-1, 1)  # [B, C, H, W]
+
+
+def test_denoiser_step_flops_of_any_network_match_the_closed_form():
+    b, c, s, length, d, e = 3, 4, 8, 5, 6, 7
+    flops = denoiser_step_flops(lambda: PixelDenoiser(c, d, e), c, b, s, context_dim=d, context_len=length,
+                                pooled_dim=e)
+    forward = 2 * b * (s * s * c * c + length * d * c + e * c)  # three matmuls, 2 FLOPs per multiply-add
+    assert flops["forward_flops"] == forward
+    assert flops["backward_flops"] == forward  # no input needs a gradient: one weight-gradient matmul per layer
+    assert flops["params"] == (c + 1) * c + (d + 1) * c + (e + 1) * c
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_denoiser_step_flops_of_a_dit(joint):
+    dit = pytest.importorskip("lit_diffusion.models.dit")  # the DiT backbone is written on its own branch
+    cfg = dit.DiTConfig(hidden_size=64, depth=2, num_heads=4, context_dim=32, pooled_dim=16, joint_attention=joint)
+    shapes = (cfg.in_channels, 2, 8, cfg.context_dim, 7, cfg.pooled_dim)
+    meta = denoiser_step_flops(lambda: dit.DiT(cfg), *shapes)
+    cpu = denoiser_step_flops(lambda: dit.DiT(cfg), *shapes, device="cpu")
+    # attention by the math path (meta) or CPU's fused kernel (counted by bench's own formula): the same forward
+    assert meta["forward_flops"] == cpu["forward_flops"] > 0
+    assert meta["backward_flops"] < cpu["backward_flops"]  # the fused backward recomputes the attention scores
+    six = denoiser_step_flops(lambda: dit.DiT(cfg), cfg.in_channels, 6, *shapes[2:])
+    assert six["total_flops"] == 3 * meta["total_flops"]
+
+
+def test_denoiser_network_is_the_one_trainable_child():
+    stage = torch.nn.Module()
+    stage.encoder = torch.nn.Linear(2, 2).requires_grad_(False)
+    stage.net = torch.nn.Linear(2, 2)
+    stage.compiled = torch.compile(stage.net)  # shares the net's parameters: not a second denoiser
+    assert denoiser_network(stage) is stage.net
+    stage.other = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"2 child modules with trainable parameters \(net, other\)"):
+        denoiser_network(stage)
 
 
 def test_ldm_base_config(tiny_ckpts, tmp_path):
@@ -166,7 +235,7 @@ def test_ldm_base_config(tiny_ckpts, tmp_path):
     vae_base = yaml.safe_load((CONFIGS / "vae" / "base.yaml").read_text())["model"]["init_args"]
     assert 2 ** (len(vae_base["arch"]["ch_mult"]) - 1) == 8 and vae_base["arch"]["z_channels"] == 4
 
-    est = bench.unet_step_flops({**model["unet"], "context_dim": clip_base["text"]["width"]}, 1, 32)
+    est = unet_step_flops({**model["unet"], "context_dim": clip_base["text"]["width"]}, 1, 32)
     assert 2e8 < est["params"] < 9e8
     assert f"{est['params']:,}" in (CONFIGS / "ldm" / "base.yaml").read_text()  # the comment states it
 
@@ -179,8 +248,8 @@ def test_ldm_base_config(tiny_ckpts, tmp_path):
                       text=dict(width=16, layers=1, heads=2))
     vae = VAEModule(arch=dict(base_channels=8, ch_mult=[1, 1, 1, 1], num_res_blocks=1, z_channels=4,
                               mid_attention=False, norm_groups=4))
-    raw["model"]["init_args"].update(clip_ckpt=str(bench.save_stage_checkpoint(clip, tmp_path / "clip.ckpt")),
-                                     vae_ckpt=str(bench.save_stage_checkpoint(vae, tmp_path / "vae.ckpt")))
+    raw["model"]["init_args"].update(clip_ckpt=str(save_stage_checkpoint(clip, tmp_path / "clip.ckpt")),
+                                     vae_ckpt=str(save_stage_checkpoint(vae, tmp_path / "vae.ckpt")))
     raw["model"]["init_args"]["unet"].update(model_channels=16, head_dim=8, norm_groups=4)
     path = tmp_path / "base.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -194,8 +263,8 @@ def test_ldm_base_config(tiny_ckpts, tmp_path):
 
 @pytest.mark.slow
 def test_memory_runs_train_the_same_steps_on_1x_and_10x_shards(tmp_path):
-    settings = bench.Settings(quick=True, repeats=1, memory_steps=3, memory_shard_size=8, memory_pixels=32)
-    rows, details = bench.bench_memory(tmp_path, settings, num_workers=0)
+    settings = Settings(quick=True, repeats=1, memory_steps=3, memory_shard_size=8, memory_pixels=32)
+    rows, details = bench_memory(tmp_path, settings, num_workers=0)
     assert details["steps"] == {"1x": [3], "10x": [3]}
     assert details["shards"] == {"1x": [2], "10x": [20]}
     assert details["data_mib"]["10x"] == pytest.approx(10 * details["data_mib"]["1x"])
@@ -217,9 +286,9 @@ def test_cli_dispatches_bench(monkeypatch, tmp_path, capsys):
         calls.update(what=what, **kwargs)
         return {"machine": {"cpu": "X", "cpu_cores": 2, "cpu_cores_usable": 2, "torch": "t", "lightning": "l",
                             "device": "cpu", "load_average_1min": 1.0},
-                "rows": [bench.row("eval", "clip", "s/eval", 1.0, 2.0, "<=", 0.6)], "notes": ["n"]}
+                "rows": [row("eval", "clip", "s/eval", 1.0, 2.0, "<=", 0.6)], "notes": ["n"]}
 
-    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    monkeypatch.setattr("lit_diffusion.bench.run_bench", fake_run_bench)
     cli.main(["bench", "eval", "--quick", "--json", str(tmp_path / "b.json"), "--repeats", "4"])
     assert calls["what"] == "eval" and calls["quick"] is True and calls["repeats"] == 4
     assert calls["json_out"] == str(tmp_path / "b.json")

@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from lit_diffusion import bench
+from lit_diffusion.bench.flops import unet_step_flops
 from lit_diffusion.pipeline import eval_device, load_config, run_pipeline
 
 DATA = {"image_size": 16, "batch_size": 16, "num_workers": 0, "train_batches_per_epoch": 3}
@@ -90,6 +90,6 @@ def test_base_pipeline_runs_the_gpu_scale_stage_configs_on_real_shards():
     assert ldm["image_size"] == stages["vae"]["data"]["init_args"]["image_size"] == 256
     assert 2 ** (len(vae["arch"]["ch_mult"]) - 1) == 8  # f=8: 32x32 latents
     width = stages["clip"]["model"]["init_args"]["text"]["width"]
-    assert 2e8 < bench.unet_step_flops({**ldm["unet"], "context_dim": width}, 1, 32)["params"] < 9e8
+    assert 2e8 < unet_step_flops({**ldm["unet"], "context_dim": width}, 1, 32)["params"] < 9e8
     assert stages["clip"]["model"]["init_args"]["hard_negatives"]
     assert eval_device(cfg) == "cuda" and eval_device(load_config("configs/pipeline/shapes.yaml")) == "cpu"
