@@ -16,6 +16,7 @@ TINY_VAE = dict(arch=dict(base_channels=8, ch_mult=[1, 2, 2], num_res_blocks=1, 
                           mid_attention=False, norm_groups=4), lr=2e-3, warmup_steps=0)
 TINY_UNET = dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2], head_dim=8,
                  norm_groups=4)
+TINY_DIT = dict(patch_size=2, hidden_size=32, depth=2, num_heads=2)
 
 
 def _fit(module, data, steps: int, root):

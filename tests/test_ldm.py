@@ -107,7 +107,7 @@ def test_guidance_rescale_reaches_sample_and_matches_the_guidance_function_by_ha
     x_T = torch.stack([torch.randn(plain.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
     with torch.no_grad():
         want = samplers.ddim_sample(by_hand, model.schedule, x_T.shape, steps=4, eta=0.0, x_T=x_T,
-                                    prediction=model.hparams.prediction)
+                                    prediction=model.prediction)
     # float32 round-off of batched vs separate forwards, grown by the guidance scale over the steps
     tol = 1e-5 * float(want.abs().max())
     torch.testing.assert_close(rescaled, want, rtol=0, atol=tol)

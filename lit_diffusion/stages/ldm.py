@@ -1,4 +1,9 @@
-"""Stage 3: a U-Net learns to denoise VAE latents, conditioned on the frozen CLIP text encoder (DDPM training).
+"""Stage 3: a denoiser (U-Net or DiT) learns to denoise VAE latents, conditioned on the frozen CLIP text encoder,
+with DDPM's objective (eps / v / x0 on a noise schedule) or rectified flow's (velocity on a straight path).
+
+The backbone and the objective are independent choices of the config (`unet:` or `dit:`; `objective: ddpm | flow`):
+both networks have one call, `(x_t, t, context, mask, pooled) -> output`, and the objective only decides what the
+output means, so everything else here (conditioning, CFG dropout, EMA, sampling, checkpoints) is shared.
 
 Condition dropout (`p_uncond`) replaces a caption's encoding by the empty caption's, so one network learns the
 conditional and the unconditional prediction that classifier-free guidance and negative prompts combine at
@@ -18,8 +23,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from lit_diffusion.diffusion import samplers
+from lit_diffusion.diffusion.flow import FlowSchedule
 from lit_diffusion.diffusion.guidance import Conditioning, call_denoiser, cfg_model_fn, drop_conditioning
 from lit_diffusion.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTIONS, NoiseSchedule
+from lit_diffusion.models.dit import DiT, DiTConfig
 from lit_diffusion.models.unet import UNet, UNetConfig
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.clip import CLIPModule
@@ -47,9 +54,12 @@ class LatentDiffusionModule(Stage):
         vae_ckpt: str | None = None,
         image_size: int = 32,
         unet: dict | None = None,
+        dit: dict | None = None,
         pooled_text: bool = False,
+        objective: str = "ddpm",
         schedule: dict | None = None,
-        prediction: str = "eps",
+        flow: dict | None = None,
+        prediction: str | None = None,
         loss_weighting: str = "plain",
         min_snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
@@ -74,10 +84,16 @@ class LatentDiffusionModule(Stage):
             clip_ckpt, vae_ckpt: the stage-1 and stage-2 checkpoints (frozen here).
             image_size: pixel size of the training images; latents are image_size // VAE factor.
             unet: UNetConfig fields; in/out channels and context width default to the VAE's and CLIP's.
-            pooled_text: also add CLIP's pooled text embedding to the U-Net's timestep embedding (unCLIP's decoder):
-                colour, shape and size reach every ResBlock directly, which speeds up learning them.
-            schedule: NoiseSchedule arguments (num_timesteps, schedule=linear|cosine|scaled_linear, zero_terminal_snr).
-            prediction: what the U-Net predicts: eps, v or x0.
+            dit: DiTConfig fields (or `preset: B/2` and overrides) instead of `unet`: a transformer over latent
+                patches (models/dit.py). Give one of the two; neither means a default U-Net.
+            pooled_text: also add CLIP's pooled text embedding to the denoiser's timestep embedding (unCLIP's
+                decoder): colour, shape and size reach every block directly, which speeds up learning them.
+            objective: ddpm (a noise schedule; the network predicts `prediction`) or flow (rectified flow: the
+                network predicts the velocity eps - x0; diffusion/flow.py).
+            schedule: ddpm only: NoiseSchedule arguments (num_timesteps, schedule=linear|cosine|scaled_linear,
+                zero_terminal_snr).
+            flow: flow only: FlowSchedule arguments (timesteps=uniform|logit_normal, logit_mean, logit_std, shift).
+            prediction: ddpm only: what the network predicts, eps (default), v or x0.
             loss_weighting: plain, min_snr (min-SNR-gamma with `min_snr_gamma`) or min_snr_plus_one (v or x0 only:
                 also weights the high noise levels that place objects; see `NoiseSchedule.loss_weight`).
             offset_noise: strength of per-channel offset noise (0 = off).
@@ -96,18 +112,22 @@ class LatentDiffusionModule(Stage):
             frozen: filled in by `from_checkpoint`: the embedded CLIP/VAE checkpoints (not for configs).
         """
         super().__init__()
-        unet = UNetConfig.parse_strings(unet)  # before save_hyperparameters: checkpoints keep the parsed values
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"model.init_args.prediction: {prediction!r} is not one of {PREDICTIONS}")
+        # parsed before save_hyperparameters, so checkpoints keep the parsed values
+        unet, dit = UNetConfig.parse_strings(unet), DiTConfig.parse_strings(dit)
+        if unet and dit:
+            raise ValueError("model.init_args.unet and model.init_args.dit are both set: give one denoiser")
+        _check_objective(objective, schedule, flow, prediction)
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"model.init_args.loss_weighting: {loss_weighting!r} is not one of {LOSS_WEIGHTINGS}")
-        if loss_weighting == "min_snr_plus_one" and prediction == "eps":
+        if loss_weighting == "min_snr_plus_one" and objective == "ddpm" and prediction in (None, "eps"):
             raise ValueError("model.init_args.loss_weighting: min_snr_plus_one needs model.init_args.prediction v or x0 "
                              "(on an eps loss its weight is unbounded at high noise)")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"model.init_args.p_uncond must be in [0, 1), got {p_uncond}")
-        if sampler not in samplers.SAMPLERS:
-            raise ValueError(f"model.init_args.sampler: {sampler!r} is not one of {sorted(samplers.SAMPLERS)}")
+        try:
+            samplers.check_sampler(sampler, objective)
+        except ValueError as err:
+            raise ValueError(f"model.init_args.sampler: {err}") from None
         _check_guidance_rescale_and_clip_x0(guidance_rescale, clip_x0, "model.init_args.")
         self.save_hyperparameters(ignore=["frozen"])
 
@@ -125,7 +145,7 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"model.init_args.image_size {image_size} is not divisible by the VAE's factor {factor}")
         self.latent_size = image_size // factor
 
-        cfg = dict(unet or {})
+        name, cfg = ("dit", dict(dit)) if dit else ("unet", dict(unet or {}))
         context_dim = int(self.clip.text_width)
         checks = [("in_channels", self.latent_channels, f"the VAE's latent channels ({vae_ckpt})"),
                   ("out_channels", self.latent_channels, f"the VAE's latent channels ({vae_ckpt})"),
@@ -133,16 +153,19 @@ class LatentDiffusionModule(Stage):
         if pooled_text:
             checks.append(("pooled_dim", int(self.clip.embed_dim), f"the CLIP embedding width ({clip_ckpt})"))
         elif cfg.get("pooled_dim"):
-            raise ValueError("model.init_args.unet.pooled_dim is set by model.init_args.pooled_text: true, not by hand")
+            raise ValueError(f"model.init_args.{name}.pooled_dim is set by model.init_args.pooled_text: true, not by hand")
         for key, want, what in checks:
             if cfg.get(key) is not None and int(cfg[key]) != want:
-                raise ValueError(f"model.init_args.unet.{key} = {cfg[key]} does not match {what} = {want}")
+                raise ValueError(f"model.init_args.{name}.{key} = {cfg[key]} does not match {what} = {want}")
             cfg[key] = want
-        self.unet = UNet(UNetConfig.from_dict(cfg))
-        if channels_last:
-            self.unet = self.unet.to(memory_format=torch.channels_last)
-        self.schedule = NoiseSchedule(**(schedule or {}))
-        self._compiled_unet = None
+        # the attribute is the backbone's name, so U-Net checkpoints keep their `unet.*` keys
+        self._net_name = name
+        net = DiT(DiTConfig.from_dict(cfg)) if dit else UNet(UNetConfig.from_dict(cfg))
+        setattr(self, name, net.to(memory_format=torch.channels_last) if channels_last else net)
+        self.objective = objective
+        self.prediction = (prediction or "eps") if objective == "ddpm" else None  # flow: always the velocity
+        self.schedule = FlowSchedule(**(flow or {})) if objective == "flow" else NoiseSchedule(**(schedule or {}))
+        self._compiled_net = None
         self._null_cond: Conditioning | None = None
         if cache_encodings < 0:
             raise ValueError(f"model.init_args.cache_encodings must be >= 0, got {cache_encodings}")
@@ -165,19 +188,24 @@ class LatentDiffusionModule(Stage):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lit_diffusion"] = stage_block(
             "ldm", frozen=self._frozen_blocks, latent_size=self.latent_size, latent_channels=self.latent_channels,
-            schedule=self.schedule.config, prediction=self.hparams.prediction)
+            objective=self.objective, schedule=self.schedule.config, prediction=self.prediction)
 
     # ------------------------------------------------------------------------------------------- conditioning
+    @property
+    def network(self) -> torch.nn.Module:
+        """The trained denoiser: `self.unet` or `self.dit`."""
+        return getattr(self, self._net_name)
+
     def configure_model(self) -> None:
-        if self.hparams.compile and self._compiled_unet is None:
-            self._compiled_unet = torch.compile(self.unet)
+        if self.hparams.compile and self._compiled_net is None:
+            self._compiled_net = torch.compile(self.network)
 
     def denoiser(self, x_t: Tensor, t: Tensor, context: Tensor | None, mask: Tensor | None,
                  pooled: Tensor | None = None) -> Tensor:
-        unet = self._compiled_unet if self._compiled_unet is not None else self.unet
+        net = self._compiled_net if self._compiled_net is not None else self.network
         if self.hparams.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return unet(x_t, t, context, mask, pooled)
+        return net(x_t, t, context, mask, pooled)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
@@ -242,10 +270,11 @@ class LatentDiffusionModule(Stage):
         z, cond = self._encode_batch(batch, cache=train and self.hparams.cache_encodings > 0)
         if train:  # condition dropout: the same network learns the unconditional branch of CFG
             cond = drop_conditioning(cond, self.null_cond(1), self.hparams.p_uncond)
+        h = self.hparams
+        objective = {"prediction": self.prediction} if self.objective == "ddpm" else {}  # flow: always velocity
         losses = self.schedule.p_losses(
-            lambda x_t, t: call_denoiser(self.denoiser, x_t, t, cond), z, prediction=self.hparams.prediction,
-            weighting=self.hparams.loss_weighting, gamma=self.hparams.min_snr_gamma,
-            offset_noise=self.hparams.offset_noise if train else 0.0, generator=generator)
+            lambda x_t, t: call_denoiser(self.denoiser, x_t, t, cond), z, weighting=h.loss_weighting,
+            gamma=h.min_snr_gamma, offset_noise=h.offset_noise if train else 0.0, generator=generator, **objective)
         return losses.mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -262,7 +291,7 @@ class LatentDiffusionModule(Stage):
 
     def configure_optimizers(self):
         h = self.hparams
-        return adamw_with_warmup(self, self.unet.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps)
+        return adamw_with_warmup(self, self.network.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -301,6 +330,10 @@ class LatentDiffusionModule(Stage):
         rescale = h.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
         clip_x0 = h.clip_x0 if clip_x0 is None else float(clip_x0)
         _check_guidance_rescale_and_clip_x0(rescale, clip_x0)
+        samplers.check_sampler(sampler, self.objective)
+        if clip_x0 and self.objective == "flow":
+            raise ValueError("clip_x0 clips the DDPM samplers' predicted x0; the flow samplers (euler, heun) do not "
+                             "take it: leave it 0 for a flow model")
         b = len(prompts)
         cond = self.encode_prompts(prompts)
         if negative_prompts is None:
@@ -321,14 +354,13 @@ class LatentDiffusionModule(Stage):
                                for s in seed]).to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(int(seed[0]) if b else 0)
         model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale)
-        kwargs = dict(prediction=h.prediction, generator=generator, x_T=x_T, progress=progress, device=self.device,
-                      clip_x0=clip_x0 or None)
-        if sampler == "ddim":
-            kwargs.update(steps=steps, eta=eta)
-        elif sampler == "ddpm":
-            kwargs.update(steps=steps if steps < self.schedule.num_timesteps else None)
-        else:
-            kwargs.update(steps=steps)
+        kwargs = dict(generator=generator, x_T=x_T, progress=progress, device=self.device, steps=steps)
+        if self.objective == "ddpm":  # the flow samplers (euler, heun) integrate the velocity: nothing more to say
+            kwargs.update(prediction=self.prediction, clip_x0=clip_x0 or None)
+            if sampler == "ddim":
+                kwargs.update(eta=eta)
+            elif sampler == "ddpm" and steps >= self.schedule.num_timesteps:
+                kwargs.update(steps=None)  # every timestep
         with _eval_mode(self):
             z = samplers.sample(sampler, model_fn, self.schedule, shape, **kwargs)
             if return_latents:
@@ -352,6 +384,20 @@ def _required(path: str | None, key: str, kind: str) -> str:
         raise ValueError(f"model.init_args.{key} is required: the stage-{'1' if kind == 'clip' else '2'} "
                          f"{kind} checkpoint")
     return path
+
+
+def _check_objective(objective: str, schedule: dict | None, flow: dict | None, prediction: str | None) -> None:
+    if objective not in samplers.OBJECTIVES:
+        raise ValueError(f"model.init_args.objective: {objective!r} is not one of {samplers.OBJECTIVES}")
+    if objective == "flow":
+        for key, value in (("schedule", schedule), ("prediction", prediction)):
+            if value:
+                raise ValueError(f"model.init_args.{key} is DDPM's; objective flow learns the velocity on a straight "
+                                 f"path: set its options under model.init_args.flow")
+    elif flow:
+        raise ValueError("model.init_args.flow is set but model.init_args.objective is ddpm: set objective: flow")
+    if objective == "ddpm" and prediction is not None and prediction not in PREDICTIONS:
+        raise ValueError(f"model.init_args.prediction: {prediction!r} is not one of {PREDICTIONS}")
 
 
 def _check_guidance_rescale_and_clip_x0(guidance_rescale: float, clip_x0: float, prefix: str = "") -> None:
