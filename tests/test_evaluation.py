@@ -1,13 +1,20 @@
 import json
+import os
+from dataclasses import replace
 
 import lightning as L
+import pytest
 import torch
-from conftest import randomise_unet, tiny_datamodule
+from conftest import _fit, randomise_unet, tiny_datamodule
 from test_ldm import make_ldm
 
 from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
-from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, sample_seed
+from lit_diffusion.data.shapes import write_shapes
+from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, evaluate_checkpoint, sample_seed
 from lit_diffusion.metrics.clip_score import clip_score_per_sample
+from lit_diffusion.metrics.features import to_uint8
+from lit_diffusion.metrics.fid import FID
+from lit_diffusion.metrics.stats_cache import data_identity
 from lit_diffusion.runtime.tracking import JSONLLogger
 
 
@@ -31,6 +38,7 @@ def test_evaluation_equals_a_direct_computation_and_reuses_real_statistics(tiny_
     captions = [c for b in batches for c in b["caption"]]
     keys = [k for b in batches for k in b["key"]]
     images = model.sample(captions, guidance=3.0, seed=[sample_seed(k, 0) for k in keys])
+    images = to_uint8(images).float() / 255  # the metrics see the images as a PNG holds them
     with torch.no_grad():
         _, text = model.clip.encode_text(model.clip.tokenize(captions))
         score = clip_score_per_sample(model.clip.encode_image(images * 2 - 1), text).mean()
@@ -68,3 +76,81 @@ def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp
     assert (tmp_path / "run" / "eval" / "fid_clip_vs_clip_score_step0000004.png").is_file()
     # the second evaluation reused the real statistics of the first
     assert [t["real_stats"] for t in evaluation.evaluator.timings] == [{"clip": "computed"}, {"clip": "memory"}]
+
+
+# ---------------------------------------------------------------- real statistics keyed by the data's content
+
+
+@pytest.fixture(scope="module")
+def ldm_ckpt(tiny_ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldm")
+    model = make_ldm(tiny_ckpts)
+    randomise_unet(model)
+    _fit(model, tiny_datamodule(tiny_ckpts["data"]), 1, root).save_checkpoint(root / "ldm.ckpt")
+    return root / "ldm.ckpt"
+
+
+@pytest.fixture
+def count_real_updates(monkeypatch):
+    """How many batches of real images went through feature extraction."""
+    calls = []
+    update = FID.update
+
+    def counted(self, images, real):
+        calls.append(real)
+        return update(self, images, real)
+
+    monkeypatch.setattr(FID, "update", counted)
+    return lambda: sum(calls)
+
+
+def test_real_statistics_are_keyed_by_data_content_not_its_path(ldm_ckpt, tmp_path, count_real_updates):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    cfg = EvalConfig(guidance=[1.0], num_samples=16, backends=["clip"], steps=2, cache_dir=str(cache))
+
+    def evaluate(config=cfg):
+        results, *_ = evaluate_checkpoint(ldm_ckpt, str(data / "val-*.tar"), config, tmp_path / "out", batch_size=8)
+        return results["eval/fid_clip_g1.0"]
+
+    write_shapes(data, train=0, val=24, size=16, shard_size=16, seed=0)
+    first = evaluate()
+    assert count_real_updates() == 2  # 16 real images in batches of 8
+    (old_file,) = cache.glob("*.pt")
+
+    # the same data again: read from the cache, same figure
+    assert evaluate() == first and count_real_updates() == 2
+
+    # re-drawn with another seed into the same folder (the same URL): recomputed, and different
+    write_shapes(data, train=0, val=24, size=16, shard_size=16, seed=1)
+    redrawn = evaluate()
+    assert count_real_updates() == 4
+    (new_file,) = set(cache.glob("*.pt")) - {old_file}
+    old_mu, new_mu = (torch.load(f, weights_only=True)["mu"] for f in (old_file, new_file))
+    assert (old_mu - new_mu).abs().max() > 1e-3
+    # ... and equal to statistics computed with no cache at all
+    assert redrawn == pytest.approx(evaluate(replace(cfg, cache_dir=None)), rel=1e-9)
+    assert count_real_updates() == 6
+
+
+def test_data_identity_sees_content_and_mtime_and_not_remote_urls(tmp_path):
+    shard = tmp_path / "val-000000.tar"
+    shard.write_bytes(b"a" * 100_000 + b"b" * 100_000)
+    ident = data_identity([shard])
+    assert data_identity([str(shard)]) == ident
+    stat = shard.stat()
+
+    # same size and mtime, other bytes at the end (a re-draw on a coarse-mtime file system)
+    shard.write_bytes(b"a" * 100_000 + b"c" * 100_000)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data_identity([shard]) != ident
+    # the same bytes rewritten: a new mtime, a new identity (one recomputation rather than a risk of reuse)
+    shard.write_bytes(b"a" * 100_000 + b"b" * 100_000)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert data_identity([shard]) != ident
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data_identity([shard]) == ident
+
+    assert data_identity([shard, "https://example.com/val-000001.tar"]) is None
+    assert data_identity(["pipe:curl -s https://example.com/val.tar"]) is None
+    with pytest.raises(FileNotFoundError, match="val-000009.tar"):
+        data_identity([shard, tmp_path / "val-000009.tar"])
