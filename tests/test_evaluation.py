@@ -1,18 +1,22 @@
+import io
 import json
 import os
+import tarfile
 from dataclasses import replace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import _fit, randomise_unet, tiny_datamodule
+from PIL import Image
 from test_ldm import make_ldm
 
 from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
 from lit_diffusion.data.shapes import write_shapes
 from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, evaluate_checkpoint, sample_seed
 from lit_diffusion.metrics.clip_score import clip_score_per_sample
-from lit_diffusion.metrics.features import to_uint8
+from lit_diffusion.metrics.features import CLIPFeatures, to_uint8
 from lit_diffusion.metrics.fid import FID
 from lit_diffusion.metrics.stats_cache import data_identity
 from lit_diffusion.runtime.tracking import JSONLLogger
@@ -154,3 +158,61 @@ def test_data_identity_sees_content_and_mtime_and_not_remote_urls(tmp_path):
     assert data_identity(["pipe:curl -s https://example.com/val.tar"]) is None
     with pytest.raises(FileNotFoundError, match="val-000009.tar"):
         data_identity([shard, tmp_path / "val-000009.tar"])
+
+
+# ---------------------------------------------------------------- the evaluated images, saved for offline checks
+
+
+def raw_val_images(data, n: int) -> dict[str, tuple[bytes, str]]:
+    """The first n val samples as stored in the shards, {key: (png bytes, caption)}, read with tarfile alone."""
+    samples: dict[str, dict] = {}
+    for shard in sorted(data.glob("val-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.rsplit(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return {k: (v["png"], v["txt"].decode()) for k, v in list(samples.items())[:n]}
+
+
+def load_pngs(paths) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in paths])  # uint8
+
+
+def test_evaluate_saves_exactly_the_images_its_figures_are_computed_on(ldm_ckpt, tiny_ckpts, tmp_path, capsys):
+    from lit_diffusion.cli import main
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    saved, result, data = tmp_path / "images", tmp_path / "eval.json", tiny_ckpts["data"]
+    args = ["evaluate", "--ckpt", str(ldm_ckpt), "--data", str(data / "val-*.tar"), "--num-samples", "12",
+            "--guidance", "1,3", "--features", "clip", "--steps", "2", "--batch-size", "5",
+            "--cache-dir", str(tmp_path / "cache"), "--save-images", str(saved), "--json", str(result)]
+    main(args)
+    figures = json.loads(result.read_text())
+    assert json.loads(capsys.readouterr().out)["files"]["images"] == str(saved)
+    raw = raw_val_images(data, 12)
+    assert sorted(p.name for p in saved.iterdir()) == ["g1.0", "g3.0", "real"]
+    for folder in saved.iterdir():
+        assert sorted(p.stem for p in folder.glob("*.png")) == sorted(raw), folder
+    # the real images as the shards hold them (16 px: no resize)
+    keys = sorted(raw)
+    real = load_pngs(saved / "real" / f"{k}.png" for k in keys)
+    assert torch.equal(real, load_pngs(io.BytesIO(raw[k][0]) for k in keys))
+
+    # FID and CLIP score recomputed from the PNG files alone equal the reported figures
+    clip = LatentDiffusionModule.from_checkpoint(ldm_ckpt).clip
+    with torch.no_grad():
+        _, text = clip.encode_text(clip.tokenize([raw[k][1] for k in keys]))
+    for g in ("1.0", "3.0"):
+        fake = load_pngs(saved / f"g{g}" / f"{k}.png" for k in keys).float() / 255
+        fid = FID(CLIPFeatures(clip))
+        fid.update(real.float() / 255, real=True)
+        fid.update(fake, real=False)
+        assert figures[f"eval/fid_clip_g{g}"] == pytest.approx(fid.compute().item(), rel=1e-5)
+        with torch.no_grad():
+            score = clip_score_per_sample(clip.encode_image(fake * 2 - 1), text).mean().item()
+        assert figures[f"eval/clip_score_g{g}"] == pytest.approx(score, rel=1e-5)
+
+    # a second run into the same folder would mix two runs' images: refused, naming the folder
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "already hold files" in capsys.readouterr().err

@@ -101,7 +101,7 @@ def _image_folders(root: str | Path, guidance: Sequence[float]) -> dict:
     folders["real"] = root / "real"
     stale = [str(f) for f in folders.values() if f.is_dir() and any(f.iterdir())]
     if stale:
-        raise FileExistsError(f"--save-images {root}: {', '.join(stale)} already hold files; choose an empty folder")
+        raise ValueError(f"--save-images {root}: {', '.join(stale)} already hold files; choose an empty folder")
     if _rank() == 0:
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,7 @@ def _save_pngs(images: torch.Tensor, keys: Sequence[str], folder: Path) -> None:
             with open(path, "xb") as f:
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(f, format="PNG")
         except FileExistsError:
-            raise FileExistsError(f"--save-images: {path} exists: sample key {key!r} occurs twice") from None
+            raise ValueError(f"--save-images: {path} exists: sample key {key!r} occurs twice") from None
 
 
 def _take(loader: Iterable, limit: int):
