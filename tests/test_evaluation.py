@@ -1,22 +1,33 @@
 import io
 import json
 import os
+import shutil
+import socket
 import tarfile
 from dataclasses import replace
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import _fit, randomise_unet, tiny_datamodule
 from PIL import Image
 from test_ldm import make_ldm
 
 from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
 from lit_diffusion.data.shapes import write_shapes
-from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, evaluate_checkpoint, sample_seed
+from lit_diffusion.evaluation.evaluator import (
+    EvalConfig,
+    Evaluator,
+    eval_data_id,
+    evaluate_checkpoint,
+    sample_seed,
+)
 from lit_diffusion.metrics.clip_score import clip_score_per_sample
-from lit_diffusion.metrics.features import CLIPFeatures, to_uint8
+from lit_diffusion.metrics.features import CLIPFeatures, save_random_inception_weights, to_uint8
 from lit_diffusion.metrics.fid import FID
 from lit_diffusion.metrics.stats_cache import data_identity
 from lit_diffusion.runtime.tracking import JSONLLogger
@@ -80,6 +91,10 @@ def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp
     assert (tmp_path / "run" / "eval" / "fid_clip_vs_clip_score_step0000004.png").is_file()
     # the second evaluation reused the real statistics of the first
     assert [t["real_stats"] for t in evaluation.evaluator.timings] == [{"clip": "computed"}, {"clip": "memory"}]
+    # cached under the val shards' content, not their URL
+    (cached,) = (tmp_path / "cache").glob("*.pt")
+    data = tiny_ckpts["data"]
+    assert torch.load(cached, weights_only=True)["key_fields"]["data"] == data_identity(sorted(data.glob("val-*.tar")))
 
 
 # ---------------------------------------------------------------- real statistics keyed by the data's content
@@ -216,3 +231,90 @@ def test_evaluate_saves_exactly_the_images_its_figures_are_computed_on(ldm_ckpt,
     with pytest.raises(SystemExit):
         main(args)
     assert "already hold files" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_fidelity_on_the_saved_images_gives_the_reported_inception_fid(ldm_ckpt, tiny_ckpts, tmp_path, capsys):
+    import torch_fidelity
+
+    from lit_diffusion.cli import main
+
+    weights = save_random_inception_weights(tmp_path / "random_inception.pth", seed=0)
+    saved, result, data = tmp_path / "images", tmp_path / "eval.json", tiny_ckpts["data"]
+    main(["evaluate", "--ckpt", str(ldm_ckpt), "--data", str(data / "val-*.tar"), "--num-samples", "32",
+          "--guidance", "3", "--features", "inception", "--inception-weights", str(weights), "--steps", "2",
+          "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--save-images", str(saved),
+          "--json", str(result)])
+    reported = json.loads(result.read_text())["eval/fid_inception_g3.0"]
+    # the real side straight from the shards' PNG bytes, not from anything evaluate wrote
+    real = tmp_path / "real"
+    real.mkdir()
+    for key, (png, _) in raw_val_images(data, 32).items():
+        (real / f"{key}.png").write_bytes(png)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(saved / "g3.0"), input2=str(real), fid=True, cuda=False, cache=False, verbose=False,
+        save_cpu_ram=True, batch_size=16, feature_extractor_weights_path=str(weights),
+    )["frechet_inception_distance"]
+    print(f"evaluate: {reported:.6f}  torch-fidelity on the saved PNGs: {theirs:.6f}")
+    assert theirs > 0
+    assert reported == pytest.approx(theirs, rel=1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_evaluate(rank, world, port, model, data, cfg, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import lit_diffusion.evaluation.evaluator as evaluator
+
+        # rank zero's identity wins, even where another node's copy of the data has other mtimes
+        if rank == 1:
+            evaluator.data_identity = lambda urls: "another-node-copy"
+        data_id = evaluator.eval_data_id(str(data / "val-*.tar"))
+        # an error on rank zero reaches every rank instead of leaving them waiting
+        try:
+            evaluator.eval_data_id(str(data / "missing-*.tar"))
+            error = ""
+        except ValueError as err:
+            error = str(err)
+        results = Evaluator(replace(cfg, data_id=data_id), model.clip).run(model, tiny_datamodule(data, 5)
+                                                                           .eval_dataloader(cfg.num_samples))
+        torch.save({"data_id": data_id, "error": error, "results": results}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_the_cache_key_save_their_own_images_and_give_the_one_rank_figures(tiny_ckpts, tmp_path):
+    model = make_ldm(tiny_ckpts)
+    randomise_unet(model)
+    model.eval()
+    data = tiny_ckpts["data"]
+    cfg = EvalConfig(guidance=[3.0], num_samples=12, backends=["clip"], sampler="ddim", steps=2, resolution=16,
+                     cache_dir=str(tmp_path / "cache"))
+    one = Evaluator(replace(cfg, data_id=eval_data_id(str(data / "val-*.tar")), save_images=str(tmp_path / "one")),
+                    model.clip).run(model, tiny_datamodule(data, 5).eval_dataloader(12))
+    shutil.rmtree(tmp_path / "cache")
+    # fork: the children inherit the model and the imports
+    two = replace(cfg, save_images=str(tmp_path / "two"))
+    mp.start_processes(_ddp_evaluate, args=(2, _free_port(), model, data, two, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["data_id"] == ranks[1]["data_id"] == data_identity(sorted(data.glob("val-*.tar")))
+    assert all("missing-*.tar" in r["error"] for r in ranks)
+    for key, value in one.items():
+        if key.startswith("eval/") and key != "eval/seconds":
+            for r in ranks:
+                assert r["results"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # one cache file, written once; the union of both ranks' images is the one-rank set, pixel for pixel
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    for folder in ("g3.0", "real"):
+        names = sorted(p.name for p in (tmp_path / "one" / folder).iterdir())
+        assert len(names) == 12 and sorted(p.name for p in (tmp_path / "two" / folder).iterdir()) == names
+        assert torch.equal(load_pngs(tmp_path / "two" / folder / n for n in names),
+                           load_pngs(tmp_path / "one" / folder / n for n in names)), folder
