@@ -173,7 +173,7 @@ def cmd_evaluate(args) -> None:
     cfg = EvalConfig(guidance=args.guidance, num_samples=args.num_samples, backends=args.features.split(","),
                      inception_weights=args.inception_weights, sampler=args.sampler, steps=args.steps,
                      guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, seed=args.seed,
-                     cache_dir=args.cache_dir)
+                     cache_dir=args.cache_dir, save_images=args.save_images)
     out_dir = Path(args.json).parent if args.json else Path(".")
     results, paths, _ = evaluate_checkpoint(args.ckpt, args.data, cfg, out_dir, name=Path(args.ckpt).stem,
                                             batch_size=args.batch_size, num_workers=args.num_workers,
@@ -199,6 +199,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--cache-dir", default="runs/.fid_cache", help="real statistics cache")
+    p.add_argument("--save-images", default=None, metavar="DIR",
+                   help="write the evaluated images (uint8 PNG, exactly what the metrics saw) to DIR/g{guidance}/"
+                        "KEY.png and the real ones to DIR/real/KEY.png, to recompute FID offline (torch-fidelity)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="write the figures here")
     p.set_defaults(func=cmd_evaluate)

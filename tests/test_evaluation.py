@@ -1,13 +1,35 @@
+import io
 import json
+import os
+import shutil
+import socket
+import tarfile
+from dataclasses import replace
+from pathlib import Path
 
 import lightning as L
+import numpy as np
+import pytest
 import torch
-from conftest import randomise_unet, tiny_datamodule
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import _fit, randomise_unet, tiny_datamodule
+from PIL import Image
 from test_ldm import make_ldm
 
 from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
-from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, sample_seed
+from lit_diffusion.data.shapes import write_shapes
+from lit_diffusion.evaluation.evaluator import (
+    EvalConfig,
+    Evaluator,
+    eval_data_id,
+    evaluate_checkpoint,
+    sample_seed,
+)
 from lit_diffusion.metrics.clip_score import clip_score_per_sample
+from lit_diffusion.metrics.features import CLIPFeatures, save_random_inception_weights, to_uint8
+from lit_diffusion.metrics.fid import FID
+from lit_diffusion.metrics.stats_cache import data_identity
 from lit_diffusion.runtime.tracking import JSONLLogger
 
 
@@ -31,6 +53,7 @@ def test_evaluation_equals_a_direct_computation_and_reuses_real_statistics(tiny_
     captions = [c for b in batches for c in b["caption"]]
     keys = [k for b in batches for k in b["key"]]
     images = model.sample(captions, guidance=3.0, seed=[sample_seed(k, 0) for k in keys])
+    images = to_uint8(images).float() / 255  # the metrics see the images as a PNG holds them
     with torch.no_grad():
         _, text = model.clip.encode_text(model.clip.tokenize(captions))
         score = clip_score_per_sample(model.clip.encode_image(images * 2 - 1), text).mean()
@@ -68,3 +91,230 @@ def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp
     assert (tmp_path / "run" / "eval" / "fid_clip_vs_clip_score_step0000004.png").is_file()
     # the second evaluation reused the real statistics of the first
     assert [t["real_stats"] for t in evaluation.evaluator.timings] == [{"clip": "computed"}, {"clip": "memory"}]
+    # cached under the val shards' content, not their URL
+    (cached,) = (tmp_path / "cache").glob("*.pt")
+    data = tiny_ckpts["data"]
+    assert torch.load(cached, weights_only=True)["key_fields"]["data"] == data_identity(sorted(data.glob("val-*.tar")))
+
+
+# ---------------------------------------------------------------- real statistics keyed by the data's content
+
+
+@pytest.fixture(scope="module")
+def ldm_ckpt(tiny_ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ldm")
+    model = make_ldm(tiny_ckpts)
+    randomise_unet(model)
+    _fit(model, tiny_datamodule(tiny_ckpts["data"]), 1, root).save_checkpoint(root / "ldm.ckpt")
+    return root / "ldm.ckpt"
+
+
+@pytest.fixture
+def count_real_updates(monkeypatch):
+    """How many batches of real images went through feature extraction."""
+    calls = []
+    update = FID.update
+
+    def counted(self, images, real):
+        calls.append(real)
+        return update(self, images, real)
+
+    monkeypatch.setattr(FID, "update", counted)
+    return lambda: sum(calls)
+
+
+def test_real_statistics_are_keyed_by_data_content_not_its_path(ldm_ckpt, tmp_path, count_real_updates):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    cfg = EvalConfig(guidance=[1.0], num_samples=16, backends=["clip"], steps=2, cache_dir=str(cache))
+
+    def evaluate(config=cfg):
+        results, *_ = evaluate_checkpoint(ldm_ckpt, str(data / "val-*.tar"), config, tmp_path / "out", batch_size=8)
+        return results["eval/fid_clip_g1.0"]
+
+    write_shapes(data, train=0, val=24, size=16, shard_size=16, seed=0)
+    first = evaluate()
+    assert count_real_updates() == 2  # 16 real images in batches of 8
+    (old_file,) = cache.glob("*.pt")
+
+    # the same data again: read from the cache, same figure
+    assert evaluate() == first and count_real_updates() == 2
+
+    # re-drawn with another seed into the same folder (the same URL): recomputed, and different
+    write_shapes(data, train=0, val=24, size=16, shard_size=16, seed=1)
+    redrawn = evaluate()
+    assert count_real_updates() == 4
+    (new_file,) = set(cache.glob("*.pt")) - {old_file}
+    old_mu, new_mu = (torch.load(f, weights_only=True)["mu"] for f in (old_file, new_file))
+    assert (old_mu - new_mu).abs().max() > 1e-3
+    # ... and equal to statistics computed with no cache at all
+    assert redrawn == pytest.approx(evaluate(replace(cfg, cache_dir=None)), rel=1e-9)
+    assert count_real_updates() == 6
+
+
+def test_data_identity_sees_content_and_mtime_and_not_remote_urls(tmp_path):
+    shard = tmp_path / "val-000000.tar"
+    shard.write_bytes(b"a" * 100_000 + b"b" * 100_000)
+    ident = data_identity([shard])
+    assert data_identity([str(shard)]) == ident
+    stat = shard.stat()
+
+    # same size and mtime, other bytes at the end (a re-draw on a coarse-mtime file system)
+    shard.write_bytes(b"a" * 100_000 + b"c" * 100_000)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data_identity([shard]) != ident
+    # the same bytes rewritten: a new mtime, a new identity (one recomputation rather than a risk of reuse)
+    shard.write_bytes(b"a" * 100_000 + b"b" * 100_000)
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert data_identity([shard]) != ident
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data_identity([shard]) == ident
+
+    assert data_identity([shard, "https://example.com/val-000001.tar"]) is None
+    assert data_identity(["pipe:curl -s https://example.com/val.tar"]) is None
+    with pytest.raises(FileNotFoundError, match="val-000009.tar"):
+        data_identity([shard, tmp_path / "val-000009.tar"])
+
+
+# ---------------------------------------------------------------- the evaluated images, saved for offline checks
+
+
+def raw_val_images(data, n: int) -> dict[str, tuple[bytes, str]]:
+    """The first n val samples as stored in the shards, {key: (png bytes, caption)}, read with tarfile alone."""
+    samples: dict[str, dict] = {}
+    for shard in sorted(data.glob("val-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.rsplit(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return {k: (v["png"], v["txt"].decode()) for k, v in list(samples.items())[:n]}
+
+
+def load_pngs(paths) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in paths])  # uint8
+
+
+def test_evaluate_saves_exactly_the_images_its_figures_are_computed_on(ldm_ckpt, tiny_ckpts, tmp_path, capsys):
+    from lit_diffusion.cli import main
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    saved, result, data = tmp_path / "images", tmp_path / "eval.json", tiny_ckpts["data"]
+    args = ["evaluate", "--ckpt", str(ldm_ckpt), "--data", str(data / "val-*.tar"), "--num-samples", "12",
+            "--guidance", "1,3", "--features", "clip", "--steps", "2", "--batch-size", "5",
+            "--cache-dir", str(tmp_path / "cache"), "--save-images", str(saved), "--json", str(result)]
+    main(args)
+    figures = json.loads(result.read_text())
+    assert json.loads(capsys.readouterr().out)["files"]["images"] == str(saved)
+    raw = raw_val_images(data, 12)
+    assert sorted(p.name for p in saved.iterdir()) == ["g1.0", "g3.0", "real"]
+    for folder in saved.iterdir():
+        assert sorted(p.stem for p in folder.glob("*.png")) == sorted(raw), folder
+    # the real images as the shards hold them (16 px: no resize)
+    keys = sorted(raw)
+    real = load_pngs(saved / "real" / f"{k}.png" for k in keys)
+    assert torch.equal(real, load_pngs(io.BytesIO(raw[k][0]) for k in keys))
+
+    # FID and CLIP score recomputed from the PNG files alone equal the reported figures
+    clip = LatentDiffusionModule.from_checkpoint(ldm_ckpt).clip
+    with torch.no_grad():
+        _, text = clip.encode_text(clip.tokenize([raw[k][1] for k in keys]))
+    for g in ("1.0", "3.0"):
+        fake = load_pngs(saved / f"g{g}" / f"{k}.png" for k in keys).float() / 255
+        fid = FID(CLIPFeatures(clip))
+        fid.update(real.float() / 255, real=True)
+        fid.update(fake, real=False)
+        assert figures[f"eval/fid_clip_g{g}"] == pytest.approx(fid.compute().item(), rel=1e-5)
+        with torch.no_grad():
+            score = clip_score_per_sample(clip.encode_image(fake * 2 - 1), text).mean().item()
+        assert figures[f"eval/clip_score_g{g}"] == pytest.approx(score, rel=1e-5)
+
+    # a second run into the same folder would mix two runs' images: refused, naming the folder
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "already hold files" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_fidelity_on_the_saved_images_gives_the_reported_inception_fid(ldm_ckpt, tiny_ckpts, tmp_path, capsys):
+    import torch_fidelity
+
+    from lit_diffusion.cli import main
+
+    weights = save_random_inception_weights(tmp_path / "random_inception.pth", seed=0)
+    saved, result, data = tmp_path / "images", tmp_path / "eval.json", tiny_ckpts["data"]
+    main(["evaluate", "--ckpt", str(ldm_ckpt), "--data", str(data / "val-*.tar"), "--num-samples", "32",
+          "--guidance", "3", "--features", "inception", "--inception-weights", str(weights), "--steps", "2",
+          "--batch-size", "16", "--cache-dir", str(tmp_path / "cache"), "--save-images", str(saved),
+          "--json", str(result)])
+    reported = json.loads(result.read_text())["eval/fid_inception_g3.0"]
+    # the real side straight from the shards' PNG bytes, not from anything evaluate wrote
+    real = tmp_path / "real"
+    real.mkdir()
+    for key, (png, _) in raw_val_images(data, 32).items():
+        (real / f"{key}.png").write_bytes(png)
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(saved / "g3.0"), input2=str(real), fid=True, cuda=False, cache=False, verbose=False,
+        save_cpu_ram=True, batch_size=16, feature_extractor_weights_path=str(weights),
+    )["frechet_inception_distance"]
+    print(f"evaluate: {reported:.6f}  torch-fidelity on the saved PNGs: {theirs:.6f}")
+    assert theirs > 0
+    assert reported == pytest.approx(theirs, rel=1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_evaluate(rank, world, port, model, data, cfg, out):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import lit_diffusion.evaluation.evaluator as evaluator
+
+        # rank zero's identity wins, even where another node's copy of the data has other mtimes
+        if rank == 1:
+            evaluator.data_identity = lambda urls: "another-node-copy"
+        data_id = evaluator.eval_data_id(str(data / "val-*.tar"))
+        # an error on rank zero reaches every rank instead of leaving them waiting
+        try:
+            evaluator.eval_data_id(str(data / "missing-*.tar"))
+            error = ""
+        except ValueError as err:
+            error = str(err)
+        results = Evaluator(replace(cfg, data_id=data_id), model.clip).run(model, tiny_datamodule(data, 5)
+                                                                           .eval_dataloader(cfg.num_samples))
+        torch.save({"data_id": data_id, "error": error, "results": results}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_agree_on_the_cache_key_save_their_own_images_and_give_the_one_rank_figures(tiny_ckpts, tmp_path):
+    model = make_ldm(tiny_ckpts)
+    randomise_unet(model)
+    model.eval()
+    data = tiny_ckpts["data"]
+    cfg = EvalConfig(guidance=[3.0], num_samples=12, backends=["clip"], sampler="ddim", steps=2, resolution=16,
+                     cache_dir=str(tmp_path / "cache"))
+    one = Evaluator(replace(cfg, data_id=eval_data_id(str(data / "val-*.tar")), save_images=str(tmp_path / "one")),
+                    model.clip).run(model, tiny_datamodule(data, 5).eval_dataloader(12))
+    shutil.rmtree(tmp_path / "cache")
+    # fork: the children inherit the model and the imports
+    two = replace(cfg, save_images=str(tmp_path / "two"))
+    mp.start_processes(_ddp_evaluate, args=(2, _free_port(), model, data, two, str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["data_id"] == ranks[1]["data_id"] == data_identity(sorted(data.glob("val-*.tar")))
+    assert all("missing-*.tar" in r["error"] for r in ranks)
+    for key, value in one.items():
+        if key.startswith("eval/") and key != "eval/seconds":
+            for r in ranks:
+                assert r["results"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # one cache file, written once; the union of both ranks' images is the one-rank set, pixel for pixel
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    for folder in ("g3.0", "real"):
+        names = sorted(p.name for p in (tmp_path / "one" / folder).iterdir())
+        assert len(names) == 12 and sorted(p.name for p in (tmp_path / "two" / folder).iterdir()) == names
+        assert torch.equal(load_pngs(tmp_path / "two" / folder / n for n in names),
+                           load_pngs(tmp_path / "one" / folder / n for n in names)), folder

@@ -13,7 +13,7 @@ from typing import Sequence
 import lightning as L
 
 from lit_diffusion.callbacks.ema import averaged_module
-from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, write_results
+from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, eval_data_id, write_results
 
 log = logging.getLogger("lit_diffusion")
 
@@ -39,7 +39,7 @@ class DiffusionEvaluation(L.Callback):
             num_samples: captions (val samples) generated per scale, split over all ranks.
             backends: FID features: "clip" (the frozen stage-1 CLIP) and/or "inception" (needs inception_weights).
             sampler, steps: default to the module's (a deterministic sampler makes evaluations rank-invariant).
-            cache_dir: real statistics cached here by (data, resolution, samples, backend, weights).
+            cache_dir: real statistics cached here by (data content, resolution, samples, backend, weights).
         """
         self.every_n_steps = every_n_steps
         self.config = EvalConfig(guidance=[float(g) for g in guidance], num_samples=num_samples,
@@ -70,7 +70,9 @@ class DiffusionEvaluation(L.Callback):
         model = averaged_module(trainer, pl_module)
         if self.evaluator is None:
             dm = trainer.datamodule
-            self.config.data_id = str(getattr(dm, "val_urls", ""))
+            # keyed by the shards' content (every rank gets rank zero's), not their URL: data re-drawn at the same
+            # path must not reuse the old real statistics
+            self.config.data_id = eval_data_id(dm.val_urls) if getattr(dm, "val_urls", None) is not None else None
             self.config.resolution = int(getattr(dm, "image_size", 0)) or None
             own = float(pl_module.hparams.guidance)
             if own not in self.config.guidance:

@@ -5,6 +5,9 @@ Used by the in-loop callback, by `lit-diffusion evaluate` and by the pipeline. E
 captions its share of the evaluation loader holds (the val stream gives every sample to exactly one rank), and
 the starting noise of a sample is seeded by its key, so with a deterministic sampler a caption gets the same image
 whichever rank or batch it lands on: 2 ranks give the 1-rank numbers.
+
+Generated images are quantised to uint8 before any metric sees them, so the figures are those of the PNG files
+`save_images` writes (`torch-fidelity` or clean-fid on those folders recompute the in-loop FID).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import torch.distributed as dist
 
 from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
 from lit_diffusion.metrics.clip_score import CLIPScore
-from lit_diffusion.metrics.features import make_extractor
+from lit_diffusion.metrics.features import make_extractor, to_uint8
 from lit_diffusion.metrics.fid import FID, RealStats
-from lit_diffusion.metrics.stats_cache import load_stats, save_stats, stats_path
+from lit_diffusion.metrics.stats_cache import data_identity, load_stats, save_stats, stats_path
 
 log = logging.getLogger("lit_diffusion")
 
@@ -42,7 +45,9 @@ class EvalConfig:
     seed: int = 0
     caption_accuracy: bool = True  # only counted for samples whose attrs describe shapes objects
     cache_dir: str | None = None  # where real statistics are cached (None: kept in memory only)
-    data_id: str = ""  # identity of the evaluation data (URLs), part of the real-statistics cache key
+    save_images: str | None = None  # write the evaluated images as DIR/g{guidance}/KEY.png and DIR/real/KEY.png
+    data_id: str | None = ""  # content identity of the evaluation shards (`eval_data_id`), part of the real-statistics
+    # cache key; empty or None (remote shards): real statistics are not cached on disk
     resolution: int | None = None  # pixel size the features see; part of the cache key
 
 
@@ -58,6 +63,66 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _broadcast(value):
+    """Rank zero's `value` on every rank."""
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def eval_data_id(urls) -> str | None:
+    """The evaluation shards' content identity (`data_identity`), as rank zero sees it: every rank must use the
+    same real-statistics cache key, also where nodes hold copies of the data with other mtimes. A call on every
+    rank; an error on rank zero (e.g. a missing shard) is raised on all of them instead of leaving them waiting."""
+    from lit_diffusion.data.shards import expand_urls
+
+    ident, error = None, None
+    if _rank() == 0:
+        try:
+            ident = data_identity(expand_urls(urls, split="val"))
+        except (OSError, ValueError) as err:
+            error = f"{type(err).__name__}: {err}"
+    ident, error = _broadcast((ident, error))
+    if error is not None:
+        raise ValueError(f"evaluation data {urls!r}: {error}")
+    if ident is None:
+        log.info("evaluation data %r is remote: its real FID statistics are not cached on disk", urls)
+    return ident
+
+
+def _image_folders(root: str | Path, guidance: Sequence[float]) -> dict:
+    """{guidance: DIR/g{g}, "real": DIR/real}, created by rank zero. An earlier run's images in them would be
+    counted by an offline FID over the folder, so they must be empty; every rank checks (before any writes)
+    so that all raise together."""
+    root = Path(root)
+    folders = {g: root / f"g{g:.1f}" for g in guidance}
+    folders["real"] = root / "real"
+    stale = [str(f) for f in folders.values() if f.is_dir() and any(f.iterdir())]
+    if stale:
+        raise ValueError(f"--save-images {root}: {', '.join(stale)} already hold files; choose an empty folder")
+    if _rank() == 0:
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    return folders
+
+
+def _save_pngs(images: torch.Tensor, keys: Sequence[str], folder: Path) -> None:
+    """uint8 [B, 3, H, W] -> folder/KEY.png (lossless). A key that is already there (a duplicate key in the data,
+    which would leave fewer files than the metric saw) is an error rather than an overwrite."""
+    from PIL import Image
+
+    for image, key in zip(images.cpu(), keys):
+        path = folder / f"{key.replace('/', '_')}.png"
+        try:
+            with open(path, "xb") as f:
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(f, format="PNG")
+        except FileExistsError:
+            raise ValueError(f"--save-images: {path} exists: sample key {key!r} occurs twice") from None
 
 
 def _take(loader: Iterable, limit: int):
@@ -105,20 +170,24 @@ class Evaluator:
             for metric in d.values():
                 metric.reset()
         sources = {b: "memory" for b in self.real_stats}
+        use_disk = bool(cfg.cache_dir and cfg.data_id)
         for b in cfg.backends:
-            if b not in self.real_stats and cfg.cache_dir:
+            if b not in self.real_stats and use_disk:
                 stats = load_stats(stats_path(cfg.cache_dir, self._cache_fields(b)), self._cache_fields(b))
                 # every rank must agree, or some would wait in the real-statistics reduction below
                 if _all_min(torch.tensor(int(stats is not None), device=device)) == 1:
                     self.real_stats[b], sources[b] = stats, "disk"
         need_real = [b for b in cfg.backends if b not in self.real_stats]
+        folders = _image_folders(cfg.save_images, cfg.guidance) if cfg.save_images else None
         t0 = time.perf_counter()
         n_local, n_shapes = 0, 0
         for batch in _take(loader, cfg.num_samples):
             captions, keys = list(batch["caption"]), list(batch["key"])
             attrs = list(batch.get("attrs") or [{}] * len(captions))
-            if need_real:
+            if need_real or folders:
                 real = ((batch["image"].to(device).float() + 1) / 2).clamp(0, 1)
+                if folders:
+                    _save_pngs(to_uint8(real), keys, folders["real"])
                 for b in need_real:
                     self.fids[b][cfg.guidance[0]].update(real, real=True)
             tokens = self.clip.tokenize(captions).to(device)
@@ -126,8 +195,11 @@ class Evaluator:
             seeds = [sample_seed(k, cfg.seed) for k in keys]
             shapes_idx = [i for i, a in enumerate(attrs) if a and a.get("objects")]
             for g in cfg.guidance:
-                images = model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
-                                      guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
+                images = to_uint8(model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
+                                               guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0))
+                if folders:  # [B, 3, H, W] uint8, as a PNG holds it
+                    _save_pngs(images, keys, folders[g])
+                images = images.float() / 255
                 for b in cfg.backends:
                     self.fids[b][g].update(images, real=False)
                 self.clip_scores[g].update(self.clip.encode_image(images * 2 - 1), text_emb)
@@ -141,9 +213,9 @@ class Evaluator:
         for b in need_real:
             self.real_stats[b] = self.fids[b][cfg.guidance[0]].real_stats()
             sources[b] = "computed"
-            if cfg.cache_dir and _rank() == 0:
+            if use_disk and _rank() == 0:
                 save_stats(stats_path(cfg.cache_dir, self._cache_fields(b)), self._cache_fields(b), self.real_stats[b])
-        if need_real and cfg.cache_dir:
+        if need_real and use_disk:
             _barrier()
         for b in cfg.backends:
             for g, fid in self.fids[b].items():
@@ -225,9 +297,12 @@ def evaluate_checkpoint(ckpt: str | Path, data_urls, config: EvalConfig, out_dir
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LatentDiffusionModule.from_checkpoint(ckpt, map_location=device)
     size = image_size or int(model.hparams.image_size)
-    config = replace(config, data_id=str(data_urls), resolution=size)
+    config = replace(config, data_id=eval_data_id(data_urls), resolution=size)
     dm = ImageCaptionDataModule(train_urls=None, val_urls=data_urls, image_size=size, batch_size=batch_size,
                                 num_workers=num_workers)
     with torch.inference_mode():
         results = Evaluator(config, model.clip).run(model, dm.eval_dataloader(config.num_samples))
-    return results, write_results(results, out_dir, None, config.backends, name=name), config
+    paths = write_results(results, out_dir, None, config.backends, name=name)
+    if config.save_images:
+        paths["images"] = Path(config.save_images)
+    return results, paths, config

@@ -47,16 +47,37 @@ def stats_path(cache_dir: str | Path, key_fields: dict) -> Path:
     return Path(cache_dir) / name
 
 
-def data_identity(paths: list[str | Path]) -> str:
-    """A cheap identity for local shard files: names, sizes and a hash of each file's first MiB."""
+_REMOTE = ("pipe:", "://")
+_EDGE = 1 << 16  # bytes hashed at each end of a shard
+
+
+def data_identity(urls: list[str | Path]) -> str | None:
+    """An identity of local shard files that changes when their content does, cheap for many large shards:
+    per shard, in stream order (which fixes the first N samples), its name, size, mtime and a hash of its first
+    and last 64 KiB. None when any URL is remote (http, s3, `pipe:`): nothing cheap identifies those, so their
+    real statistics are not cached on disk.
+
+    Why these fields: a full hash would read every shard at each start. mtime is free and changes on any rewrite,
+    also one touching only a shard's middle, which the sampled bytes miss; the hashed ends change on a re-draw
+    even where mtime does not (coarse-mtime file systems, copies that keep times), since the first and last
+    samples of a re-drawn shard differ. A byte-identical rewrite gets a new mtime and so one recomputation: a false
+    miss costs a pass over real images, a false hit an FID against the wrong reference set.
+    """
     digest = hashlib.sha256()
-    for p in sorted(str(p) for p in paths):
-        path = Path(p)
+    for url in urls:
+        url = str(url)
+        if url.startswith(_REMOTE[0]) or _REMOTE[1] in url:
+            return None
+        path = Path(url.removeprefix("file:"))
         if not path.is_file():
             raise FileNotFoundError(f"FID stats cache: data file not found: {path}")
+        st = path.stat()
         with open(path, "rb") as f:
-            head = f.read(1 << 20)
-        digest.update(f"{path.name}:{path.stat().st_size}:".encode() + hashlib.sha256(head).digest())
+            head = f.read(_EDGE)
+            f.seek(max(st.st_size - _EDGE, len(head)))
+            tail = f.read()
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:".encode())
+        digest.update(hashlib.sha256(head + tail).digest())
     return digest.hexdigest()[:16]
 
 
