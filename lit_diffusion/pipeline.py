@@ -163,28 +163,30 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every key whose value differs; a missing key reads as _UNSET."""
+    return [(k, old.get(k, _UNSET), new.get(k, _UNSET)) for k in sorted(set(old) | set(new))
+            if old.get(k, _UNSET) != new.get(k, _UNSET)]
+
+
 def fingerprint_changes(old: dict, new: dict) -> list[str]:
     """One line per input that differs between two fingerprints, naming the key or file."""
     changes = []
-
-    def compare(label: str, a: dict, b: dict, what=lambda k, x, y: f"{_short(x)} -> {_short(y)}") -> None:
-        for key in sorted(set(a) | set(b)):
-            x, y = a.get(key, _UNSET), b.get(key, _UNSET)
-            if x != y:
-                changes.append(f"{label}{key}: {what(key, x, y)}")
-
     if old.get("config_file") != new["config_file"]:
         changes.append(f"stage config file: {old.get('config_file')} -> {new['config_file']}")
-    compare(f"config {new['config_file']}: ", _flat(old.get("config") or {}), _flat(new["config"]))
-    compare("override --", old.get("overrides") or {}, new["overrides"])
-    compare("", {"seed": old.get("seed")}, {"seed": new["seed"]})
-    compare("data ", old.get("data") or {}, new["data"],
-            lambda k, x, y: f"the {k} shards ({new['overrides'].get(f'data.init_args.{k}_urls')}) changed "
-                            f"(names, sizes or contents: {x if x is not _UNSET else 'none'} -> "
-                            f"{y if y is not _UNSET else 'none'})")
-    compare("file --", old.get("files") or {}, new["files"],
-            lambda k, x, y: f"{new['overrides'].get(k)} " + ("is gone" if y is _UNSET else "is new" if x is _UNSET
-                                                             else "has other content"))
+    for key, x, y in _diff(_flat(old.get("config") or {}), _flat(new["config"])):
+        changes.append(f"config {new['config_file']}: {key}: {_short(x)} -> {_short(y)}")
+    for key, x, y in _diff(old.get("overrides") or {}, new["overrides"]):
+        changes.append(f"override --{key}: {_short(x)} -> {_short(y)}")
+    if old.get("seed") != new["seed"]:
+        changes.append(f"seed: {old.get('seed')} -> {new['seed']}")
+    for split, _, _ in _diff(old.get("data") or {}, new["data"]):
+        urls = new["overrides"].get(f"data.init_args.{split}_urls")
+        changes.append(f"data {split}: the {split} shards ({urls}) changed (names, sizes or contents)")
+    for key, x, y in _diff(old.get("files") or {}, new["files"]):
+        path = new["overrides"].get(key) or (old.get("overrides") or {}).get(key)
+        state = "is gone" if y is _UNSET else "is new" if x is _UNSET else "has other content"
+        changes.append(f"file --{key}: {path} {state}")
     return changes
 
 
