@@ -4,10 +4,18 @@ Each stage runs as its own `lit-diffusion fit` process (a fresh process per stag
 start clean), in the run group `NAME`. A stage whose finished checkpoint (`runs/NAME/clip.ckpt`, ...) exists is
 skipped, and an interrupted stage resumes from its `last.ckpt`, so re-running the command continues the pipeline
 where it stopped.
+
+A checkpoint is only reused for the inputs that made it. Each stage records a fingerprint of them (its config
+file's content, its overrides, the seed, the shards' identity, the content of every file an override names: the
+tokenizer, the upstream checkpoints) beside its finished checkpoint (`runs/NAME/clip.fingerprint.json`) and, when
+it starts, in its run directory (what `last.ckpt` was made with). Before anything trains, every recorded
+fingerprint is compared with what the pipeline would pass now; any difference stops the run with the changed
+keys and files, and how to retrain from that stage on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +31,9 @@ from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
 
 log = logging.getLogger("lit_diffusion")
 
+
+class StageInputsChanged(RuntimeError):
+    """A finished (or interrupted) stage was made from other inputs than the pipeline would give it now."""
 
 
 def load_config(path: str | Path) -> dict:
@@ -89,10 +100,152 @@ def _one_line(stage: str, summary: dict, seconds: float) -> str:
     return f"[{stage}] done in {seconds / 60:.1f} min: {figures or 'no figures logged'}"
 
 
+def stage_overrides(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
+    """Every `--key value` the pipeline passes to a stage's `fit`, besides the run directory and the seed."""
+    overrides = {"data.init_args.train_urls": data["train_urls"]}
+    if data.get("val_urls"):
+        overrides["data.init_args.val_urls"] = data["val_urls"]
+    return {**overrides, **extra, **(cfg["stages"][stage].get("args") or {})}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _shards_identity(urls: str) -> str:
+    """Names, sizes and first-MiB hashes of local shards (file mtimes are left out: rewriting the same shapes
+    shards must not count as a change); remote URLs are known only by their names."""
+    from lit_diffusion.data.shards import _REMOTE_PREFIXES, expand_urls
+    from lit_diffusion.metrics.stats_cache import data_identity
+
+    files = expand_urls(urls)
+    local = [f for f in files if not f.startswith(_REMOTE_PREFIXES)]
+    remote = sorted(set(files) - set(local))
+    return data_identity(local) + (f"+{len(remote)} remote: {remote[0]}..." if remote else "")
+
+
+def fingerprint(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
+    """What makes a stage's checkpoint: plain JSON, compared key by key on a rerun."""
+    config = Path(cfg["stages"][stage]["config"])
+    if not config.is_file():
+        raise FileNotFoundError(f"stages.{stage}.config: {config} not found")
+    overrides = json.loads(json.dumps(stage_overrides(stage, cfg, data, extra)))  # tuples -> lists, as on reload
+    return {
+        "config_file": str(config),
+        "config": yaml.safe_load(config.read_text()) or {},
+        "overrides": overrides,
+        "seed": cfg.get("seed"),
+        "data": {split: _shards_identity(data[f"{split}_urls"]) for split in ("train", "val")
+                 if data.get(f"{split}_urls")},
+        "files": {key: _sha256(Path(value)) for key, value in overrides.items()  # the shards are under "data"
+                  if isinstance(value, str) and not key.endswith("_urls") and Path(value).is_file()},
+    }
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+_UNSET = object()  # a key one fingerprint has and the other lacks
+
+
+def _short(value) -> str:
+    text = "<unset>" if value is _UNSET else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every key whose value differs; a missing key reads as _UNSET."""
+    return [(k, old.get(k, _UNSET), new.get(k, _UNSET)) for k in sorted(set(old) | set(new))
+            if old.get(k, _UNSET) != new.get(k, _UNSET)]
+
+
+def fingerprint_changes(old: dict, new: dict) -> list[str]:
+    """One line per input that differs between two fingerprints, naming the key or file."""
+    changes = []
+    if old.get("config_file") != new["config_file"]:
+        changes.append(f"stage config file: {old.get('config_file')} -> {new['config_file']}")
+    for key, x, y in _diff(_flat(old.get("config") or {}), _flat(new["config"])):
+        changes.append(f"config {new['config_file']}: {key}: {_short(x)} -> {_short(y)}")
+    for key, x, y in _diff(old.get("overrides") or {}, new["overrides"]):
+        changes.append(f"override --{key}: {_short(x)} -> {_short(y)}")
+    if old.get("seed") != new["seed"]:
+        changes.append(f"seed: {old.get('seed')} -> {new['seed']}")
+    for split, _, _ in _diff(old.get("data") or {}, new["data"]):
+        urls = new["overrides"].get(f"data.init_args.{split}_urls")
+        changes.append(f"data {split}: the {split} shards ({urls}) changed (names, sizes or contents)")
+    for key, x, y in _diff(old.get("files") or {}, new["files"]):
+        path = new["overrides"].get(key) or (old.get("overrides") or {}).get(key)
+        state = "is gone" if y is _UNSET else "is new" if x is _UNSET else "has other content"
+        changes.append(f"file --{key}: {path} {state}")
+    return changes
+
+
+def _write_json(path: Path, content: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _paths(root: Path, stage: str) -> dict[str, Path]:
+    return {"final": root / f"{stage}.ckpt", "made": root / f"{stage}.fingerprint.json",
+            "run_dir": root / stage, "started": root / stage / "fingerprint.json",
+            "last": root / stage / "checkpoints" / "last.ckpt"}
+
+
+def _retrain_hint(root: Path, stage: str) -> str:
+    later = STAGES[STAGES.index(stage):]
+    doomed = [str(p) for s in later for key, p in _paths(root, s).items()
+              if key in ("final", "made", "run_dir") and p.exists()]
+    return (f"To retrain {' and '.join(later)} with the new inputs, delete what they made: rm -r {' '.join(doomed)}; "
+            f"or keep these runs and choose another run name (`name:` in the pipeline config).")
+
+
+def check_stage_inputs(cfg: dict, root: Path, data: dict, extras: dict[str, dict]) -> None:
+    """Before anything trains: every finished or interrupted stage must have been made from the inputs it would
+    get now, and nothing may sit downstream of a stage that is about to train (it would be made from the old
+    upstream); raises StageInputsChanged naming what differs and how to go on."""
+    retraining = None  # the first stage that will train now
+    for stage in STAGES:
+        paths = _paths(root, stage)
+        if retraining is not None:
+            stale = [str(paths[k]) for k in ("final", "last") if paths[k].is_file()]
+            if stale:
+                raise StageInputsChanged(
+                    f"[{stage}] {stale[0]} was made from a {retraining}.ckpt that is missing and will be "
+                    f"trained again now, so it would not match.\n{_retrain_hint(root, stage)}")
+            continue
+        if paths["final"].is_file():
+            record, made = paths["made"], f"{paths['final']} was made"
+        elif paths["last"].is_file():
+            record, made, retraining = paths["started"], f"the interrupted run {paths['last']} was started", stage
+        else:
+            retraining = stage
+            continue
+        if not record.is_file():  # placed by hand (e.g. trained elsewhere) or from an older version: trusted
+            log.warning("[%s] %s has no record of what made it (%s): used as it is", stage,
+                        paths["final"] if record == paths["made"] else paths["last"], record)
+            continue
+        changes = fingerprint_changes(json.loads(record.read_text()), fingerprint(stage, cfg, data, extras[stage]))
+        if changes:
+            lines = "\n".join(f"  - {c}" for c in changes)
+            raise StageInputsChanged(f"[{stage}] {made} with other inputs than the pipeline gives it now "
+                                     f"(recorded in {record}):\n{lines}\n{_retrain_hint(root, stage)}")
+
+
 def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: dict) -> dict:
     """Train one stage unless its finished checkpoint exists; returns its figures and timing."""
-    final_ckpt = root / f"{stage}.ckpt"
-    run_dir = root / stage
+    paths = _paths(root, stage)
+    final_ckpt, run_dir, last = paths["final"], paths["run_dir"], paths["last"]
     if final_ckpt.is_file():
         log.info("[%s] %s exists: skipped", stage, final_ckpt)
         return {"skipped": True, "ckpt": str(final_ckpt), "summary": _summary(run_dir),
@@ -103,15 +256,15 @@ def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: d
             "--run.wandb", str(bool(cfg.get("wandb", True))).lower()]
     if cfg.get("seed") is not None:
         argv += ["--seed_everything", str(cfg["seed"])]
-    argv += ["--data.init_args.train_urls", data["train_urls"]]
-    if data.get("val_urls"):
-        argv += ["--data.init_args.val_urls", data["val_urls"]]
-    for key, value in {**extra, **(spec.get("args") or {})}.items():
+    for key, value in stage_overrides(stage, cfg, data, extra).items():
         argv += _arg(key, value)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    made_from = fingerprint(stage, cfg, data, extra)
     if last.is_file():
         log.info("[%s] resuming from %s", stage, last)
         argv += ["--ckpt_path", str(last)]
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(paths["started"], made_from)  # what last.ckpt will be made from, checked on resume
     log.info("[%s] %s", stage, " ".join(argv[2:]))
     t0 = time.perf_counter()
     env = {**os.environ, "LIT_DIFFUSION_RUN_NAME": stage}
@@ -122,12 +275,24 @@ def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: d
                            f"run the pipeline again to resume from {last}")
     if not last.is_file():
         raise RuntimeError(f"stage {stage} finished without writing {last}")
+    _write_json(paths["made"], made_from)  # before the checkpoint: a finished checkpoint always has its record
     tmp = final_ckpt.with_suffix(".ckpt.tmp")
     shutil.copyfile(last, tmp)
     os.replace(tmp, final_ckpt)  # the finished checkpoint appears whole or not at all
     summary = _summary(run_dir)
     print(_one_line(stage, summary, seconds), flush=True)
     return {"skipped": False, "ckpt": str(final_ckpt), "summary": summary, "seconds": seconds}
+
+
+def train_stages(cfg: dict, root: Path, name: str, data: dict) -> dict[str, dict]:
+    """CLIP -> VAE -> latent diffusion, each fed the finished checkpoints before it, after checking that every
+    checkpoint kept from an earlier run was made from today's inputs."""
+    clip, vae = str(root / "clip.ckpt"), str(root / "vae.ckpt")
+    extras = {"clip": {"model.init_args.tokenizer_path": data["tokenizer"]},
+              "vae": {"model.init_args.clip_ckpt": clip},
+              "ldm": {"model.init_args.clip_ckpt": clip, "model.init_args.vae_ckpt": vae}}
+    check_stage_inputs(cfg, root, data, extras)
+    return {stage: run_stage(stage, cfg, root, name, data, extras[stage]) for stage in STAGES}
 
 
 def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict:
@@ -142,11 +307,7 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     t0 = time.perf_counter()
     data = _ensure_data(cfg)
     timings["data"] = time.perf_counter() - t0
-    stages: dict[str, dict] = {}
-    stages["clip"] = run_stage("clip", cfg, root, name, data, {"model.init_args.tokenizer_path": data["tokenizer"]})
-    stages["vae"] = run_stage("vae", cfg, root, name, data, {"model.init_args.clip_ckpt": str(root / "clip.ckpt")})
-    stages["ldm"] = run_stage("ldm", cfg, root, name, data, {"model.init_args.clip_ckpt": str(root / "clip.ckpt"),
-                                                            "model.init_args.vae_ckpt": str(root / "vae.ckpt")})
+    stages = train_stages(cfg, root, name, data)
     for stage in STAGES:
         timings[stage] = stages[stage]["seconds"]
 

@@ -2,9 +2,8 @@ import json
 import subprocess
 import sys
 
-import pytest
 import yaml
-from conftest import TINY_UNET, _fit, tiny_datamodule
+from conftest import _fit, tiny_datamodule
 from PIL import Image
 
 from lit_diffusion.cli import main

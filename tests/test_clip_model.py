@@ -11,12 +11,10 @@ from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, MAX_LOGIT_SCALE, TextConfig, VisionConfig
 from lit_diffusion.models.transformer import Transformer
 from lit_diffusion.stages.clip import (
-    ZEROSHOT_CLASSES,
     CLIPModule,
     caption_ids,
     recall_chance,
     retrieval_recall,
-    zeroshot_label,
 )
 from lit_diffusion.stages.base import CheckpointError, stage_block
 
@@ -166,23 +164,6 @@ def test_recall_chance_matches_closed_form():
     assert chance[1] == pytest.approx((2 * 2 / 5 + 3 / 5) / 5)
     # r@2 = 1 - P(no match in 2 draws): a: 1 - 3/5*2/4; others: 1 - 4/5*3/4
     assert chance[2] == pytest.approx((2 * (1 - 3 / 5 * 2 / 4) + 3 * (1 - 4 / 5 * 3 / 4)) / 5)
-
-
-def test_zeroshot_labels_only_for_single_objects():
-    one = {"objects": [{"color": "blue", "shape": "square"}], "relation": None}
-    two = {"objects": [{"color": "blue", "shape": "square"}, {"color": "red", "shape": "circle"}]}
-    assert ZEROSHOT_CLASSES[zeroshot_label(one)] == ("blue", "square")
-    assert zeroshot_label(two) == -1 and zeroshot_label({}) == -1 and zeroshot_label(None) == -1
-
-
-def test_zeroshot_accuracy_uses_the_best_prompt_per_class(module):
-    prompts = module.zeroshot_prompt_embeddings()  # [P, C, E]
-    assert prompts.shape == (2, len(ZEROSHOT_CLASSES), 16)  # "{size}" expands to small and large
-    # images equal to a class's "large" prompt embedding are classified as that class
-    labels = torch.tensor([0, 5, 17, -1])
-    images = prompts[1, labels.clamp_min(0)]
-    assert module.zeroshot_accuracy(images, labels) == 1.0
-    assert module.zeroshot_accuracy(images, torch.full((4,), -1)) is None
 
 
 # ---- checkpoints ----

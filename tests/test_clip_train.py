@@ -23,7 +23,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("clip")
     info = write_shapes(root / "data", train=1500, val=200, shard_size=500, seed=0)
     L.seed_everything(0)
-    module = CLIPModule(tokenizer_path=str(root / "data" / "tokenizer.json"), **TINY)
+    data_dir = root / "data"  # info.json there holds the zero-shot classes and prompts
+    module = CLIPModule(tokenizer_path=str(data_dir / "tokenizer.json"), zeroshot=str(data_dir / "info.json"), **TINY)
     data = ImageCaptionDataModule(train_urls=info["urls"]["train"], val_urls=info["urls"]["val"], image_size=32,
                                   batch_size=32, num_workers=0, train_batches_per_epoch=150, shuffle_buffer=500)
     viz = CLIPVisualization(num_images=6, gallery_size=64, num_queries=3, top_k=4)

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_DIT, TINY_UNET, _fit, tiny_datamodule
+from conftest import TINY_DIT, _fit, tiny_datamodule
 from test_ldm import make_ldm
 
 from lit_diffusion.diffusion import flow, samplers

@@ -1,8 +1,13 @@
 import json
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
+from lit_diffusion import pipeline
 from lit_diffusion.bench.flops import unet_step_flops
 from lit_diffusion.pipeline import eval_device, load_config, run_pipeline
 
@@ -93,3 +98,136 @@ def test_base_pipeline_runs_the_gpu_scale_stage_configs_on_real_shards():
     assert 2e8 < unet_step_flops({**ldm["unet"], "context_dim": width}, 1, 32)["params"] < 9e8
     assert stages["clip"]["model"]["init_args"]["hard_negatives"]
     assert eval_device(cfg) == "cuda" and eval_device(load_config("configs/pipeline/shapes.yaml")) == "cpu"
+
+
+# ---- reruns: a finished checkpoint is reused only for the inputs that made it (stage runs faked) ----
+class FakeFit:
+    """Stands in for the `lit-diffusion fit` subprocess: writes last.ckpt (its bytes depend on the argv, as a
+    real checkpoint depends on its inputs) and summary.json; `fail` makes a stage stop half way."""
+
+    def __init__(self):
+        self.calls, self.fail = [], set()
+
+    def __call__(self, argv, env=None):
+        opts = dict(zip(argv[4::2], argv[5::2]))
+        stage, run_dir = opts["--run.name"], Path(opts["--run.root"]) / opts["--run.name"]
+        self.calls.append((stage, opts.get("--ckpt_path")))
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints" / "last.ckpt").write_text(json.dumps([a for a in argv if a != "--ckpt_path"]))
+        (run_dir / "summary.json").write_text(json.dumps({"final": {"val/loss": 1.0}}))
+        return subprocess.CompletedProcess(argv, 1 if stage in self.fail else 0)
+
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ("train-000000.tar", "train-000001.tar", "val-000000.tar"):
+        (data_dir / name).write_bytes(name.encode() * 100)
+    (data_dir / "tokenizer.json").write_text('{"vocab": 1}')
+    configs = {}
+    for stage in ("clip", "vae", "ldm"):
+        configs[stage] = tmp_path / f"{stage}.yaml"
+        shutil.copy(f"configs/{stage}/shapes.yaml", configs[stage])
+    cfg = {"name": "t", "root": str(tmp_path / "runs"), "seed": 0, "wandb": False,
+           "stages": {s: {"config": str(configs[s]), "args": {"trainer.max_steps": 6}} for s in configs}}
+    data = {"train_urls": str(data_dir / "train-*.tar"), "val_urls": str(data_dir / "val-000000.tar"),
+            "tokenizer": str(data_dir / "tokenizer.json")}
+    fit = FakeFit()
+    monkeypatch.setattr(pipeline.subprocess, "run", fit)
+    root = tmp_path / "runs" / "t"
+    return SimpleNamespace(cfg=cfg, data=data, fit=fit, root=root, configs=configs, data_dir=data_dir,
+                           run=lambda: pipeline.train_stages(cfg, root, "t", data))
+
+
+def _changed(run, *named: str) -> str:
+    """Runs the pipeline expecting it to stop before training anything; returns the message."""
+    before = len(run.fit.calls)
+    with pytest.raises(pipeline.StageInputsChanged) as err:
+        run.run()
+    assert len(run.fit.calls) == before, "a stage trained although an input changed"
+    message = str(err.value)
+    for text in named:
+        assert text in message, message
+    return message
+
+
+def test_rerun_with_the_same_inputs_trains_nothing(fake_run):
+    first = fake_run.run()
+    assert [c[0] for c in fake_run.fit.calls] == ["clip", "vae", "ldm"]
+    assert not any(s["skipped"] for s in first.values())
+    record = json.loads((fake_run.root / "vae.fingerprint.json").read_text())
+    assert record["overrides"]["model.init_args.clip_ckpt"] == str(fake_run.root / "clip.ckpt")
+    assert set(record["files"]) == {"model.init_args.clip_ckpt"} and set(record["data"]) == {"train", "val"}
+    again = fake_run.run()
+    assert len(fake_run.fit.calls) == 3 and all(s["skipped"] for s in again.values())
+
+
+def test_a_changed_override_stops_the_run_and_names_the_key(fake_run):
+    fake_run.run()
+    fake_run.cfg["stages"]["vae"]["args"]["trainer.max_steps"] = 8
+    root = fake_run.root
+    message = _changed(fake_run, f"[vae] {root / 'vae.ckpt'} was made with other inputs",
+                       "override --trainer.max_steps: 6 -> 8",
+                       f"rm -r {root / 'vae.ckpt'} {root / 'vae.fingerprint.json'} {root / 'vae'} "
+                       f"{root / 'ldm.ckpt'} {root / 'ldm.fingerprint.json'} {root / 'ldm'};",
+                       "choose another run name")
+    assert "[clip]" not in message and "max_steps: 6 -> 8" in message.splitlines()[1]
+    # doing what the message says retrains vae and ldm, from scratch, and keeps clip
+    for path in message.split("rm -r ")[1].split(";")[0].split():
+        shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
+    fake_run.run()
+    assert fake_run.fit.calls[3:] == [("vae", None), ("ldm", None)]
+
+
+def test_a_changed_stage_config_file_names_the_file_and_key(fake_run):
+    fake_run.run()
+    path = fake_run.configs["clip"]
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["init_args"]["lr"] = 0.5
+    path.write_text(yaml.safe_dump(raw))
+    _changed(fake_run, "[clip]", f"config {path}: model.init_args.lr: 0.001 -> 0.5", "To retrain clip and vae and ldm")
+    fake_run.cfg["seed"] = 1
+    _changed(fake_run, "seed: 0 -> 1")
+
+
+def test_changed_data_or_tokenizer_is_named(fake_run):
+    fake_run.run()
+    shard = fake_run.data_dir / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[::-1])  # same name and size, other content
+    _changed(fake_run, "[clip]", f"data train: the train shards ({fake_run.data['train_urls']}) changed")
+    shard.write_bytes(shard.read_bytes()[::-1])
+    fake_run.run()  # back as it was: nothing to do
+    (fake_run.data_dir / "tokenizer.json").write_text('{"vocab": 2}')
+    _changed(fake_run, "[clip]", f"file --model.init_args.tokenizer_path: {fake_run.data['tokenizer']} has other "
+                                 "content")
+    assert len(fake_run.fit.calls) == 3
+
+
+def test_a_replaced_upstream_checkpoint_stops_the_stages_after_it(fake_run):
+    fake_run.run()
+    (fake_run.root / "clip.ckpt").write_text("a CLIP trained elsewhere")
+    _changed(fake_run, "[vae]", f"file --model.init_args.clip_ckpt: {fake_run.root / 'clip.ckpt'} has other content")
+    # a missing upstream is about to be trained again: what was made from the old one is stale
+    (fake_run.root / "clip.ckpt").unlink()
+    shutil.rmtree(fake_run.root / "clip")
+    _changed(fake_run, f"[vae] {fake_run.root / 'vae.ckpt'} was made from a clip.ckpt that is missing")
+
+
+def test_an_interrupted_stage_resumes_and_only_for_the_same_inputs(fake_run):
+    fake_run.fit.fail = {"vae"}
+    with pytest.raises(RuntimeError, match="stage vae failed"):
+        fake_run.run()
+    assert not (fake_run.root / "vae.ckpt").exists() and (fake_run.root / "vae" / "fingerprint.json").is_file()
+    fake_run.fit.fail = set()
+    fake_run.run()
+    last = str(fake_run.root / "vae" / "checkpoints" / "last.ckpt")
+    assert fake_run.fit.calls == [("clip", None), ("vae", None), ("vae", last), ("ldm", None)]
+
+    # interrupted again after an input changed: last.ckpt was made from the old inputs, so no resume
+    for path in (fake_run.root / "vae.ckpt", fake_run.root / "ldm.ckpt"):
+        path.unlink()
+    shutil.rmtree(fake_run.root / "ldm")
+    fake_run.cfg["stages"]["vae"]["args"]["model.init_args.lr"] = 1e-3
+    _changed(fake_run, f"[vae] the interrupted run {last} was started with other inputs",
+             "override --model.init_args.lr: <unset> -> 0.001", f" {fake_run.root / 'vae'} ")

@@ -1,7 +1,6 @@
 """Unsafe inputs: a checkpoint that would run code is refused; shards are streamed, never unpacked to disk; the
 W&B API key never lands in a run directory, even with W&B configured but unreachable."""
 
-import os
 import socket
 import tempfile
 from pathlib import Path

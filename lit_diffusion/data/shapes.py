@@ -45,6 +45,13 @@ _PNG_COMPRESS_LEVEL = 1  # PNGs of flat colour compress well even at the fastest
 log = logging.getLogger(__name__)
 
 
+def zeroshot_classes() -> dict:
+    """info.json's `zeroshot` block: single objects classified by colour x shape (two-object captions name two
+    classes, so they are left out); every training caption names a size, so the prompts do too (a class scores
+    its best-matching prompt)."""
+    return {"classes": [f"{c} {s}" for c in COLORS for s in SHAPES], "templates": [f"a {z} {{}}" for z in SIZES]}
+
+
 def caption_of(attrs: dict) -> str:
     """Caption text for attributes (`attrs["objects"]`, `attrs["relation"]`)."""
     phrases = [f"a {o['size']} {o['color']} {o['shape']}" for o in attrs["objects"]]
@@ -245,6 +252,7 @@ def write_shapes(
         "shapes": list(SHAPES),
         "sizes": SIZES,
         "relations": list(RELATIONS),
+        "zeroshot": zeroshot_classes(),
     }
     (out_dir / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     total = train + val

@@ -5,11 +5,14 @@ Validation embeds the whole val set, gathers it from every rank (uneven per-rank
   Captions repeat (the shapes data has only a few hundred distinct captions), so an exact-index match would be
   ambiguous: a retrieval counts as correct when the retrieved item's caption string equals the query's caption.
   `val/r1_chance` / `val/r5_chance` are what a random ranking scores under that rule (same in both directions).
-- zero-shot accuracy (`val/zeroshot_acc`) on single-object images: classify colour x shape among every
-  combination from prompts (`zeroshot_templates`); a class scores the cosine of its best-matching prompt. The
-  default prompt names the size too ("a {size} {color} {shape}", max over sizes): every training caption names
-  one, and a size-less "a {color} {shape}" is out of distribution for the text encoder (measured on shapes after
-  400 steps: 0.36 accuracy without the size, 0.34 averaging the two sizes' embeddings CLIP-style, 0.86 with the max).
+- zero-shot accuracy (`val/zeroshot_acc`), open_clip style: the data's class names and prompt templates come in
+  through `zeroshot` (the config, or a JSON file such as the shapes writer's info.json); a class scores the cosine of
+  its best-matching prompt. A val sample's class is its KEY.json `label` (a class name), else the one class name
+  its caption holds (none or several: the sample is left out). On the shapes data the classes are colour x shape,
+  so only single-object images count, and the templates name the size too ("a small {}", "a large {}"): every
+  training caption names one, and a size-less "a {color} {shape}" is out of distribution for the text encoder
+  (measured on shapes after 400 steps: 0.36 accuracy without the size, 0.34 averaging the two sizes' embeddings
+  CLIP-style, 0.86 with the max over prompts).
 - with `hard_negatives` (word swaps such as above <-> below): `val/negative_acc`, the fraction of val captions
   holding a swap word whose image scores its true caption above the swapped one (0.5: the swap goes unnoticed).
 """
@@ -17,7 +20,10 @@ Validation embeds the whole val set, gathers it from every rank (uneven per-rank
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import asdict
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -28,15 +34,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lit_diffusion.data.negatives import WordSwaps
-from lit_diffusion.data.shapes import COLORS, SHAPES, SIZES
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig
 from lit_diffusion.models.clip_loss import ClipLoss
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.common import adamw_with_warmup
-
-ZEROSHOT_CLASSES: list[tuple[str, str]] = [(c, s) for c in COLORS for s in SHAPES]
-
 
 # ---------------------------------------------------------------------------------------------- metric helpers
 def caption_ids(captions: Sequence[str]) -> Tensor:
@@ -45,13 +47,47 @@ def caption_ids(captions: Sequence[str]) -> Tensor:
                          for c in captions], dtype=torch.long)
 
 
-def zeroshot_label(attrs: dict | None) -> int:
-    """Index into ZEROSHOT_CLASSES of a single-object image's (colour, shape); -1 for anything else."""
-    objects = attrs.get("objects") if isinstance(attrs, dict) else None
-    if not isinstance(objects, list) or len(objects) != 1 or not isinstance(objects[0], dict):
-        return -1
-    key = (objects[0].get("color"), objects[0].get("shape"))
-    return ZEROSHOT_CLASSES.index(key) if key in ZEROSHOT_CLASSES else -1
+def zeroshot_spec(zeroshot: dict | str | Path | None, option: str = "model.init_args.zeroshot") -> dict | None:
+    """{"classes": [names], "templates": [prompts with {}]} from a dict, or from the `zeroshot` block of a JSON
+    file (the shapes writer's info.json); None switches val/zeroshot_acc off. Bad input names the option/file."""
+    if zeroshot is None:
+        return None
+    if isinstance(zeroshot, (str, Path)):
+        path = Path(zeroshot)
+        try:
+            zeroshot = json.loads(path.read_text()).get("zeroshot")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"{option}: cannot read a JSON object from {path} ({err})") from err
+        if zeroshot is None:
+            raise ValueError(f"{option}: {path} has no `zeroshot` block ({{classes: [...], templates: [...]}})")
+        option = f"{option} ({path})"
+    if not isinstance(zeroshot, dict) or set(zeroshot) != {"classes", "templates"}:
+        raise ValueError(f"{option} must be {{classes: [names], templates: [prompts with {{}}]}} or a JSON file "
+                         f"holding one, got {zeroshot!r}")
+    classes, templates = list(zeroshot["classes"] or []), list(zeroshot["templates"] or [])
+    if not classes or not all(isinstance(c, str) and c.strip() for c in classes) or len(set(classes)) < len(classes):
+        raise ValueError(f"{option}.classes must be distinct non-empty names, got {classes!r}")
+    for t in templates or [None]:
+        if not isinstance(t, str) or "{}" not in t:
+            raise ValueError(f"{option}.templates: {t!r} needs a {{}} where the class name goes")
+    return {"classes": [str(c) for c in classes], "templates": [str(t) for t in templates]}
+
+
+class ZeroshotLabeler:
+    """A val sample's class index: its KEY.json `label` (a class name), else the one class named in its caption
+    (whole words, any case); -1 when it names none or several."""
+
+    def __init__(self, classes: Sequence[str]):
+        self.index = {c: i for i, c in enumerate(classes)}
+        self.patterns = [re.compile(rf"(?<!\w){re.escape(c.lower())}(?!\w)") for c in classes]
+
+    def __call__(self, attrs: dict | None, caption: str) -> int:
+        label = attrs.get("label") if isinstance(attrs, dict) else None
+        if label is not None:
+            return self.index.get(str(label), -1)
+        text = caption.lower()
+        found = [i for i, p in enumerate(self.patterns) if p.search(text)]
+        return found[0] if len(found) == 1 else -1
 
 
 @torch.no_grad()
@@ -105,7 +141,7 @@ class CLIPModule(Stage):
         weight_decay: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.98),
         warmup_steps: int = 100,
-        zeroshot_templates: Sequence[str] | None = ("a {size} {color} {shape}",),
+        zeroshot: dict | str | None = None,
         gather_with_grad: bool = True,
         tokenizer_json: str | None = None,
         hard_negatives: dict[str, str] | None = None,
@@ -117,8 +153,8 @@ class CLIPModule(Stage):
         tokenizer_path: tokenizer.json (`lit-diffusion data shapes` writes one); its JSON travels in every
             checkpoint, so the file is not needed to load one.
         weight_decay: AdamW decay on matrices only (not biases, norms, class token or logit scale).
-        zeroshot_templates: prompts with {color} and {shape} (and optionally {size}, expanded over every size)
-            for val/zeroshot_acc; None or [] switches it off.
+        zeroshot: {classes: [names], templates: [prompts with {}]} for val/zeroshot_acc, or a JSON file with
+            such a `zeroshot` block (the shapes writer's info.json); None switches it off.
         gather_with_grad: contrast against the global batch with gradients through the all-gather (open_clip).
         tokenizer_json: the tokenizer itself instead of a path (used by `from_checkpoint`; not saved in hparams).
         hard_negatives: word pairs, e.g. {above: below, left: right}: every caption holding one of the words also
@@ -137,10 +173,8 @@ class CLIPModule(Stage):
         vision = VisionConfig(**vision) if isinstance(vision, dict) else (vision or VisionConfig())
         text = TextConfig(**text) if isinstance(text, dict) else (text or TextConfig())
         text = _fill_from_tokenizer(text, tokenizer, tokenizer_path or "the saved tokenizer")
-        templates = list(zeroshot_templates or [])
-        for t in templates:
-            if "{color}" not in t or "{shape}" not in t:
-                raise ValueError(f"model.init_args.zeroshot_templates: {t!r} needs both {{color}} and {{shape}}")
+        zeroshot = zeroshot_spec(zeroshot)
+        self.zeroshot_labeler = ZeroshotLabeler(zeroshot["classes"]) if zeroshot else None
         hard_negatives = dict(hard_negatives or {})
         # checked here, so a bad pair fails at startup naming the option
         self.word_swaps = WordSwaps(hard_negatives, "model.init_args.hard_negatives") if hard_negatives else None
@@ -149,7 +183,7 @@ class CLIPModule(Stage):
             "vision": asdict(vision), "text": asdict(text), "embed_dim": int(embed_dim),
             "tokenizer_path": None if tokenizer_path is None else str(tokenizer_path), "lr": lr,
             "weight_decay": weight_decay, "betas": [float(b) for b in betas], "warmup_steps": warmup_steps,
-            "zeroshot_templates": templates, "gather_with_grad": gather_with_grad,
+            "zeroshot": zeroshot, "gather_with_grad": gather_with_grad,
             "hard_negatives": {str(k): str(v) for k, v in hard_negatives.items()},
         })
         self.tokenizer = tokenizer
@@ -246,7 +280,9 @@ class CLIPModule(Stage):
         self._val["image"].append(image.float())
         self._val["text"].append(text.float())
         self._val["ids"].append(caption_ids(batch["caption"]).to(self.device))
-        self._val["zeroshot"].append(torch.tensor([zeroshot_label(a) for a in attrs], device=self.device))
+        if self.zeroshot_labeler is not None:
+            labels = [self.zeroshot_labeler(a, c) for a, c in zip(attrs, batch["caption"])]
+            self._val["zeroshot"].append(torch.tensor(labels, dtype=torch.long, device=self.device))
         if negatives is not None:
             embedded, mask = negatives
             wins = (image * text).sum(1) > (image * embedded.to(image.dtype)).sum(1)  # [B]
@@ -279,7 +315,7 @@ class CLIPModule(Stage):
         zeroshot = self.zeroshot_accuracy(image, labels)
         if zeroshot is not None:
             metrics["val/zeroshot_acc"] = zeroshot
-            metrics["val/zeroshot_chance"] = 1.0 / len(ZEROSHOT_CLASSES)
+            metrics["val/zeroshot_chance"] = 1.0 / len(self.hparams.zeroshot["classes"])
         if negative_wins.numel():
             metrics["val/negative_acc"] = float(negative_wins.float().mean())
         # every rank computed the same numbers from the same gathered data; sync_dist only averages equals
@@ -289,18 +325,15 @@ class CLIPModule(Stage):
 
     @torch.no_grad()
     def zeroshot_prompt_embeddings(self) -> Tensor:
-        """[P, len(ZEROSHOT_CLASSES), E]: every template, and every size for templates with {size}."""
-        embs = []
-        for template in self.hparams.zeroshot_templates:
-            for size in SIZES if "{size}" in template else [None]:
-                prompts = [template.format(color=c, shape=s, size=size) for c, s in ZEROSHOT_CLASSES]
-                embs.append(self.encode_text(self.tokenize(prompts))[1].float())
-        return torch.stack(embs)
+        """[P, C, E]: every template filled with every class name."""
+        classes, templates = self.hparams.zeroshot["classes"], self.hparams.zeroshot["templates"]
+        return torch.stack([self.encode_text(self.tokenize([t.format(c) for c in classes]))[1].float()
+                            for t in templates])
 
     def zeroshot_accuracy(self, image: Tensor, labels: Tensor) -> float | None:
-        """Accuracy over images with a label >= 0; a class scores the cosine of its best-matching prompt."""
+        """Accuracy over images [N, E] with a label >= 0; a class scores the cosine of its best-matching prompt."""
         keep = labels >= 0
-        if not self.hparams.zeroshot_templates or not bool(keep.any()):
+        if not self.hparams.zeroshot or not bool(keep.any()):
             return None
         scores = torch.einsum("ne,pce->pnc", image[keep], self.zeroshot_prompt_embeddings()).amax(0)  # [n, C]
         return float((scores.argmax(1) == labels[keep]).float().mean())
