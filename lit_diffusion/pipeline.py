@@ -117,7 +117,7 @@ def _sha256(path: Path) -> str:
 
 
 def _shards_identity(urls: str) -> str:
-    """Names, sizes and first-MiB hashes of local shards (file mtimes are left out: rewriting the same shapes
+    """Names, sizes and hashes of the first and last 64 KiB of local shards (file mtimes are left out: rewriting the same shapes
     shards must not count as a change); remote URLs are known only by their names."""
     from lit_diffusion.data.shards import _REMOTE_PREFIXES, expand_urls
     from lit_diffusion.metrics.stats_cache import data_identity
@@ -125,7 +125,7 @@ def _shards_identity(urls: str) -> str:
     files = expand_urls(urls)
     local = [f for f in files if not f.startswith(_REMOTE_PREFIXES)]
     remote = sorted(set(files) - set(local))
-    return data_identity(local) + (f"+{len(remote)} remote: {remote[0]}..." if remote else "")
+    return data_identity(local, mtime=False) + (f"+{len(remote)} remote: {remote[0]}..." if remote else "")
 
 
 def fingerprint(stage: str, cfg: dict, data: dict, extra: dict) -> dict:

@@ -51,7 +51,7 @@ _REMOTE = ("pipe:", "://")
 _EDGE = 1 << 16  # bytes hashed at each end of a shard
 
 
-def data_identity(urls: list[str | Path]) -> str | None:
+def data_identity(urls: list[str | Path], mtime: bool = True) -> str | None:
     """An identity of local shard files that changes when their content does, cheap for many large shards:
     per shard, in stream order (which fixes the first N samples), its name, size, mtime and a hash of its first
     and last 64 KiB. None when any URL is remote (http, s3, `pipe:`): nothing cheap identifies those, so their
@@ -62,6 +62,8 @@ def data_identity(urls: list[str | Path]) -> str | None:
     even where mtime does not (coarse-mtime file systems, copies that keep times), since the first and last
     samples of a re-drawn shard differ. A byte-identical rewrite gets a new mtime and so one recomputation: a false
     miss costs a pass over real images, a false hit an FID against the wrong reference set.
+    `mtime=False` leaves the times out, for identities that must survive a copy of the data (the pipeline's stage
+    fingerprints, where a false miss stops a run).
     """
     digest = hashlib.sha256()
     for url in urls:
@@ -76,7 +78,7 @@ def data_identity(urls: list[str | Path]) -> str | None:
             head = f.read(_EDGE)
             f.seek(max(st.st_size - _EDGE, len(head)))
             tail = f.read()
-        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:".encode())
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns if mtime else ''}:".encode())
         digest.update(hashlib.sha256(head + tail).digest())
     return digest.hexdigest()[:16]
 
