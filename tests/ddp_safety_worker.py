@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -118,4 +119,18 @@ def main(out: Path, scenario: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), json.loads(sys.argv[2]))
+    try:
+        main(Path(sys.argv[1]), json.loads(sys.argv[2]))
+        status = 0
+    except SystemExit as e:  # SignalExit: 128 + signum
+        status = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    # torch 2.14's gloo process group and TCPStore can abort a process at interpreter exit while a peer still holds
+    # its connection ("terminate called without an active exception", SIGABRT; Lightning destroys the process
+    # group at exit for NCCL only): measured on 4 of 16 runs of this worker on a loaded machine, after a normal
+    # end of training too, and in a torch-only script. The status under test is the one training ended with.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
