@@ -143,8 +143,8 @@ class SignalCheckpoint(Callback):
 
     The handler only sets a flag; the checkpoint is written between steps, where the state is consistent. Under
     DDP the signal may reach one rank only (a node's processes, one of several launchers), so the decision is
-    collective: at every training batch end each rank contributes its signal number (0: none) to one max
-    all-reduce, and all ranks save (rank 0 writes the file) and exit at the same step, each with status 128 + the
+    collective: at every training batch end each rank contributes its signal number (0: none) to one max reduce
+    (`max_over_ranks`), and all ranks save (rank 0 writes the file) and exit at the same step, each with status 128 + the
     largest signal number any rank received. A signal that lands after that check is acted on at the next training
     batch end (one step later at most); one during validation or the sanity check, at the first batch end after it.
 
@@ -153,7 +153,8 @@ class SignalCheckpoint(Callback):
     a `broadcast` inside the signal handler, on that rank only. Under DDP either leaves the other ranks waiting in
     a collective that never comes (measured: a gloo timeout instead of a checkpoint), so with more than one rank
     Lightning's handlers are not called from ours (nor is its SLURM auto-requeue on SIGUSR1, which saves from
-    inside the handler); handlers installed before the Trainer still are. A single process keeps Lightning's
+    inside the handler); handlers installed before the Trainer still are. (Ours is installed from the sanity check
+    on; a signal during the Trainer's setup still meets Lightning's.) A single process keeps Lightning's
     handlers: a SIGTERM after this check then ends the same batch through `SIGTERMException`, which `on_exception`
     turns into a checkpoint and our exit status.
     """
