@@ -144,9 +144,10 @@ class SignalCheckpoint(Callback):
     The handler only sets a flag; the checkpoint is written between steps, where the state is consistent. Under
     DDP the signal may reach one rank only (a node's processes, one of several launchers), so the decision is
     collective: at every training batch end each rank contributes its signal number (0: none) to one max reduce
-    (`max_over_ranks`), and all ranks save (rank 0 writes the file) and exit at the same step, each with status 128 + the
-    largest signal number any rank received. A signal that lands after that check is acted on at the next training
-    batch end (one step later at most); one during validation or the sanity check, at the first batch end after it.
+    (`max_over_ranks`), and all ranks save (rank 0 writes the file) and exit at the same step, each with status
+    128 + the largest signal number any rank received. A signal that lands after that check is acted on at the
+    next training batch end (one step later at most); one during validation or the sanity check, at the first batch
+    end after it.
 
     Lightning 2.6 on SIGTERM sets `trainer.received_sigterm` and raises `SIGTERMException` (exit status 0, no
     checkpoint) on the rank that got it, at its next batch end or between validation batches; and its handler runs
