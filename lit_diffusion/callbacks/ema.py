@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 
 
-def averaged_module(trainer, pl_module):
-    """The `WeightAveraging` callback's copy of the whole LightningModule (averaged weights), else `pl_module`."""
-    for cb in trainer.callbacks:
-        if isinstance(cb, WeightAveraging) and getattr(cb, "_average_model", None) is not None:
-            if trainer.training:  # a callback listed before it runs first: take this step's update now (once per
-                cb.on_train_batch_end(trainer, pl_module, None, None, 0)  # step), as the saved checkpoint will have it
-            return cb._average_model.module
-    return pl_module
+@contextlib.contextmanager
+def averaged_weights(trainer: Trainer, pl_module: LightningModule) -> Iterator[LightningModule]:
+    """`pl_module` holding the `WeightAveraging` callback's averaged weights inside the block, its own weights again
+    after it; `pl_module` unchanged without such a callback (or outside fit, where there is no average).
+
+    Call it between training steps (a train batch end, the train end), not during validation, where Lightning has
+    swapped the weights already. Lightning has no public accessor for the averaged model, so this goes through the
+    callback's public hooks, whose behaviour tests/test_ema.py pins against a closed-form EMA (a Lightning release
+    that changes it fails there):
+    - `on_train_batch_end` updates the average at most once per optimizer step: a callback listed before the
+      averaging one calls it to take this step's update now, as the checkpoint saved at this step will have it,
+      and the averaging callback's own call then changes nothing;
+    - `on_validation_epoch_start` swaps the averaged and the current weights in place (no copy of the model is
+      made) and `on_validation_epoch_end` swaps them back; both do nothing when there is no average.
+    """
+    averaging = next((cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging)), None)
+    if averaging is None:
+        yield pl_module
+        return
+    if trainer.training:
+        averaging.on_train_batch_end(trainer, pl_module, None, None, 0)
+    averaging.on_validation_epoch_start(trainer, pl_module)
+    try:
+        yield pl_module
+    finally:
+        averaging.on_validation_epoch_end(trainer, pl_module)

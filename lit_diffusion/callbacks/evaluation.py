@@ -12,7 +12,7 @@ from typing import Sequence
 
 import lightning as L
 
-from lit_diffusion.callbacks.ema import averaged_module
+from lit_diffusion.callbacks.ema import averaged_weights
 from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, eval_data_id, write_results
 
 log = logging.getLogger("lit_diffusion")
@@ -67,7 +67,6 @@ class DiffusionEvaluation(L.Callback):
 
     def evaluate(self, trainer, pl_module) -> dict:
         self._last_step = step = trainer.global_step
-        model = averaged_module(trainer, pl_module)
         if self.evaluator is None:
             dm = trainer.datamodule
             # keyed by the shards' content (every rank gets rank zero's), not their URL: data re-drawn at the same
@@ -78,7 +77,8 @@ class DiffusionEvaluation(L.Callback):
             if own not in self.config.guidance:
                 self.config.guidance = sorted([*self.config.guidance, own])
             self.evaluator = Evaluator(self.config, pl_module.clip)
-        results = self.evaluator.run(model, self._loader(trainer), step=step)
+        with averaged_weights(trainer, pl_module) as model:
+            results = self.evaluator.run(model, self._loader(trainer), step=step)
         # the figures at the model's own sampling guidance, unsuffixed: what sweeps over `guidance` optimise
         own = f"_g{float(pl_module.hparams.guidance):.1f}"
         results.update({k[: -len(own)]: v for k, v in list(results.items()) if k.endswith(own)})

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from lit_diffusion.callbacks.ema import averaged_module
+from lit_diffusion.callbacks.ema import averaged_weights
 from lit_diffusion.evaluation.plots import save_grid
 
 
@@ -53,7 +53,8 @@ class SampleGrid(L.Callback):
         self._last_step = trainer.global_step
         if not trainer.is_global_zero:  # the U-Net is called directly, not through DDP: no collective to miss
             return None
-        rows, labels = self.grid(averaged_module(trainer, pl_module))
+        with averaged_weights(trainer, pl_module) as model:
+            rows, labels = self.grid(model)
         out = Path(trainer.default_root_dir) / "media" / f"samples_step{trainer.global_step:07d}.png"
         save_grid(rows, labels, out, col_titles=[f"guidance {g:g}" for g in self.guidance],
                   title=f"step {trainer.global_step}")

@@ -141,53 +141,80 @@ class SignalCheckpoint(Callback):
     """On SIGTERM or SIGUSR1 (SLURM pre-emption, `scancel --signal=USR1@90`), write last.ckpt at the end of the
     current training batch and exit with status 128 + signum.
 
-    Lightning 2.6 on SIGTERM only sets `trainer.received_sigterm` and raises `SIGTERMException` (exit status 0)
-    at the next batch end, without a checkpoint; SIGUSR1 is handled only under SLURM with auto-requeue (it then
-    saves an hpc_ckpt from inside the signal handler, at an arbitrary point of the step). Here the handler only
-    sets a flag; the checkpoint is written between steps, where the state is consistent, by every rank together
-    (ranks agree through one boolean all-reduce per batch under DDP). A signal that arrives during validation is
-    acted on at the next training batch, unless Lightning's own SIGTERM stop ends validation first; then the
-    newest periodic last.ckpt is what a resume starts from.
+    The handler only sets a flag; the checkpoint is written between steps, where the state is consistent. Under
+    DDP the signal may reach one rank only (a node's processes, one of several launchers), so the decision is
+    collective: at every training batch end each rank contributes its signal number (0: none) to one max reduce
+    (`max_over_ranks`), and all ranks save (rank 0 writes the file) and exit at the same step, each with status
+    128 + the largest signal number any rank received. A signal that lands after that check is acted on at the
+    next training batch end (one step later at most); one during validation or the sanity check, at the first batch
+    end after it.
+
+    Lightning 2.6 on SIGTERM sets `trainer.received_sigterm` and raises `SIGTERMException` (exit status 0, no
+    checkpoint) on the rank that got it, at its next batch end or between validation batches; and its handler runs
+    a `broadcast` inside the signal handler, on that rank only. Under DDP either leaves the other ranks waiting in
+    a collective that never comes (measured: a gloo timeout instead of a checkpoint), so with more than one rank
+    Lightning's handlers are not called from ours (nor is its SLURM auto-requeue on SIGUSR1, which saves from
+    inside the handler); handlers installed before the Trainer still are. (Ours is installed from the sanity check
+    on; a signal during the Trainer's setup still meets Lightning's.) A single process keeps Lightning's
+    handlers: a SIGTERM after this check then ends the same batch through `SIGTERMException`, which `on_exception`
+    turns into a checkpoint and our exit status.
     """
 
     def __init__(self, signals: Sequence[str | int] = ("SIGTERM", "SIGUSR1")):
         self.signals = [signal.Signals[s] if isinstance(s, str) else signal.Signals(s) for s in signals]
         self.received: int | None = None
-        self._previous: dict[int, Any] = {}
+        self._before_trainer: dict[int, Any] = {}  # the handlers installed before fit (the user's)
+        self._previous: dict[int, Any] = {}  # what we replaced (Lightning's, which chain to the user's)
+        self._chain: dict[int, Any] = {}  # what our handler calls after setting the flag
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
-        previous = self._previous.get(signum)
-        if callable(previous):  # e.g. Lightning's SIGTERM notifier, SLURM requeue
-            previous(signum, frame)
+        chained = self._chain.get(signum)
+        if callable(chained):
+            chained(signum, frame)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # before the Trainer registers its own handlers (fit's setup hook runs first)
+        self._before_trainer = {sig: signal.getsignal(sig) for sig in self.signals}
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install(trainer)  # a signal during the sanity check is acted on at the first training batch end
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install(trainer)
+
+    def _install(self, trainer: Trainer) -> None:
         # after Lightning registered its handlers (so it does not restore ours as "original" at teardown)
+        if self._previous:
+            return  # installed at the sanity check
         if threading.current_thread() is not threading.main_thread():
             rank_zero_warn("SignalCheckpoint: not in the main thread, no signal handlers installed")
             return
         for sig in self.signals:
             self._previous[sig] = signal.getsignal(sig)
+            self._chain[sig] = self._previous[sig] if trainer.world_size == 1 else self._before_trainer.get(sig)
             signal.signal(sig, self._handler)
 
     def _restore(self) -> None:
         for sig, previous in self._previous.items():
             if previous is not None:
                 signal.signal(sig, previous)
-        self._previous = {}
+        self._previous, self._chain = {}, {}
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
-        # A SIGTERM that lands after this callback's batch-end check but before Lightning's own (the end of the
-        # same batch) reaches us as Lightning's SIGTERMException, raised between steps during training: the state
-        # is consistent, so write the checkpoint here and give the exception our exit status instead of 0.
+        # Single process: a SIGTERM that lands after this callback's batch-end check but before Lightning's own
+        # (the end of the same batch) reaches us as Lightning's SIGTERMException, raised between steps: the state is
+        # consistent, so write the checkpoint here and give the exception our exit status instead of 0. (Under DDP
+        # Lightning never learns of the signal, see the class docstring; a save here could wait for absent ranks.)
         if isinstance(exception, SIGTERMException) and not isinstance(exception, SignalExit) \
                 and trainer.training and not trainer.sanity_checking:
             signum = self.received if self.received is not None else signal.SIGTERM
-            exception.path = self._save(trainer, signum)
+            if trainer.world_size == 1:
+                exception.path = self._save(trainer, signum)
             exception.code = 128 + int(signum)
 
     def _save(self, trainer: Trainer, signum: int) -> str:
@@ -197,16 +224,18 @@ class SignalCheckpoint(Callback):
         return path
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        signum = self.received
-        if signum is None and trainer.received_sigterm:
-            signum = signal.SIGTERM
-        pending = signum is not None
-        if trainer.world_size > 1:
-            pending = trainer.strategy.reduce_boolean_decision(pending, all=False)
-        if not pending:
-            return
-        signum = signum if signum is not None else signal.SIGTERM  # this rank learnt of it from another
-        raise SignalExit(signum, self._save(trainer, signum))
+        signum = self.received or (signal.SIGTERM if trainer.received_sigterm else 0)
+        signum = max_over_ranks(trainer, int(signum))  # every rank, every batch: the same step on all of them
+        if signum:
+            raise SignalExit(signum, self._save(trainer, signum))
+
+
+def max_over_ranks(trainer: Trainer, value: int) -> int:
+    """The largest of the ranks' `value`s, through the strategy's reduce (DDP: a barrier and an all-reduce of one
+    integer), so every rank must call it at the same point of the same step. Costs one host-device sync."""
+    if trainer.world_size == 1:
+        return value
+    return int(trainer.strategy.reduce(torch.tensor(value, device=trainer.strategy.root_device), reduce_op="max"))
 
 
 # ----------------------------------------------------------------------------------------------- NaN/inf guard
@@ -222,7 +251,9 @@ class NonFiniteGuard(Callback):
     step. mode="skip": drop the update (gradients are set to None, so the optimizer leaves those parameters and
     their moments alone; global_step and the LR schedule still advance), count it in `train/nonfinite_skips`, and
     stop after `max_consecutive_skips` in a row. Only the loss is checked: under fp16 mixed precision an overflow
-    in the gradients is the GradScaler's business, not an error. Costs one host-device sync per backward.
+    in the gradients is the GradScaler's business, not an error. Under DDP the ranks decide together, before
+    every optimizer step, so a NaN on one rank stops or skips every rank at that step. Costs one host-device sync
+    per backward and one reduce of one integer per optimizer step.
     """
 
     def __init__(self, mode: str = "stop", max_consecutive_skips: int = 10):
@@ -239,9 +270,8 @@ class NonFiniteGuard(Callback):
             self._bad = float(loss.detach().float().flatten()[0])
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        bad = self._bad is not None
-        if trainer.world_size > 1:  # one rank's NaN reaches every rank's gradients through the all-reduce
-            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        # every rank decides alike (one rank's NaN reaches every rank's gradients through DDP's all-reduce anyway)
+        bad = bool(max_over_ranks(trainer, int(self._bad is not None)))
         value, self._bad = self._bad, None
         if not bad:
             self._consecutive = 0

@@ -1,0 +1,90 @@
+"""`averaged_weights` lends the module the EMA weights through `WeightAveraging`'s public hooks; these tests pin
+what it relies on in them (see callbacks/ema.py), against the closed-form EMA written in torch's
+`get_ema_avg_fn`: W_1 = w_1, W_t = decay * W_{t-1} + (1 - decay) * w_t. A Lightning release that changes how
+the hooks update or swap fails here."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_diffusion.callbacks.ema import averaged_weights
+
+DECAY = 0.5
+STEPS = 6
+
+
+class Linear(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(3, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(4 * STEPS, 3, generator=g), torch.randn(4 * STEPS, 2, generator=g)
+        return DataLoader(TensorDataset(x, y), batch_size=4)
+
+
+def weights(module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+class Probe(L.Callback):
+    """At every batch end: the trained weights, the weights inside `averaged_weights`, and the weights after it."""
+
+    def __init__(self):
+        self.trained, self.inside, self.after = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.trained.append(weights(pl_module))
+        with averaged_weights(trainer, pl_module) as model:
+            assert model is pl_module
+            self.inside.append(weights(model))
+        self.after.append(weights(pl_module))
+
+
+def closed_form_ema(trained: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    ema = [trained[0]]
+    for w in trained[1:]:
+        ema.append([DECAY * a + (1 - DECAY) * b for a, b in zip(ema[-1], w)])
+    return ema
+
+
+@pytest.mark.parametrize("probe_first", [True, False])  # before the EMA callback (it takes the update) or after
+def test_averaged_weights_are_this_steps_ema_and_the_trained_weights_come_back(tmp_path, probe_first):
+    torch.manual_seed(0)
+    probe, ema = Probe(), EMAWeightAveraging(decay=DECAY)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[probe, ema] if probe_first else [ema, probe])
+    trainer.fit(Linear())
+    expected = closed_form_ema(probe.trained)
+    assert len(probe.inside) == STEPS
+    for step, (inside, want, trained, after) in enumerate(zip(probe.inside, expected, probe.trained, probe.after)):
+        for a, b in zip(inside, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"EMA weights at step {step + 1}")
+        assert all(torch.equal(a, b) for a, b in zip(after, trained)), f"trained weights back at step {step + 1}"
+    assert not all(torch.equal(a, b) for a, b in zip(expected[-1], probe.trained[-1]))  # the EMA is not a copy
+    # one update per step, whoever called the hook first: the saved average is the closed form's last value
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    saved = torch.load(tmp_path / "ema.ckpt", weights_only=True)["state_dict"]
+    for a, b in zip([saved["net.weight"], saved["net.bias"]], expected[-1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_without_weight_averaging_the_module_is_lent_as_it_is(tmp_path):
+    probe = Probe()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[probe])
+    trainer.fit(Linear())
+    for inside, trained in zip(probe.inside, probe.trained):
+        assert all(torch.equal(a, b) for a, b in zip(inside, trained))
