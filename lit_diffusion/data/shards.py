@@ -24,6 +24,8 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
+import tarfile
 from functools import partial
 from itertools import islice
 from multiprocessing.context import get_spawning_popen
@@ -35,7 +37,7 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import group_by_keys, url_opener
 
 log = logging.getLogger(__name__)
 
@@ -310,16 +312,21 @@ def collate(samples: list[dict], as_float: bool = True) -> dict:
 
 
 class _TrackedStream:
-    """Read-through wrapper remembering how many bytes a shard had and its last 1024 of them.
+    """Read-through wrapper remembering how many bytes a shard had, its last 1024 of them, and where its last
+    non-zero byte was.
 
     Python's tarfile reads a tar cut inside a header as a clean end of archive; a complete tar ends with two
-    zero blocks on a 512-byte boundary, which is what `complete()` checks."""
+    zero blocks on a 512-byte boundary, which is what `complete()` checks. It also ends quietly at a damaged
+    header (a bad checksum) past the first: `data_after(offset)` tells that data followed where it stopped."""
 
     def __init__(self, stream):
-        self.stream, self.size, self.tail = stream, 0, b""
+        self.stream, self.size, self.tail, self.last_data = stream, 0, b"", 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
+        kept = len(data.rstrip(b"\0"))  # scans only the trailing zeros
+        if kept:
+            self.last_data = self.size + kept
         self.size += len(data)
         self.tail = (self.tail + data[-1024:])[-1024:]
         return data
@@ -335,9 +342,30 @@ class _TrackedStream:
         self.stream.close()
 
 
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as its own reader does
+
+
+def _tar_members(stream: _TrackedStream, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """(fname, data) of a tar's regular files, as webdataset's tar_file_iterator gives them, keeping the TarFile
+    to check at the end that the archive did not stop at a damaged header with data after it."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if not info.isreg() or _META.match(info.name):
+                continue
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # a stream of millions of members would otherwise keep every TarInfo
+        stream.drain()
+        if getattr(tar.fileobj, "comptype", "tar") == "tar" and stream.last_data > tar.offset:
+            raise tarfile.ReadError(f"damaged tar header at byte {tar.offset}: the {stream.last_data - tar.offset} "
+                                    f"bytes after it cannot be read")
+    except Exception as exn:  # tarfile raises ReadError, EOFError, OSError... on damaged archives
+        handler(exn)
+
+
 def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterator[dict]:
-    """Raw samples of one shard. Unreadable, truncated or failing (`pipe:` exit status) shards are logged and
-    counted once (unless `report` is off); the samples read before the fault are kept."""
+    """Raw samples of one shard. Unreadable, truncated, damaged or failing (`pipe:` exit status) shards are logged
+    and counted once (unless `report` is off); the samples read before the fault are kept."""
     failed = False
     tracked: list[_TrackedStream] = []
 
@@ -348,12 +376,12 @@ def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterat
         failed = True
         return True
 
-    def opened() -> Iterator[dict]:
+    def members() -> Iterator[dict]:
         for source in url_opener([{"url": url}], handler=handler):
             tracked.append(_TrackedStream(source["stream"]))
-            yield {**source, "stream": tracked[-1]}
+            yield from _tar_members(tracked[-1], url, handler)
 
-    yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
+    yield from group_by_keys(members(), handler=handler)
     for stream in tracked:
         try:
             if not failed:
