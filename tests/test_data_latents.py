@@ -332,3 +332,25 @@ def test_cli_data_encode_with_real_clip_and_vae(tiny_ckpts, tmp_path):
         torch.testing.assert_close(read[i]["latent"], latents[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(read[i]["context"], features[i][real], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(read[i]["pooled"], pooled[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_writes_what_one_process_writes(tiny_ckpts, tmp_path):
+    """`torchrun --nproc-per-node 2 -m lit_diffusion data encode`: each rank joins the launcher's process group
+    and encodes its shards; the shards and manifest equal a one-process run's."""
+    from lit_diffusion.cli import main
+
+    args = ["data", "encode", "--clip", str(tiny_ckpts["clip"]), "--vae", str(tiny_ckpts["vae"]),
+            "--data", str(tiny_ckpts["data"] / "train-*.tar"), "--batch-size", "32", "--device", "cpu"]
+    main([*args, "--out", str(tmp_path / "one")])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "lit_diffusion", *args,
+                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    one, two = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "two")
+    assert two["samples"] == 256 and {k: v for k, v in one.items() if k != "path"} == {
+        k: v for k, v in two.items() if k != "path"}
+    for shard in one["shards"]:
+        assert (tmp_path / "one" / shard["name"]).read_bytes() == (tmp_path / "two" / shard["name"]).read_bytes()

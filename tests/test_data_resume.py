@@ -48,7 +48,7 @@ def shards(tmp_path_factory):
 
 def _datamodule(shards, kind, num_workers, **kw):
     common = dict(batch_size=BATCH, num_workers=num_workers, train_batches_per_epoch=BATCHES, shuffle_buffer=6,
-                  random_flip=True, seed=2, persistent_workers=False)
+                  random_flip=True, seed=2)  # with workers, persistent ones (the default) across both epochs
     common.update(kw)
     if kind == "images":  # the shard with undecodable samples twice: drawn more often
         urls = [str(shards / "img" / "train-*.tar"), str(shards / "img" / "train-000004.tar")]
