@@ -15,15 +15,15 @@ import json
 import random
 import tarfile
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from latent_fakes import POOLED, WIDTH
+
 from lit_diffusion.data.latents import LatentDecoder, LatentShardWriter
 from lit_diffusion.data.shapes import render, sample_attrs
 from lit_diffusion.data.shards import ExactlyOnceStream, SkipCounter
@@ -40,7 +40,7 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-@lru_cache(maxsize=None)
+@cache
 def intact(kind: str) -> tuple[bytes, tuple[tuple[str, bytes], ...]]:
     """The intact tar's bytes and its members in order."""
     path = _DIR / f"intact-{kind}.tar"

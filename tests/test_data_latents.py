@@ -17,8 +17,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from latent_fakes import (
+    POOLED,
+    WIDTH,
+    fake_encode_captions,
+    fake_encode_images,
+    fake_encode_images_with_std,
+)
 
-from latent_fakes import POOLED, WIDTH, fake_encode_captions, fake_encode_images, fake_encode_images_with_std
 from lit_diffusion.data.datamodule import LatentDataModule
 from lit_diffusion.data.encode import encode_shards
 from lit_diffusion.data.latents import (
@@ -29,7 +35,13 @@ from lit_diffusion.data.latents import (
     state_dict_hash,
 )
 from lit_diffusion.data.shapes import write_shapes
-from lit_diffusion.data.shards import ExactlyOnceStream, SkipCounter, decode_sample, images_to_float, shard_samples
+from lit_diffusion.data.shards import (
+    ExactlyOnceStream,
+    SkipCounter,
+    decode_sample,
+    images_to_float,
+    shard_samples,
+)
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from latent_fakes import fake_encode_captions, fake_encode_images
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from latent_fakes import fake_encode_captions, fake_encode_images
 from lit_diffusion.data.datamodule import ImageCaptionDataModule, LatentDataModule
 from lit_diffusion.data.encode import encode_shards
 from lit_diffusion.data.shapes import write_shapes
@@ -30,8 +30,8 @@ def shards(tmp_path_factory):
     skipped samples; and the latent shards encoded from the good ones."""
     root = tmp_path_factory.mktemp("resume")
     write_shapes(root / "img", train=40, val=4, size=16, shard_size=10, seed=5)
-    good = [(m.name, tarfile.open(root / "img" / "train-000000.tar").extractfile(m).read())
-            for m in tarfile.open(root / "img" / "train-000000.tar").getmembers()]
+    with tarfile.open(root / "img" / "train-000000.tar") as source:
+        good = [(m.name, source.extractfile(m).read()) for m in source.getmembers()]
     with tarfile.open(root / "img" / "train-000004.tar", "w") as tar:
         for i, (name, data) in enumerate(good):
             key, ext = name.split(".", 1)
@@ -47,9 +47,9 @@ def shards(tmp_path_factory):
 
 
 def _datamodule(shards, kind, num_workers, **kw):
-    common = dict(batch_size=BATCH, num_workers=num_workers, train_batches_per_epoch=BATCHES, shuffle_buffer=6,
-                  random_flip=True, seed=2)  # with workers, persistent ones (the default) across both epochs
-    common.update(kw)
+    # with workers, persistent ones (the default) across both epochs
+    common = {"batch_size": BATCH, "num_workers": num_workers, "train_batches_per_epoch": BATCHES,
+              "shuffle_buffer": 6, "random_flip": True, "seed": 2, **kw}
     if kind == "images":  # the shard with undecodable samples twice: drawn more often
         urls = [str(shards / "img" / "train-*.tar"), str(shards / "img" / "train-000004.tar")]
         return ImageCaptionDataModule(train_urls=urls, image_size=16, **common)

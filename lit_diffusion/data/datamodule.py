@@ -28,7 +28,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from lit_diffusion.data.latents import MANIFEST, LatentDecoder, check_hashes, check_shards, collate_latents, read_manifest
+from lit_diffusion.data.latents import (
+    MANIFEST,
+    LatentDecoder,
+    check_hashes,
+    check_shards,
+    collate_latents,
+    read_manifest,
+)
 from lit_diffusion.data.shards import (
     POSITION_KEY,
     ExactlyOnceStream,
@@ -39,7 +46,6 @@ from lit_diffusion.data.shards import (
     expand_urls,
     images_to_float,
 )
-
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lit_diffusion.data.latents import FORMAT, TMP_SUFFIX, VERSION, LatentShardWriter, write_manifest
+from lit_diffusion.data.latents import (
+    FORMAT,
+    TMP_SUFFIX,
+    VERSION,
+    LatentShardWriter,
+    write_manifest,
+)
 from lit_diffusion.data.shards import (
     SKIP_REASONS,
     BadSample,

@@ -208,7 +208,7 @@ class LatentDecoder:
     context_length: int | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: dict, context_length: int | None = None) -> "LatentDecoder":
+    def from_manifest(cls, manifest: dict, context_length: int | None = None) -> LatentDecoder:
         shapes = manifest["shapes"]
         return cls(tuple(shapes["latent"]), int(shapes["context"][1]), int(shapes["pooled"][0]), manifest["dtype"],
                    bool(manifest["flips"]), bool(manifest["std"]), context_length)
