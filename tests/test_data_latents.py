@@ -212,7 +212,7 @@ def test_a_killed_job_resumes_and_its_shards_equal_an_uninterrupted_run_byte_for
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == -9, run.stderr
     resumed = tmp_path / "resumed"
-    assert sorted(p.name for p in resumed.iterdir()) == ["train-000000.tar", "train-000001.tar.tmp"]
+    assert sorted(p.name for p in resumed.iterdir()) == ["encode.json", "train-000000.tar", "train-000001.tar.tmp"]
     assert not (resumed / "manifest.json").exists()
     first_shard = (resumed / "train-000000.tar").stat()
 
@@ -228,10 +228,13 @@ def test_a_killed_job_resumes_and_its_shards_equal_an_uninterrupted_run_byte_for
     assert (resumed / "train-000000.tar").stat().st_mtime_ns == first_shard.st_mtime_ns
     _encode(images, tmp_path / "straight", dtype="float16", flips=True)
     names = ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert sorted(p.name for p in resumed.iterdir()) == ["manifest.json", *names]
+    assert sorted(p.name for p in resumed.iterdir()) == ["encode.json", "manifest.json", *names]
     for name in names:
         assert (resumed / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
     assert manifest["shards"] == read_manifest(tmp_path / "straight")["shards"]
+    with pytest.raises(ValueError, match=r"encode.json differs in dtype\): rerun that job's command"):
+        # another job's settings would mix two kinds of shards under one manifest
+        _encode(images, resumed, dtype="float32", flips=True, clip_hash="c", vae_hash="v")
 
 
 # ------------------------------------------------------------------------------------------- refused manifests

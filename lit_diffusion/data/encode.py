@@ -13,6 +13,7 @@ The encoders come from the caller (this package imports no model code):
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import tarfile
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from lit_diffusion.data.latents import (
+    DTYPES,
     FORMAT,
     TMP_SUFFIX,
     VERSION,
@@ -68,6 +70,25 @@ def _output_names(urls: Sequence[str]) -> list[str]:
         seen[name] = url
         names.append(name)
     return names
+
+
+SETTINGS = "encode.json"  # what the shards in a folder were made with, written before the first shard
+
+
+def _check_settings(out: Path, settings: dict, rank: int) -> None:
+    """A rerun resumes only the job that wrote the folder: other encoders, dtype, flips, std, image size, batch
+    size (batches change float rounding) or sources would mix two kinds of shards under one manifest."""
+    path = out / SETTINGS
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} holds shards of another encode job ({path} differs in {', '.join(changed)}): "
+                             f"rerun that job's command to resume it, or write to another --out")
+    elif rank == 0:
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def _shard_summary(path: Path) -> dict:
@@ -168,10 +189,15 @@ def encode_shards(
     rank, world_size = _rank_and_world(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     sources = expand_urls(urls)
     names = _output_names(sources)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, {"format": FORMAT, "version": VERSION, "clip_hash": clip_hash, "vae_hash": vae_hash,
+                          "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
+                          "batch_size": batch_size, "sources": sources}, rank)
     counter = SkipCounter()
     done: list[dict] = []
     with tqdm(desc=f"encode (rank {rank})", unit="sample", unit_scale=True, disable=not progress or rank != 0,
