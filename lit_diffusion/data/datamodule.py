@@ -120,7 +120,7 @@ class EpochLoader:
 
     def _my_positions(self, consumed: int) -> dict:
         """This rank's workers' positions after `consumed` batches of the epoch (round-robin: worker w produced
-        batches w, w + W, ...)."""
+        batches w, w + n, ...)."""
         n = self.num_workers
         workers = {}
         for w in range(n):

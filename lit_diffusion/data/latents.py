@@ -94,7 +94,9 @@ class LatentShardWriter:
         self.path, self.dtype = Path(path), dtype
         self.tmp = self.path.with_name(self.path.name + TMP_SUFFIX)
         self._file = open(self.tmp, "wb")
-        self._tar = wds.TarWriter(self._file, encoder=False, user="", group="", mode=0o444, mtime=0.0)
+        # mtime an int: a float one costs every member a 1 KB PAX header (measured at 32 px, float16: 12.3 -> 7.2 KB
+        # per sample)
+        self._tar = wds.TarWriter(self._file, encoder=False, user="", group="", mode=0o444, mtime=0)
         self.samples = 0
 
     def write(self, key: str, latent: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, caption: str,
