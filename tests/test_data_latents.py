@@ -134,6 +134,16 @@ def test_latent_batches_pad_context_and_mask_real_tokens(images, tmp_path):
     assert len(train) == 3 and all(b["latent"].shape == (4, 3, 4, 4) for b in train)
 
 
+def test_latent_val_split_sees_every_sample_once_across_2_ranks_x_2_workers(images, tmp_path, monkeypatch):
+    _encode(images, tmp_path)
+    keys = []
+    for rank in range(2):
+        dm = LatentDataModule(val_urls=str(tmp_path / "train-*.tar"), batch_size=4, num_workers=2)
+        monkeypatch.setattr(dm, "rank_and_world_size", lambda rank=rank: (rank, 2))
+        keys += [k for batch in dm.val_dataloader() for k in batch["key"]]
+    assert sorted(keys) == sorted(s["key"] for s in _source_samples(images))  # 30 keys, none twice
+
+
 def test_random_flip_draws_the_flipped_latent(images, tmp_path):
     _encode(images, tmp_path, flips=True)
     dm = LatentDataModule(train_urls=str(tmp_path), batch_size=5, num_workers=0, train_batches_per_epoch=6,
@@ -299,7 +309,8 @@ def test_bad_latent_samples_are_skipped_counted_and_named(tmp_path, caplog):
     assert keys == ["good0", "good1"]
     assert counter.counts()["bad_array"] == 4 and counter.counts()["missing_member"] == 1 and counter.total == 5
     text = caplog.text
-    assert "sample 'shape' of shard" in text and "s.tar" in text and "shape [4, 4, 4], the manifest says [3, 4, 4]" in text
+    assert "sample 'shape' of shard" in text and "s.tar" in text
+    assert "shape [4, 4, 4], the manifest says [3, 4, 4]" in text
     assert "'dtype'" in text and "dtype float64, the manifest says float16" in text
     assert "'nocontext'" in text and "no .context.npy" in text and "'cut'" in text and "'width'" in text
 
