@@ -10,9 +10,11 @@ H = 1 when the shard itself is reported broken (counted once, reason "shard"), e
   (computed here from the member order, independently of the reader).
 """
 
+import atexit
 import io
 import json
 import random
+import shutil
 import tarfile
 import tempfile
 from functools import cache
@@ -31,7 +33,8 @@ from lit_diffusion.data.shards import ExactlyOnceStream, SkipCounter
 SAMPLES = 5
 FUZZ = settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 REQUIRED = {"images": {"png", "txt"}, "latents": {"latent.npy", "context.npy", "pooled.npy", "txt"}}
-_DIR = Path(tempfile.mkdtemp(prefix="fuzz-shards-"))
+_DIR = Path(tempfile.mkdtemp(prefix="fuzz-shards-"))  # module-wide: hypothesis examples cannot take tmp_path
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
 
 def _png(image) -> bytes:
