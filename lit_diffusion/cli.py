@@ -2,6 +2,7 @@
 
 fit | validate | test    LightningCLI on a stage config (`--config configs/clip/shapes.yaml --trainer.max_steps 10`)
 data shapes | convert   make WebDataset shards (the embedded default data, or from your images)
+data encode             latent shards: every image and caption through the frozen VAE and CLIP, once
 clip query              rank images for a caption with a CLIP checkpoint
 sample                  images from a latent-diffusion checkpoint (guidance, negative prompts, samplers)
 evaluate                FID, CLIP score and caption accuracy of a checkpoint across guidance scales
@@ -57,6 +58,74 @@ def cmd_data_tokenizer(args) -> None:
     _print_json({"out": args.out, "vocab_size": tok.vocab_size, "context_length": tok.context_length})
 
 
+def _distributed_from_env(device: str):
+    """Join the launcher's process group (torchrun / `fabric run`: RANK, WORLD_SIZE, LOCAL_RANK; SLURM `srun`:
+    SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR and MASTER_PORT set by the job script); returns
+    this process's torch device."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if int(env.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise ValueError(f"WORLD_SIZE={env['WORLD_SIZE']} but MASTER_ADDR / MASTER_PORT are not set: start "
+                             f"with torchrun or `fabric run`, or export them in the SLURM job script")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
+
+
+def cmd_data_encode(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from lit_diffusion.data.encode import encode_shards
+    from lit_diffusion.data.latents import state_dict_hash
+    from lit_diffusion.stages.clip import CLIPModule
+    from lit_diffusion.stages.vae import VAEModule
+
+    device = _distributed_from_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    image_size = args.image_size
+    if image_size is None:  # the size the VAE was trained at, from its data module's saved hyperparameters
+        ckpt = torch.load(args.vae, map_location="cpu", weights_only=True)
+        image_size = (ckpt.get("datamodule_hyper_parameters") or {}).get("image_size")
+        if image_size is None:
+            raise ValueError(f"{args.vae} does not say what image size the VAE was trained at: pass --image-size")
+    clip = CLIPModule.from_checkpoint(args.clip, map_location=device)
+    vae = VAEModule.from_checkpoint(args.vae, map_location=device)
+    # hashes of the weights as loaded, before any cast: the diffusion stage hashes its frozen copies alike
+    clip_hash, vae_hash = state_dict_hash(clip.state_dict()), state_dict_hash(vae.state_dict())
+    scale = float(vae.scale_factor)
+
+    def encode_images(images):
+        latents = vae.encode(images.to(device))  # [B, C, h, w]: what the diffusion stage encodes online
+        if not args.std:
+            return latents
+        std = vae.vae.encode(vae._to_weights(images)).std * vae.scale_factor.float()  # scaled as the mean is
+        return latents, std
+
+    def encode_captions(captions):
+        tokens = clip.tokenize(captions)  # [B, L]
+        features, pooled = clip.encode_text(tokens)  # [B, L, W], [B, E]
+        return features, tokens != clip.tokenizer.pad_id, pooled
+
+    manifest = encode_shards(args.data, args.out, encode_images, encode_captions, image_size=image_size,
+                             clip_hash=clip_hash, vae_hash=vae_hash,
+                             latent_scale={"scale_factor": scale, "latent_mean": float(vae.latent_mean)},
+                             dtype=args.dtype, flips=args.flips, std=args.std, batch_size=args.batch_size)
+    if manifest is not None:
+        _print_json({k: manifest[k] for k in ("samples", "skipped", "dtype", "shapes", "clip_hash", "vae_hash")}
+                    | {"shards": len(manifest["shards"]), "out": str(args.out)})
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def add_data(sub) -> None:
     data = sub.add_parser("data", help="make WebDataset shards").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("shapes", help="draw the embedded default data: captioned shapes")
@@ -80,6 +149,20 @@ def add_data(sub) -> None:
     p.add_argument("--context-length", type=int, default=77)
     p.add_argument("--max-captions", type=int, default=200_000)
     p.set_defaults(func=cmd_data_tokenizer)
+    p = data.add_parser("encode", help="image-caption shards -> latent shards (VAE latents, CLIP text features), "
+                                       "once, on every rank of torchrun / fabric run / srun; a rerun resumes")
+    p.add_argument("--clip", required=True, help="CLIP checkpoint (stage 1)")
+    p.add_argument("--vae", required=True, help="VAE checkpoint (stage 2)")
+    p.add_argument("--data", required=True, help="image-caption shards (brace pattern, glob, folder, list with ::)")
+    p.add_argument("--out", required=True, help="folder for the latent shards (named after the input shards) and "
+                                                "manifest.json")
+    p.add_argument("--flips", action="store_true", help="also the latents of the mirrored images (flip augmentation)")
+    p.add_argument("--std", action="store_true", help="also the posterior std (training can sample the posterior)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default: the size the VAE trained at)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
+    p.set_defaults(func=cmd_data_encode)
 
 
 def _setup_logging() -> None:

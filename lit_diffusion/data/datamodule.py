@@ -1,7 +1,8 @@
-"""Image-caption DataModule over WebDataset shards.
+"""DataModules over WebDataset shards: image-caption shards, and the latent shards `data encode` makes from them.
 
-Batches: {"image": float [B,3,S,S] in [-1,1], "caption": list[str], "attrs": list[dict] ({} if no .json),
-"key": list[str]}. Captions stay raw: the stage that owns the text encoder tokenizes.
+ImageCaptionDataModule batches: {"image": float [B,3,S,S] in [-1,1], "caption": list[str], "attrs": list[dict]
+({} if no .json), "key": list[str]}. Captions stay raw: the stage that owns the text encoder tokenizes.
+LatentDataModule batches: see there.
 
 `batch_size` is per device: the global batch is batch_size x world size x accumulate_grad_batches.
 
@@ -11,10 +12,15 @@ shards can neither starve a rank nor hang DDP.
 Val/test: every sample exactly once across ranks x workers (see `ExactlyOnceStream`). A rank may then get one
 batch more than another: log validation metrics through torchmetrics or with sync at epoch end, not with a
 per-step collective.
+Resume: a checkpoint saved in the middle of an epoch resumes it where it stopped, drawing exactly the batches
+the uninterrupted run would have drawn next (see `EpochLoader`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from functools import partial
 from typing import Iterator
 
 import lightning as L
@@ -22,7 +28,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from lit_diffusion.data.latents import (
+    MANIFEST,
+    LatentDecoder,
+    check_hashes,
+    check_shards,
+    collate_latents,
+    read_manifest,
+)
 from lit_diffusion.data.shards import (
+    POSITION_KEY,
     ExactlyOnceStream,
     ResampledTrainStream,
     SharedEpoch,
@@ -32,13 +47,16 @@ from lit_diffusion.data.shards import (
     images_to_float,
 )
 
+log = logging.getLogger(__name__)
+
 
 def _identity(batch):
     return batch
 
 
 class EpochLoader:
-    """The train DataLoader with a length (its workers together yield `num_batches` per epoch).
+    """The train DataLoader with a length (its workers together yield `num_batches` per epoch), resumable in the
+    middle of an epoch.
 
     The data epoch (which seeds the workers' shard and sample draws) is set when the first batch of an epoch is
     drawn, from the trainer's epoch when there is one: Lightning may create the iterator before it has restored
@@ -48,14 +66,26 @@ class EpochLoader:
     `shards.INLINE_BATCH_BYTES`). They become float in [-1, 1] here, or, when `images_on_device()` says a trainer
     moves the batches, after the move (`ImageCaptionDataModule.transfer_batch_to_device`): a quarter of the
     host-to-GPU bytes too.
+
+    Resume (`state_dict` / `load_state_dict`, which Lightning saves with the fit loop and restores before it
+    iterates): the state is the epoch, the batches consumed in it and every rank's workers' positions in their
+    streams. Consumed means handed to a training step: Lightning fetches one batch ahead, so the count is the
+    trainer's (`consumed_batches()`, its batch progress), not how many were drawn here. Every rank consumes the
+    same count, but their positions differ and Lightning writes rank 0's state only, so under DDP `state_dict`
+    gathers them (a collective: every rank saves, as `Trainer.save_checkpoint` requires anyway).
     """
 
     def __init__(self, loader: DataLoader, num_batches: int, epoch: SharedEpoch, trainer_epoch=None,
-                 images_on_device=None):
+                 images_on_device=None, consumed_batches=None, rank: int = 0, world_size: int = 1):
         self.loader, self.num_batches, self.epoch = loader, num_batches, epoch
         self.trainer_epoch = trainer_epoch  # () -> int | None
         self.images_on_device = images_on_device  # () -> bool
+        self.consumed_batches = consumed_batches  # () -> int | None: batches of this epoch the trainer consumed
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, loader.num_workers)
         self._started = False
+        self._drawn = 0  # batches drawn from the loader this epoch, a resumed epoch's consumed ones included
+        self._positions: dict[tuple[int, int], tuple[int, tuple[int, ...]]] = {}  # (worker, batches) -> (drawn, bad)
 
     def __len__(self) -> int:
         return self.num_batches
@@ -70,14 +100,206 @@ class EpochLoader:
         elif self._started:
             self.epoch.set(self.epoch.value + 1)
         self._started = True
-        if self.images_on_device is not None and self.images_on_device():
-            yield from self.loader
-            return
+        resume = self.loader.dataset.resume
+        resumed = resume is not None and resume["epoch"] == self.epoch.value
+        self._drawn = resume["batches"] if resumed else 0
+        self._positions.clear()
+        if resumed:  # a checkpoint saved before every worker has yielded again still knows where each one is
+            for w, p in resume["workers"].items():
+                if "drawn" in p:
+                    self._positions[(w, p["batches"])] = (p["drawn"], tuple(p["bad"]))
+        on_device = self.images_on_device is not None and self.images_on_device()
         for batch in self.loader:
-            yield {**batch, "image": images_to_float(batch["image"])}
+            worker, batches, drawn, bad = batch.pop(POSITION_KEY)
+            self._positions[(worker, batches)] = (drawn, bad)
+            self._positions.pop((worker, batches - 4), None)  # Lightning is at most a batch or two behind
+            self._drawn += 1
+            if not on_device and "image" in batch:
+                batch = {**batch, "image": images_to_float(batch["image"])}
+            yield batch
+
+    def _my_positions(self, consumed: int) -> dict:
+        """This rank's workers' positions after `consumed` batches of the epoch (round-robin: worker w produced
+        batches w, w + n, ...)."""
+        n = self.num_workers
+        workers = {}
+        for w in range(n):
+            batches = consumed // n + (w < consumed % n)
+            entry = {"batches": batches}
+            if batches and (w, batches) in self._positions:
+                drawn, bad = self._positions[(w, batches)]
+                entry.update(drawn=drawn, bad=list(bad))
+            elif not batches:
+                entry.update(drawn=0, bad=[])
+            workers[w] = entry  # without "drawn" (not recorded), a resume replays by decoding: slower, still exact
+        return workers
+
+    def state_dict(self) -> dict:
+        consumed = self.consumed_batches() if self.consumed_batches is not None else None
+        consumed = self._drawn if consumed is None else min(consumed, self._drawn)
+        mine = self._my_positions(consumed)
+        ranks = [mine]
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+        return {"epoch": self.epoch.value, "batches": consumed, "num_workers": self.num_workers,
+                "world_size": len(ranks), "ranks": ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the saved epoch after its consumed batches; takes effect at the next `iter()` (before the
+        workers start)."""
+        dataset = self.loader.dataset
+        consumed = int(state.get("batches", 0))
+        if not state or consumed <= 0 or consumed >= self.num_batches:
+            dataset.resume = None  # at an epoch boundary: the epoch number alone restarts the stream
+            return
+        n = self.num_workers
+        same = state.get("world_size") == self.world_size and state.get("num_workers") == n
+        if same:
+            workers = {int(w): p for w, p in state["ranks"][self.rank].items()}
+        else:
+            log.warning(f"resuming mid-epoch with world size {self.world_size} x {n} workers, saved with "
+                        f"{state.get('world_size')} x {state.get('num_workers')}: each worker replays (decoding) "
+                        f"its share of the {consumed} consumed batches of its own stream")
+            workers = {w: {"batches": consumed // n + (w < consumed % n)} for w in range(n)}
+        dataset.resume = {"epoch": int(state["epoch"]), "batches": consumed, "num_workers": n,
+                          "offset": consumed % n, "workers": workers}
 
 
-class ImageCaptionDataModule(L.LightningDataModule):
+class _ShardDataModule(L.LightningDataModule):
+    """What image-caption and latent data modules share: the knobs, rank discovery, the resumable train loader
+    and the exactly-once eval loader. Subclasses say how samples decode (`_decode`) and collate (`_collate`)."""
+
+    def _init_common(self, train_urls, val_urls, batch_size, num_workers, train_batches_per_epoch, shuffle_buffer,
+                     random_flip, val_max_samples, seed, pin_memory, persistent_workers, prefetch_factor) -> None:
+        if batch_size < 1 or train_batches_per_epoch < 1:
+            raise ValueError(
+                f"batch_size={batch_size} and train_batches_per_epoch={train_batches_per_epoch} must be >= 1"
+            )
+        self.train_urls, self.val_urls = train_urls, val_urls
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_batches_per_epoch, self.shuffle_buffer = train_batches_per_epoch, shuffle_buffer
+        self.random_flip, self.val_max_samples, self.seed = random_flip, val_max_samples, seed
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.train_shards: list[str] | None = None
+        self.val_shards: list[str] | None = None
+        self.train_skips, self.val_skips = SkipCounter(), SkipCounter()
+        self._epoch = SharedEpoch()
+
+    def _decode(self):
+        return None  # the streams' default: image-caption samples
+
+    def _collate(self, train: bool):
+        return None
+
+    def setup(self, stage: str | None = None) -> None:
+        # Expand (and check) URLs here, so a typo fails before any worker starts.
+        name = type(self).__name__
+        if stage in (None, "fit"):
+            if self.train_urls is None:
+                raise ValueError(f"{name}: train_urls is required for fit")
+            self.train_shards = expand_urls(self.train_urls, split="train")
+        if stage in (None, "fit", "validate", "test") and self.val_urls is not None:
+            self.val_shards = expand_urls(self.val_urls, split="val")
+        if stage in ("validate", "test") and self.val_urls is None:
+            raise ValueError(f"{name}: val_urls is required for {stage}")
+
+    def rank_and_world_size(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return 0, 1
+
+    def _loader(self, dataset, batched: bool) -> DataLoader:
+        extra = {}
+        if self.num_workers > 0:
+            extra = {"persistent_workers": self.persistent_workers, "prefetch_factor": self.prefetch_factor}
+        return DataLoader(
+            dataset,
+            batch_size=None if batched else self.batch_size,
+            # batched streams collate in the worker; the identity stops DataLoader from walking every batch
+            collate_fn=_identity if batched else (self._collate(train=False) or collate),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            **extra,
+        )
+
+    def _consumed_batches(self) -> int | None:
+        """Batches of this epoch the trainer has handed to training steps (its batch progress counts a batch as
+        ready after fetching it, before the step; the one fetched ahead is not counted)."""
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.current.ready
+
+    def train_dataloader(self) -> EpochLoader:
+        if self.train_shards is None:
+            self.setup("fit")
+        rank, world_size = self.rank_and_world_size()
+        dataset = ResampledTrainStream(
+            self.train_shards,
+            getattr(self, "image_size", None),
+            batch_size=self.batch_size,
+            batches_per_epoch=self.train_batches_per_epoch,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            random_flip=self.random_flip,
+            counter=self.train_skips,
+            epoch=self._epoch,
+            decode=self._decode(),
+            collate_fn=self._collate(train=True),
+        )
+        return EpochLoader(self._loader(dataset, batched=True), self.train_batches_per_epoch, self._epoch,
+                           trainer_epoch=lambda: self.trainer.current_epoch if self.trainer is not None else None,
+                           # a trainer calls transfer_batch_to_device, which converts after the move
+                           images_on_device=lambda: self.trainer is not None,
+                           consumed_batches=self._consumed_batches, rank=rank, world_size=world_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_urls is None:
+            return []
+        return self.eval_dataloader(self.val_max_samples)
+
+    def eval_dataloader(self, num_samples: int | None = None) -> DataLoader:
+        """The val stream limited to its first `num_samples` samples (all when None), each seen exactly once
+        across ranks x workers; for evaluation outside `Trainer.validate` (FID, CLIP score)."""
+        if self.val_urls is None:
+            raise ValueError(f"{type(self).__name__}: val_urls is required for evaluation")
+        if self.val_shards is None:
+            self.setup("validate")
+        rank, world_size = self.rank_and_world_size()
+        dataset = ExactlyOnceStream(
+            self.val_shards,
+            getattr(self, "image_size", None),
+            rank=rank,
+            world_size=world_size,
+            max_samples=num_samples,
+            counter=self.val_skips,
+            decode=self._decode(),
+        )
+        return self._loader(dataset, batched=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Samples/shards skipped on this rank so far, by reason, summed over workers."""
+        return {"train": self.train_skips.counts(), "val": self.val_skips.counts()}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch.value}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._epoch.set(int(state_dict.get("epoch", 0)))
+
+
+class ImageCaptionDataModule(_ShardDataModule):
     def __init__(
         self,
         train_urls: str | list[str] | None = None,
@@ -106,106 +328,9 @@ class ImageCaptionDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if batch_size < 1 or train_batches_per_epoch < 1:
-            raise ValueError(
-                f"batch_size={batch_size} and train_batches_per_epoch={train_batches_per_epoch} must be >= 1"
-            )
-        self.train_urls, self.val_urls = train_urls, val_urls
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.train_batches_per_epoch, self.shuffle_buffer = train_batches_per_epoch, shuffle_buffer
-        self.random_flip, self.val_max_samples, self.seed = random_flip, val_max_samples, seed
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
-        self.prefetch_factor = prefetch_factor
-        self.train_shards: list[str] | None = None
-        self.val_shards: list[str] | None = None
-        self.train_skips, self.val_skips = SkipCounter(), SkipCounter()
-        self._epoch = SharedEpoch()
-
-    def setup(self, stage: str | None = None) -> None:
-        # Expand (and check) URLs here, so a typo fails before any worker starts.
-        if stage in (None, "fit"):
-            if self.train_urls is None:
-                raise ValueError("ImageCaptionDataModule: train_urls is required for fit")
-            self.train_shards = expand_urls(self.train_urls, split="train")
-        if stage in (None, "fit", "validate", "test") and self.val_urls is not None:
-            self.val_shards = expand_urls(self.val_urls, split="val")
-        if stage in ("validate", "test") and self.val_urls is None:
-            raise ValueError(f"ImageCaptionDataModule: val_urls is required for {stage}")
-
-    def rank_and_world_size(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        trainer = self.trainer
-        if trainer is not None:
-            return trainer.global_rank, trainer.world_size
-        return 0, 1
-
-    def _loader(self, dataset, batched: bool) -> DataLoader:
-        extra = {}
-        if self.num_workers > 0:
-            extra = {"persistent_workers": self.persistent_workers, "prefetch_factor": self.prefetch_factor}
-        return DataLoader(
-            dataset,
-            batch_size=None if batched else self.batch_size,
-            # batched streams collate in the worker; the identity stops DataLoader from walking every batch
-            collate_fn=_identity if batched else collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            **extra,
-        )
-
-    def train_dataloader(self) -> EpochLoader:
-        if self.train_shards is None:
-            self.setup("fit")
-        rank, world_size = self.rank_and_world_size()
-        dataset = ResampledTrainStream(
-            self.train_shards,
-            self.image_size,
-            batch_size=self.batch_size,
-            batches_per_epoch=self.train_batches_per_epoch,
-            rank=rank,
-            world_size=world_size,
-            seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer,
-            random_flip=self.random_flip,
-            counter=self.train_skips,
-            epoch=self._epoch,
-        )
-        return EpochLoader(self._loader(dataset, batched=True), self.train_batches_per_epoch, self._epoch,
-                           trainer_epoch=lambda: self.trainer.current_epoch if self.trainer is not None else None,
-                           # a trainer calls transfer_batch_to_device, which converts after the move
-                           images_on_device=lambda: self.trainer is not None)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_urls is None:
-            return []
-        return self.eval_dataloader(self.val_max_samples)
-
-    def eval_dataloader(self, num_samples: int | None = None) -> DataLoader:
-        """The val stream limited to its first `num_samples` samples (all when None), each seen exactly once
-        across ranks x workers; for evaluation outside `Trainer.validate` (FID, CLIP score)."""
-        if self.val_urls is None:
-            raise ValueError("ImageCaptionDataModule: val_urls is required for evaluation")
-        if self.val_shards is None:
-            self.val_shards = expand_urls(self.val_urls, split="val")
-        rank, world_size = self.rank_and_world_size()
-        dataset = ExactlyOnceStream(
-            self.val_shards,
-            self.image_size,
-            rank=rank,
-            world_size=world_size,
-            max_samples=num_samples,
-            counter=self.val_skips,
-        )
-        return self._loader(dataset, batched=False)
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self.val_dataloader()
-
-    def skipped(self) -> dict[str, dict[str, int]]:
-        """Samples/shards skipped on this rank so far, by reason, summed over workers."""
-        return {"train": self.train_skips.counts(), "val": self.val_skips.counts()}
+        self.image_size = image_size
+        self._init_common(train_urls, val_urls, batch_size, num_workers, train_batches_per_epoch, shuffle_buffer,
+                          random_flip, val_max_samples, seed, pin_memory, persistent_workers, prefetch_factor)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # only the images go to the device: walking the captions' and attributes' nested Python objects costs
@@ -215,8 +340,85 @@ class ImageCaptionDataModule(L.LightningDataModule):
             return {**batch, "image": images_to_float(image) if image.dtype == torch.uint8 else image}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch.value}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._epoch.set(int(state_dict.get("epoch", 0)))
+LATENT_TENSORS = ("latent", "latent_std", "context", "mask", "pooled")
+
+
+class LatentDataModule(_ShardDataModule):
+    """Latent shards (`lit-diffusion data encode`) with the guarantees of `ImageCaptionDataModule`.
+
+    Batches: {"latent": float32 [B,C,h,w] (scaled as `VAEModule.encode` gives), "context": [B,L,W] CLIP token
+    features zero-padded, "mask": [B,L] bool (True on real tokens), "pooled": [B,E], "caption", "attrs", "key"}
+    (+ "latent_std" [B,C,h,w] with std shards); L is the batch's longest caption, or `context_length`.
+    With `random_flip`, each sample's latent is its flipped image's with p = 0.5 (shards encoded with --flips).
+    """
+
+    def __init__(
+        self,
+        train_urls: str | list[str] | None = None,
+        val_urls: str | list[str] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        train_batches_per_epoch: int = 100,
+        shuffle_buffer: int = 1000,
+        random_flip: bool = False,
+        val_max_samples: int | None = None,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int = 4,
+        context_length: int | None = None,
+        expected_hashes: dict[str, str] | None = None,
+        manifest: str | None = None,
+    ):
+        """
+        The knobs of ImageCaptionDataModule (but image_size: the shards fix it), and:
+        context_length: pad every batch's context to this many tokens (None: to the batch's longest caption).
+        expected_hashes: {"clip": hash, "vae": hash} (`latents.state_dict_hash` of the weights the model holds):
+            shards whose manifest names other weights are refused, naming both hashes.
+        manifest: the manifest.json to check the shards against (default: the one beside the first shard of
+            each split, which must then be local).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.context_length, self.expected_hashes, self.manifest_path = context_length, expected_hashes, manifest
+        self.manifest: dict | None = None
+        self._init_common(train_urls, val_urls, batch_size, num_workers, train_batches_per_epoch, shuffle_buffer,
+                          random_flip, val_max_samples, seed, pin_memory, persistent_workers, prefetch_factor)
+
+    def _check(self, shards: list[str]) -> dict:
+        source = self.manifest_path
+        if source is None:
+            first = shards[0].removeprefix("file:")
+            if "://" in first or first.startswith("pipe:"):
+                raise ValueError(f"remote latent shards ({shards[0]}): give the manifest's local path as "
+                                 f"`manifest` (data.init_args.manifest)")
+            source = os.path.join(os.path.dirname(first), MANIFEST)
+        manifest = read_manifest(source)
+        check_shards(manifest, shards)
+        check_hashes(manifest, self.expected_hashes)
+        if self.random_flip and not manifest["flips"]:
+            raise ValueError(f"random_flip needs flipped latents, but {manifest['path']} says the shards were "
+                             f"encoded without them (`data encode --flips`)")
+        if self.manifest is not None and (manifest["shapes"], manifest["dtype"]) != (
+                self.manifest["shapes"], self.manifest["dtype"]):
+            raise ValueError(f"{manifest['path']} and {self.manifest['path']} disagree on shapes or dtype")
+        return manifest
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for shards in (self.train_shards, self.val_shards):
+            if shards:
+                self.manifest = self._check(shards)
+
+    def _decode(self):
+        return LatentDecoder.from_manifest(self.manifest, self.context_length)
+
+    def _collate(self, train: bool):
+        return partial(collate_latents, context_length=self.context_length)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # the tensors only: captions and attributes stay on the host (see ImageCaptionDataModule)
+        if isinstance(batch, dict) and "latent" in batch:
+            return {k: v.to(device, non_blocking=True) if k in LATENT_TENSORS else v for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)

@@ -6,9 +6,12 @@
   wrong with a sample raises `BadSample`, which the streams log (naming shard and key) and count, then skip.
 - `ResampledTrainStream`: an endless stream; every (rank, worker) draws shards at random with its own seed, so
   no rank runs dry on uneven shards; each epoch yields a fixed number of batches, shared among the workers.
+  Each batch carries its worker's position in the epoch, so a run resumes in the middle of an epoch exactly.
 - `ExactlyOnceStream`: every (rank, worker) reads the shards in order and keeps samples whose running index i
   has i % (world * workers) == rank * workers + worker, so each sample is seen exactly once however few shards
   there are; reading is repeated per reader, decoding is not.
+Both streams take the decoding (and the train stream the collation) as functions: image-caption shards by
+default, latent shards with `latents.LatentDecoder` and `latents.collate_latents`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
+import tarfile
+from functools import partial
 from itertools import islice
 from multiprocessing.context import get_spawning_popen
 from typing import Callable, Iterable, Iterator
@@ -31,13 +37,14 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+from webdataset.tariterators import group_by_keys, url_opener
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 CAPTION_EXTENSIONS = ("txt", "caption")
-SKIP_REASONS = ("shard", "missing_image", "bad_image", "missing_caption", "bad_caption", "bad_json")
+SKIP_REASONS = ("shard", "missing_image", "bad_image", "missing_caption", "bad_caption", "bad_json",
+                "missing_member", "bad_array")  # the last two: latent shards (a missing .npy, a wrong shape/dtype)
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
 _MAX_LOGGED_PER_PROCESS = 50  # after this, skips are still counted but logged only every 1000th
 _MAX_CONSECUTIVE_BAD = 10_000  # a resampled stream with no good sample in this many tries is misconfigured
@@ -305,16 +312,21 @@ def collate(samples: list[dict], as_float: bool = True) -> dict:
 
 
 class _TrackedStream:
-    """Read-through wrapper remembering how many bytes a shard had and its last 1024 of them.
+    """Read-through wrapper remembering how many bytes a shard had, its last 1024 of them, and where its last
+    non-zero byte was.
 
     Python's tarfile reads a tar cut inside a header as a clean end of archive; a complete tar ends with two
-    zero blocks on a 512-byte boundary, which is what `complete()` checks."""
+    zero blocks on a 512-byte boundary, which is what `complete()` checks. It also ends quietly at a damaged
+    header (a bad checksum) past the first: `data_after(offset)` tells that data followed where it stopped."""
 
     def __init__(self, stream):
-        self.stream, self.size, self.tail = stream, 0, b""
+        self.stream, self.size, self.tail, self.last_data = stream, 0, b"", 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
+        kept = len(data.rstrip(b"\0"))  # scans only the trailing zeros
+        if kept:
+            self.last_data = self.size + kept
         self.size += len(data)
         self.tail = (self.tail + data[-1024:])[-1024:]
         return data
@@ -330,9 +342,30 @@ class _TrackedStream:
         self.stream.close()
 
 
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as its own reader does
+
+
+def _tar_members(stream: _TrackedStream, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """(fname, data) of a tar's regular files, as webdataset's tar_file_iterator gives them, keeping the TarFile
+    to check at the end that the archive did not stop at a damaged header with data after it."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            if not info.isreg() or _META.match(info.name):
+                continue
+            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # a stream of millions of members would otherwise keep every TarInfo
+        stream.drain()
+        if getattr(tar.fileobj, "comptype", "tar") == "tar" and stream.last_data > tar.offset:
+            raise tarfile.ReadError(f"damaged tar header at byte {tar.offset}: the {stream.last_data - tar.offset} "
+                                    f"bytes after it cannot be read")
+    except Exception as exn:  # tarfile raises ReadError, EOFError, OSError... on damaged archives
+        handler(exn)
+
+
 def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterator[dict]:
-    """Raw samples of one shard. Unreadable, truncated or failing (`pipe:` exit status) shards are logged and
-    counted once (unless `report` is off); the samples read before the fault are kept."""
+    """Raw samples of one shard. Unreadable, truncated, damaged or failing (`pipe:` exit status) shards are logged
+    and counted once (unless `report` is off); the samples read before the fault are kept."""
     failed = False
     tracked: list[_TrackedStream] = []
 
@@ -343,12 +376,12 @@ def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterat
         failed = True
         return True
 
-    def opened() -> Iterator[dict]:
+    def members() -> Iterator[dict]:
         for source in url_opener([{"url": url}], handler=handler):
             tracked.append(_TrackedStream(source["stream"]))
-            yield {**source, "stream": tracked[-1]}
+            yield from _tar_members(tracked[-1], url, handler)
 
-    yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
+    yield from group_by_keys(members(), handler=handler)
     for stream in tracked:
         try:
             if not failed:
@@ -360,12 +393,28 @@ def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterat
             handler(exn)
 
 
-def _decoded(
-    samples: Iterable[dict], image_size: int, counter: SkipCounter, flip: Callable[[], bool] | None
-) -> Iterator[dict]:
+Decode = Callable[..., dict]  # decode(raw_sample, flip=bool) -> decoded sample; raises BadSample
+POSITION_KEY = "__position__"  # a train batch's place in its worker's epoch (EpochLoader takes it out)
+
+
+def image_decoder(image_size: int) -> Decode:
+    return partial(decode_sample, image_size=image_size)
+
+
+def collate_for_transfer(samples: list[dict]) -> dict:
+    """A train worker's image batch: uint8 (a quarter of the bytes to hand to the main process, which makes them
+    float), small batches as numpy arrays (by value through the worker's pipe: see INLINE_BATCH_BYTES)."""
+    batch = collate(samples, as_float=False)
+    if batch["image"].nbytes < INLINE_BATCH_BYTES:
+        batch["image"] = batch["image"].numpy()
+    return batch
+
+
+def _decoded(samples: Iterable[dict], decode: Decode, counter: SkipCounter,
+             flip: Callable[[], bool] | None) -> Iterator[dict]:
     for sample in samples:
         try:
-            yield decode_sample(sample, image_size, flip() if flip else False)
+            yield decode(sample, flip=flip() if flip else False)
         except BadSample as bad:
             _report(counter, bad.reason, sample.get("__url__", "?"), sample.get("__key__"), bad.detail)
 
@@ -384,12 +433,22 @@ class ResampledTrainStream(IterableDataset):
     dataset object survives between epochs (num_workers=0, persistent workers), so a run repeats exactly for the
     same world size and workers, and a run resumed at an epoch boundary draws what the uninterrupted run drew.
     An epoch reads the raw samples it needs and no more: its shuffle buffer fills at the start and drains at the
-    end, as a finite webdataset pipeline's does, so no read sample is left over when the stream restarts."""
+    end, as a finite webdataset pipeline's does, so no read sample is left over when the stream restarts.
+
+    Mid-epoch resume: every batch carries, under POSITION_KEY, (worker, batches, drawn, bad): how many batches
+    this worker has yielded this epoch, how many samples it drew from its shuffled stream for them, and which
+    of those failed to decode. Given `resume` (set before the workers start: see `EpochLoader.load_state_dict`),
+    a worker replays its stream up to that position without decoding and yields only the rest of its share. The
+    DataLoader asks its workers round-robin from worker 0, and the uninterrupted run's next batch was worker
+    (b mod W)'s after b batches, so a resumed epoch rotates the workers' roles by `resume["offset"]`.
+
+    `decode(raw, flip=...)` and `collate_fn(samples)` make the batches: image-caption samples by default.
+    """
 
     def __init__(
         self,
         urls: list[str],
-        image_size: int,
+        image_size: int | None,
         batch_size: int,
         batches_per_epoch: int,
         rank: int = 0,
@@ -399,18 +458,27 @@ class ResampledTrainStream(IterableDataset):
         random_flip: bool = False,
         counter: SkipCounter | None = None,
         epoch: SharedEpoch | None = None,
+        decode: Decode | None = None,
+        collate_fn: Callable[[list[dict]], dict] | None = None,
     ):
         super().__init__()
         self.urls, self.image_size = list(urls), image_size
+        self.decode = decode if decode is not None else image_decoder(image_size)
+        self.collate_fn = collate_fn if collate_fn is not None else collate_for_transfer
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
         self.counter = counter if counter is not None else SkipCounter()
         self.epoch = epoch if epoch is not None else SharedEpoch()
-        self._stream: tuple[tuple[int, int], Iterator[dict]] | None = None
+        # {"epoch", "num_workers", "offset", "workers": {worker: {"batches", "drawn"?, "bad"?}}}: see the class doc
+        self.resume: dict | None = None
+        self._stream: tuple[tuple[int, int, int], Iterator[dict | None], dict] | None = None
 
     def __getstate__(self):
         return {**self.__dict__, "_stream": None}  # generators do not pickle; a new process starts afresh
+
+    def share(self, worker: int, num_workers: int) -> int:
+        return self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
 
     def _shards(self, rng: random.Random) -> Iterator[dict]:
         empty_in_a_row = 0
@@ -428,56 +496,92 @@ class ResampledTrainStream(IterableDataset):
                     f"({len(self.urls)} in all) look empty or unreadable; skipped: {self.counter.counts()}"
                 )
 
-    def _samples(self, worker: int, needed: int) -> Iterator[dict]:
+    def _samples(self, worker: int, needed: int, position: dict, replay: dict | None) -> Iterator[dict | None]:
         """Decoded samples for one epoch of `needed`: raw samples are read in runs of what is still needed and
         shuffled through a buffer that drains at the end of each run, so an epoch reads what it yields; a new run
-        starts only when undecodable samples were dropped."""
+        starts only when undecodable samples were dropped. `position` is kept up to date ("drawn", "bad"). The
+        first `replay["drawn"]` samples drawn are replayed: None for each good one, nothing for the bad ones."""
         base = f"{self.seed}-{self.rank}-{worker}-{self.epoch.value}"
         shard_rng, shuffle_rng, flip_rng = (random.Random(f"{base}-{part}") for part in ("shard", "shuffle", "flip"))
         raw = self._shards(shard_rng)
         flip = (lambda: flip_rng.random() < 0.5) if self.random_flip else None
+        replay_to, replay_bad = (replay["drawn"], set(replay["bad"])) if replay else (0, set())
         since_good = 0
 
-        def guarded(samples: Iterable[dict]) -> Iterator[dict]:
-            # A resampled stream of undecodable data would otherwise spin forever, logging skips.
+        def decoded(samples: Iterable[dict]) -> Iterator[dict | None]:
             nonlocal since_good
             for sample in samples:
                 since_good += 1
+                # A resampled stream of undecodable data would otherwise spin forever, logging skips.
                 if since_good > _MAX_CONSECUTIVE_BAD:
                     raise RuntimeError(
                         f"{_MAX_CONSECUTIVE_BAD} samples in a row could not be decoded from shards "
                         f"{self.urls[:3]}... ({len(self.urls)} in all); skipped: {self.counter.counts()}"
                     )
-                yield sample
+                index = position["drawn"]
+                position["drawn"] += 1
+                flipped = flip() if flip else False  # drawn for replayed samples too, so later flips line up
+                if index < replay_to:
+                    # Replaying what the interrupted run consumed: the shard bytes are read again, since a tar
+                    # stream has no index and the shuffle buffer must hold what it held then; nothing is decoded,
+                    # the samples that failed to decode then are known by their place in the stream.
+                    if index in replay_bad:
+                        position["bad"].append(index)
+                    else:
+                        yield None
+                    continue
+                try:
+                    yield self.decode(sample, flip=flipped)
+                except BadSample as bad:
+                    position["bad"].append(index)
+                    _report(self.counter, bad.reason, sample.get("__url__", "?"), sample.get("__key__"), bad.detail)
 
         epoch_size = needed
         while True:  # (past `needed`, when an epoch is iterated again, the stream goes on in epoch-sized runs)
             run = islice(raw, needed if needed > 0 else epoch_size)
             if self.shuffle_buffer > 1:
                 run = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng)(run)
-            for sample in _decoded(guarded(run), self.image_size, self.counter, flip):
+            for sample in decoded(run):
                 since_good = 0
                 needed -= 1
                 yield sample
 
+    def _resume_point(self, num_workers: int) -> dict | None:
+        resume = self.resume
+        if resume is None or resume["epoch"] != self.epoch.value or resume["num_workers"] != num_workers:
+            return None
+        return resume
+
     def __iter__(self) -> Iterator[dict]:
-        worker, num_workers = _worker()
+        dl_worker, num_workers = _worker()
+        resume = self._resume_point(num_workers)
+        # the role (seeds, share) this DataLoader worker plays: rotated in a resumed epoch, see the class doc
+        worker = (dl_worker + resume["offset"]) % num_workers if resume else dl_worker
         key = (worker, num_workers, self.epoch.value)
-        share = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+        share = self.share(worker, num_workers)
+        todo = share
         if self._stream is None or self._stream[0] != key:
-            self._stream = (key, self._samples(worker, share * self.batch_size))
-        samples = self._stream[1]
-        for _ in range(share):
-            # uint8: a quarter of the bytes to hand to the main process (EpochLoader makes them float)
-            batch = collate([next(samples) for _ in range(self.batch_size)], as_float=False)
-            if batch["image"].nbytes < INLINE_BATCH_BYTES:
-                batch["image"] = batch["image"].numpy()  # by value through the worker's pipe: see the constant
+            position = {"batches": 0, "drawn": 0, "bad": []}
+            done = resume["workers"].get(worker, {"batches": 0}) if resume else {"batches": 0}
+            # without a recorded position (another world size, an old checkpoint) the replay decodes: still exact
+            replay = done if "drawn" in done else None
+            samples = self._samples(worker, share * self.batch_size, position, replay)
+            for _ in range(done["batches"] * self.batch_size):
+                next(samples)
+            position["batches"] = done["batches"]
+            todo = share - done["batches"]
+            self._stream = (key, samples, position)
+        _, samples, position = self._stream
+        for _ in range(todo):
+            batch = self.collate_fn([next(samples) for _ in range(self.batch_size)])
+            position["batches"] += 1
+            batch[POSITION_KEY] = (worker, position["batches"], position["drawn"], tuple(position["bad"]))
             yield batch
 
 
 class ExactlyOnceStream(IterableDataset):
     """Decoded samples in shard order, each seen by exactly one (rank, worker); the first `max_samples` raw
-    samples (in shard order, before the split) when given."""
+    samples (in shard order, before the split) when given. `decode(raw, flip=False)`: image-caption by default."""
 
     def __init__(
         self,
@@ -487,9 +591,11 @@ class ExactlyOnceStream(IterableDataset):
         world_size: int = 1,
         max_samples: int | None = None,
         counter: SkipCounter | None = None,
+        decode: Decode | None = None,
     ):
         super().__init__()
         self.urls, self.image_size = list(urls), image_size
+        self.decode = decode if decode is not None else image_decoder(image_size)
         self.rank, self.world_size, self.max_samples = rank, world_size, max_samples
         self.counter = counter if counter is not None else SkipCounter()
 
@@ -505,4 +611,4 @@ class ExactlyOnceStream(IterableDataset):
                 yield sample
 
     def __iter__(self) -> Iterator[dict]:
-        return _decoded(self._mine(), self.image_size, self.counter, None)
+        return _decoded(self._mine(), self.decode, self.counter, None)

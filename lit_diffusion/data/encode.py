@@ -1,0 +1,248 @@
+"""`data encode`: image-caption shards -> latent shards (see `latents`), every sample encoded once across ranks.
+
+Input shard i goes to rank i % world, and its output shard takes its file name, so a rerun of the same command
+skips every output shard that exists (it exists only when complete: `LatentShardWriter`) and redoes the rest,
+deleting what a killed run left half-written. Batches never cross a shard, so a redone shard is encoded in the
+same batches and its bytes equal the uninterrupted run's. Rank 0 writes `manifest.json` once all ranks are done.
+
+The encoders come from the caller (this package imports no model code):
+    encode_images(images float [B,3,S,S] in [-1,1]) -> latent mean [B,C,h,w], or (mean, std) with `std`
+    encode_captions(captions list[str]) -> (token features [B,L,W], mask [B,L] bool of real tokens, pooled [B,E])
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from lit_diffusion.data.latents import (
+    DTYPES,
+    FORMAT,
+    TMP_SUFFIX,
+    VERSION,
+    LatentShardWriter,
+    write_manifest,
+)
+from lit_diffusion.data.shards import (
+    SKIP_REASONS,
+    BadSample,
+    SkipCounter,
+    _report,
+    decode_sample,
+    expand_urls,
+    images_to_float,
+    shard_samples,
+)
+
+log = logging.getLogger(__name__)
+
+ImageEncoder = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
+CaptionEncoder = Callable[[list], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _output_names(urls: Sequence[str]) -> list[str]:
+    names, seen = [], {}
+    for url in urls:
+        name = os.path.basename(url.split("?")[0].rstrip("/"))
+        if not name.endswith(".tar"):
+            name += ".tar"
+        if name in seen:
+            raise ValueError(f"input shards {seen[name]} and {url} have the same file name {name!r}: output shards "
+                             f"are named after their input shards, so input names must be unique")
+        seen[name] = url
+        names.append(name)
+    return names
+
+
+SETTINGS = "encode.json"  # what the shards in a folder were made with, written before the first shard
+
+
+def _check_settings(out: Path, settings: dict, rank: int) -> None:
+    """A rerun resumes only the job that wrote the folder: other encoders, dtype, flips, std, image size, batch
+    size (batches change float rounding) or sources would mix two kinds of shards under one manifest."""
+    path = out / SETTINGS
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+        if changed:
+            raise ValueError(f"{out} holds shards of another encode job ({path} differs in {', '.join(changed)}): "
+                             f"rerun that job's command to resume it, or write to another --out")
+    elif rank == 0:
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+
+def _shard_summary(path: Path) -> dict:
+    """Samples, bytes and array shapes of a complete output shard (headers and the first sample's .npy headers
+    only: no array is decoded)."""
+    keys, shapes = set(), {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, _, member = info.name.partition(".")
+            keys.add(key)
+            if member.endswith(".npy") and member[:-4] not in shapes:
+                data = tar.extractfile(info).read()
+                shapes[member[:-4]] = list(np.load(io.BytesIO(data), allow_pickle=False).shape)
+    return {"samples": len(keys), "bytes": path.stat().st_size, "shapes": shapes}
+
+
+def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool,
+                  std: bool) -> list[dict]:
+    images = images_to_float(torch.stack([s["image"] for s in samples]))  # [B, 3, S, S] in [-1, 1]
+    arrays: dict[str, torch.Tensor] = {}
+    views = [("latent", images)] + ([("latent_flip", images.flip(-1))] if flips else [])
+    for name, view in views:
+        out = encode_images(view)
+        if std:
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise ValueError("with std, encode_images must return (mean, std)")
+            arrays[name], arrays[f"{name}_std"] = out
+        else:
+            arrays[name] = out[0] if isinstance(out, (tuple, list)) else out
+    context, mask, pooled = encode_captions([s["caption"] for s in samples])  # [B, L, W], [B, L], [B, E]
+    encoded = []
+    for i, s in enumerate(samples):
+        tokens = mask[i].bool()
+        encoded.append({
+            "key": s["key"], "caption": s["caption"], "attrs_json": s["attrs_json"],
+            "context": context[i][tokens.to(context.device)],  # [n, W]: the caption's real tokens
+            "pooled": pooled[i],
+            **{name: a[i] for name, a in arrays.items()},
+        })
+    return encoded
+
+
+def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, batch_size: int,
+                      encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool, std: bool,
+                      counter: SkipCounter, bar) -> None:
+    writer = LatentShardWriter(out_path, dtype)
+    try:
+        pending: list[dict] = []
+
+        def flush() -> None:
+            with torch.no_grad():
+                for e in _encode_batch(pending, encode_images, encode_captions, flips, std):
+                    writer.write(e["key"], e["latent"], e["context"], e["pooled"], e["caption"], e["attrs_json"],
+                                 latent_std=e.get("latent_std"), latent_flip=e.get("latent_flip"),
+                                 latent_flip_std=e.get("latent_flip_std"))
+            bar.update(len(pending))
+            pending.clear()
+
+        for raw in shard_samples(url, counter):
+            try:
+                sample = decode_sample(raw, image_size)
+            except BadSample as bad:
+                _report(counter, bad.reason, url, raw.get("__key__"), bad.detail)
+                continue
+            sample["attrs_json"] = raw.get("json")  # the source's attributes, byte for byte
+            pending.append(sample)
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+
+
+def encode_shards(
+    urls: str | Iterable[str],
+    out: str | os.PathLike,
+    encode_images: ImageEncoder,
+    encode_captions: CaptionEncoder,
+    *,
+    image_size: int,
+    clip_hash: str,
+    vae_hash: str,
+    latent_scale: dict | None = None,
+    dtype: str = "float16",
+    flips: bool = False,
+    std: bool = False,
+    batch_size: int = 64,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Encode every sample of `urls` into latent shards under `out`; returns the manifest on rank 0 (None on the
+    others). Rank and world size come from torch.distributed when it is initialised (all ranks must call this;
+    it ends with collectives), or from the arguments. `latent_scale`: the VAE's scale (and mean), recorded."""
+    rank, world_size = _rank_and_world(rank, world_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    sources = expand_urls(urls)
+    names = _output_names(sources)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, {"format": FORMAT, "version": VERSION, "clip_hash": clip_hash, "vae_hash": vae_hash,
+                          "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
+                          "batch_size": batch_size, "sources": sources}, rank)
+    counter = SkipCounter()
+    done: list[dict] = []
+    with tqdm(desc=f"encode (rank {rank})", unit="sample", unit_scale=True, disable=not progress or rank != 0,
+              dynamic_ncols=True) as bar:
+        for index in range(rank, len(sources), world_size):
+            url, path = sources[index], out / names[index]
+            if path.exists():  # complete: it appears under its final name only after the rename
+                log.info("output shard %s exists: skipped", path)
+            else:
+                path.with_name(path.name + TMP_SUFFIX).unlink(missing_ok=True)  # what a killed run left
+                before = counter.counts()
+                _encode_one_shard(url, path, image_size, dtype, batch_size, encode_images, encode_captions,
+                                  flips, std, counter, bar)
+                after = counter.counts()
+                log.info("encoded %s -> %s (skipped %s)", url, path,
+                         {r: after[r] - before[r] for r in SKIP_REASONS if after[r] != before[r]})
+            done.append({"index": index, "name": names[index], "source": url, **_shard_summary(path)})
+    mine = {"shards": done, "skipped": counter.counts()}
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)  # also the barrier: every shard is complete past this point
+    else:
+        everyone = [mine]
+    manifest = None
+    if rank == 0:
+        shards = sorted((s for part in everyone for s in part["shards"]), key=lambda s: s["index"])
+        if len(shards) != len(sources):
+            raise RuntimeError(f"{len(shards)} of {len(sources)} output shards reported: was world_size={world_size} "
+                               f"given to every rank?")
+        shapes = next((s["shapes"] for s in shards if s["samples"]), None)
+        if shapes is None:
+            raise ValueError(f"no sample of {len(sources)} shards ({sources[0]}, ...) could be encoded")
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "clip_hash": clip_hash, "vae_hash": vae_hash, "latent_scale": latent_scale,
+            "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
+            "shapes": {"latent": shapes["latent"], "context": [None, shapes["context"][1]],
+                       "pooled": shapes["pooled"]},
+            "samples": sum(s["samples"] for s in shards),
+            # skips of this run only: a resumed run does not re-read the shards it finds complete
+            "skipped": {r: sum(p["skipped"][r] for p in everyone) for r in SKIP_REASONS},
+            "shards": [{k: s[k] for k in ("name", "source", "samples", "bytes")} for s in shards],
+            "sources": sources,
+        }
+        write_manifest(out, manifest)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()  # nobody returns before the manifest exists
+    return manifest
