@@ -221,7 +221,7 @@ class CLIPModule(L.LightningModule):
         tokens = self.tokenize(captions)
         # drop the all-padding tail: attention is causal, so the pooled end-of-text features do not change,
         # and short captions in a long context would otherwise spend most of the text compute on padding
-        return tokens[:, : int((tokens != self.tokenizer.pad_id).sum(1).max())]
+        return tokens[:, : int(self.tokenizer.mask(tokens).sum(1).max())]
 
     def negative_embeddings(self, captions: Sequence[str]) -> tuple[Tensor, Tensor] | None:
         """(embeddings [B, E] of the swapped captions, zero where a caption has no swap word; mask [B] bool),
