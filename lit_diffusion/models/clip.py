@@ -132,15 +132,20 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(self, vision: VisionConfig, text: TextConfig, embed_dim: int = 128,
+    def __init__(self, vision: VisionConfig | None, text: TextConfig, embed_dim: int = 128,
                  init_logit_scale: float = INIT_LOGIT_SCALE, max_logit_scale: float = MAX_LOGIT_SCALE):
+        """vision None: a text tower alone (an imported text encoder such as Stable Diffusion's), which conditions a
+        diffusion model but embeds no image."""
         super().__init__()
         self.embed_dim, self.max_logit_scale = embed_dim, max_logit_scale
-        self.visual = VisionTransformer(vision, embed_dim)
+        self.visual = VisionTransformer(vision, embed_dim) if vision is not None else None
         self.text = TextTransformer(text, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
     def encode_image(self, images: Tensor) -> Tensor:
+        if self.visual is None:
+            raise ValueError("this CLIP is a text encoder alone (imported without its image tower): it embeds no "
+                             "images, so it cannot give CLIP features, CLIP scores or a contrastive loss")
         return F.normalize(self.visual(images), dim=-1)  # [B, E]
 
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
