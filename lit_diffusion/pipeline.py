@@ -4,6 +4,10 @@ Each stage runs as its own `lit-diffusion fit` process (a fresh process per stag
 start clean), in the run group `NAME`. A stage whose finished checkpoint (`runs/NAME/clip.ckpt`, ...) exists is
 skipped, and an interrupted stage resumes from its `last.ckpt`, so re-running the command continues the pipeline
 where it stopped.
+
+Stage 1 or 2 can come from elsewhere instead: `stages: {clip: {checkpoint: PATH}}` names a finished stage checkpoint
+(for example one written by `lit-diffusion import clip|vae` from published weights), which is checked and used as
+it is, and that stage is not trained.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import yaml
 from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
 
 log = logging.getLogger("lit_diffusion")
+IMPORTABLE = ("clip", "vae")  # stages that `checkpoint:` can supply instead of training them
 
 
 
@@ -35,8 +40,14 @@ def load_config(path: str | Path) -> dict:
     if unknown:
         raise ValueError(f"{path}: unknown pipeline keys {unknown}; known: {sorted(known)}")
     for stage in STAGES:
-        if stage not in (cfg.get("stages") or {}):
+        spec = (cfg.get("stages") or {}).get(stage)
+        if spec is None:
             raise ValueError(f"{path}: stages.{stage} is missing (each stage needs at least `config:`)")
+        if spec.get("checkpoint") and stage not in IMPORTABLE:
+            raise ValueError(f"{path}: stages.{stage}.checkpoint: only {list(IMPORTABLE)} can start from a "
+                             f"checkpoint instead of being trained")
+        if not spec.get("config") and not spec.get("checkpoint"):
+            raise ValueError(f"{path}: stages.{stage} needs `config:` (train it) or `checkpoint:` (use it)")
     return cfg
 
 
@@ -49,7 +60,7 @@ def _ensure_data(cfg: dict) -> dict:
     data = cfg.get("data") or {}
     if data.get("train_urls"):
         tokenizer = data.get("tokenizer")
-        if not tokenizer:
+        if not tokenizer and not cfg["stages"]["clip"].get("checkpoint"):  # an imported CLIP brings its own
             from lit_diffusion.data.tokenizer import train_from_shards
 
             tokenizer = str(Path(cfg.get("root", "runs")) / cfg.get("name", "pipeline") / "tokenizer.json")
@@ -93,6 +104,13 @@ def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: d
     """Train one stage unless its finished checkpoint exists; returns its figures and timing."""
     final_ckpt = root / f"{stage}.ckpt"
     run_dir = root / stage
+    given = cfg["stages"][stage].get("checkpoint")
+    if given:
+        from lit_diffusion.stages.common import load_stage_checkpoint
+
+        load_stage_checkpoint(given, stage)  # fails here, naming the file, rather than inside the next stage
+        log.info("[%s] using the checkpoint %s: not trained", stage, given)
+        return {"skipped": True, "imported": True, "ckpt": str(given), "summary": {}, "seconds": None}
     if final_ckpt.is_file():
         log.info("[%s] %s exists: skipped", stage, final_ckpt)
         return {"skipped": True, "ckpt": str(final_ckpt), "summary": _summary(run_dir),
@@ -144,9 +162,9 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     timings["data"] = time.perf_counter() - t0
     stages: dict[str, dict] = {}
     stages["clip"] = run_stage("clip", cfg, root, name, data, {"model.init_args.tokenizer_path": data["tokenizer"]})
-    stages["vae"] = run_stage("vae", cfg, root, name, data, {"model.init_args.clip_ckpt": str(root / "clip.ckpt")})
-    stages["ldm"] = run_stage("ldm", cfg, root, name, data, {"model.init_args.clip_ckpt": str(root / "clip.ckpt"),
-                                                            "model.init_args.vae_ckpt": str(root / "vae.ckpt")})
+    stages["vae"] = run_stage("vae", cfg, root, name, data, {"model.init_args.clip_ckpt": stages["clip"]["ckpt"]})
+    stages["ldm"] = run_stage("ldm", cfg, root, name, data, {"model.init_args.clip_ckpt": stages["clip"]["ckpt"],
+                                                            "model.init_args.vae_ckpt": stages["vae"]["ckpt"]})
     for stage in STAGES:
         timings[stage] = stages[stage]["seconds"]
 

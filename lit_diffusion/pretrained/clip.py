@@ -214,6 +214,9 @@ def convert_hf(state: dict[str, Tensor], config: dict, source: str, image_mean=N
     text = _hf_tower(text_cfg, source, "text")
     text.update(vocab_size=int(text_cfg["vocab_size"]), context_length=int(text_cfg["max_position_embeddings"]))
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    if text_only:  # transformers >= 5 saves a CLIPTextModel without the `text_model.` prefix that 4.x wrote
+        state = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+                 for k, v in state.items()}
     out: dict[str, Tensor] = {}
     for tower, ours in (("text_model", "text"), ("vision_model", "visual")):
         prefix = f"{tower}.encoder.layers."

@@ -167,17 +167,18 @@ def _diffusers_folder(folder: Path) -> tuple[dict, Path]:
     return config, weights
 
 
-def load_pretrained_vae(source: str | Path, scale_factor: float | None = None,
-                        shift_factor: float | None = None) -> VAEModule:
+def load_pretrained_vae(source: str | Path, scale_factor: float | None = None, shift_factor: float | None = None,
+                        norm_groups: int | None = None) -> VAEModule:
     """A `VAEModule` holding the converted weights of `source` (a diffusers folder or an LDM / SD / VAE file),
     with the published latent scale: `scale_factor` (and `shift_factor`, SD3 / FLUX) from the diffusers config,
-    SDXL's for an SDXL checkpoint, else SD 1.x's; arguments given here win."""
+    SDXL's for an SDXL checkpoint, else SD 1.x's; arguments given here win. `norm_groups`: GroupNorm groups, which
+    a single file does not record (every LDM / SD VAE uses 32; a diffusers config says its own)."""
     source = Path(source)
-    norm_groups, published_scale, published_shift = 32, None, 0.0
+    published_scale, published_shift = None, 0.0
     if source.is_dir():
         config, weights = _diffusers_folder(source)
         state = read_state_dict(weights)
-        norm_groups = int(config.get("norm_num_groups", 32))
+        norm_groups = norm_groups or int(config.get("norm_num_groups", 32))
         published_scale = config.get("scaling_factor", SD1_SCALE)
         published_shift = config.get("shift_factor") or 0.0
         if config.get("latents_mean") is not None and scale_factor is None:
@@ -200,7 +201,7 @@ def load_pretrained_vae(source: str | Path, scale_factor: float | None = None,
             log.info("%s: the file does not say its latent scale: using SD 1.x's %s (SDXL's VAE needs "
                      "--scale-factor %s)", source, SD1_SCALE, SDXL_SCALE)
     state = convert_state_dict(state, label)
-    module = VAEModule(arch=infer_config(state, label, norm_groups))
+    module = VAEModule(arch=infer_config(state, label, norm_groups or 32))
     load_exactly(module.vae, state, label)
     scale = float(scale_factor if scale_factor is not None else (published_scale or SD1_SCALE))
     shift = float(shift_factor if shift_factor is not None else published_shift)

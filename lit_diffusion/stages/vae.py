@@ -161,10 +161,11 @@ class VAEModule(L.LightningModule):
         missing = sorted(k for k in own if k not in state and not k.startswith("discriminator."))
         if missing:
             raise CheckpointError(f"{source}: VAE weights missing from the checkpoint: {missing[:5]}")
-        try:
-            self.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatches
-            raise CheckpointError(f"{source}: VAE weights do not fit the architecture: {err}") from err
+        for key, value in state.items():
+            if value.shape != own[key].shape:
+                raise CheckpointError(f"{source}: VAE weights do not fit the architecture: {key} has shape "
+                                      f"{tuple(value.shape)}, expected {tuple(own[key].shape)}")
+        self.load_state_dict(state, strict=False)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
