@@ -248,7 +248,8 @@ def cmd_import(args) -> None:
         if args.kind == "vae":
             from lit_diffusion.pretrained.vae import load_pretrained_vae, measure_latent_scale
 
-            module = load_pretrained_vae(args.source, scale_factor=args.scale_factor, shift_factor=args.shift_factor)
+            module = load_pretrained_vae(args.source, scale_factor=args.scale_factor, shift_factor=args.shift_factor,
+                                         norm_groups=args.norm_groups)
             if args.measure_on:
                 measure_latent_scale(module, args.measure_on, args.image_size, args.max_images)
             summary = {"config": module.hparams.arch, "scale_factor": float(module.scale_factor),
@@ -277,6 +278,8 @@ def add_import(sub) -> None:
                    help="latent scale (default: the published one: the diffusers config's, 0.13025 for SDXL "
                         "checkpoints, else SD 1.x's 0.18215)")
     p.add_argument("--shift-factor", type=float, default=None, help="latent shift (SD3 / FLUX; default: config's)")
+    p.add_argument("--norm-groups", type=int, default=None,
+                   help="GroupNorm groups, which a single file does not record (default: the config's, else 32)")
     p.add_argument("--measure-on", default=None, help="shards: measure the latent mean and scale on these images "
                                                       "instead of taking the published scale")
     p.add_argument("--image-size", type=int, default=256, help="image size for --measure-on")

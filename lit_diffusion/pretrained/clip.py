@@ -187,7 +187,11 @@ def _hf_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise PretrainedError(f"{folder}: no config.json (expected a Hugging Face CLIP folder)")
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
+    if config.get("model_type") not in ("clip", "clip_text_model"):
+        what = config.get("model_type") or config.get("_class_name")
+        raise PretrainedError(f"{path}: a {what!r} model, expected a CLIP ('clip' or 'clip_text_model')")
+    return config
 
 
 def _hf_tower(cfg: dict, source: str, kind: str) -> dict:
@@ -206,10 +210,7 @@ def convert_hf(state: dict[str, Tensor], config: dict, source: str, image_mean=N
     """A transformers CLIPModel / CLIPTextModel(WithProjection) state dict and config.json -> (CLIPModule config,
     our state dict under `model.`). A text model without projection gets the identity as its projection (its
     pooled output is then HF's `pooler_output`), so nothing is left at random initialisation."""
-    model_type = config.get("model_type")
-    if model_type not in ("clip", "clip_text_model"):
-        raise PretrainedError(f"{source}: model_type {model_type!r}, expected 'clip' or 'clip_text_model'")
-    text_only = model_type == "clip_text_model"
+    text_only = config.get("model_type") == "clip_text_model"
     text_cfg = config if text_only else config.get("text_config") or {}
     text = _hf_tower(text_cfg, source, "text")
     text.update(vocab_size=int(text_cfg["vocab_size"]), context_length=int(text_cfg["max_position_embeddings"]))
