@@ -131,7 +131,8 @@ class CLIPModule(L.LightningModule):
             "A above B" from "A below B".
         text_only: no image tower (`vision` ignored): a text encoder imported alone conditions a diffusion model.
         init_from: a CLIP stage checkpoint (trained, or written by `lit-diffusion import clip`) to fine-tune: its
-            architecture, tokenizer and weights replace vision / text / embed_dim / tokenizer_path.
+            architecture, tokenizer and weights replace vision / text / embed_dim / tokenizer_path. Not a
+            hyper-parameter: this module's own checkpoints hold those weights, and rebuilding one needs no file.
         """
         super().__init__()
         init = None
@@ -170,7 +171,6 @@ class CLIPModule(L.LightningModule):
             "weight_decay": weight_decay, "betas": [float(b) for b in betas], "warmup_steps": warmup_steps,
             "zeroshot_templates": templates, "gather_with_grad": gather_with_grad,
             "hard_negatives": {str(k): str(v) for k, v in hard_negatives.items()}, "text_only": bool(text_only),
-            "init_from": None if init_from is None else str(init_from),
         })
         self.tokenizer = tokenizer
         self.model = CLIP(vision, text, embed_dim)
@@ -180,16 +180,12 @@ class CLIPModule(L.LightningModule):
         self.local_loss_fn = ClipLoss()  # validation: rank-local (ranks may see different numbers of batches)
         self.val_loss = MeanMetric()
         self._val: dict[str, list[Tensor]] = {}
-        if init is not None:
-            self._load_weights(init["state_dict"], init_from)
-
-    def _load_weights(self, state: dict, source: str) -> None:
-        """Every weight of the model from `state`, or a CheckpointError naming what does not match."""
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("val_loss")]
-        if missing or unexpected:
-            raise CheckpointError(f"{source}: CLIP weights do not match its config (missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]})")
+        if init is not None:  # every weight, or an error naming what does not match
+            missing, unexpected = self.load_state_dict(init.get("state_dict") or {}, strict=False)
+            missing = [k for k in missing if not k.startswith("val_loss")]
+            if missing or unexpected:
+                raise CheckpointError(f"{init_from}: CLIP weights do not match its config (missing {missing[:5]}, "
+                                      f"unexpected {unexpected[:5]})")
 
     # ---- public API used by the other stages ----
     def tokenize(self, texts: Sequence[str]) -> Tensor:
@@ -231,13 +227,17 @@ class CLIPModule(L.LightningModule):
         hparams.update(block.get("config") or {})
         accepted = inspect.signature(cls.__init__).parameters
         hparams = {k: v for k, v in hparams.items() if k in accepted}
-        # the weights below are the ones to load, not those of the checkpoint it was fine-tuned from
-        hparams.update(tokenizer_json=block["tokenizer"], tokenizer_path=None, init_from=None)
+        hparams.update(tokenizer_json=block["tokenizer"], tokenizer_path=None)
         try:
             module = cls(**hparams)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{source}: cannot rebuild CLIP from its saved config: {err}") from err
-        module._load_weights(ckpt.get("state_dict") or {}, source)
+        state = ckpt.get("state_dict") or {}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("val_loss")]
+        if missing or unexpected:
+            raise CheckpointError(f"{source}: CLIP weights do not match its config (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]})")
         return module.eval()
 
     # ---- training ----

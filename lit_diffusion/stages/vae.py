@@ -94,7 +94,8 @@ class VAEModule(L.LightningModule):
         rfid_backend: None (no val/rfid), "clip" (features of the CLIP checkpoint `clip_ckpt`) or
             "inception" (torch-fidelity InceptionV3 from the local file `inception_weights`).
         init_from: a VAE stage checkpoint (trained, or written by `lit-diffusion import vae`) to fine-tune: its
-            architecture (replacing `arch`), weights and latent scale; validation then re-measures the scale.
+            architecture (replacing `arch`), weights and latent scale; validation then re-measures the scale. Not a
+            hyper-parameter: this module's own checkpoints hold those weights, and rebuilding one needs no file.
         """
         super().__init__()
         init = None
@@ -119,7 +120,6 @@ class VAEModule(L.LightningModule):
             "grad_clip": grad_clip, "rfid_backend": rfid_backend,
             "clip_ckpt": None if clip_ckpt is None else str(clip_ckpt),
             "inception_weights": None if inception_weights is None else str(inception_weights),
-            "init_from": None if init_from is None else str(init_from),
         })
         self.vae = AutoencoderKL(self.config)
         self.latent_channels = self.config.z_channels
@@ -148,24 +148,19 @@ class VAEModule(L.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.latent_stats = LatentStats()
-        if init is not None:
-            self._load_weights(init.get("state_dict") or {}, init_from)
+        if init is not None:  # the VAE's weights and latent scale, every one of them, or an error naming them
+            own = self.state_dict()
+            # a discriminator the checkpoint lacks (or this module has none of) starts fresh
+            state = {k: v for k, v in (init.get("state_dict") or {}).items() if k in own}
+            missing = sorted(k for k in own if k not in state and not k.startswith("discriminator."))
+            if missing:
+                raise CheckpointError(f"{init_from}: VAE weights missing from the checkpoint: {missing[:5]}")
+            for key, value in state.items():
+                if value.shape != own[key].shape:
+                    raise CheckpointError(f"{init_from}: VAE weights do not fit the architecture: {key} has shape "
+                                          f"{tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            self.load_state_dict(state, strict=False)
             self.latent_scale_measured = bool(init["lit_diffusion"].get("latent_scale_measured", True))
-
-    def _load_weights(self, state: dict, source: str) -> None:
-        """The VAE's weights and latent scale from `state`, every one of them, or a CheckpointError."""
-        own = self.state_dict()
-        # the discriminator's weights (if it was trained with one) are not needed to encode or decode; a
-        # discriminator of this module that the checkpoint lacks starts fresh
-        state = {k: v for k, v in state.items() if k in own}
-        missing = sorted(k for k in own if k not in state and not k.startswith("discriminator."))
-        if missing:
-            raise CheckpointError(f"{source}: VAE weights missing from the checkpoint: {missing[:5]}")
-        for key, value in state.items():
-            if value.shape != own[key].shape:
-                raise CheckpointError(f"{source}: VAE weights do not fit the architecture: {key} has shape "
-                                      f"{tuple(value.shape)}, expected {tuple(own[key].shape)}")
-        self.load_state_dict(state, strict=False)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -209,13 +204,18 @@ class VAEModule(L.LightningModule):
             hparams["arch"] = block["config"]
         accepted = inspect.signature(cls.__init__).parameters
         hparams = {k: v for k, v in hparams.items() if k in accepted}
-        hparams.update(perceptual_weight=0.0, perceptual_weights=None, disc_weight=0.0, rfid_backend=None,
-                       init_from=None)
+        hparams.update(perceptual_weight=0.0, perceptual_weights=None, disc_weight=0.0, rfid_backend=None)
         try:
             module = cls(**hparams)
         except (TypeError, ValueError) as err:
             raise CheckpointError(f"{source}: cannot rebuild the VAE from its saved config: {err}") from err
-        module._load_weights(ckpt.get("state_dict") or {}, source)
+        own = module.state_dict()
+        # the discriminator's weights (if it was trained with one) are not needed to encode or decode
+        state = {k: v for k, v in (ckpt.get("state_dict") or {}).items() if k in own}
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise CheckpointError(f"{source}: VAE weights missing from the checkpoint: {missing[:5]}")
+        module.load_state_dict(state, strict=True)
         module.latent_scale_measured = bool(block.get("latent_scale_measured", True))
         if not module.latent_scale_measured:
             rank_zero_warn(f"{source}: the latent scale was never measured (no validation ran): scale 1, mean 0")
