@@ -261,6 +261,18 @@ def test_clip_from_open_clip_equals_open_clip(tmp_path, quick_gelu):
     assert float(ours.model.scale().detach()) == pytest.approx(float(ref.logit_scale.exp()), rel=1e-6)
 
 
+def test_openai_torchscript_file_is_read_without_pickle_and_uses_quick_gelu(tmp_path):
+    """OpenAI's own files (ViT-B-32.pt, ...) are TorchScript archives carrying input_resolution beside the weights."""
+    ref = tiny_open_clip(quick_gelu=True)
+    ref.register_buffer("input_resolution", torch.tensor(32))
+    torch.jit.script(ref).save(str(tmp_path / "ViT-tiny.pt"))
+    ours = load_pretrained_clip(tmp_path / "ViT-tiny.pt", text_heads=2)  # activation not given: OpenAI's
+    assert ours.hparams.text["quick_gelu"] and ours.hparams.vision["quick_gelu"]
+    ids = open_clip.tokenize(CAPTIONS)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_text(ids)[1], ref.encode_text(ids, normalize=True), **TOL)
+
+
 def test_open_clip_file_without_its_activation_is_refused(tmp_path):
     path = tmp_path / "weights.bin"
     torch.save(tiny_open_clip().state_dict(), path)
