@@ -318,6 +318,10 @@ def test_text_encoder_of_a_diffusers_pipeline_folder_equals_transformers(tmp_pat
     weights = safetensors_torch.load_file(str(folder / "model.safetensors"))
     weights = {(k if k.startswith("text_model.") else prefix + k): v for k, v in weights.items()}
     safetensors_torch.save_file(weights, str(folder / "model.safetensors"))
+    # config.json may leave out what equals transformers' defaults (vocabulary, context, activation, eps)
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip_text_model", "hidden_size": 32,
+                                                    "intermediate_size": 64, "num_hidden_layers": 2,
+                                                    "num_attention_heads": 2}))
     tokenizer = write_hf_tokenizer_files(tmp_path / "sd" / "tokenizer")
     (tmp_path / "sd" / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
     ours = load_pretrained_clip(tmp_path / "sd")

@@ -184,14 +184,17 @@ def convert_open_clip(state: dict[str, Tensor], source: str, quick_gelu: bool, t
 
 
 def _hf_config(folder: Path) -> dict:
+    """config.json as transformers reads it: values left at their defaults (which config.json may omit) filled
+    in, older layouts (text_config_dict) upgraded."""
     path = folder / "config.json"
     if not path.is_file():
         raise PretrainedError(f"{folder}: no config.json (expected a Hugging Face CLIP folder)")
-    config = json.loads(path.read_text())
-    if config.get("model_type") not in ("clip", "clip_text_model"):
-        what = config.get("model_type") or config.get("_class_name")
+    raw = json.loads(path.read_text())
+    if raw.get("model_type") not in ("clip", "clip_text_model"):
+        what = raw.get("model_type") or raw.get("_class_name")
         raise PretrainedError(f"{path}: a {what!r} model, expected a CLIP ('clip' or 'clip_text_model')")
-    return config
+    transformers = require("transformers", f"reading {path}")
+    return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True).to_dict()
 
 
 def _hf_tower(cfg: dict, source: str, kind: str) -> dict:
