@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY_UNET, _fit, randomise_unet, tiny_datamodule
 
-diffusers = pytest.importorskip("diffusers", reason='the pretrained extra is not installed: pip install -e ".[pretrained]"')
-open_clip = pytest.importorskip("open_clip", reason='the pretrained extra is not installed: pip install -e ".[pretrained]"')
-transformers = pytest.importorskip("transformers", reason='the pretrained extra is not installed: pip install -e ".[pretrained]"')
-safetensors_torch = pytest.importorskip("safetensors.torch", reason='the pretrained extra is not installed')
+EXTRA = 'the pretrained extra is not installed: pip install -e ".[pretrained]"'
+diffusers = pytest.importorskip("diffusers", reason=EXTRA)
+open_clip = pytest.importorskip("open_clip", reason=EXTRA)
+transformers = pytest.importorskip("transformers", reason=EXTRA)
+safetensors_torch = pytest.importorskip("safetensors.torch", reason=EXTRA)
 
 from lit_diffusion.cli import main as cli_main  # noqa: E402
 from lit_diffusion.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
@@ -154,7 +155,7 @@ def test_bad_vae_files_are_refused_naming_file_and_key(tmp_path):
     extra = tmp_path / "extra.safetensors"
     safetensors_torch.save_file({**state, "encoder.down_blocks.0.attentions.0.to_q.weight": torch.zeros(8, 8)},
                                 str(extra))
-    with pytest.raises(PretrainedError, match=r"extra\.safetensors: unexpected weight encoder\.down_blocks\.0\.attentions"):
+    with pytest.raises(PretrainedError, match=r"extra\.safetensors: unexpected weight encoder\.down_blocks\.0\.attent"):
         load_pretrained_vae(extra, norm_groups=4)
 
     shape = tmp_path / "shape.safetensors"

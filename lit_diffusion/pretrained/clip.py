@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import logging
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -39,8 +38,6 @@ from lit_diffusion.pretrained import require
 from lit_diffusion.pretrained.weights import PretrainedError, load_exactly, read_state_dict
 from lit_diffusion.stages.clip import CLIPModule
 
-log = logging.getLogger("lit_diffusion")
-
 HEAD_WIDTH = 64
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 # OpenAI's files carry these scalars beside the weights; open_clip keeps a causal mask buffer in older versions
@@ -52,7 +49,7 @@ _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{
 # ------------------------------------------------------------------------------------------------- tokenizers
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte -> printable character table (the base alphabet of the byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
