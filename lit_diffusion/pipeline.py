@@ -4,10 +4,6 @@ Each stage runs as its own `lit-diffusion fit` process (a fresh process per stag
 start clean), in the run group `NAME`. A stage whose finished checkpoint (`runs/NAME/clip.ckpt`, ...) exists is
 skipped, and an interrupted stage resumes from its `last.ckpt`, so re-running the command continues the pipeline
 where it stopped.
-
-Stage 1 or 2 can come from elsewhere instead: `stages: {clip: {checkpoint: PATH}}` names a finished stage checkpoint
-(for example one written by `lit-diffusion import clip|vae` from published weights), which is checked and used as
-it is, and that stage is not trained.
 """
 
 from __future__ import annotations
@@ -89,6 +85,31 @@ def _ensure_data(cfg: dict) -> dict:
             "tokenizer": str(out / "tokenizer.json"), "made": True}
 
 
+def place_given_checkpoints(cfg: dict, root: Path) -> None:
+    """Stage 1 or 2 from elsewhere: `stages: {clip: {checkpoint: PATH}}` names a finished stage checkpoint (for
+    example one written by `lit-diffusion import clip|vae` from published weights). It is checked (kind, safe load)
+    and put where a finished stage's checkpoint goes (`runs/NAME/clip.ckpt`, hard-linked when it can be), so that
+    stage counts as done and is not trained, and the later stages read it as they read a trained one."""
+    from lit_diffusion.stages.common import load_stage_checkpoint
+
+    for stage in IMPORTABLE:
+        given = (cfg["stages"][stage] or {}).get("checkpoint")
+        if not given:
+            continue
+        load_stage_checkpoint(given, stage)  # fails here, naming the file, rather than inside the next stage
+        final = root / f"{stage}.ckpt"
+        if final.is_file() and os.path.samefile(final, given):
+            continue
+        tmp = final.with_suffix(".ckpt.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(given, tmp)
+        except OSError:  # another file system
+            shutil.copyfile(given, tmp)
+        os.replace(tmp, final)
+        log.info("[%s] %s -> %s: this stage is not trained", stage, given, final)
+
+
 def _summary(run_dir: Path) -> dict:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -104,13 +125,6 @@ def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: d
     """Train one stage unless its finished checkpoint exists; returns its figures and timing."""
     final_ckpt = root / f"{stage}.ckpt"
     run_dir = root / stage
-    given = cfg["stages"][stage].get("checkpoint")
-    if given:
-        from lit_diffusion.stages.common import load_stage_checkpoint
-
-        load_stage_checkpoint(given, stage)  # fails here, naming the file, rather than inside the next stage
-        log.info("[%s] using the checkpoint %s: not trained", stage, given)
-        return {"skipped": True, "imported": True, "ckpt": str(given), "summary": {}, "seconds": None}
     if final_ckpt.is_file():
         log.info("[%s] %s exists: skipped", stage, final_ckpt)
         return {"skipped": True, "ckpt": str(final_ckpt), "summary": _summary(run_dir),
@@ -155,6 +169,7 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     name = cfg.get("name") or Path(config_path).stem
     root = Path(cfg.get("root", "runs")) / name
     root.mkdir(parents=True, exist_ok=True)
+    place_given_checkpoints(cfg, root)
     t_start = time.perf_counter()
     timings: dict[str, float | None] = {}
     t0 = time.perf_counter()
@@ -162,9 +177,9 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     timings["data"] = time.perf_counter() - t0
     stages: dict[str, dict] = {}
     stages["clip"] = run_stage("clip", cfg, root, name, data, {"model.init_args.tokenizer_path": data["tokenizer"]})
-    stages["vae"] = run_stage("vae", cfg, root, name, data, {"model.init_args.clip_ckpt": stages["clip"]["ckpt"]})
-    stages["ldm"] = run_stage("ldm", cfg, root, name, data, {"model.init_args.clip_ckpt": stages["clip"]["ckpt"],
-                                                            "model.init_args.vae_ckpt": stages["vae"]["ckpt"]})
+    stages["vae"] = run_stage("vae", cfg, root, name, data, {"model.init_args.clip_ckpt": str(root / "clip.ckpt")})
+    stages["ldm"] = run_stage("ldm", cfg, root, name, data, {"model.init_args.clip_ckpt": str(root / "clip.ckpt"),
+                                                            "model.init_args.vae_ckpt": str(root / "vae.ckpt")})
     for stage in STAGES:
         timings[stage] = stages[stage]["seconds"]
 

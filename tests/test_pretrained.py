@@ -454,16 +454,21 @@ def test_init_from_refuses_a_checkpoint_of_another_kind_or_shape(imported, tmp_p
 def test_pipeline_uses_a_named_checkpoint_instead_of_training(imported, tmp_path):
     import yaml
 
-    from lit_diffusion.pipeline import load_config, run_stage
+    from lit_diffusion.pipeline import load_config, place_given_checkpoints, run_stage
 
     cfg = load_config("configs/pipeline/pretrained.yaml")
     assert cfg["stages"]["clip"]["checkpoint"] and cfg["stages"]["vae"]["checkpoint"]
-    cfg["stages"]["clip"]["checkpoint"] = str(imported["clip"])
-    out = run_stage("clip", cfg, tmp_path, "run", {}, {})
-    assert out["ckpt"] == str(imported["clip"]) and out["skipped"] and not (tmp_path / "clip").exists()
+    for stage in ("clip", "vae"):
+        cfg["stages"][stage]["checkpoint"] = str(imported[stage])
+    place_given_checkpoints(cfg, tmp_path)
+    for stage in ("clip", "vae"):  # where a finished stage's checkpoint goes, byte for byte
+        assert (tmp_path / f"{stage}.ckpt").read_bytes() == imported[stage].read_bytes()
+        out = run_stage(stage, cfg, tmp_path, "run", {}, {})
+        assert out["skipped"] and out["ckpt"] == str(tmp_path / f"{stage}.ckpt") and not (tmp_path / stage).exists()
+    place_given_checkpoints(cfg, tmp_path)  # again: nothing changes
     cfg["stages"]["vae"]["checkpoint"] = str(imported["clip"])
     with pytest.raises(CheckpointError, match=r"clip\.ckpt is a 'clip' checkpoint, expected a 'vae' checkpoint"):
-        run_stage("vae", cfg, tmp_path, "run", {}, {})
+        place_given_checkpoints(cfg, tmp_path)
     bad = {**cfg, "stages": {**cfg["stages"], "ldm": {"checkpoint": str(imported["vae"])}}}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match=r"stages\.ldm\.checkpoint: only \['clip', 'vae'\]"):

@@ -170,8 +170,9 @@ class CLIPModule(L.LightningModule):
             "tokenizer_path": None if tokenizer_path is None else str(tokenizer_path), "lr": lr,
             "weight_decay": weight_decay, "betas": [float(b) for b in betas], "warmup_steps": warmup_steps,
             "zeroshot_templates": templates, "gather_with_grad": gather_with_grad,
-            "hard_negatives": {str(k): str(v) for k, v in hard_negatives.items()}, "text_only": bool(text_only),
+            "hard_negatives": {str(k): str(v) for k, v in hard_negatives.items()},
         })
+        self.hparams["text_only"] = bool(text_only)
         self.tokenizer = tokenizer
         self.model = CLIP(vision, text, embed_dim)
         self.embed_dim, self.text_width = int(embed_dim), text.width
