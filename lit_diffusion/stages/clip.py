@@ -137,6 +137,8 @@ class CLIPModule(L.LightningModule):
         super().__init__()
         init = None
         if init_from:
+            from lit_diffusion.stages.common import CheckpointError, load_stage_checkpoint
+
             init = load_stage_checkpoint(init_from, "clip")
             config = init["lit_diffusion"].get("config") or {}
             vision, text = config.get("vision"), config.get("text")

@@ -100,6 +100,8 @@ class VAEModule(L.LightningModule):
         super().__init__()
         init = None
         if init_from:
+            from lit_diffusion.stages.common import CheckpointError, load_stage_checkpoint
+
             init = load_stage_checkpoint(init_from, "vae")
             arch = init["lit_diffusion"].get("config") or (init.get("hyper_parameters") or {}).get("arch")
         if isinstance(arch, dict):
