@@ -9,6 +9,7 @@ evaluate                FID, CLIP score and caption accuracy of a checkpoint acr
 toy                     the 2-D spiral that the DDPM/DDIM papers draw
 sweep | compare         offline W&B sweeps and the comparison of their runs
 pipeline                the main job: CLIP -> VAE -> latent diffusion -> evaluation -> report
+import vae | clip       a stage checkpoint from published weights (diffusers / SD VAE; OpenAI, open_clip, HF CLIP)
 bench                   benchmarks against plain baselines
 """
 
@@ -339,7 +340,63 @@ def add_pipeline(sub) -> None:
     p.set_defaults(func=cmd_pipeline)
 
 
-_EXTRA_COMMANDS: list = [add_clip, add_sample, add_evaluate, add_toy, add_pipeline]
+def cmd_import(args) -> None:
+    try:
+        from lit_diffusion.pretrained.weights import save_stage_checkpoint
+
+        if args.kind == "vae":
+            from lit_diffusion.pretrained.vae import load_pretrained_vae, measure_latent_scale
+
+            module = load_pretrained_vae(args.source, scale_factor=args.scale_factor, shift_factor=args.shift_factor,
+                                         norm_groups=args.norm_groups)
+            if args.measure_on:
+                measure_latent_scale(module, args.measure_on, args.image_size, args.max_images)
+            summary = {"config": module.hparams.arch, "scale_factor": float(module.scale_factor),
+                       "latent_mean": float(module.latent_mean)}
+        else:
+            from lit_diffusion.pretrained.clip import load_pretrained_clip
+
+            module = load_pretrained_clip(args.source, quick_gelu=args.quick_gelu, text_heads=args.text_heads,
+                                          vision_heads=args.vision_heads)
+            summary = {"vision": module.hparams.vision, "text": module.hparams.text,
+                       "embed_dim": module.hparams.embed_dim, "tokenizer": repr(module.tokenizer)}
+    except ImportError as err:  # the optional extra is missing: its message says what to install
+        raise ValueError(str(err)) from None
+    out = save_stage_checkpoint(module, args.out, args.source)
+    params = sum(p.numel() for p in module.parameters())
+    _print_json({"out": str(out), "kind": args.kind, "source": str(args.source), "parameters": params, **summary})
+
+
+def add_import(sub) -> None:
+    imp = sub.add_parser("import", help="a stage checkpoint from published weights on disk")
+    kinds = imp.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("vae", help="a diffusers AutoencoderKL folder, or an SD / LDM .ckpt / .safetensors file")
+    p.add_argument("source", help="folder (config.json + diffusion_pytorch_model.safetensors) or weight file")
+    p.add_argument("--out", required=True, help="the stage-2 checkpoint to write (vae.ckpt)")
+    p.add_argument("--scale-factor", type=float, default=None,
+                   help="latent scale (default: the published one: the diffusers config's, 0.13025 for SDXL "
+                        "checkpoints, else SD 1.x's 0.18215)")
+    p.add_argument("--shift-factor", type=float, default=None, help="latent shift (SD3 / FLUX; default: config's)")
+    p.add_argument("--norm-groups", type=int, default=None,
+                   help="GroupNorm groups, which a single file does not record (default: the config's, else 32)")
+    p.add_argument("--measure-on", default=None, help="shards: measure the latent mean and scale on these images "
+                                                      "instead of taking the published scale")
+    p.add_argument("--image-size", type=int, default=256, help="image size for --measure-on")
+    p.add_argument("--max-images", type=int, default=2000, help="images for --measure-on")
+    p.set_defaults(func=cmd_import)
+    p = kinds.add_parser("clip", help="an OpenAI / open_clip weight file, or a Hugging Face CLIP folder")
+    p.add_argument("source", help="weight file (.pt, .bin, .safetensors) or folder (config.json + weights + "
+                                  "tokenizer files; a diffusers pipeline folder's text_encoder/ too)")
+    p.add_argument("--out", required=True, help="the stage-1 checkpoint to write (clip.ckpt)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="open_clip / OpenAI files: the activation (OpenAI's weights and *-quickgelu models: "
+                        "--quick-gelu); default: open_clip_config.json beside the file, or OpenAI's files' own")
+    p.add_argument("--text-heads", type=int, default=None, help="open_clip files: heads (default width / 64)")
+    p.add_argument("--vision-heads", type=int, default=None, help="open_clip files: heads (default width / 64)")
+    p.set_defaults(func=cmd_import)
+
+
+_EXTRA_COMMANDS: list = [add_clip, add_sample, add_evaluate, add_toy, add_pipeline, add_import]
 
 
 def add_sweep(sub) -> None:

@@ -30,6 +30,7 @@ import yaml
 from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
 
 log = logging.getLogger("lit_diffusion")
+IMPORTABLE = ("clip", "vae")  # stages that `checkpoint:` can supply instead of training them
 
 
 class StageInputsChanged(RuntimeError):
@@ -46,8 +47,14 @@ def load_config(path: str | Path) -> dict:
     if unknown:
         raise ValueError(f"{path}: unknown pipeline keys {unknown}; known: {sorted(known)}")
     for stage in STAGES:
-        if stage not in (cfg.get("stages") or {}):
+        spec = (cfg.get("stages") or {}).get(stage)
+        if spec is None:
             raise ValueError(f"{path}: stages.{stage} is missing (each stage needs at least `config:`)")
+        if spec.get("checkpoint") and stage not in IMPORTABLE:
+            raise ValueError(f"{path}: stages.{stage}.checkpoint: only {list(IMPORTABLE)} can start from a "
+                             f"checkpoint instead of being trained")
+        if not spec.get("config") and not spec.get("checkpoint"):
+            raise ValueError(f"{path}: stages.{stage} needs `config:` (train it) or `checkpoint:` (use it)")
     return cfg
 
 
@@ -60,7 +67,7 @@ def _ensure_data(cfg: dict) -> dict:
     data = cfg.get("data") or {}
     if data.get("train_urls"):
         tokenizer = data.get("tokenizer")
-        if not tokenizer:
+        if not tokenizer and not cfg["stages"]["clip"].get("checkpoint"):  # an imported CLIP brings its own
             from lit_diffusion.data.tokenizer import train_from_shards
 
             tokenizer = str(Path(cfg.get("root", "runs")) / cfg.get("name", "pipeline") / "tokenizer.json")
@@ -87,6 +94,31 @@ def _ensure_data(cfg: dict) -> dict:
                  shard_size=data.get("shard_size", 1000), seed=wanted["seed"])
     return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
             "tokenizer": str(out / "tokenizer.json"), "made": True}
+
+
+def place_given_checkpoints(cfg: dict, root: Path) -> None:
+    """Stage 1 or 2 from elsewhere: `stages: {clip: {checkpoint: PATH}}` names a finished stage checkpoint (for
+    example one written by `lit-diffusion import clip|vae` from published weights). It is checked (kind, safe load)
+    and put where a finished stage's checkpoint goes (`runs/NAME/clip.ckpt`, hard-linked when it can be), so that
+    stage counts as done and is not trained, and the later stages read it as they read a trained one."""
+    from lit_diffusion.stages.common import load_stage_checkpoint
+
+    for stage in IMPORTABLE:
+        given = (cfg["stages"][stage] or {}).get("checkpoint")
+        if not given:
+            continue
+        load_stage_checkpoint(given, stage)  # fails here, naming the file, rather than inside the next stage
+        final = root / f"{stage}.ckpt"
+        if final.is_file() and os.path.samefile(final, given):
+            continue
+        tmp = final.with_suffix(".ckpt.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(given, tmp)
+        except OSError:  # another file system
+            shutil.copyfile(given, tmp)
+        os.replace(tmp, final)
+        log.info("[%s] %s -> %s: this stage is not trained", stage, given, final)
 
 
 def _summary(run_dir: Path) -> dict:
@@ -302,6 +334,7 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     name = cfg.get("name") or Path(config_path).stem
     root = Path(cfg.get("root", "runs")) / name
     root.mkdir(parents=True, exist_ok=True)
+    place_given_checkpoints(cfg, root)
     t_start = time.perf_counter()
     timings: dict[str, float | None] = {}
     t0 = time.perf_counter()

@@ -42,16 +42,20 @@ def _canonical_ids(tok: _HFTokenizer) -> _HFTokenizer:
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: _HFTokenizer, context_length: int = 32):
+    def __init__(self, tokenizer: _HFTokenizer, context_length: int = 32, pad_id: int | None = None):
+        """pad_id: the id after the end-of-text token; None = the `<pad>` token's. Imported CLIP vocabularies
+        have no `<pad>`: OpenAI / open_clip pad with 0, Hugging Face folders with their `pad_token`."""
         if context_length < 2:
             raise ValueError(f"context_length={context_length} must leave room for start and end tokens (>= 2)")
         self._tok = tokenizer
         self.context_length = int(context_length)
-        ids = {name: tokenizer.token_to_id(name) for name in (SOT, EOT, PAD)}
+        ids = {name: tokenizer.token_to_id(name) for name in (SOT, EOT) + (() if pad_id is not None else (PAD,))}
         missing = [name for name, i in ids.items() if i is None]
         if missing:
             raise ValueError(f"tokenizer lacks special tokens {missing}")
-        self.sot_id, self.eot_id, self.pad_id = ids[SOT], ids[EOT], ids[PAD]
+        self.sot_id, self.eot_id = ids[SOT], ids[EOT]
+        self.pad_id = ids[PAD] if pad_id is None else int(pad_id)
+        self._explicit_pad = pad_id is not None
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
@@ -89,6 +93,14 @@ class Tokenizer:
             out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out
 
+    def mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L] bool, True up to and including each row's first end-of-text token: the real tokens. By position,
+        not `tokens != pad_id`, because imported vocabularies pad with an id that also occurs in text (OpenAI: 0,
+        which is "!") or with the end-of-text id itself (Hugging Face)."""
+        is_eot = tokens == self.eot_id
+        first = torch.where(is_eot.any(1), is_eot.int().argmax(1), tokens.shape[1] - 1)  # [B]
+        return torch.arange(tokens.shape[1], device=tokens.device)[None] <= first[:, None]
+
     def encode(self, text: str) -> list[int]:
         """BPE ids of `text` without special tokens, padding or truncation."""
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -105,17 +117,17 @@ class Tokenizer:
         return self._tok.decode([i for i in ids if i not in (self.sot_id, self.pad_id)], skip_special_tokens=False)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"format": _FORMAT, "context_length": self.context_length, "tokenizer": self._tok.to_str()},
-            sort_keys=True,
-        )
+        blob = {"format": _FORMAT, "context_length": self.context_length, "tokenizer": self._tok.to_str()}
+        if self._explicit_pad:
+            blob["pad_id"] = self.pad_id
+        return json.dumps(blob, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Tokenizer":
         blob = json.loads(text)
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             raise ValueError(f"not a lit_diffusion tokenizer (expected format {_FORMAT!r})")
-        return cls(_HFTokenizer.from_str(blob["tokenizer"]), blob["context_length"])
+        return cls(_HFTokenizer.from_str(blob["tokenizer"]), blob["context_length"], blob.get("pad_id"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())

@@ -18,6 +18,8 @@ from lit_diffusion.models.transformer import Transformer
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # temperature 0.07, as in CLIP
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the scale at 100 to keep training stable
 POOLING = ("cls", "mean")
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI's pixel statistics, which its weights were trained on
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -30,8 +32,19 @@ class VisionConfig:
     mlp_ratio: float = 4.0  # MLP hidden width / width
     pool: str = "cls"  # "cls": a class token's output (CLIP); "mean": mean of patch tokens (no class token)
     dropout: float = 0.0  # attention dropout
+    quick_gelu: bool = False  # x * sigmoid(1.702 x) in the MLPs, as OpenAI's weights were trained
+    # per-channel normalisation of [0, 1] pixels that imported weights expect (OpenAI: CLIP_MEAN / CLIP_STD);
+    # None: the [-1, 1] images go in as they are (our own CLIP)
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
 
     def __post_init__(self):
+        if (self.image_mean is None) != (self.image_std is None):
+            raise ValueError("vision.image_mean and vision.image_std are set together or not at all")
+        if self.image_mean is not None:
+            self.image_mean, self.image_std = [float(m) for m in self.image_mean], [float(s) for s in self.image_std]
+            if len(self.image_mean) != 3 or len(self.image_std) != 3:
+                raise ValueError("vision.image_mean and vision.image_std need one value per RGB channel")
         if self.pool not in POOLING:
             raise ValueError(f"vision.pool must be one of {POOLING}, got {self.pool!r}")
         if self.image_size % self.patch_size:
@@ -48,6 +61,7 @@ class TextConfig:
     heads: int = 4  # attention heads
     mlp_ratio: float = 4.0  # MLP hidden width / width
     dropout: float = 0.0  # attention dropout
+    quick_gelu: bool = False  # as in VisionConfig
 
 
 class VisionTransformer(nn.Module):
@@ -60,7 +74,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width)) if cfg.pool == "cls" else None
         self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.quick_gelu)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
@@ -69,6 +83,10 @@ class VisionTransformer(nn.Module):
         size = self.cfg.image_size
         if images.shape[-2:] != (size, size):
             raise ValueError(f"CLIP vision encoder expects {size}x{size} images, got {tuple(images.shape[-2:])}")
+        if self.cfg.image_mean is not None:
+            mean = images.new_tensor(self.cfg.image_mean)[:, None, None]  # [3, 1, 1]
+            std = images.new_tensor(self.cfg.image_std)[:, None, None]
+            images = ((images + 1) / 2 - mean) / std
         x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W]
         if self.class_embedding is not None:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
@@ -88,7 +106,7 @@ class TextTransformer(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.quick_gelu)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -114,15 +132,20 @@ class TextTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(self, vision: VisionConfig, text: TextConfig, embed_dim: int = 128,
+    def __init__(self, vision: VisionConfig | None, text: TextConfig, embed_dim: int = 128,
                  init_logit_scale: float = INIT_LOGIT_SCALE, max_logit_scale: float = MAX_LOGIT_SCALE):
+        """vision None: a text tower alone (an imported text encoder such as Stable Diffusion's), which conditions a
+        diffusion model but embeds no image."""
         super().__init__()
         self.embed_dim, self.max_logit_scale = embed_dim, max_logit_scale
-        self.visual = VisionTransformer(vision, embed_dim)
+        self.visual = VisionTransformer(vision, embed_dim) if vision is not None else None
         self.text = TextTransformer(text, embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
     def encode_image(self, images: Tensor) -> Tensor:
+        if self.visual is None:
+            raise ValueError("this CLIP is a text encoder alone (imported without its image tower): it embeds no "
+                             "images, so it cannot give CLIP features, CLIP scores or a contrastive loss")
         return F.normalize(self.visual(images), dim=-1)  # [B, E]
 
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:

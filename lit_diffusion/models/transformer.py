@@ -6,6 +6,7 @@ the attention is `models.attention.attend`.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -31,24 +32,31 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).flatten(2))  # [B, L, W]
 
 
+def quick_gelu(x: Tensor) -> Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (its weights expect it)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, mlp_ratio: float = 4.0, quick: bool = False):
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.fc = nn.Linear(width, hidden)
         self.proj = nn.Linear(hidden, width)
+        self.act = quick_gelu if quick else F.gelu
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(self.act(self.fc(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 quick_gelu: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = SelfAttention(width, heads, dropout)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, mlp_ratio)
+        self.mlp = MLP(width, mlp_ratio, quick_gelu)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None, causal: bool = False) -> Tensor:
         x = x + self.attn(self.ln_1(x), padding_mask, causal)
@@ -56,10 +64,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 quick_gelu: bool = False):
         super().__init__()
         self.width, self.layers = width, layers
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, quick_gelu) for _ in range(layers))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -26,6 +26,7 @@ class VAEConfig:
     mid_attention: bool = True  # single-head self-attention between the two mid res blocks
     norm_groups: int = 32  # GroupNorm groups; every width must be divisible by it
     dropout: float = 0.0  # dropout inside residual blocks
+    quant_conv: bool = False  # 1x1 convs on the moments (quant_conv) and the latent (post_quant_conv), as in SD
     logvar_min: float = -30.0  # log-variance clamp: keeps exp(logvar) finite early in training
     logvar_max: float = 20.0
 
@@ -185,6 +186,11 @@ class AutoencoderKL(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
+        # Stable Diffusion's VAE (and VQGAN's, which it inherits) mixes channels once more at the bottleneck; kept
+        # optional so its weights load as they are, while our own default stays without them
+        if cfg.quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
 
     @property
     def downsample_factor(self) -> int:
@@ -194,9 +200,14 @@ class AutoencoderKL(nn.Module):
         f = self.downsample_factor
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the VAE downsample factor {f}")
-        return DiagonalGaussian(self.encoder(x), self.cfg.logvar_min, self.cfg.logvar_max)
+        moments = self.encoder(x)  # [B, 2*z, H/f, W/f]
+        if self.cfg.quant_conv:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments, self.cfg.logvar_min, self.cfg.logvar_max)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.cfg.quant_conv:
+            z = self.post_quant_conv(z)
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:

@@ -145,6 +145,8 @@ class CLIPModule(Stage):
         gather_with_grad: bool = True,
         tokenizer_json: str | None = None,
         hard_negatives: dict[str, str] | None = None,
+        text_only: bool = False,
+        init_from: str | None = None,
     ):
         """CLIP training stage.
 
@@ -161,8 +163,23 @@ class CLIPModule(Stage):
             yields a false caption with the words swapped, a negative for its image (NegCLIP; see `ClipLoss`).
             Without them CLIP reads captions as bags of words and the diffusion model it conditions cannot tell
             "A above B" from "A below B".
+        text_only: no image tower (`vision` ignored): a text encoder imported alone conditions a diffusion model.
+        init_from: a CLIP stage checkpoint (trained, or written by `lit-diffusion import clip`) to fine-tune: its
+            architecture, tokenizer and weights replace vision / text / embed_dim / tokenizer_path. Not a
+            hyper-parameter: this module's own checkpoints hold those weights, and rebuilding one needs no file.
         """
         super().__init__()
+        init = None
+        if init_from:
+            from lit_diffusion.stages.common import CheckpointError, load_stage_checkpoint
+
+            init = load_stage_checkpoint(init_from, "clip")
+            config = init["lit_diffusion"].get("config") or {}
+            vision, text = config.get("vision"), config.get("text")
+            embed_dim, text_only = config.get("embed_dim", embed_dim), bool(config.get("text_only", False))
+            tokenizer_json, tokenizer_path = init["lit_diffusion"].get("tokenizer"), None
+            if tokenizer_json is None:
+                raise CheckpointError(f"{init_from}: the CLIP checkpoint holds no tokenizer")
         if tokenizer_json is not None:
             tokenizer = Tokenizer.from_json(tokenizer_json)
         elif tokenizer_path:
@@ -170,7 +187,10 @@ class CLIPModule(Stage):
         else:
             raise ValueError("model.init_args.tokenizer_path is required "
                              "(a tokenizer.json, e.g. data/shapes/tokenizer.json)")
-        vision = VisionConfig(**vision) if isinstance(vision, dict) else (vision or VisionConfig())
+        if text_only:
+            vision = None
+        else:
+            vision = VisionConfig(**vision) if isinstance(vision, dict) else (vision or VisionConfig())
         text = TextConfig(**text) if isinstance(text, dict) else (text or TextConfig())
         text = _fill_from_tokenizer(text, tokenizer, tokenizer_path or "the saved tokenizer")
         zeroshot = zeroshot_spec(zeroshot)
@@ -180,19 +200,27 @@ class CLIPModule(Stage):
         self.word_swaps = WordSwaps(hard_negatives, "model.init_args.hard_negatives") if hard_negatives else None
         # plain python only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({
-            "vision": asdict(vision), "text": asdict(text), "embed_dim": int(embed_dim),
+            "vision": None if vision is None else asdict(vision), "text": asdict(text), "embed_dim": int(embed_dim),
             "tokenizer_path": None if tokenizer_path is None else str(tokenizer_path), "lr": lr,
             "weight_decay": weight_decay, "betas": [float(b) for b in betas], "warmup_steps": warmup_steps,
             "zeroshot": zeroshot, "gather_with_grad": gather_with_grad,
             "hard_negatives": {str(k): str(v) for k, v in hard_negatives.items()},
         })
+        self.hparams["text_only"] = bool(text_only)
         self.tokenizer = tokenizer
         self.model = CLIP(vision, text, embed_dim)
-        self.embed_dim, self.image_size, self.text_width = int(embed_dim), vision.image_size, text.width
+        self.embed_dim, self.text_width = int(embed_dim), text.width
+        self.image_size = None if vision is None else vision.image_size
         self.train_loss_fn = ClipLoss()  # replaced in setup() with this rank's place in the world
         self.local_loss_fn = ClipLoss()  # validation: rank-local (ranks may see different numbers of batches)
         self.val_loss = MeanMetric()
         self._val: dict[str, list[Tensor]] = {}
+        if init is not None:  # every weight, or an error naming what does not match
+            missing, unexpected = self.load_state_dict(init.get("state_dict") or {}, strict=False)
+            missing = [k for k in missing if not k.startswith("val_loss")]
+            if missing or unexpected:
+                raise CheckpointError(f"{init_from}: CLIP weights do not match its config (missing {missing[:5]}, "
+                                      f"unexpected {unexpected[:5]})")
 
     # ---- public API used by the other stages ----
     def tokenize(self, texts: Sequence[str]) -> Tensor:
@@ -207,6 +235,8 @@ class CLIPModule(Stage):
         square and resized to the tower's (antialiased bicubic, CLIP's preprocessing): a 256 px diffusion model's
         samples meet a 224 px CLIP in FID-with-CLIP-features and CLIP score."""
         size = self.image_size
+        if size is None:
+            return self.model.encode_image(images)  # raises: no image tower
         if images.shape[-2:] != (size, size):
             h, w = images.shape[-2:]
             side = min(h, w)
@@ -232,7 +262,7 @@ class CLIPModule(Stage):
         tokens = self.tokenize(captions)
         # drop the all-padding tail: attention is causal, so the pooled end-of-text features do not change,
         # and short captions in a long context would otherwise spend most of the text compute on padding
-        return tokens[:, : int((tokens != self.tokenizer.pad_id).sum(1).max())]
+        return tokens[:, : int(self.tokenizer.mask(tokens).sum(1).max())]
 
     def negative_embeddings(self, captions: Sequence[str]) -> tuple[Tensor, Tensor] | None:
         """(embeddings [B, E] of the swapped captions, zero where a caption has no swap word; mask [B] bool),
@@ -343,7 +373,8 @@ class CLIPModule(Stage):
         hp = self.hparams
         checkpoint["lit_diffusion"] = stage_block(
             "clip", tokenizer=self.tokenizer.to_json(),
-            config={"vision": dict(hp.vision), "text": dict(hp.text), "embed_dim": hp.embed_dim},
+            config={"vision": None if hp.vision is None else dict(hp.vision), "text": dict(hp.text),
+                    "embed_dim": hp.embed_dim, "text_only": bool(hp.get("text_only", False))},
         )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -211,7 +211,7 @@ class LatentDiffusionModule(Stage):
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         tokens = self.clip.tokenize(list(prompts)).to(self.device)
         features, pooled = self.clip.encode_text(tokens)  # [B, L, W], [B, E]
-        return Conditioning(features, tokens != self.clip.tokenizer.pad_id,
+        return Conditioning(features, self.clip.tokenizer.mask(tokens),
                             pooled if self.hparams.pooled_text else None)
 
     def null_cond(self, batch: int) -> Conditioning:

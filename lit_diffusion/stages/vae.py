@@ -75,6 +75,7 @@ class VAEModule(Stage):
         rfid_backend: str | None = None,
         clip_ckpt: str | None = None,
         inception_weights: str | None = None,
+        init_from: str | None = None,
     ):
         """VAE training stage.
 
@@ -91,8 +92,17 @@ class VAEModule(Stage):
             without the discriminator use the Trainer's `gradient_clip_val`.
         rfid_backend: None (no val/rfid), "clip" (features of the CLIP checkpoint `clip_ckpt`) or
             "inception" (torch-fidelity InceptionV3 from the local file `inception_weights`).
+        init_from: a VAE stage checkpoint (trained, or written by `lit-diffusion import vae`) to fine-tune: its
+            architecture (replacing `arch`), weights and latent scale; validation then re-measures the scale. Not a
+            hyper-parameter: this module's own checkpoints hold those weights, and rebuilding one needs no file.
         """
         super().__init__()
+        init = None
+        if init_from:
+            from lit_diffusion.stages.common import CheckpointError, load_stage_checkpoint
+
+            init = load_stage_checkpoint(init_from, "vae")
+            arch = init["lit_diffusion"].get("config") or (init.get("hyper_parameters") or {}).get("arch")
         if isinstance(arch, dict):
             arch = VAEConfig(**arch)
         self.config = arch or VAEConfig()
@@ -136,6 +146,19 @@ class VAEModule(Stage):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.latent_stats = LatentStats()
+        if init is not None:  # the VAE's weights and latent scale, every one of them, or an error naming them
+            own = self.state_dict()
+            # a discriminator the checkpoint lacks (or this module has none of) starts fresh
+            state = {k: v for k, v in (init.get("state_dict") or {}).items() if k in own}
+            missing = sorted(k for k in own if k not in state and not k.startswith("discriminator."))
+            if missing:
+                raise CheckpointError(f"{init_from}: VAE weights missing from the checkpoint: {missing[:5]}")
+            for key, value in state.items():
+                if value.shape != own[key].shape:
+                    raise CheckpointError(f"{init_from}: VAE weights do not fit the architecture: {key} has shape "
+                                          f"{tuple(value.shape)}, expected {tuple(own[key].shape)}")
+            self.load_state_dict(state, strict=False)
+            self.latent_scale_measured = bool(init["lit_diffusion"].get("latent_scale_measured", True))
 
     # ---- public API used by the diffusion stage ----
     def _to_weights(self, x: torch.Tensor) -> torch.Tensor:
