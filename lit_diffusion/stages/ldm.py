@@ -20,6 +20,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import wrap
 from torch.nn.utils.rnn import pad_sequence
 
 from lit_diffusion.diffusion import samplers
@@ -197,6 +199,14 @@ class LatentDiffusionModule(Stage):
         return getattr(self, self._net_name)
 
     def configure_model(self) -> None:
+        # Under Lightning's FSDPStrategy this hook runs inside its `enable_wrap` context: `wrap` shards the denoiser
+        # alone (blocks split by the strategy's auto_wrap_policy), and the strategy, finding an FSDP module, leaves
+        # the rest unwrapped. The frozen CLIP and VAE stay whole on every rank: they are small next to a denoiser
+        # worth sharding, and FSDP refuses their scalar parameters (CLIP's logit_scale). Elsewhere `wrap` is a no-op.
+        if not isinstance(self.network, FullyShardedDataParallel):
+            # which weights decay, while their shapes show it (sharded, each is a flat 1-d view of its shard)
+            self._decay_ids = {id(p) for p in self.network.parameters() if p.ndim >= 2}
+            setattr(self, self._net_name, wrap(self.network, use_orig_params=True))  # the groups need them
         if self.hparams.compile and self._compiled_net is None:
             self._compiled_net = torch.compile(self.network)
 
@@ -291,7 +301,8 @@ class LatentDiffusionModule(Stage):
 
     def configure_optimizers(self):
         h = self.hparams
-        return adamw_with_warmup(self, self.network.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps)
+        return adamw_with_warmup(self, self.network.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
+                                 decay_ids=self._decay_ids if isinstance(self.network, FullyShardedDataParallel) else None)
 
     def train(self, mode: bool = True):
         super().train(mode)
