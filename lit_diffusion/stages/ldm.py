@@ -311,8 +311,9 @@ class LatentDiffusionModule(Stage):
 
     def configure_optimizers(self):
         h = self.hparams
+        sharded = isinstance(self.network, FullyShardedDataParallel)
         return adamw_with_warmup(self, self.network.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
-                                 decay_ids=self._decay_ids if isinstance(self.network, FullyShardedDataParallel) else None)
+                                 decay_ids=self._decay_ids if sharded else None)
 
     def train(self, mode: bool = True):
         super().train(mode)
