@@ -29,7 +29,7 @@ def _float_state(module) -> dict:
     return {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
 
 
-@pytest.mark.parametrize("stage", ["clip", "vae", "ldm"])
+@pytest.mark.parametrize("stage", ["clip", "vae", "ldm", "ldm_dit"])
 def test_plain_loop_and_lightning_fit_train_the_same_weights(stage, shapes_data, tmp_path):
     module, _, _ = build_stage(stage, shapes_data, tmp_path, quick=True)
     batches = prebuilt_batches(shapes_data, 16, 8, 4, "cpu")
@@ -170,6 +170,34 @@ def test_train_step_flops_of_the_ldm(tiny_ckpts, tmp_path):
     assert meta == denoiser_step_flops(lambda: UNet(cfg), *shapes)
     assert meta["forward_flops"] == alone["forward_flops"]
     assert 0.9 * alone["backward_flops"] < meta["backward_flops"] < alone["backward_flops"]
+
+
+def test_train_rows_of_the_dit_stage_report_its_flops_and_mfu(tiny_ckpts, tmp_path):
+    """`bench train`'s DiT + flow row: Lightning vs the plain loop on the same module, FLOPs of the real step (the
+    DiT's share = the DiT alone at the step's shapes) and MFU = FLOPs / Lightning's step time / peak."""
+    from lit_diffusion.bench.train import bench_train
+    from lit_diffusion.models.dit import DiT
+
+    settings = Settings(quick=True, repeats=1, train_warmup=1, train_measured=2)
+    rows, details = bench_train(tiny_ckpts["data"], tmp_path, "cpu", settings, clip_ckpt=str(tiny_ckpts["clip"]),
+                                vae_ckpt=str(tiny_ckpts["vae"]), stages=("ldm_dit",), peak_flops=1e12)
+    (r,) = rows
+    d = details["ldm_dit"]
+    assert r["name"] == "ldm_dit" and r["target"] == ">= 0.95"
+    assert r["framework"] == pytest.approx(1 / statistics.median(d["lightning_step_seconds"]))
+    assert r["ratio"] == pytest.approx(statistics.median(d["plain_step_seconds"]) /
+                                       statistics.median(d["lightning_step_seconds"]))
+    flops = d["flops_per_step"]
+    assert flops["denoiser_class"] == "DiT" and flops["batch_size"] == 16
+    assert d["mfu"] == pytest.approx(flops["total"] * r["framework"] / 1e12)
+
+    module, _, _ = build_stage("ldm_dit", tiny_ckpts["data"], tmp_path, quick=True,
+                               clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]))
+    assert module.objective == "flow" and d["params_trained"] == sum(p.numel() for p in module.dit.parameters())
+    cfg = module.dit.config
+    alone = denoiser_step_flops(lambda: DiT(cfg), cfg.in_channels, 16, module.latent_size, cfg.context_dim,
+                                module.clip.tokenizer.context_length, cfg.pooled_dim, device="cpu")
+    assert flops["denoiser"] == alone["total_flops"] < flops["total"]
 
 
 class PixelDenoiser(torch.nn.Module):

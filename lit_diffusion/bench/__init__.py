@@ -4,6 +4,7 @@ Every figure is a ratio framework / baseline from runs interleaved with the base
 medians, so a busy machine slows both sides alike; both absolute numbers are reported next to it. A module per section:
   data      DataModule samples/s vs a raw webdataset + PIL loop (bench.data)                     target >= 0.9
   train     steps/s of Lightning `fit` vs a hand-written loop, per stage (bench.train)            target >= 0.95
+            (clip, vae, ldm: U-Net + DDPM, ldm_dit: DiT + rectified flow)
   sampling  each sampler's loop vs the bare U-Net forwards it performs; batched CFG vs 2 calls  target <= 1.05
   eval      second in-loop evaluation (real statistics cached) vs the first (bench.evaluation)   target <= 0.6
   memory    peak RSS of training on 10x the shards vs 1x, same steps (streaming, not loading)  target <= 1.10
@@ -91,8 +92,9 @@ def _run_sections(report: dict, sections, settings: Settings, work: Path, device
         elif section == "train":
             rows, details = bench_train(shapes_dir, work, device, settings, precision, clip_ckpt, vae_ckpt,
                                         peak_flops=peak)
-            if (CONFIG_DIR / "ldm" / "base.yaml").is_file():
-                details["ldm_base_estimate"] = base_config_estimate()
+            # the GPU-scale configs, sized on the meta device: U-Net (base.yaml), DiT-B/2, DiT-XL/2 (base_dit_*.yaml)
+            details["ldm_gpu_config_estimates"] = {path.name: base_config_estimate(path)
+                                                   for path in sorted((CONFIG_DIR / "ldm").glob("base*.yaml"))}
         elif section in ("sampling", "eval"):
             ldm = ldm or build_stage("ldm", shapes_dir, work, settings.quick, clip_ckpt, vae_ckpt)[0]
             if section == "sampling":

@@ -23,6 +23,14 @@ QUICK_VAE = dict(arch=dict(base_channels=8, ch_mult=[1, 2, 2], num_res_blocks=1,
 QUICK_LDM = dict(image_size=16, unet=dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
                                           attention_resolutions=[2], head_dim=8, norm_groups=4),
                  warmup_steps=2, sample_steps=4, pooled_text=True)  # the conditioning path of the shapes config
+# the DiT + rectified flow of configs/ldm/shapes_dit.yaml, sized so that a step costs about what QUICK_LDM's does
+# (17 vs 19 ms on the 2-core CPU), as shapes_dit.yaml is sized against shapes.yaml: the two rows then compare
+QUICK_LDM_DIT = dict(image_size=16, dit=dict(patch_size=1, hidden_size=64, depth=4, num_heads=4), objective="flow",
+                     flow=dict(timesteps="logit_normal"), sampler="euler", warmup_steps=2, sample_steps=4,
+                     pooled_text=True)
+# bench stage -> its configs/ folder and file (--quick uses the QUICK_* dicts above instead)
+STAGE_CONFIGS = {"clip": "clip/shapes.yaml", "vae": "vae/shapes.yaml", "ldm": "ldm/shapes.yaml",
+                 "ldm_dit": "ldm/shapes_dit.yaml"}
 
 
 
@@ -132,12 +140,16 @@ def make_shapes(out: Path, settings: Settings) -> Path:
 
 
 def stage_args(stage: str, quick: bool) -> tuple[dict, int, float | None]:
-    """(model init args, batch size, gradient_clip_val) of a stage: configs/<stage>/shapes.yaml, or --quick's."""
+    """(model init args, batch size, gradient_clip_val) of a stage (clip, vae, ldm: U-Net + DDPM, ldm_dit: DiT +
+    flow): its shapes config in configs/, or --quick's."""
+    if stage not in STAGE_CONFIGS:
+        raise ValueError(f"bench: unknown stage {stage!r}; choose from {', '.join(STAGE_CONFIGS)}")
     if quick:
-        return copy.deepcopy({"clip": QUICK_CLIP, "vae": QUICK_VAE, "ldm": QUICK_LDM}[stage]), 16, None
+        quick_args = {"clip": QUICK_CLIP, "vae": QUICK_VAE, "ldm": QUICK_LDM, "ldm_dit": QUICK_LDM_DIT}
+        return copy.deepcopy(quick_args[stage]), 16, None
     import yaml
 
-    path = CONFIG_DIR / stage / "shapes.yaml"
+    path = CONFIG_DIR / STAGE_CONFIGS[stage]
     if not path.is_file():
         raise FileNotFoundError(f"bench: {path} not found (run from a source checkout, or use --quick)")
     cfg = yaml.safe_load(path.read_text())
@@ -159,7 +171,8 @@ def save_stage_checkpoint(module, path: Path) -> Path:
 
 def build_stage(stage: str, shapes_dir: Path, work: Path, quick: bool, clip_ckpt: str | None = None,
                 vae_ckpt: str | None = None):
-    """(module, batch size, gradient_clip_val) for `stage`, initialised from seed 0."""
+    """(module, batch size, gradient_clip_val) for `stage`, initialised from seed 0; the LDM stages (ldm, ldm_dit)
+    get untrained CLIP and VAE checkpoints written to `work` unless given."""
     import torch
 
     args, batch, clip_val = stage_args(stage, quick)

@@ -4,7 +4,8 @@ shared call `(x_t, t, context, mask, pooled)` (UNet, DiT).
 `train_step_flops` counts one real LDM step and the trained denoiser's share of it; `denoiser_step_flops` counts one
 forward + backward of a denoiser on the meta device (no compute, any size), e.g.
 `denoiser_step_flops(lambda: DiT(cfg), in_channels, batch, latent_size, context_dim, context_len, pooled_dim)`;
-`unet_step_flops` is that for a UNetConfig, which `base_config_estimate` uses to size configs/ldm/base.yaml.
+`unet_step_flops` and `dit_step_flops` are that for a UNetConfig or DiTConfig, which `base_config_estimate` uses to
+size the GPU configs (configs/ldm/base*.yaml).
 """
 
 from __future__ import annotations
@@ -120,20 +121,39 @@ def peak_flops_for(device_name: str | None) -> float | None:
     return None
 
 
-def base_config_estimate(path: Path | None = None) -> dict:
-    """Parameters, FLOPs per step and saved-activation memory of configs/ldm/base.yaml's U-Net at its batch."""
+def dit_step_flops(dit_config: dict, batch_size: int, latent_size: int, context_len: int = 77) -> dict:
+    """`denoiser_step_flops` of the DiT that `dit_config` (DiTConfig fields, or a `preset` and overrides) describes."""
+    from lit_diffusion.models.dit import DiT, DiTConfig
+
+    cfg = DiTConfig.from_dict(dict(dit_config))
+    return denoiser_step_flops(lambda: DiT(cfg), cfg.in_channels, batch_size, latent_size, cfg.context_dim,
+                               context_len, cfg.pooled_dim)
+
+
+def base_config_estimate(path: Path | None = None, clip_config: Path | None = None) -> dict:
+    """Parameters, FLOPs per step and memory per device of a GPU-scale LDM config (configs/ldm/base.yaml by default)
+    at its batch, whichever denoiser it names (`unet:` or `dit:`), conditioned on the text tower of `clip_config`
+    (configs/clip/base.yaml). On the meta device: nothing is computed or allocated. Under an FSDP strategy, weights,
+    gradients and AdamW state are sharded: divide `weights_grads_adam_gib_fp32` by the number of devices."""
     import yaml
 
-    path = path or CONFIG_DIR / "ldm" / "base.yaml"
-    cfg = yaml.safe_load(Path(path).read_text())
+    path = Path(path or CONFIG_DIR / "ldm" / "base.yaml")
+    cfg = yaml.safe_load(path.read_text())
+    clip = yaml.safe_load(Path(clip_config or CONFIG_DIR / "clip" / "base.yaml").read_text())["model"]["init_args"]
     model, data = cfg["model"]["init_args"], cfg["data"]["init_args"]
-    unet = dict(model["unet"])
-    unet.setdefault("context_dim", 512)
-    latent = int(model["image_size"]) // 8
-    est = unet_step_flops(unet, 1, latent)
+    name = "dit" if model.get("dit") else "unet"
+    net = {**model[name], "context_dim": int(clip["text"]["width"])}
+    if model.get("pooled_text"):
+        net["pooled_dim"] = int(clip["embed_dim"])
+    latent = int(model["image_size"]) // 8  # the f=8 VAE of configs/vae/base.yaml
+    est = (dit_step_flops if name == "dit" else unet_step_flops)(net, 1, latent)
     batch = int(data["batch_size"])
-    return {"config": str(path), "unet_params": est["params"], "latent_size": latent, "per_device_batch": batch,
-            "unet_train_flops_per_step": est["total_flops"] * batch,
+    strategy = (cfg.get("trainer") or {}).get("strategy")
+    strategy = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy)
+    return {"config": str(path), "denoiser": name, "params": est["params"], "latent_size": latent,
+            "per_device_batch": batch, "forward_flops_per_sample": est["forward_flops"],
+            "train_flops_per_sample": est["total_flops"], "train_flops_per_step": est["total_flops"] * batch,
             "saved_activation_gib_fp32_per_device": est["saved_activation_bytes_fp32"] * batch / 2**30,
-            "weights_grads_adam_ema_gib_fp32": est["params"] * (4 + 4 + 8 + 4) / 2**30}
-
+            # fp32 weights + grads + AdamW's two moments (+ an EMA copy where the config keeps one)
+            "weights_grads_adam_gib_fp32": est["params"] * (4 + 4 + 8) / 2**30,
+            "ema_gib_fp32": est["params"] * 4 / 2**30, "sharded": "fsdp" in strategy.lower()}

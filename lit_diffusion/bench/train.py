@@ -1,7 +1,8 @@
 """train: steps/s of Lightning `fit` against a hand-written loop, per stage (target >= 0.95).
 
 Both sides train copies of one initialised module on the same pre-built batches, with the module's own optimizer,
-LR schedule, precision and gradient clipping; the LDM row also reports FLOPs per step and MFU (bench.flops).
+LR schedule, precision and gradient clipping. Stages: clip, vae, ldm (U-Net + DDPM) and ldm_dit (DiT + rectified
+flow); the LDM rows also report FLOPs per step and MFU (bench.flops).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def bench_train_stage(stage: str, template, batches: list[dict], device: str, se
                "steady_state_steps": len(batches) - 1 - settings.train_warmup, "precision": precision,
                "gradient_clip_val": gradient_clip_val,
                "params_trained": sum(p.numel() for p in template.parameters() if p.requires_grad)}
-    if stage == "ldm":
+    if stage.startswith("ldm"):  # any denoiser: FlopCounterMode counts the real step
         flops = train_step_flops(copy.deepcopy(template).to(device), batches[0])
         details["flops_per_step"] = flops
         details["mfu"] = flops["total"] / lit_s / peak_flops if peak_flops else None
@@ -172,7 +173,7 @@ def bench_train_stage(stage: str, template, batches: list[dict], device: str, se
 
 
 def bench_train(shapes_dir: Path, work: Path, device: str, settings: Settings, precision: str = "32-true",
-                clip_ckpt: str | None = None, vae_ckpt: str | None = None, stages=("clip", "vae", "ldm"),
+                clip_ckpt: str | None = None, vae_ckpt: str | None = None, stages=("clip", "vae", "ldm", "ldm_dit"),
                 peak_flops: float | None = None) -> tuple[list[dict], dict]:
     rows, details = [], {}
     n = settings.train_warmup + settings.train_measured + 1

@@ -22,14 +22,17 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_rat
 
 
 def adamw_with_warmup(module: torch.nn.Module, params, lr: float, weight_decay: float, betas: tuple[float, float],
-                      warmup_steps: int, fused: bool | None = None) -> dict:
+                      warmup_steps: int, fused: bool | None = None, decay_ids: set[int] | None = None) -> dict:
     """AdamW (no decay on biases, norms and embeddings' 1-d params) with a per-step warm-up/cosine schedule.
 
     The schedule length is the trainer's `estimated_stepping_batches`, so it follows `max_steps`/`max_epochs`.
+    `decay_ids`: the ids of the parameters that decay, when their shapes no longer tell (FSDP1 with use_orig_params
+    shows every parameter as a flat 1-d shard); default: those with 2 or more dimensions.
     """
     params = [p for p in params if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    decays = (lambda p: id(p) in decay_ids) if decay_ids is not None else (lambda p: p.ndim >= 2)
+    decay = [p for p in params if decays(p)]
+    no_decay = [p for p in params if not decays(p)]
     if fused is None:
         fused = bool(decay) and decay[0].is_cuda
     opt = torch.optim.AdamW(
