@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from lit_diffusion.data.latents import check_hashes, state_dict_hash
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.flow import FlowSchedule
 from lit_diffusion.diffusion.guidance import Conditioning, call_denoiser, cfg_model_fn, drop_conditioning
@@ -167,6 +168,7 @@ class LatentDiffusionModule(Stage):
         self.schedule = FlowSchedule(**(flow or {})) if objective == "flow" else NoiseSchedule(**(schedule or {}))
         self._compiled_net = None
         self._null_cond: Conditioning | None = None
+        self._encoder_hashes: dict[str, str] | None = None
         if cache_encodings < 0:
             raise ValueError(f"model.init_args.cache_encodings must be >= 0, got {cache_encodings}")
         self._encodings: dict[str, _Encoded] = {}  # by sample key; not in checkpoints
@@ -227,6 +229,39 @@ class LatentDiffusionModule(Stage):
         return self.vae.encode(images)  # scaled latents [B, C, h, w]
 
     # ----------------------------------------------------------------------------------------------- training
+    def setup(self, stage: str) -> None:
+        # here, after the data module's setup and before the strategy moves or casts the weights (16-true would
+        # change the frozen encoders' dtypes, and so their hashes)
+        manifests = getattr(getattr(self.trainer, "datamodule", None), "manifests", None) or {}
+        for manifest in manifests.values():
+            self.check_latents(manifest)
+
+    def encoder_hashes(self) -> dict[str, str]:
+        """`state_dict_hash` of the frozen CLIP and VAE, as `data encode` computes it for the manifest."""
+        if self._encoder_hashes is None:
+            self._encoder_hashes = {"clip": state_dict_hash(self.clip.state_dict()),
+                                    "vae": state_dict_hash(self.vae.state_dict())}
+        return self._encoder_hashes
+
+    def check_latents(self, manifest: dict) -> None:
+        """Refuse latent shards that this stage's encoders would not have made: other CLIP or VAE weights (both
+        hashes named), another latent scale, latent shape, text width or image size."""
+        check_hashes(manifest, self.encoder_hashes())
+        where = manifest.get("path", "the latent manifest")
+        scale = {"scale_factor": float(self.vae.scale_factor), "latent_mean": float(self.vae.latent_mean)}
+        if manifest.get("latent_scale") != scale:
+            raise ValueError(f"{where}: latent scale {manifest.get('latent_scale')}, the stage's VAE has {scale}")
+        latent = [self.latent_channels, self.latent_size, self.latent_size]
+        if list(manifest["shapes"]["latent"]) != latent or manifest.get("image_size") != self.hparams.image_size:
+            raise ValueError(f"{where}: latents {manifest['shapes']['latent']} of {manifest.get('image_size')} px "
+                             f"images, but model.init_args.image_size={self.hparams.image_size} and the VAE give "
+                             f"{latent}")
+        text = [int(self.clip.text_width), int(self.clip.embed_dim)]
+        have = [manifest["shapes"]["context"][1], manifest["shapes"]["pooled"][0]]
+        if have != text:
+            raise ValueError(f"{where}: text features of width {have[0]} and pooled dim {have[1]}, the stage's CLIP "
+                             f"gives {text[0]} and {text[1]}")
+
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.hparams.cache_encodings and getattr(dm, "random_flip", False):
@@ -266,8 +301,26 @@ class LatentDiffusionModule(Stage):
                                                 None if cond.pooled is None else cond.pooled[i].clone())
         return z, cond
 
+    def _from_latents(self, batch: dict) -> tuple[Tensor, Conditioning]:
+        """A latent-shard batch (`LatentDataModule`): the encoders' outputs are in it, so neither runs."""
+        z = batch["latent"]  # [B, C, h, w], scaled as `encode_images` gives
+        want = (self.latent_channels, self.latent_size, self.latent_size)
+        if tuple(z.shape[1:]) != want:
+            raise ValueError(f"latent batch of shape {list(z.shape[1:])}, but the stage's VAE and "
+                             f"model.init_args.image_size={self.hparams.image_size} expect {list(want)}")
+        pooled = None
+        if self.hparams.pooled_text:
+            if batch.get("pooled") is None:
+                raise ValueError("model.init_args.pooled_text: true needs CLIP's pooled text embeddings, but the "
+                                 "latent batches have none (.pooled.npy): encode the data again, or set it false")
+            pooled = batch["pooled"]  # [B, E]
+        return z, Conditioning(batch["context"], batch["mask"], pooled)  # [B, L, W], [B, L]
+
     def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        z, cond = self._encode_batch(batch, cache=train and self.hparams.cache_encodings > 0)
+        if "latent" in batch:
+            z, cond = self._from_latents(batch)
+        else:
+            z, cond = self._encode_batch(batch, cache=train and self.hparams.cache_encodings > 0)
         if train:  # condition dropout: the same network learns the unconditional branch of CFG
             cond = drop_conditioning(cond, self.null_cond(1), self.hparams.p_uncond)
         h = self.hparams
@@ -279,14 +332,14 @@ class LatentDiffusionModule(Stage):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.model_step(batch, train=True)  # a NaN/inf loss is stopped or skipped by safety.NonFiniteGuard
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         # fixed t and noise per batch, so val/loss moves only with the weights
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         loss = self.model_step(batch, train=False, generator=gen)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
         return loss
 
     def configure_optimizers(self):
