@@ -286,7 +286,7 @@ def _checkpoints(shapes_dir: Path, work: Path, clip_args: dict, vae_args: dict, 
     from lit_diffusion.stages.vae import VAEModule
 
     torch.manual_seed(0)
-    clip = CLIPModule(tokenizer_path=str(shapes_dir / "tokenizer.json"), **clip_args)
+    clip = CLIPModule(**{**clip_args, "tokenizer_path": str(shapes_dir / "tokenizer.json")})
     vae = VAEModule(**vae_args)
     return (str(save_stage_checkpoint(clip, work / f"clip_{tag}.ckpt")),
             str(save_stage_checkpoint(vae, work / f"vae_{tag}.ckpt")))
