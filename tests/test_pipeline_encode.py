@@ -124,3 +124,30 @@ def yaml_config(tmp_path, extra: dict):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({**cfg, **extra}))
     return path
+
+
+@pytest.mark.parametrize("config", ["configs/ldm/base.yaml", "configs/ldm/shapes.yaml"])
+def test_the_ldm_command_parses_to_a_latent_data_module(config, tmp_path, monkeypatch):
+    """LightningCLI reads the switched data module: the image-only options of the stage config (image_size) are
+    dropped with the old class, the shared ones kept."""
+    import sys
+
+    import yaml
+
+    from lit_diffusion.runtime.lightning_cli import LitDiffusionCLI
+
+    class ParseOnly(LitDiffusionCLI):
+        def instantiate_classes(self):
+            pass
+
+    data = pipeline.latent_data({"encode": {}}, tmp_path)
+    overrides = pipeline.stage_overrides("ldm", {"stages": {"ldm": {}}}, data, {})
+    argv = ["--config", config] + [a for k, v in overrides.items() for a in pipeline._arg(k, v)]
+    monkeypatch.setattr(sys, "argv", ["lit-diffusion"])
+    cli = ParseOnly(args=argv, run=False)
+    parsed = cli.config["data"]
+    assert parsed["class_path"] == pipeline.LATENT_DATA
+    args = dict(parsed["init_args"])
+    assert args["train_urls"] == str(tmp_path / "latents" / "train-*.tar") and "image_size" not in args
+    given = yaml.safe_load(open(config))["data"]["init_args"]
+    assert args["batch_size"] == given["batch_size"] and args["val_max_samples"] == given["val_max_samples"]

@@ -8,8 +8,8 @@ Rows (ratios of runs interleaved in one process, medians):
 Details: encode throughput (samples/s of `lit-diffusion data encode`, checkpoint loading included) and bytes per
 sample on disk, measured on the shapes encode and on written samples of Stable Diffusion's sizes (f=8, 4 latent
 channels, CLIP ViT-L/14 text features 768 wide, float16) at 32 and 256 px.
-Every train run has num_workers 0: the loader's work is on the step's clock, as it is on a machine without spare
-cores, which the shared CPU is.
+Train runs load with one worker process, as configs/ldm/shapes.yaml does (`num_workers=0` puts the loaders' work
+on the step's clock instead: the online mode decodes PNGs, the latent mode .npy arrays).
 """
 
 from __future__ import annotations
@@ -77,18 +77,10 @@ def _steps_per_s(module, dm, steps: int, warmup: int, device: str) -> float:
     return steps / (stamps[warmup + steps] - stamps[warmup])
 
 
-def _fill_cache(module, image_urls: str, image_size: int) -> None:
-    """`cache_encodings` warmed: every train sample's encodings in memory, as after one pass over the data."""
-    from lit_diffusion.data.datamodule import ImageCaptionDataModule
-
-    dm = ImageCaptionDataModule(val_urls=image_urls, image_size=image_size, batch_size=64, num_workers=0)
-    for batch in dm.eval_dataloader():
-        module._encode_batch(batch, cache=True)
-
-
 def train_rates(ldm_args: dict, image_urls: str, latent_urls: str, image_size: int, batch_size: int,
-                settings: Settings, device: str, cache: bool) -> dict:
-    """Steps/s per mode (online, latents, and cache when asked), interleaved over `settings.repeats` rounds."""
+                settings: Settings, device: str, num_workers: int = 1) -> dict:
+    """Steps/s of the two modes (online: image shards through the frozen encoders every step; latents: latent
+    shards), interleaved over `settings.repeats` rounds."""
     import torch
 
     from lit_diffusion.data.datamodule import ImageCaptionDataModule, LatentDataModule
@@ -96,10 +88,10 @@ def train_rates(ldm_args: dict, image_urls: str, latent_urls: str, image_size: i
 
     steps, warmup = settings.train_measured, settings.train_warmup
     torch.manual_seed(0)
-    initial = LatentDiffusionModule(**{**ldm_args, "cache_encodings": 0})
-    common = dict(batch_size=batch_size, num_workers=0, train_batches_per_epoch=warmup + steps + 2,
+    initial = LatentDiffusionModule(**ldm_args)
+    common = dict(batch_size=batch_size, num_workers=num_workers, train_batches_per_epoch=warmup + steps + 2,
                   shuffle_buffer=256, pin_memory=False)
-    modes = ["online", "latents"] + (["cache"] if cache else [])
+    modes = ["online", "latents"]
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(settings.repeats):
         for mode in (modes if r % 2 == 0 else modes[::-1]):
@@ -108,9 +100,6 @@ def train_rates(ldm_args: dict, image_urls: str, latent_urls: str, image_size: i
                 dm = LatentDataModule(train_urls=latent_urls, **common)
             else:
                 dm = ImageCaptionDataModule(train_urls=image_urls, image_size=image_size, **common)
-            if mode == "cache":
-                module.hparams.cache_encodings = 10**9
-                _fill_cache(module, image_urls, image_size)
             rates[mode].append(_steps_per_s(module, dm, steps, warmup, device))
     return rates
 
@@ -299,7 +288,6 @@ def bench_latents(shapes_dir: Path, work: Path, device: str, settings: Settings)
     clip_args, _, _ = stage_args("clip", settings.quick)
     vae_args, _, _ = stage_args("vae", settings.quick)
     ldm_args, batch, _ = stage_args("ldm", settings.quick)
-    ldm_args.pop("cache_encodings", None)
     clip_ckpt, vae_ckpt = _checkpoints(shapes_dir, work, clip_args, vae_args, "shapes")
     ldm_args.update(clip_ckpt=clip_ckpt, vae_ckpt=vae_ckpt)
     size = int(ldm_args.get("image_size", settings.image_size))
@@ -307,12 +295,10 @@ def bench_latents(shapes_dir: Path, work: Path, device: str, settings: Settings)
     manifest = encode(clip_ckpt, vae_ckpt, images, latents, size)
     details["encode_shapes"] = {k: manifest[k] for k in ("samples", "seconds", "samples_per_s", "shapes", "dtype")}
     details["bytes_per_sample_shapes"] = sum(s["bytes"] for s in manifest["shards"]) / manifest["samples"]
-    rates = train_rates(ldm_args, images, str(latents / "train-*.tar"), size, batch, settings, device, cache=True)
+    rates = train_rates(ldm_args, images, str(latents / "train-*.tar"), size, batch, settings, device)
     details["train_shapes_steps_per_s"] = rates
     rows.append(row("latents", f"shapes LDM, latents vs online (batch {batch})", "steps/s",
                     median(rates["latents"]), median(rates["online"]), ">=", 1.0))
-    rows.append(row("latents", f"shapes LDM, latents vs cache_encodings (batch {batch})", "steps/s",
-                    median(rates["latents"]), median(rates["cache"]), ">=", 1.0))
 
     # configs/ldm/base.yaml's structure at CPU size
     if not settings.quick:
@@ -321,8 +307,7 @@ def bench_latents(shapes_dir: Path, work: Path, device: str, settings: Settings)
         base_latents = work / "latents_base_small"
         m = encode(clip_ckpt, vae_ckpt, images, base_latents, 64)
         details["encode_base_small"] = {k: m[k] for k in ("samples", "seconds", "samples_per_s", "shapes")}
-        rates = train_rates(base_args, images, str(base_latents / "train-*.tar"), 64, 16, settings, device,
-                            cache=False)
+        rates = train_rates(base_args, images, str(base_latents / "train-*.tar"), 64, 16, settings, device)
         details["train_base_small_steps_per_s"] = rates
         rows.append(row("latents", "base.yaml U-Net at CPU size (64 px, batch 16), latents vs online", "steps/s",
                         median(rates["latents"]), median(rates["online"]), ">=", 1.0))
