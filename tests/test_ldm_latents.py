@@ -133,3 +133,12 @@ def test_in_loop_evaluation_reads_the_real_val_images_the_latents_came_from(tiny
     dm.manifests["val"] = {**dm.manifests["val"], "shards": []}
     with pytest.raises(ValueError, match="names no source image shard for the latent val shard .*val-000000.tar"):
         real_images(dm)
+
+
+def test_validation_loss_from_latent_val_shards_equals_the_online_one(tiny_ckpts, latents):
+    model = make_ldm(tiny_ckpts)
+    lat = next(iter(latent_datamodule(latents).val_dataloader()))
+    img = next(iter(tiny_datamodule(tiny_ckpts["data"]).val_dataloader()))
+    assert lat["key"] == img["key"]
+    losses = [model.model_step(b, train=False, generator=torch.Generator().manual_seed(3)) for b in (lat, img)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
