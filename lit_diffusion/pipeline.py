@@ -183,13 +183,14 @@ def fingerprint(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
     if not config.is_file():
         raise FileNotFoundError(f"stages.{stage}.config: {config} not found")
     overrides = json.loads(json.dumps(stage_overrides(stage, cfg, data, extra)))  # tuples -> lists, as on reload
+    encoded = not data.get("manifest") or Path(data["manifest"]).is_file()  # latent shards exist when expected
     return {
         "config_file": str(config),
         "config": yaml.safe_load(config.read_text()) or {},
         "overrides": overrides,
         "seed": cfg.get("seed"),
         "data": {split: _shards_identity(data[f"{split}_urls"]) for split in ("train", "val")
-                 if data.get(f"{split}_urls") and not (data.get("manifest") and not Path(data["manifest"]).is_file())},
+                 if data.get(f"{split}_urls") and encoded},
         "files": {key: _sha256(Path(value)) for key, value in overrides.items()  # the shards are under "data"
                   if isinstance(value, str) and not key.endswith("_urls") and Path(value).is_file()},
         **({"latents": _manifest(data["manifest"])} if data.get("manifest") else {}),
@@ -278,11 +279,10 @@ def _retrain_hint(root: Path, stage: str) -> str:
             f"or keep these runs and choose another run name (`name:` in the pipeline config).")
 
 
-def check_stage_inputs(cfg: dict, root: Path, data: dict, extras: dict[str, dict]) -> None:
+def check_stage_inputs(cfg: dict, root: Path, data: dict[str, dict], extras: dict[str, dict]) -> None:
     """Before anything trains: every finished or interrupted stage must have been made from the inputs it would
-    get now, and nothing may sit downstream of a stage that is about to train (it would be made from the old
-    upstream); raises StageInputsChanged naming what differs and how to go on. `data`: the stages' data, or a
-    mapping stage -> that stage's data."""
+    get now (`data`: each stage's data), and nothing may sit downstream of a stage that is about to train (it
+    would be made from the old upstream); raises StageInputsChanged naming what differs and how to go on."""
     retraining = None  # the first stage that will train now
     for stage in STAGES:
         paths = _paths(root, stage)
@@ -305,7 +305,7 @@ def check_stage_inputs(cfg: dict, root: Path, data: dict, extras: dict[str, dict
                         paths["final"] if record == paths["made"] else paths["last"], record)
             continue
         changes = fingerprint_changes(json.loads(record.read_text()),
-                                      fingerprint(stage, cfg, data.get(stage, data), extras[stage]))
+                                      fingerprint(stage, cfg, data[stage], extras[stage]))
         if changes:
             lines = "\n".join(f"  - {c}" for c in changes)
             raise StageInputsChanged(f"[{stage}] {made} with other inputs than the pipeline gives it now "
@@ -363,7 +363,7 @@ def train_stages(cfg: dict, root: Path, name: str, data: dict) -> dict[str, dict
               "ldm": {"model.init_args.clip_ckpt": clip, "model.init_args.vae_ckpt": vae}}
     inputs = {stage: data for stage in STAGES}
     if cfg.get("encode") is not None:
-        inputs["ldm"] = latent_data(cfg, root)
+        inputs["ldm"] = latent_data(cfg, root, data)
     check_stage_inputs(cfg, root, inputs, extras)
     results = {}
     for stage in STAGES:
@@ -377,11 +377,12 @@ def _latents_dir(cfg: dict, root: Path) -> Path:
     return Path((cfg.get("encode") or {}).get("out") or root / "latents")
 
 
-def latent_data(cfg: dict, root: Path) -> dict:
-    """What the diffusion stage reads with `encode:`: the latent shards (train-*.tar, val-*.tar, named after their
-    image shards) through LatentDataModule, and the manifest its fingerprint holds."""
+def latent_data(cfg: dict, root: Path, data: dict) -> dict:
+    """What the diffusion stage reads with `encode:`: the latent shards of `data`'s splits (each named after its
+    image shard: train-*.tar, val-*.tar) through LatentDataModule, and the manifest its fingerprint holds."""
     out = _latents_dir(cfg, root)
-    return {"class_path": LATENT_DATA, "train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
+    return {"class_path": LATENT_DATA, "train_urls": str(out / "train-*.tar"),
+            "val_urls": str(out / "val-*.tar") if data.get("val_urls") else None,
             "manifest": str(out / "manifest.json")}
 
 

@@ -140,7 +140,7 @@ def test_the_ldm_command_parses_to_a_latent_data_module(config, tmp_path, monkey
         def instantiate_classes(self):
             pass
 
-    data = pipeline.latent_data({"encode": {}}, tmp_path)
+    data = pipeline.latent_data({"encode": {}}, tmp_path, {"val_urls": "val-*.tar"})
     overrides = pipeline.stage_overrides("ldm", {"stages": {"ldm": {}}}, data, {})
     argv = ["--config", config] + [a for k, v in overrides.items() for a in pipeline._arg(k, v)]
     monkeypatch.setattr(sys, "argv", ["lit-diffusion"])

@@ -104,7 +104,7 @@ def real_images(dm):
     ImageCaptionDataModule over the image shards the val latents were encoded from (the manifest names each
     latent shard's source), at the manifest's image size, so FID compares against the real images, not VAE
     reconstructions. The val stream splits those shards across ranks as it splits the latent ones."""
-    if dm is None or getattr(dm, "val_urls", None) is None:
+    if dm is None:
         raise ValueError("DiffusionEvaluation needs a DataModule with a val stream (data.init_args.val_urls)")
     manifest = (getattr(dm, "manifests", None) or {}).get("val")
     if manifest is None:
