@@ -1,8 +1,8 @@
 """latents: what training from latent shards (`data encode` once) buys over encoding every batch online.
 
 Rows (ratios of runs interleaved in one process, medians):
-  train steps/s, latent shards vs online encoding: the shapes LDM config, and configs/ldm/base.yaml shrunk to CPU
-      size (same U-Net, VAE and CLIP structure, fewer channels, 64 px);
+  train steps/s, latent shards vs online encoding: the shapes LDM configs (U-Net + DDPM, DiT + rectified flow),
+      and configs/ldm/base.yaml shrunk to CPU size (same U-Net, VAE and CLIP structure, fewer channels, 64 px);
   loader samples/s, LatentDataModule vs a raw webdataset loop decoding the same .npy members (target >= 0.9);
   peak RSS of LDM training on 10x the latent shards vs 1x, same steps, each run its own process (target <= 1.1).
 Details: encode throughput (samples/s of `lit-diffusion data encode`, checkpoint loading included) and bytes per
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from lit_diffusion.bench.common import (
+    CONFIG_DIR,
     Settings,
     median,
     row,
@@ -299,6 +300,17 @@ def bench_latents(shapes_dir: Path, work: Path, device: str, settings: Settings)
     details["train_shapes_steps_per_s"] = rates
     rows.append(row("latents", f"shapes LDM, latents vs online (batch {batch})", "steps/s",
                     median(rates["latents"]), median(rates["online"]), ">=", 1.0))
+
+    # configs/ldm/shapes_dit.yaml: the DiT + rectified flow on the same latents
+    if not settings.quick:
+        import yaml
+
+        dit_args = yaml.safe_load((CONFIG_DIR / "ldm" / "shapes_dit.yaml").read_text())["model"]["init_args"]
+        dit_args.update(clip_ckpt=ldm_args["clip_ckpt"], vae_ckpt=ldm_args["vae_ckpt"])
+        rates = train_rates(dit_args, images, str(latents / "train-*.tar"), size, batch, settings, device)
+        details["train_shapes_dit_steps_per_s"] = rates
+        rows.append(row("latents", f"shapes DiT + flow, latents vs online (batch {batch})", "steps/s",
+                        median(rates["latents"]), median(rates["online"]), ">=", 1.0))
 
     # configs/ldm/base.yaml's structure at CPU size
     if not settings.quick:
