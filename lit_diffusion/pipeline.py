@@ -11,6 +11,11 @@ tokenizer, the upstream checkpoints) beside its finished checkpoint (`runs/NAME/
 it starts, in its run directory (what `last.ckpt` was made with). Before anything trains, every recorded
 fingerprint is compared with what the pipeline would pass now; any difference stops the run with the changed
 keys and files, and how to retrain from that stage on.
+
+With `encode:` in the config, the image-caption shards are encoded once after stage 2 (`lit-diffusion data encode`,
+a subprocess like the stages) and the diffusion stage trains from the latent shards (`LatentDataModule`) without
+running CLIP or the VAE per step. The encode is skipped when its manifest names the same CLIP and VAE weights and
+source shards; the diffusion stage's fingerprint holds the manifest.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
 
 log = logging.getLogger("lit_diffusion")
 IMPORTABLE = ("clip", "vae")  # stages that `checkpoint:` can supply instead of training them
+# `encode:` keys -> `lit-diffusion data encode` options (out: default runs/NAME/latents)
+ENCODE_OPTIONS = {"out": None, "dtype": "--dtype", "flips": "--flips", "std": "--std", "batch_size": "--batch-size",
+                  "device": "--device"}
+LATENT_DATA = "lit_diffusion.data.datamodule.LatentDataModule"
 
 
 class StageInputsChanged(RuntimeError):
@@ -42,7 +51,7 @@ def load_config(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"pipeline config not found: {path}")
     cfg = yaml.safe_load(path.read_text()) or {}
-    known = {"name", "root", "data", "stages", "evaluation", "samples", "wandb", "seed"}
+    known = {"name", "root", "data", "stages", "evaluation", "samples", "wandb", "seed", "encode"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"{path}: unknown pipeline keys {unknown}; known: {sorted(known)}")
@@ -55,6 +64,13 @@ def load_config(path: str | Path) -> dict:
                              f"checkpoint instead of being trained")
         if not spec.get("config") and not spec.get("checkpoint"):
             raise ValueError(f"{path}: stages.{stage} needs `config:` (train it) or `checkpoint:` (use it)")
+    encode = cfg.get("encode")
+    if encode is not None:
+        if not isinstance(encode, dict):
+            raise ValueError(f"{path}: encode must be a mapping ({{out: DIR, dtype: float16, ...}}), got {encode!r}")
+        unknown = sorted(set(encode) - set(ENCODE_OPTIONS))
+        if unknown:
+            raise ValueError(f"{path}: unknown encode keys {unknown}; known: {sorted(ENCODE_OPTIONS)}")
     return cfg
 
 
@@ -134,7 +150,8 @@ def _one_line(stage: str, summary: dict, seconds: float) -> str:
 
 def stage_overrides(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
     """Every `--key value` the pipeline passes to a stage's `fit`, besides the run directory and the seed."""
-    overrides = {"data.init_args.train_urls": data["train_urls"]}
+    overrides = {"data.class_path": data["class_path"]} if data.get("class_path") else {}  # before its init_args
+    overrides["data.init_args.train_urls"] = data["train_urls"]
     if data.get("val_urls"):
         overrides["data.init_args.val_urls"] = data["val_urls"]
     return {**overrides, **extra, **(cfg["stages"][stage].get("args") or {})}
@@ -166,16 +183,27 @@ def fingerprint(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
     if not config.is_file():
         raise FileNotFoundError(f"stages.{stage}.config: {config} not found")
     overrides = json.loads(json.dumps(stage_overrides(stage, cfg, data, extra)))  # tuples -> lists, as on reload
+    encoded = not data.get("manifest") or Path(data["manifest"]).is_file()  # latent shards exist when expected
     return {
         "config_file": str(config),
         "config": yaml.safe_load(config.read_text()) or {},
         "overrides": overrides,
         "seed": cfg.get("seed"),
         "data": {split: _shards_identity(data[f"{split}_urls"]) for split in ("train", "val")
-                 if data.get(f"{split}_urls")},
+                 if data.get(f"{split}_urls") and encoded},
         "files": {key: _sha256(Path(value)) for key, value in overrides.items()  # the shards are under "data"
                   if isinstance(value, str) and not key.endswith("_urls") and Path(value).is_file()},
+        **({"latents": _manifest(data["manifest"])} if data.get("manifest") else {}),
     }
+
+
+def _manifest(path: str) -> dict | None:
+    """A latent manifest as a fingerprint holds it: encoders, sources, every shard's size (None: not encoded)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    return {k: v for k, v in manifest.items() if k not in ("path", "skipped")}  # skipped: this run's count only
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -212,9 +240,18 @@ def fingerprint_changes(old: dict, new: dict) -> list[str]:
         changes.append(f"override --{key}: {_short(x)} -> {_short(y)}")
     if old.get("seed") != new["seed"]:
         changes.append(f"seed: {old.get('seed')} -> {new['seed']}")
-    for split, _, _ in _diff(old.get("data") or {}, new["data"]):
+    unencoded = "latents" in new and new["latents"] is None  # its shards are gone too: one line says it
+    for split, _, _ in [] if unencoded else _diff(old.get("data") or {}, new["data"]):
         urls = new["overrides"].get(f"data.init_args.{split}_urls")
         changes.append(f"data {split}: the {split} shards ({urls}) changed (names, sizes or contents)")
+    if old.get("latents") != new.get("latents"):
+        if unencoded:
+            urls = new["overrides"].get("data.init_args.train_urls")
+            changes.append(f"latents: the latent shards are not encoded yet ({urls})")
+        else:
+            changed = sorted(k for k, _, _ in _diff(old.get("latents") or {}, new["latents"]))
+            changes.append(f"latents: the latent shards were encoded from other inputs (manifest keys "
+                           f"{', '.join(changed)})")
     for key, x, y in _diff(old.get("files") or {}, new["files"]):
         path = new["overrides"].get(key) or (old.get("overrides") or {}).get(key)
         state = "is gone" if y is _UNSET else "is new" if x is _UNSET else "has other content"
@@ -242,10 +279,10 @@ def _retrain_hint(root: Path, stage: str) -> str:
             f"or keep these runs and choose another run name (`name:` in the pipeline config).")
 
 
-def check_stage_inputs(cfg: dict, root: Path, data: dict, extras: dict[str, dict]) -> None:
+def check_stage_inputs(cfg: dict, root: Path, data: dict[str, dict], extras: dict[str, dict]) -> None:
     """Before anything trains: every finished or interrupted stage must have been made from the inputs it would
-    get now, and nothing may sit downstream of a stage that is about to train (it would be made from the old
-    upstream); raises StageInputsChanged naming what differs and how to go on."""
+    get now (`data`: each stage's data), and nothing may sit downstream of a stage that is about to train (it
+    would be made from the old upstream); raises StageInputsChanged naming what differs and how to go on."""
     retraining = None  # the first stage that will train now
     for stage in STAGES:
         paths = _paths(root, stage)
@@ -267,7 +304,8 @@ def check_stage_inputs(cfg: dict, root: Path, data: dict, extras: dict[str, dict
             log.warning("[%s] %s has no record of what made it (%s): used as it is", stage,
                         paths["final"] if record == paths["made"] else paths["last"], record)
             continue
-        changes = fingerprint_changes(json.loads(record.read_text()), fingerprint(stage, cfg, data, extras[stage]))
+        changes = fingerprint_changes(json.loads(record.read_text()),
+                                      fingerprint(stage, cfg, data[stage], extras[stage]))
         if changes:
             lines = "\n".join(f"  - {c}" for c in changes)
             raise StageInputsChanged(f"[{stage}] {made} with other inputs than the pipeline gives it now "
@@ -323,8 +361,77 @@ def train_stages(cfg: dict, root: Path, name: str, data: dict) -> dict[str, dict
     extras = {"clip": {"model.init_args.tokenizer_path": data["tokenizer"]},
               "vae": {"model.init_args.clip_ckpt": clip},
               "ldm": {"model.init_args.clip_ckpt": clip, "model.init_args.vae_ckpt": vae}}
-    check_stage_inputs(cfg, root, data, extras)
-    return {stage: run_stage(stage, cfg, root, name, data, extras[stage]) for stage in STAGES}
+    inputs = {stage: data for stage in STAGES}
+    if cfg.get("encode") is not None:
+        inputs["ldm"] = latent_data(cfg, root, data)
+    check_stage_inputs(cfg, root, inputs, extras)
+    results = {}
+    for stage in STAGES:
+        if stage == "ldm" and cfg.get("encode") is not None:
+            encode_latents(cfg, root, data)
+        results[stage] = run_stage(stage, cfg, root, name, inputs[stage], extras[stage])
+    return results
+
+
+def _latents_dir(cfg: dict, root: Path) -> Path:
+    return Path((cfg.get("encode") or {}).get("out") or root / "latents")
+
+
+def latent_data(cfg: dict, root: Path, data: dict) -> dict:
+    """What the diffusion stage reads with `encode:`: the latent shards of `data`'s splits (each named after its
+    image shard: train-*.tar, val-*.tar) through LatentDataModule, and the manifest its fingerprint holds."""
+    out = _latents_dir(cfg, root)
+    return {"class_path": LATENT_DATA, "train_urls": str(out / "train-*.tar"),
+            "val_urls": str(out / "val-*.tar") if data.get("val_urls") else None,
+            "manifest": str(out / "manifest.json")}
+
+
+def _encoder_hashes(root: Path) -> dict[str, str]:
+    """`state_dict_hash` of the finished CLIP and VAE, loaded as `data encode` loads them."""
+    from lit_diffusion.data.latents import state_dict_hash
+    from lit_diffusion.stages.clip import CLIPModule
+    from lit_diffusion.stages.vae import VAEModule
+
+    return {"clip": state_dict_hash(CLIPModule.from_checkpoint(root / "clip.ckpt").state_dict()),
+            "vae": state_dict_hash(VAEModule.from_checkpoint(root / "vae.ckpt").state_dict())}
+
+
+def encode_latents(cfg: dict, root: Path, data: dict) -> dict:
+    """Stage 2.5: `lit-diffusion data encode` of the train and val image shards with the finished CLIP and VAE, in
+    a subprocess (a rerun resumes a killed one at its first unfinished shard). Skipped when the manifest exists for
+    the same encoder weights and sources; one of other encoders or sources stops the run naming the folder."""
+    from lit_diffusion.data.shards import expand_urls
+
+    spec, out = cfg["encode"], _latents_dir(cfg, root)
+    sources = expand_urls(data["train_urls"], split="train")
+    if data.get("val_urls"):
+        sources += expand_urls(data["val_urls"], split="val")
+    want = {**_encoder_hashes(root), "sources": sources}
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        have = json.loads(manifest.read_text())
+        have = {"clip": have.get("clip_hash"), "vae": have.get("vae_hash"), "sources": have.get("sources")}
+        if have == want:
+            log.info("[encode] %s exists for these CLIP and VAE weights and shards: skipped", manifest)
+            return {"skipped": True, "manifest": str(manifest)}
+        changed = ", ".join(k for k in want if have[k] != want[k])
+        raise StageInputsChanged(f"[encode] {manifest} was made from other inputs ({changed}) than the pipeline "
+                                 f"gives now. To encode again, delete it: rm -r {out}")
+    argv = [sys.executable, "-m", "lit_diffusion", "data", "encode", "--clip", str(root / "clip.ckpt"),
+            "--vae", str(root / "vae.ckpt"), "--data", "::".join(sources), "--out", str(out)]
+    for key, flag in ENCODE_OPTIONS.items():
+        value = spec.get(key)
+        if flag is None or value is None or value is False:
+            continue
+        argv += [flag] if value is True else [flag, str(value)]
+    log.info("[encode] %s", " ".join(argv[2:]))
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, env={**os.environ, "LIT_DIFFUSION_RUN_NAME": "encode"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"data encode failed (exit {proc.returncode}); run the pipeline again to resume it "
+                           f"(complete shards in {out} are kept)")
+    print(f"[encode] done in {(time.perf_counter() - t0) / 60:.1f} min: {out}", flush=True)
+    return {"skipped": False, "manifest": str(manifest)}
 
 
 def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict:

@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import randomise_unet, TINY_UNET, _fit, tiny_datamodule
+from conftest import randomise_unet, TINY_UNET, tiny_datamodule
 
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.guidance import call_denoiser, rescale_guidance
@@ -174,38 +174,3 @@ def test_checkpoint_is_self_contained_and_holds_the_ema_weights(tiny_ckpts, tmp_
     with pytest.raises(CheckpointError, match="is a 'ldm' checkpoint, expected a 'clip' checkpoint"):
         make_ldm(tiny_ckpts, clip_ckpt=str(tmp_path / "ldm.ckpt"))
     assert clip_copy and vae_copy
-
-
-def test_encoding_cache_encodes_each_sample_once_and_changes_nothing(tiny_ckpts):
-    cached = make_ldm(tiny_ckpts, cache_encodings=3, pooled_text=True)
-    plain = make_ldm(tiny_ckpts, pooled_text=True)
-    randomise_unet(cached)
-    plain.load_state_dict(cached.state_dict())
-    g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, "key": ["a", "b", "c", "d"],
-             "caption": ["a large red circle", "a small blue square above a large red circle", "", "a blue square"]}
-    calls = []
-    encode = cached.vae.encode
-    cached.vae.encode = lambda images, **kw: calls.append(len(images)) or encode(images, **kw)
-
-    def losses(model, b):
-        torch.manual_seed(5)  # the same t, noise and condition dropout for both models
-        return model.model_step(b, train=True)
-
-    assert losses(cached, batch) == losses(plain, batch)  # first sight: encoded, 3 of 4 stored (the cap)
-    assert sorted(cached._encodings) == ["a", "b", "c"] and calls == [4]
-    hit = {k: v[:3] for k, v in batch.items()}
-    torch.testing.assert_close(losses(cached, hit), losses(plain, hit), rtol=1e-6, atol=0)
-    assert calls == [4] and cached.encoding_cache_hits == 3  # served from memory
-    assert losses(cached, batch) == losses(plain, batch) and calls == [4, 4]  # "d" not cached: encoded again
-    # validation never uses the cache; a reused key with another caption is named
-    with pytest.raises(ValueError, match="sample key 'b' seen with two captions"):
-        cached.model_step({**hit, "caption": ["a large red circle", "a cyan circle", ""]}, train=True)
-    with pytest.raises(ValueError, match="cache_encodings must be >= 0"):
-        make_ldm(tiny_ckpts, cache_encodings=-1)
-
-
-def test_encoding_cache_is_refused_with_random_flips(tiny_ckpts, tmp_path):
-    model = make_ldm(tiny_ckpts, cache_encodings=100)
-    with pytest.raises(ValueError, match="cache_encodings needs data.init_args.random_flip: false"):
-        _fit(model, tiny_datamodule(tiny_ckpts["data"], random_flip=True), steps=1, root=tmp_path)

@@ -14,8 +14,9 @@ from lit_diffusion.pipeline import eval_device, load_config, run_pipeline
 DATA = {"image_size": 16, "batch_size": 16, "num_workers": 0, "train_batches_per_epoch": 3}
 
 
-def _data_args():
-    return {f"data.init_args.{k}": v for k, v in DATA.items()}
+def _data_args(latents: bool = False):
+    # latent shards fix the image size (the encode's); LatentDataModule takes no image_size
+    return {f"data.init_args.{k}": v for k, v in DATA.items() if not (latents and k == "image_size")}
 
 
 def tiny_pipeline(tmp_path) -> dict:
@@ -24,6 +25,7 @@ def tiny_pipeline(tmp_path) -> dict:
     return {
         "name": "tiny", "root": str(tmp_path / "runs"), "seed": 0, "wandb": True,
         "data": {"out": str(tmp_path / "data"), "train": 192, "val": 48, "size": 16, "seed": 0, "shard_size": 96},
+        "encode": {"dtype": "float32", "device": "cpu"},
         "stages": {
             "clip": {"config": "configs/clip/shapes.yaml", "args": {
                 **_data_args(), **trainer, "model.init_args.embed_dim": 32,
@@ -34,7 +36,8 @@ def tiny_pipeline(tmp_path) -> dict:
                 "model.init_args.arch": {"base_channels": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
                                          "z_channels": 4, "mid_attention": False, "norm_groups": 4}}},
             "ldm": {"config": "configs/ldm/shapes.yaml", "args": {
-                **_data_args(), **trainer, "data.init_args.val_max_samples": 16, "model.init_args.image_size": 16,
+                **_data_args(latents=True), **trainer, "data.init_args.val_max_samples": 16,
+                "model.init_args.image_size": 16,
                 "model.init_args.sample_steps": 3, "model.init_args.warmup_steps": 0,
                 "model.init_args.unet": {"model_channels": 16, "channel_mult": [1, 2], "num_res_blocks": 1,
                                          "attention_resolutions": [2], "head_dim": 8, "norm_groups": 4}}},

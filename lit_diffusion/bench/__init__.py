@@ -8,6 +8,7 @@ medians, so a busy machine slows both sides alike; both absolute numbers are rep
   sampling  each sampler's loop vs the bare U-Net forwards it performs; batched CFG vs 2 calls  target <= 1.05
   eval      second in-loop evaluation (real statistics cached) vs the first (bench.evaluation)   target <= 0.6
   memory    peak RSS of training on 10x the shards vs 1x, same steps (streaming, not loading)  target <= 1.10
+  latents   LDM steps/s from latent shards vs online encoding; their loader vs raw webdataset; 10x RSS; bytes
 bench.common holds what they share (settings, rows, the table, stage building); bench.flops counts model FLOPs per
 training step (FlopCounterMode), for MFU on a GPU. This module runs the sections and holds the CLI.
 
@@ -33,7 +34,7 @@ from lit_diffusion.bench.memory import bench_memory
 from lit_diffusion.bench.sampling import bench_sampling
 from lit_diffusion.bench.train import bench_train
 
-SECTIONS = ("data", "train", "sampling", "eval", "memory")
+SECTIONS = ("data", "train", "sampling", "eval", "memory", "latents")
 
 
 def run_bench(what: str = "all", quick: bool = False, json_out: str | None = None, device: str | None = None,
@@ -109,6 +110,10 @@ def _run_sections(report: dict, sections, settings: Settings, work: Path, device
                     report["notes"].append("eval inception backend: random InceptionV3 weights (timing only)")
                 rows, details = bench_eval(ldm.to(device), shapes_dir, work, settings, ("clip", "inception"),
                                            weights)
+        elif section == "latents":
+            from lit_diffusion.bench.latents import bench_latents
+
+            rows, details = bench_latents(shapes_dir, work, device, settings)
         else:
             rows, details = bench_memory(work, settings)
         details["bench_seconds"] = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""`python -m lit_diffusion.bench memory-child ...`: the subprocess of the memory benchmark."""
+"""`python -m lit_diffusion.bench memory-child|latents-child ...`: the subprocesses of the memory benchmarks."""
 
 import argparse
 
@@ -16,7 +16,14 @@ def main(argv: list[str] | None = None) -> None:
     child.add_argument("--num-workers", type=int, default=1)
     child.add_argument("--threads", type=int, default=1)
     child.add_argument("--out", required=True)
+    latents = sub.add_parser("latents-child")
+    latents.add_argument("--spec", required=True)
+    latents.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.cmd == "latents-child":
+        from lit_diffusion.bench.latents import latents_child
+
+        return latents_child(args.spec, args.out)
     memory_child(args.urls, args.steps, args.image_size, args.batch_size, args.num_workers, args.out, args.threads)
 
 

@@ -7,6 +7,7 @@ It runs on every rank (each generates for its share of the val stream) with the 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -49,11 +50,10 @@ class DiffusionEvaluation(L.Callback):
         self.evaluator: Evaluator | None = None
         self.history: list[dict] = []
         self._last_step = -1
+        self._data = None  # the data module whose val stream holds the real images (`real_images`)
 
-    def _loader(self, trainer):
-        dm = trainer.datamodule
-        if dm is None:
-            raise ValueError("DiffusionEvaluation needs a DataModule with a val stream (data.init_args.val_urls)")
+    def _loader(self):
+        dm = self._data
         return dm.eval_dataloader(self.config.num_samples) if hasattr(dm, "eval_dataloader") else dm.val_dataloader()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -68,7 +68,7 @@ class DiffusionEvaluation(L.Callback):
     def evaluate(self, trainer, pl_module) -> dict:
         self._last_step = step = trainer.global_step
         if self.evaluator is None:
-            dm = trainer.datamodule
+            self._data = dm = real_images(trainer.datamodule)
             # keyed by the shards' content (every rank gets rank zero's), not their URL: data re-drawn at the same
             # path must not reuse the old real statistics
             self.config.data_id = eval_data_id(dm.val_urls) if getattr(dm, "val_urls", None) is not None else None
@@ -78,7 +78,7 @@ class DiffusionEvaluation(L.Callback):
                 self.config.guidance = sorted([*self.config.guidance, own])
             self.evaluator = Evaluator(self.config, pl_module.clip)
         with averaged_weights(trainer, pl_module) as model:
-            results = self.evaluator.run(model, self._loader(trainer), step=step)
+            results = self.evaluator.run(model, self._loader(), step=step)
         # the figures at the model's own sampling guidance, unsuffixed: what sweeps over `guidance` optimise
         own = f"_g{float(pl_module.hparams.guidance):.1f}"
         results.update({k[: -len(own)]: v for k, v in list(results.items()) if k.endswith(own)})
@@ -97,3 +97,25 @@ class DiffusionEvaluation(L.Callback):
             log.info("step %d evaluation: %s", step, ", ".join(
                 f"{k}={v:.4g}" for k, v in results.items() if k.startswith("eval/")))
         return results
+
+
+def real_images(dm):
+    """The data module whose eval stream holds the real val images: `dm` itself, or, for latent shards, an
+    ImageCaptionDataModule over the image shards the val latents were encoded from (the manifest names each
+    latent shard's source), at the manifest's image size, so FID compares against the real images, not VAE
+    reconstructions. The val stream splits those shards across ranks as it splits the latent ones."""
+    if dm is None:
+        raise ValueError("DiffusionEvaluation needs a DataModule with a val stream (data.init_args.val_urls)")
+    manifest = (getattr(dm, "manifests", None) or {}).get("val")
+    if manifest is None:
+        return dm
+    from lit_diffusion.data.datamodule import ImageCaptionDataModule
+
+    source = {s["name"]: s["source"] for s in manifest["shards"]}
+    missing = [u for u in dm.val_shards if os.path.basename(u) not in source]
+    if missing:
+        raise ValueError(f"{manifest['path']} names no source image shard for the latent val shard {missing[0]}: "
+                         f"in-loop FID needs the real images")
+    sources = [source[os.path.basename(u)] for u in dm.val_shards]
+    return ImageCaptionDataModule(val_urls=sources, image_size=int(manifest["image_size"]), batch_size=dm.batch_size,
+                                  num_workers=dm.num_workers, val_max_samples=dm.val_max_samples, seed=dm.seed)

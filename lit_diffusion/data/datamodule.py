@@ -382,7 +382,8 @@ class LatentDataModule(_ShardDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.context_length, self.expected_hashes, self.manifest_path = context_length, expected_hashes, manifest
-        self.manifest: dict | None = None
+        self.manifest: dict | None = None  # the last split's; `manifests` holds each split's
+        self.manifests: dict[str, dict] = {}  # "train" / "val" -> its manifest, after `setup`
         self._init_common(train_urls, val_urls, batch_size, num_workers, train_batches_per_epoch, shuffle_buffer,
                           random_flip, val_max_samples, seed, pin_memory, persistent_workers, prefetch_factor)
 
@@ -407,9 +408,9 @@ class LatentDataModule(_ShardDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        for shards in (self.train_shards, self.val_shards):
+        for split, shards in (("train", self.train_shards), ("val", self.val_shards)):
             if shards:
-                self.manifest = self._check(shards)
+                self.manifest = self.manifests[split] = self._check(shards)
 
     def _decode(self):
         return LatentDecoder.from_manifest(self.manifest, self.context_length)

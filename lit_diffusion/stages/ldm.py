@@ -9,21 +9,24 @@ Condition dropout (`p_uncond`) replaces a caption's encoding by the empty captio
 conditional and the unconditional prediction that classifier-free guidance and negative prompts combine at
 sampling time. The frozen CLIP and VAE are submodules: their weights and configs travel inside ldm.ckpt, so a
 finished checkpoint samples on its own even after the stage-1/2 files are gone.
+
+Training runs them on each image batch, or on none: batches of latent shards (`data encode`, `LatentDataModule`)
+already hold the VAE latents and CLIP's text features, and `setup` refuses shards whose manifest names other
+encoder weights than the frozen ones here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import wrap
-from torch.nn.utils.rnn import pad_sequence
 
+from lit_diffusion.data.latents import check_hashes, state_dict_hash
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.flow import FlowSchedule
 from lit_diffusion.diffusion.guidance import Conditioning, call_denoiser, cfg_model_fn, drop_conditioning
@@ -36,15 +39,6 @@ from lit_diffusion.stages.common import adamw_with_warmup
 from lit_diffusion.stages.vae import VAEModule
 
 log = logging.getLogger("lit_diffusion")
-
-
-class _Encoded(NamedTuple):
-    """One training sample's frozen-encoder outputs, as `cache_encodings` keeps them."""
-
-    caption: str
-    latent: Tensor  # [C, h, w]
-    context: Tensor  # [n, W]: the caption's real tokens only (the padding is masked anyway)
-    pooled: Tensor | None  # [E] with pooled_text
 
 
 class LatentDiffusionModule(Stage):
@@ -78,7 +72,6 @@ class LatentDiffusionModule(Stage):
         clip_x0: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
-        cache_encodings: int = 0,
         frozen: dict | None = None,
     ):
         """
@@ -107,10 +100,6 @@ class LatentDiffusionModule(Stage):
             clip_x0: default for `sample`: clamp each step's predicted x0 (scaled latents) to [-clip_x0, clip_x0]
                 and recompute eps from it (ADM's clipped sampling). 0 = no clipping.
             channels_last, compile: GPU speed switches for the U-Net.
-            cache_encodings: keep the frozen encoders' outputs (VAE latent, caption encoding) of up to this many
-                training samples in memory, by sample key, so each image and caption is encoded once, not once per
-                epoch (0 = off). Exact, because both encoders are deterministic (posterior mode); refused with
-                random flips, which change an image without changing its key. ~7 KB per sample at 32 px.
             frozen: filled in by `from_checkpoint`: the embedded CLIP/VAE checkpoints (not for configs).
         """
         super().__init__()
@@ -169,10 +158,7 @@ class LatentDiffusionModule(Stage):
         self.schedule = FlowSchedule(**(flow or {})) if objective == "flow" else NoiseSchedule(**(schedule or {}))
         self._compiled_net = None
         self._null_cond: Conditioning | None = None
-        if cache_encodings < 0:
-            raise ValueError(f"model.init_args.cache_encodings must be >= 0, got {cache_encodings}")
-        self._encodings: dict[str, _Encoded] = {}  # by sample key; not in checkpoints
-        self.encoding_cache_hits = 0
+        self._encoder_hashes: dict[str, str] | None = None
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -244,47 +230,65 @@ class LatentDiffusionModule(Stage):
             return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def on_fit_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.hparams.cache_encodings and getattr(dm, "random_flip", False):
-            raise ValueError("model.init_args.cache_encodings needs data.init_args.random_flip: false (a flipped image "
-                             "keeps its key, so its cached latent would be the unflipped one's)")
+    def setup(self, stage: str) -> None:
+        # here, after the data module's setup and before the strategy moves or casts the weights (16-true would
+        # change the frozen encoders' dtypes, and so their hashes)
+        manifests = getattr(getattr(self.trainer, "datamodule", None), "manifests", None) or {}
+        for manifest in manifests.values():
+            self.check_latents(manifest)
 
-    def _encode_batch(self, batch: dict, cache: bool) -> tuple[Tensor, Conditioning]:
-        """Latents and caption encodings of a batch; with `cache`, from/into the per-key encoding cache."""
-        images, captions = batch["image"], list(batch["caption"])
-        keys = batch.get("key") if cache else None
-        if keys is not None and all(k in self._encodings for k in keys):
-            entries = [self._encodings[k] for k in keys]
-            for key, entry, caption in zip(keys, entries, captions):
-                if entry.caption != caption:
-                    raise ValueError(f"sample key {key!r} seen with two captions ({entry.caption!r}, {caption!r}): keys "
-                                     f"must be unique across the train shards for model.init_args.cache_encodings")
-            self.encoding_cache_hits += len(keys)
-            # padded to the tokenizer's length with masked zeros, as the uncached path gives
-            length = self.clip.tokenizer.context_length
-            context = pad_sequence([e.context for e in entries], batch_first=True)  # [B, n_max, W]
-            context = F.pad(context, (0, 0, 0, length - context.shape[1]))
-            lengths = torch.tensor([e.context.shape[0] for e in entries], device=context.device)
-            mask = torch.arange(length, device=context.device) < lengths[:, None]
-            pooled = torch.stack([e.pooled for e in entries]) if entries[0].pooled is not None else None
-            return torch.stack([e.latent for e in entries]), Conditioning(context, mask, pooled)
+    def encoder_hashes(self) -> dict[str, str]:
+        """`state_dict_hash` of the frozen CLIP and VAE, as `data encode` computes it for the manifest."""
+        if self._encoder_hashes is None:
+            self._encoder_hashes = {"clip": state_dict_hash(self.clip.state_dict()),
+                                    "vae": state_dict_hash(self.vae.state_dict())}
+        return self._encoder_hashes
+
+    def check_latents(self, manifest: dict) -> None:
+        """Refuse latent shards that this stage's encoders would not have made: other CLIP or VAE weights (both
+        hashes named), another latent scale, latent shape, text width or image size."""
+        check_hashes(manifest, self.encoder_hashes())
+        where = manifest.get("path", "the latent manifest")
+        scale = {"scale_factor": float(self.vae.scale_factor), "latent_mean": float(self.vae.latent_mean)}
+        if manifest.get("latent_scale") != scale:
+            raise ValueError(f"{where}: latent scale {manifest.get('latent_scale')}, the stage's VAE has {scale}")
+        latent = [self.latent_channels, self.latent_size, self.latent_size]
+        if list(manifest["shapes"]["latent"]) != latent or manifest.get("image_size") != self.hparams.image_size:
+            raise ValueError(f"{where}: latents {manifest['shapes']['latent']} of {manifest.get('image_size')} px "
+                             f"images, but model.init_args.image_size={self.hparams.image_size} and the VAE give "
+                             f"{latent}")
+        text = [int(self.clip.text_width), int(self.clip.embed_dim)]
+        have = [manifest["shapes"]["context"][1], manifest["shapes"]["pooled"][0]]
+        if have != text:
+            raise ValueError(f"{where}: text features of width {have[0]} and pooled dim {have[1]}, the stage's CLIP "
+                             f"gives {text[0]} and {text[1]}")
+
+    def _encode_batch(self, batch: dict) -> tuple[Tensor, Conditioning]:
+        """An image batch through the frozen VAE and CLIP: latents and caption encodings."""
+        images = batch["image"]
         z = self.encode_images(images)
         if z.shape[-1] != self.latent_size:
             raise ValueError(f"data images of {images.shape[-1]} px give {z.shape[-1]}x{z.shape[-1]} latents, but "
                              f"model.init_args.image_size={self.hparams.image_size} expects {self.latent_size}")
-        cond = self.encode_prompts(captions)
-        if keys is not None:
-            for i, key in enumerate(keys):
-                if len(self._encodings) >= self.hparams.cache_encodings:
-                    break
-                n = int(cond.mask[i].sum())  # tokens are left-aligned: the real ones, then padding
-                self._encodings[key] = _Encoded(captions[i], z[i].clone(), cond.context[i, :n].clone(),
-                                                None if cond.pooled is None else cond.pooled[i].clone())
-        return z, cond
+        return z, self.encode_prompts(list(batch["caption"]))
+
+    def _from_latents(self, batch: dict) -> tuple[Tensor, Conditioning]:
+        """A latent-shard batch (`LatentDataModule`): the encoders' outputs are in it, so neither runs."""
+        z = batch["latent"]  # [B, C, h, w], scaled as `encode_images` gives
+        want = (self.latent_channels, self.latent_size, self.latent_size)
+        if tuple(z.shape[1:]) != want:
+            raise ValueError(f"latent batch of shape {list(z.shape[1:])}, but the stage's VAE and "
+                             f"model.init_args.image_size={self.hparams.image_size} expect {list(want)}")
+        pooled = None
+        if self.hparams.pooled_text:
+            if batch.get("pooled") is None:
+                raise ValueError("model.init_args.pooled_text: true needs CLIP's pooled text embeddings, but the "
+                                 "latent batches have none (.pooled.npy): encode the data again, or set it false")
+            pooled = batch["pooled"]  # [B, E]
+        return z, Conditioning(batch["context"], batch["mask"], pooled)  # [B, L, W], [B, L]
 
     def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        z, cond = self._encode_batch(batch, cache=train and self.hparams.cache_encodings > 0)
+        z, cond = self._from_latents(batch) if "latent" in batch else self._encode_batch(batch)
         if train:  # condition dropout: the same network learns the unconditional branch of CFG
             cond = drop_conditioning(cond, self.null_cond(1), self.hparams.p_uncond)
         h = self.hparams
@@ -299,14 +303,14 @@ class LatentDiffusionModule(Stage):
         # not on the progress bar: Lightning turns bar values into Python numbers after every step, whether or not a
         # bar is drawn, and on a GPU that `.item()` waits for the step to finish instead of queueing the next one.
         # The loggers still get it every `log_every_n_steps`.
-        self.log("train/loss", loss, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, batch_size=len(batch["caption"]))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         # fixed t and noise per batch, so val/loss moves only with the weights
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         loss = self.model_step(batch, train=False, generator=gen)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["image"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
         return loss
 
     def configure_optimizers(self):

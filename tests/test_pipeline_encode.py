@@ -1,0 +1,153 @@
+"""The pipeline's encode step (`encode:`): after stage 2, `data encode` runs once; the diffusion stage reads the
+latent shards, and its fingerprint holds their manifest. The stages are faked; the encode is real (tiny CLIP/VAE)."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from test_pipeline import FakeFit
+
+from lit_diffusion import pipeline
+from lit_diffusion.cli import main
+from lit_diffusion.data.latents import state_dict_hash
+from lit_diffusion.stages.clip import CLIPModule
+
+
+class FakeStages(FakeFit):
+    """`fit` of clip and vae leaves the tiny real checkpoints (the encode loads them); `data encode` runs for real,
+    in this process."""
+
+    def __init__(self, ckpts):
+        super().__init__()
+        self.ckpts = ckpts
+
+    def __call__(self, argv, env=None):
+        if argv[3:5] == ["data", "encode"]:
+            self.calls.append(("encode", argv[5:]))
+            main(argv[3:])
+            return subprocess.CompletedProcess(argv, 0)
+        done = super().__call__(argv, env)
+        stage = self.calls[-1][0]
+        if stage in self.ckpts:
+            opts = dict(zip(argv[4::2], argv[5::2]))
+            shutil.copy(self.ckpts[stage], f"{opts['--run.root']}/{stage}/checkpoints/last.ckpt")
+        return done
+
+
+@pytest.fixture
+def run(tiny_ckpts, tmp_path, monkeypatch):
+    configs = {}
+    for stage in ("clip", "vae", "ldm"):
+        configs[stage] = tmp_path / f"{stage}.yaml"
+        shutil.copy(f"configs/{stage}/shapes.yaml", configs[stage])
+    data_dir = tiny_ckpts["data"]
+    cfg = {"name": "t", "root": str(tmp_path / "runs"), "seed": 0, "wandb": False,
+           "encode": {"dtype": "float32", "batch_size": 32, "device": "cpu"},
+           "stages": {s: {"config": str(configs[s]), "args": {"trainer.max_steps": 6}} for s in configs}}
+    data = {"train_urls": str(data_dir / "train-*.tar"), "val_urls": str(data_dir / "val-*.tar"),
+            "tokenizer": str(data_dir / "tokenizer.json")}
+    fake = FakeStages({"clip": tiny_ckpts["clip"], "vae": tiny_ckpts["vae"]})
+    monkeypatch.setattr(pipeline.subprocess, "run", fake)
+    root = tmp_path / "runs" / "t"
+    return lambda: pipeline.train_stages(cfg, root, "t", data), fake, root, cfg
+
+
+def test_encode_runs_after_stage_2_and_the_ldm_trains_from_its_latents(run, tiny_ckpts):
+    train, fake, root, cfg = run
+    train()
+    assert [c[0] for c in fake.calls] == ["clip", "vae", "encode", "ldm"]
+    encode = dict(zip(fake.calls[2][1][::2], fake.calls[2][1][1::2]))
+    data = tiny_ckpts["data"]
+    assert encode["--clip"] == str(root / "clip.ckpt") and encode["--out"] == str(root / "latents")
+    assert encode["--data"].split("::") == [str(p) for p in (sorted(data.glob("train-*.tar")) +
+                                                              sorted(data.glob("val-*.tar")))]
+    assert encode["--dtype"] == "float32" and "--flips" not in fake.calls[2][1]
+    manifest = json.loads((root / "latents" / "manifest.json").read_text())
+    assert manifest["samples"] == 256 + 64 and manifest["dtype"] == "float32"
+    assert manifest["clip_hash"] == state_dict_hash(CLIPModule.from_checkpoint(tiny_ckpts["clip"]).state_dict())
+    # the diffusion stage's command: LatentDataModule (its class_path before its init_args) on the latent shards
+    argv = json.loads((root / "ldm" / "checkpoints" / "last.ckpt").read_text())
+    i = argv.index("--data.class_path")
+    assert argv[i + 1] == pipeline.LATENT_DATA and argv.index("--data.init_args.train_urls") > i
+    assert argv[argv.index("--data.init_args.train_urls") + 1] == str(root / "latents" / "train-*.tar")
+    assert argv[argv.index("--data.init_args.val_urls") + 1] == str(root / "latents" / "val-*.tar")
+    record = json.loads((root / "ldm.fingerprint.json").read_text())
+    assert record["latents"] == {k: v for k, v in manifest.items() if k != "skipped"}
+    # a rerun with the same inputs encodes and trains nothing
+    again = train()
+    assert len(fake.calls) == 4 and all(s["skipped"] for s in again.values())
+
+
+def test_latents_made_from_other_inputs_stop_the_run(run):
+    train, fake, root, cfg = run
+    train()
+    # re-encoded (other dtype): the finished diffusion stage was made from the old latents
+    shutil.rmtree(root / "latents")
+    cfg["encode"]["dtype"] = "float16"
+    with pytest.raises(pipeline.StageInputsChanged, match=r"(?s)\[ldm\] .*\n  - latents: the latent shards "
+                                                          r"are not encoded yet \(.*latents/train-\*.tar\)\nTo"):
+        train()
+    assert len(fake.calls) == 4
+    # without the diffusion stage's outputs: encoded again, then trained from the float16 latents
+    for path in (root / "ldm", root / "ldm.ckpt", root / "ldm.fingerprint.json"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    train()
+    assert [c[0] for c in fake.calls[4:]] == ["encode", "ldm"]
+    assert json.loads((root / "ldm.fingerprint.json").read_text())["latents"]["dtype"] == "float16"
+    # latents of other CLIP weights (a manifest naming another hash) are refused before the stage trains
+    path = root / "latents" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "clip_hash": "0" * 64}))
+    with pytest.raises(pipeline.StageInputsChanged, match=r"(?s)\[ldm\] .*\n  - latents: the latent shards "
+                                                          r"were encoded from other inputs \(manifest keys "
+                                                          r"clip_hash\)\nTo"):
+        train()
+    for path_ in (root / "ldm", root / "ldm.ckpt", root / "ldm.fingerprint.json"):
+        shutil.rmtree(path_) if path_.is_dir() else path_.unlink()
+    with pytest.raises(pipeline.StageInputsChanged, match=rf"\[encode\] {path} was made from other inputs \(clip\)"
+                                                          rf".*rm -r {root / 'latents'}"):
+        train()
+    assert [c[0] for c in fake.calls[6:]] == []
+
+
+def test_unknown_encode_keys_are_named(tmp_path):
+    cfg = yaml_config(tmp_path, {"encode": {"out": "x", "dtyp": "float16"}})
+    with pytest.raises(ValueError, match=r"unknown encode keys \['dtyp'\]"):
+        pipeline.load_config(cfg)
+
+
+def yaml_config(tmp_path, extra: dict):
+    import yaml
+
+    cfg = yaml.safe_load(open("configs/pipeline/shapes.yaml"))
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**cfg, **extra}))
+    return path
+
+
+@pytest.mark.parametrize("config", ["configs/ldm/base.yaml", "configs/ldm/shapes.yaml"])
+def test_the_ldm_command_parses_to_a_latent_data_module(config, tmp_path, monkeypatch):
+    """LightningCLI reads the switched data module: the image-only options of the stage config (image_size) are
+    dropped with the old class, the shared ones kept."""
+    import sys
+
+    import yaml
+
+    from lit_diffusion.runtime.lightning_cli import LitDiffusionCLI
+
+    class ParseOnly(LitDiffusionCLI):
+        def instantiate_classes(self):
+            pass
+
+    data = pipeline.latent_data({"encode": {}}, tmp_path, {"val_urls": "val-*.tar"})
+    overrides = pipeline.stage_overrides("ldm", {"stages": {"ldm": {}}}, data, {})
+    argv = ["--config", config] + [a for k, v in overrides.items() for a in pipeline._arg(k, v)]
+    monkeypatch.setattr(sys, "argv", ["lit-diffusion"])
+    cli = ParseOnly(args=argv, run=False)
+    parsed = cli.config["data"]
+    assert parsed["class_path"] == pipeline.LATENT_DATA
+    args = dict(parsed["init_args"])
+    assert args["train_urls"] == str(tmp_path / "latents" / "train-*.tar") and "image_size" not in args
+    given = yaml.safe_load(open(config))["data"]["init_args"]
+    assert args["batch_size"] == given["batch_size"] and args["val_max_samples"] == given["val_max_samples"]
