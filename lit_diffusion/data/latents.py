@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from lit_diffusion.data.shards import BadSample
+from lit_diffusion.data.shards import BadSample, decode_text
 
 FORMAT = "lit_diffusion.latents"
 VERSION = 1
@@ -245,18 +245,7 @@ class LatentDecoder:
         pooled = self._array(sample, "pooled.npy")
         if tuple(pooled.shape) != (self.pooled_dim,):
             raise BadSample("bad_array", f".pooled.npy has shape {list(pooled.shape)}, expected [{self.pooled_dim}]")
-        if "txt" not in sample:
-            raise BadSample("missing_caption", "no .txt caption file")
-        try:
-            caption = sample["txt"].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadSample("bad_caption", f"caption is not UTF-8 ({exc})") from None
-        attrs = {}
-        if "json" in sample:
-            try:
-                attrs = json.loads(sample["json"])
-            except ValueError as exc:
-                raise BadSample("bad_json", f"invalid .json ({exc})") from None
+        caption, attrs = decode_text(sample)
         return {**out, "context": context, "pooled": pooled, "caption": caption, "attrs": attrs,
                 "key": sample["__key__"]}
 

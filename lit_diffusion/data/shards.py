@@ -253,11 +253,9 @@ def decode_image(data: bytes, image_size: int, flip: bool = False) -> torch.Tens
     return torch.from_numpy(array).permute(2, 0, 1)  # [3, S, S]
 
 
-def decode_sample(sample: dict, image_size: int, flip: bool = False) -> dict:
-    """Raw tar sample -> {"image": uint8 [3,S,S], "caption": str, "attrs": dict, "key": str}; raises BadSample."""
-    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if image_ext is None:
-        raise BadSample("missing_image", f"no image file (.{'/.'.join(IMAGE_EXTENSIONS[:4])}/...)")
+def decode_text(sample: dict) -> tuple[str, dict]:
+    """A raw tar sample's caption (.txt or .caption, UTF-8, stripped, not empty) and attributes (.json, {} when
+    absent); raises BadSample. Image and latent samples share it."""
     caption_ext = next((e for e in CAPTION_EXTENSIONS if e in sample), None)
     if caption_ext is None:
         raise BadSample("missing_caption", "no .txt caption file")
@@ -273,6 +271,15 @@ def decode_sample(sample: dict, image_size: int, flip: bool = False) -> dict:
             attrs = json.loads(sample["json"])
         except ValueError as exc:
             raise BadSample("bad_json", f"invalid .json ({exc})") from None
+    return caption, attrs
+
+
+def decode_sample(sample: dict, image_size: int, flip: bool = False) -> dict:
+    """Raw tar sample -> {"image": uint8 [3,S,S], "caption": str, "attrs": dict, "key": str}; raises BadSample."""
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if image_ext is None:
+        raise BadSample("missing_image", f"no image file (.{'/.'.join(IMAGE_EXTENSIONS[:4])}/...)")
+    caption, attrs = decode_text(sample)
     data = sample[image_ext]
     if not data:
         raise BadSample("bad_image", f"zero-byte .{image_ext}")
