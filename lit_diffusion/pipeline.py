@@ -117,7 +117,7 @@ def place_given_checkpoints(cfg: dict, root: Path) -> None:
     example one written by `lit-diffusion import clip|vae` from published weights). It is checked (kind, safe load)
     and put where a finished stage's checkpoint goes (`runs/NAME/clip.ckpt`, hard-linked when it can be), so that
     stage counts as done and is not trained, and the later stages read it as they read a trained one."""
-    from lit_diffusion.stages.common import load_stage_checkpoint
+    from lit_diffusion.stages.base import load_stage_checkpoint
 
     for stage in IMPORTABLE:
         given = (cfg["stages"][stage] or {}).get("checkpoint")

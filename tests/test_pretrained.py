@@ -22,7 +22,7 @@ from lit_diffusion.pretrained.clip import _open_clip_vocab, load_pretrained_clip
 from lit_diffusion.pretrained.vae import load_pretrained_vae, measure_latent_scale  # noqa: E402
 from lit_diffusion.pretrained.weights import PretrainedError  # noqa: E402
 from lit_diffusion.stages.clip import CLIPModule  # noqa: E402
-from lit_diffusion.stages.common import CheckpointError  # noqa: E402
+from lit_diffusion.stages.base import CheckpointError  # noqa: E402
 from lit_diffusion.stages.vae import VAEModule  # noqa: E402
 
 CAPTIONS = ["a large red circle above a small blue square", "Hello,   World!! 42 cats don't stop; naïve café",

@@ -37,7 +37,7 @@ from lit_diffusion.data.negatives import WordSwaps
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig
 from lit_diffusion.models.clip_loss import ClipLoss
-from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
+from lit_diffusion.stages.base import CheckpointError, Stage, load_stage_checkpoint, stage_block
 from lit_diffusion.stages.common import adamw_with_warmup
 
 # ---------------------------------------------------------------------------------------------- metric helpers
@@ -171,8 +171,6 @@ class CLIPModule(Stage):
         super().__init__()
         init = None
         if init_from:
-            from lit_diffusion.stages.common import CheckpointError, load_stage_checkpoint
-
             init = load_stage_checkpoint(init_from, "clip")
             config = init["lit_diffusion"].get("config") or {}
             vision, text = config.get("vision"), config.get("text")

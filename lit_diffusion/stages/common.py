@@ -6,10 +6,6 @@ import math
 
 import torch
 
-# the checkpoint helpers lived here before `stages.base`; still importable from here for code written then
-from lit_diffusion.stages.base import (  # noqa: F401
-    CHECKPOINT_VERSION, CheckpointError, load_stage_checkpoint, stage_block)
-
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int | None, min_ratio: float = 0.1) -> float:
     """Learning-rate multiplier: linear warm-up, then cosine decay to `min_ratio` (constant if no total)."""

@@ -19,7 +19,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from lit_diffusion.models.discriminator import PatchGAN, hinge_d_loss, hinge_g_loss
 from lit_diffusion.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
-from lit_diffusion.stages.base import Stage, stage_block
+from lit_diffusion.stages.base import CheckpointError, Stage, load_stage_checkpoint, stage_block
 from lit_diffusion.stages.common import adamw_with_warmup
 
 RFID_BACKENDS = (None, "clip", "inception")
@@ -99,8 +99,6 @@ class VAEModule(Stage):
         super().__init__()
         init = None
         if init_from:
-            from lit_diffusion.stages.common import CheckpointError, load_stage_checkpoint
-
             init = load_stage_checkpoint(init_from, "vae")
             arch = init["lit_diffusion"].get("config") or (init.get("hyper_parameters") or {}).get("arch")
         if isinstance(arch, dict):
