@@ -142,3 +142,37 @@ def test_validation_loss_from_latent_val_shards_equals_the_online_one(tiny_ckpts
     assert lat["key"] == img["key"]
     losses = [model.model_step(b, train=False, generator=torch.Generator().manual_seed(3)) for b in (lat, img)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+
+
+def test_sample_posterior_trains_on_mean_plus_std_times_noise_from_shards_and_online(tiny_ckpts, tmp_path,
+                                                                                       monkeypatch):
+    from lit_diffusion.cli import main
+
+    out, data = tmp_path / "std", tiny_ckpts["data"]
+    main(["data", "encode", "--clip", str(tiny_ckpts["clip"]), "--vae", str(tiny_ckpts["vae"]), "--data",
+          f"{data}/val-*.tar", "--out", str(out), "--dtype", "float32", "--std", "--batch-size", "16",
+          "--device", "cpu"])
+    dm = LatentDataModule(val_urls=str(out / "val-*.tar"), batch_size=8, num_workers=0)
+    batch = next(iter(dm.eval_dataloader()))
+    assert batch["latent_std"].min() > 0
+    model = make_ldm(tiny_ckpts, sample_posterior=True)
+    seen = []
+    p_losses = model.schedule.p_losses
+    monkeypatch.setattr(model.schedule, "p_losses", lambda fn, z, **kw: seen.append(z) or p_losses(fn, z, **kw))
+    torch.manual_seed(5)
+    model.model_step(batch, train=True)
+    torch.manual_seed(5)
+    expected = batch["latent"] + batch["latent_std"] * torch.randn_like(batch["latent"])
+    torch.testing.assert_close(seen[-1], expected)
+    model.model_step(batch, train=False)  # validation: the mean
+    torch.testing.assert_close(seen[-1], batch["latent"])
+    with pytest.raises(ValueError, match="sample_posterior: true needs the posterior's std .* --std"):
+        model.model_step({k: v for k, v in batch.items() if k != "latent_std"}, train=True)
+    # online: the VAE's own posterior draw, scaled as the shards' mean and std are
+    images = tiny_datamodule(data, batch_size=8).eval_dataloader(8)
+    image_batch = next(iter(images))
+    torch.manual_seed(6)
+    model.model_step(image_batch, train=True)
+    torch.manual_seed(6)
+    torch.testing.assert_close(seen[-1], model.vae.encode(image_batch["image"], sample=True))
+    assert (seen[-1] - model.vae.encode(image_batch["image"])).abs().max() > 1e-3

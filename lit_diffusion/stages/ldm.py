@@ -59,6 +59,7 @@ class LatentDiffusionModule(Stage):
         loss_weighting: str = "plain",
         min_snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
+        sample_posterior: bool = False,
         p_uncond: float = 0.1,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
@@ -92,6 +93,8 @@ class LatentDiffusionModule(Stage):
             loss_weighting: plain, min_snr (min-SNR-gamma with `min_snr_gamma`) or min_snr_plus_one (v or x0 only:
                 also weights the high noise levels that place objects; see `NoiseSchedule.loss_weight`).
             offset_noise: strength of per-channel offset noise (0 = off).
+            sample_posterior: train on a draw from the VAE's posterior, mean + std * noise (as Stable Diffusion's
+                LDM does), instead of its mean: online through the VAE, or from latent shards encoded with `--std`.
             p_uncond: probability that a caption is replaced by the empty caption during training.
             sampler, sample_steps, guidance, eta: defaults for `sample` (grids, evaluation).
             guidance_rescale: default for `sample`: blend weight of the guided output rescaled to the conditional
@@ -219,8 +222,8 @@ class LatentDiffusionModule(Stage):
                             None if pooled is None else pooled.expand(batch, -1))
 
     @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        return self.vae.encode(images)  # scaled latents [B, C, h, w]
+    def encode_images(self, images: Tensor, sample: bool = False) -> Tensor:
+        return self.vae.encode(images, sample=sample)  # scaled latents [B, C, h, w]: the posterior's mean or a draw
 
     # ----------------------------------------------------------------------------------------------- training
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
@@ -263,18 +266,23 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"{where}: text features of width {have[0]} and pooled dim {have[1]}, the stage's CLIP "
                              f"gives {text[0]} and {text[1]}")
 
-    def _encode_batch(self, batch: dict) -> tuple[Tensor, Conditioning]:
+    def _encode_batch(self, batch: dict, sample: bool = False) -> tuple[Tensor, Conditioning]:
         """An image batch through the frozen VAE and CLIP: latents and caption encodings."""
         images = batch["image"]
-        z = self.encode_images(images)
+        z = self.encode_images(images, sample=sample)
         if z.shape[-1] != self.latent_size:
             raise ValueError(f"data images of {images.shape[-1]} px give {z.shape[-1]}x{z.shape[-1]} latents, but "
                              f"model.init_args.image_size={self.hparams.image_size} expects {self.latent_size}")
         return z, self.encode_prompts(list(batch["caption"]))
 
-    def _from_latents(self, batch: dict) -> tuple[Tensor, Conditioning]:
+    def _from_latents(self, batch: dict, sample: bool = False) -> tuple[Tensor, Conditioning]:
         """A latent-shard batch (`LatentDataModule`): the encoders' outputs are in it, so neither runs."""
         z = batch["latent"]  # [B, C, h, w], scaled as `encode_images` gives
+        if sample:
+            if batch.get("latent_std") is None:
+                raise ValueError("model.init_args.sample_posterior: true needs the posterior's std in the latent "
+                                 "shards: encode them with `lit-diffusion data encode --std`, or set it false")
+            z = z + batch["latent_std"] * torch.randn_like(z)  # the std is scaled as the mean is
         want = (self.latent_channels, self.latent_size, self.latent_size)
         if tuple(z.shape[1:]) != want:
             raise ValueError(f"latent batch of shape {list(z.shape[1:])}, but the stage's VAE and "
@@ -288,7 +296,8 @@ class LatentDiffusionModule(Stage):
         return z, Conditioning(batch["context"], batch["mask"], pooled)  # [B, L, W], [B, L]
 
     def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
-        z, cond = self._from_latents(batch) if "latent" in batch else self._encode_batch(batch)
+        sample = train and self.hparams.sample_posterior
+        z, cond = self._from_latents(batch, sample) if "latent" in batch else self._encode_batch(batch, sample)
         if train:  # condition dropout: the same network learns the unconditional branch of CFG
             cond = drop_conditioning(cond, self.null_cond(1), self.hparams.p_uncond)
         h = self.hparams
