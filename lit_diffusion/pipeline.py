@@ -20,7 +20,6 @@ source shards; the diffusion stage's fingerprint holds the manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -157,14 +156,6 @@ def stage_overrides(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
     return {**overrides, **extra, **(cfg["stages"][stage].get("args") or {})}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _shards_identity(urls: str) -> str:
     """Names, sizes and hashes of the first and last 64 KiB of local shards (file mtimes are left out: rewriting the same shapes
     shards must not count as a change); remote URLs are known only by their names."""
@@ -179,6 +170,8 @@ def _shards_identity(urls: str) -> str:
 
 def fingerprint(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
     """What makes a stage's checkpoint: plain JSON, compared key by key on a rerun."""
+    from lit_diffusion.metrics.features import file_sha256
+
     config = Path(cfg["stages"][stage]["config"])
     if not config.is_file():
         raise FileNotFoundError(f"stages.{stage}.config: {config} not found")
@@ -191,7 +184,7 @@ def fingerprint(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
         "seed": cfg.get("seed"),
         "data": {split: _shards_identity(data[f"{split}_urls"]) for split in ("train", "val")
                  if data.get(f"{split}_urls") and encoded},
-        "files": {key: _sha256(Path(value)) for key, value in overrides.items()  # the shards are under "data"
+        "files": {key: file_sha256(Path(value)) for key, value in overrides.items()  # the shards are under "data"
                   if isinstance(value, str) and not key.endswith("_urls") and Path(value).is_file()},
         **({"latents": _manifest(data["manifest"])} if data.get("manifest") else {}),
     }

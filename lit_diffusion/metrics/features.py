@@ -49,7 +49,7 @@ def _missing_weights_error(path: Path | None) -> FileNotFoundError:
     )
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -94,7 +94,7 @@ class InceptionFeatures(nn.Module):
     def identity(self) -> str:
         """Names these exact weights, for keys of cached real statistics."""
         if self._sha is None:
-            self._sha = _file_sha256(self.weights_path)
+            self._sha = file_sha256(self.weights_path)
         return f"inception-{self._sha[:16]}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
