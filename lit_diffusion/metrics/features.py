@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lit_diffusion.data.latents import state_dict_hash
+
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
@@ -54,16 +56,6 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """Identity of a module's weights (for stats-cache keys): hash over names, shapes, dtypes and bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 
@@ -127,7 +119,7 @@ class CLIPFeatures(nn.Module):
     @property
     def identity(self) -> str:
         if self._sha is None:
-            self._sha = state_dict_sha256(self.clip) if isinstance(self.clip, nn.Module) else type(self.clip).__name__
+            self._sha = state_dict_hash(self.clip.state_dict()) if isinstance(self.clip, nn.Module) else type(self.clip).__name__
         return f"clip-{self._sha[:16]}"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
