@@ -20,7 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_datamodule
 from test_ddp_launch import assert_all_ok, free_port, launch
+
+from lit_diffusion.callbacks.sample_grid import SampleGrid
+from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator
 
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 
@@ -39,6 +43,8 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import enable_wrap
 
+from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
+from lit_diffusion.callbacks.sample_grid import SampleGrid
 from lit_diffusion.data.datamodule import ImageCaptionDataModule
 from lit_diffusion.models.dit import DiTBlock
 from lit_diffusion.stages.ldm import LatentDiffusionModule
@@ -73,6 +79,15 @@ class Probe(L.Callback):
         Path(OUT, f"rank{trainer.global_rank}.json").write_text(json.dumps(dump))
 
 
+class Grid(SampleGrid):
+    """Keeps the grid each rank drew."""
+
+    def grid(self, pl_module):
+        rows, labels = super().grid(pl_module)
+        torch.save(torch.stack(rows), Path(OUT, f"grid_rank{torch.distributed.get_rank()}.pt"))
+        return rows, labels
+
+
 OUT, DATA, CLIP, VAE = sys.argv[1:5]
 torch.set_num_threads(1)
 torch.manual_seed(0)
@@ -81,20 +96,28 @@ module = LatentDiffusionModule(
     dit=dict(patch_size=1, hidden_size=32, depth=DEPTH, num_heads=2, use_checkpoint=True),
     lr=1e-3, weight_decay=0.1, warmup_steps=0)
 torch.save({k: v.clone() for k, v in module.dit.state_dict().items()}, Path(OUT, "init_dit.pt"))
-data = ImageCaptionDataModule(train_urls=str(Path(DATA, "train-*.tar")), image_size=16, batch_size=4, num_workers=0,
-                              train_batches_per_epoch=4)
+# batch 2: the 5 evaluation samples split 3 / 2 over the ranks, 2 batches on rank 0 and 1 on rank 1
+data = ImageCaptionDataModule(train_urls=str(Path(DATA, "train-*.tar")), val_urls=str(Path(DATA, "val-*.tar")),
+                              image_size=16, batch_size=2, num_workers=0, train_batches_per_epoch=4)
 strategy = CPUFSDPStrategy(auto_wrap_policy={DiTBlock}, state_dict_type="sharded")
+evaluation = DiffusionEvaluation(**EVAL)
 trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    limit_val_batches=0, num_sanity_val_steps=0, callbacks=[Probe()])
+                    limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(Path(OUT, "root")),
+                    callbacks=[Probe(), Grid(**GRID), evaluation])
 trainer.fit(module, datamodule=data)
+Path(OUT, f"eval_rank{trainer.global_rank}.json").write_text(json.dumps(evaluation.history))
 trainer.save_checkpoint(Path(OUT, "sharded.ckpt"))  # a folder: one shard file per rank + meta.pt
 strategy._state_dict_type = "full"  # the same weights again, gathered into one file on rank 0
 trainer.save_checkpoint(Path(OUT, "full.ckpt"))
 '''.replace("DEPTH", str(DEPTH))
+# drawn at the end of training (every rank in step: each denoiser call all-gathers the sharded weights)
+GRID = dict(prompts=["a red circle", "a blue square"], guidance=[1.0, 3.0], every_n_steps=0, steps=3)
+EVAL = dict(every_n_steps=0, guidance=[1.0, 3.0], num_samples=5, steps=3, cache_dir=None)
+SCRIPT = SCRIPT.replace("GRID", repr(GRID)).replace("EVAL", repr(EVAL))
 
 
-def test_fsdp_trains_the_sharded_dit_and_its_sharded_checkpoint_samples_in_one_process(tiny_ckpts, tmp_path):
+def test_fsdp_trains_the_sharded_dit_draws_grids_evaluates_and_its_sharded_checkpoint_samples_in_one_process(tiny_ckpts, tmp_path):
     stages = tmp_path / "stages"
     stages.mkdir()
     clip, vae = shutil.copy(tiny_ckpts["clip"], stages), shutil.copy(tiny_ckpts["vae"], stages)
@@ -144,3 +167,29 @@ def test_fsdp_trains_the_sharded_dit_and_its_sharded_checkpoint_samples_in_one_p
     images = one.sample(["a red circle", "a blue square"], steps=3, seed=0)
     assert images.shape == (2, 3, 16, 16) and 0 <= images.min() <= images.max() <= 1
     torch.testing.assert_close(images, ref.sample(["a red circle", "a blue square"], steps=3, seed=0), rtol=0, atol=0)
+
+    # the grid and the in-loop evaluation ran on the sharded DiT: every rank drew the grid in step, rank zero alone
+    # wrote it, and the figures equal one process's evaluation of the gathered weights on the same 5 samples,
+    # although rank 0 held 2 batches and rank 1 one (rank 1 stepped on a dummy batch meanwhile)
+    grids = [torch.load(out / f"grid_rank{r}.pt", weights_only=True) for r in range(2)]
+    rows, _ = SampleGrid(**GRID).grid(ref)
+    torch.testing.assert_close(grids[0], grids[1], rtol=0, atol=0)
+    torch.testing.assert_close(grids[0], torch.stack(rows), rtol=0, atol=1e-5)
+    assert sorted(p.name for p in (out / "root" / "media").iterdir()) == ["samples_step0000003.png"]
+    history = [json.loads((out / f"eval_rank{r}.json").read_text()) for r in range(2)]
+    assert [h["step"] for h in history[0]] == [3] and _same_figures(*history)
+    config = EvalConfig(guidance=sorted({*EVAL["guidance"], float(ref.hparams.guidance)}), num_samples=5,
+                        backends=["clip"], steps=3, seed=0, cache_dir=None)
+    data = tiny_datamodule(tiny_ckpts["data"], batch_size=8)
+    alone = Evaluator(config, ref.clip).run(ref, data.eval_dataloader(5))
+    figures = {k: v for k, v in alone.items() if k.startswith(("eval/fid", "eval/clip_score", "eval/caption_acc"))}
+    assert len(figures) == 3 * len(config.guidance) and alone["eval/num_samples"] == 5
+    assert history[0][0]["eval/num_samples"] == 5
+    for key, value in figures.items():
+        assert history[0][0][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def _same_figures(a: list[dict], b: list[dict]) -> bool:
+    """Both ranks report the same reduced figures (their own timings aside)."""
+    return [{k: v for k, v in h.items() if k != "eval/seconds"} for h in a] == \
+        [{k: v for k, v in h.items() if k != "eval/seconds"} for h in b]

@@ -51,10 +51,14 @@ class SampleGrid(L.Callback):
 
     def draw(self, trainer, pl_module) -> Path | None:
         self._last_step = trainer.global_step
-        if not trainer.is_global_zero:  # the U-Net is called directly, not through DDP: no collective to miss
+        # Under DDP the denoiser is called directly, not through the DDP wrapper: rank zero draws alone. A denoiser
+        # sharded by FSDP all-gathers its weights in every call, so there every rank draws the same grid in step.
+        if not trainer.is_global_zero and not getattr(pl_module, "sharded", False):
             return None
         with averaged_weights(trainer, pl_module) as model:
             rows, labels = self.grid(model)
+        if not trainer.is_global_zero:
+            return None
         out = Path(trainer.default_root_dir) / "media" / f"samples_step{trainer.global_step:07d}.png"
         save_grid(rows, labels, out, col_titles=[f"guidance {g:g}" for g in self.guidance],
                   title=f"step {trainer.global_step}")

@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -136,6 +136,18 @@ def _take(loader: Iterable, limit: int):
             break
 
 
+def _lockstep(batches: Iterable, device) -> Iterator[dict | None]:
+    """This rank's batches, then None until every rank has run out of its own. A denoiser sharded by FSDP all-gathers
+    its weights in every call, so all ranks must make the same calls: one whose share of the samples is shorter
+    keeps stepping, on a dummy batch, while another still generates (under DDP it simply waits)."""
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if _all_max(torch.tensor(int(batch is not None), device=device)) == 0:
+            return
+        yield batch
+
+
 class Evaluator:
     """Holds the metrics and the real statistics between evaluations (the in-loop callback keeps one)."""
 
@@ -181,7 +193,13 @@ class Evaluator:
         folders = _image_folders(cfg.save_images, cfg.guidance) if cfg.save_images else None
         t0 = time.perf_counter()
         n_local, n_shapes = 0, 0
-        for batch in _take(loader, cfg.num_samples):
+        sharded = getattr(model, "sharded", False)
+        for batch in _lockstep(_take(loader, cfg.num_samples), device):
+            if batch is None:  # this rank is done, another is not
+                for g in cfg.guidance if sharded else ():  # the same denoiser calls as a real batch, output unused
+                    model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
+                                 guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
+                continue
             captions, keys = list(batch["caption"]), list(batch["key"])
             attrs = list(batch.get("attrs") or [{}] * len(captions))
             if need_real or folders:
@@ -248,9 +266,17 @@ def _all_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _all_min(x: torch.Tensor) -> int:
+    return _all_reduce_int(x, "MIN")
+
+
+def _all_max(x: torch.Tensor) -> int:
+    return _all_reduce_int(x, "MAX")
+
+
+def _all_reduce_int(x: torch.Tensor, op: str) -> int:
     if dist.is_available() and dist.is_initialized():
         x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return int(x)
 
 

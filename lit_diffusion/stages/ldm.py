@@ -187,6 +187,12 @@ class LatentDiffusionModule(Stage):
         """The trained denoiser: `self.unet` or `self.dit`."""
         return getattr(self, self._net_name)
 
+    @property
+    def sharded(self) -> bool:
+        """True when FSDP shards the denoiser: each of its calls then all-gathers the weights, a collective, so every
+        rank must sample in step with the others (sample grids, in-loop evaluation)."""
+        return isinstance(self.network, FullyShardedDataParallel)
+
     def configure_model(self) -> None:
         # Under Lightning's FSDPStrategy this hook runs inside its `enable_wrap` context: `wrap` shards the denoiser
         # alone (blocks split by the strategy's auto_wrap_policy), and the strategy, finding an FSDP module, leaves
@@ -324,9 +330,8 @@ class LatentDiffusionModule(Stage):
 
     def configure_optimizers(self):
         h = self.hparams
-        sharded = isinstance(self.network, FullyShardedDataParallel)
         return adamw_with_warmup(self, self.network.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
-                                 decay_ids=self._decay_ids if sharded else None)
+                                 decay_ids=self._decay_ids if self.sharded else None)
 
     def train(self, mode: bool = True):
         super().train(mode)
