@@ -23,8 +23,8 @@ QUICK_VAE = dict(arch=dict(base_channels=8, ch_mult=[1, 2, 2], num_res_blocks=1,
 QUICK_LDM = dict(image_size=16, unet=dict(model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
                                           attention_resolutions=[2], head_dim=8, norm_groups=4),
                  warmup_steps=2, sample_steps=4, pooled_text=True)  # the conditioning path of the shapes config
-# the DiT + rectified flow of configs/ldm/shapes_dit.yaml, sized so that a step costs about what QUICK_LDM's does
-# (17 vs 19 ms on the 2-core CPU), as shapes_dit.yaml is sized against shapes.yaml: the two rows then compare
+# the DiT + rectified flow of configs/ldm/shapes_dit.yaml at a size whose step costs about what QUICK_LDM's does
+# (17 vs 19 ms on the 2-core CPU), so that the two rows compare alike (the shapes configs' DiT costs 1.61x the U-Net)
 QUICK_LDM_DIT = dict(image_size=16, dit=dict(patch_size=1, hidden_size=64, depth=4, num_heads=4), objective="flow",
                      flow=dict(timesteps="logit_normal"), sampler="euler", warmup_steps=2, sample_steps=4,
                      pooled_text=True)
