@@ -196,9 +196,10 @@ class Evaluator:
         sharded = getattr(model, "sharded", False)
         for batch in _lockstep(_take(loader, cfg.num_samples), device):
             if batch is None:  # this rank is done, another is not
-                for g in cfg.guidance if sharded else ():  # the same denoiser calls as a real batch, output unused
-                    model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
-                                 guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
+                if sharded:  # the same denoiser calls as a real batch makes; the images are not used
+                    for g in cfg.guidance:
+                        model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
+                                     guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
                 continue
             captions, keys = list(batch["caption"]), list(batch["key"])
             attrs = list(batch.get("attrs") or [{}] * len(captions))
