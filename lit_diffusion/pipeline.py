@@ -20,6 +20,7 @@ source shards; the diffusion stage's fingerprint holds the manifest.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -305,6 +306,72 @@ def check_stage_inputs(cfg: dict, root: Path, data: dict[str, dict], extras: dic
                                      f"(recorded in {record}):\n{lines}\n{_retrain_hint(root, stage)}")
 
 
+class PipelineConfigError(ValueError):
+    """The pipeline's data, its `encode:` block and a stage's config do not fit together."""
+
+
+def _import(class_path: str):
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_stage_data(cfg: dict, inputs: dict[str, dict], extras: dict[str, dict]) -> None:
+    """Before anything trains: each stage to be trained must be able to read the data the pipeline gives it. Its
+    data module (the config's, or LatentDataModule where `encode:` swaps it in) must take every `data.init_args`
+    key the pipeline passes; only the diffusion stage reads latent shards, and only when `encode:` writes them;
+    latent shards must hold what the stage's options ask of them (flipped latents, the posterior's std).
+    Raises PipelineConfigError naming the stage, the key and the fix."""
+    encode = cfg.get("encode")
+    for stage in STAGES:
+        spec = cfg["stages"][stage]
+        if spec.get("checkpoint"):
+            continue
+        where = f"stages.{stage} ({spec['config']})"
+        stage_cfg = yaml.safe_load(Path(spec["config"]).read_text()) or {}
+        config_data = stage_cfg.get("data") or {}
+        overrides = stage_overrides(stage, cfg, inputs[stage], extras[stage])
+        class_path = overrides.get("data.class_path") or config_data.get("class_path")
+        if not class_path:
+            continue
+        if class_path == LATENT_DATA and stage != "ldm":
+            raise PipelineConfigError(
+                f"{where}: data.class_path is {LATENT_DATA}, but the {stage} stage trains on images: give it "
+                f"lit_diffusion.data.datamodule.ImageCaptionDataModule")
+        if class_path == LATENT_DATA and encode is None:
+            raise PipelineConfigError(
+                f"{where}: data.class_path is {LATENT_DATA} (latent shards), but the pipeline config has no "
+                f"`encode:` block, so nothing writes them: add `encode: {{}}` (or `encode: {{dtype: float32}}`) to "
+                f"the pipeline config, or give stages.{stage} a config reading images (ImageCaptionDataModule)")
+        try:
+            accepted = set(inspect.signature(_import(class_path).__init__).parameters) - {"self"}
+        except (ImportError, AttributeError, ValueError) as err:
+            raise PipelineConfigError(f"{where}: data.class_path {class_path} cannot be imported ({err})") from None
+        init_args = dict(config_data.get("init_args") or {})
+        if class_path != config_data.get("class_path"):  # swapped in: LightningCLI keeps the keys it also takes
+            init_args = {k: v for k, v in init_args.items() if k in accepted}
+        init_args.update({k.removeprefix("data.init_args."): v for k, v in overrides.items()
+                          if k.startswith("data.init_args.")})
+        for key in init_args:
+            if key not in accepted:
+                given = "the pipeline passes" if f"data.init_args.{key}" in overrides else "the config sets"
+                raise PipelineConfigError(
+                    f"{where}: {given} data.init_args.{key}, which {class_path.rpartition('.')[2]} does not take "
+                    f"(it takes {', '.join(sorted(accepted))}): remove it from stages.{stage}.args or the config")
+        if class_path != LATENT_DATA:
+            continue
+        model_args = {**((stage_cfg.get("model") or {}).get("init_args") or {}),
+                      **{k.removeprefix("model.init_args."): v for k, v in overrides.items()
+                         if k.startswith("model.init_args.")}}
+        for option, value, flag in (("data.init_args.random_flip", init_args.get("random_flip"), "flips"),
+                                    ("model.init_args.sample_posterior", model_args.get("sample_posterior"), "std")):
+            if value and not (encode or {}).get(flag):
+                raise PipelineConfigError(
+                    f"{where}: {option} is true, which needs the {'flipped latents' if flag == 'flips' else 'posterior std'}"
+                    f" in the latent shards: set `encode: {{{flag}: true}}` in the pipeline config, or {option}: false")
+
+
 def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: dict) -> dict:
     """Train one stage unless its finished checkpoint exists; returns its figures and timing."""
     paths = _paths(root, stage)
@@ -357,6 +424,7 @@ def train_stages(cfg: dict, root: Path, name: str, data: dict) -> dict[str, dict
     inputs = {stage: data for stage in STAGES}
     if cfg.get("encode") is not None:
         inputs["ldm"] = latent_data(cfg, root, data)
+    check_stage_data(cfg, inputs, extras)
     check_stage_inputs(cfg, root, inputs, extras)
     results = {}
     for stage in STAGES:
@@ -370,12 +438,24 @@ def _latents_dir(cfg: dict, root: Path) -> Path:
     return Path((cfg.get("encode") or {}).get("out") or root / "latents")
 
 
+def _encode_splits(data: dict) -> dict[str, list[str]]:
+    """The image shards `encode:` encodes, per split, in the order `data encode` numbers its outputs."""
+    from lit_diffusion.data.shards import expand_urls
+
+    return {split: expand_urls(data[f"{split}_urls"], split=split) for split in ("train", "val")
+            if data.get(f"{split}_urls")}
+
+
 def latent_data(cfg: dict, root: Path, data: dict) -> dict:
-    """What the diffusion stage reads with `encode:`: the latent shards of `data`'s splits (each named after its
-    image shard: train-*.tar, val-*.tar) through LatentDataModule, and the manifest its fingerprint holds."""
+    """What the diffusion stage reads with `encode:`: exactly the latent shards `data encode` writes for `data`'s
+    splits (`OUT/train/000000.tar`, ..., one per image shard, whatever the image shards are named) through
+    LatentDataModule, and the manifest its fingerprint holds."""
+    from lit_diffusion.data.encode import split_pattern
+
     out = _latents_dir(cfg, root)
-    return {"class_path": LATENT_DATA, "train_urls": str(out / "train-*.tar"),
-            "val_urls": str(out / "val-*.tar") if data.get("val_urls") else None,
+    splits = _encode_splits(data)
+    return {"class_path": LATENT_DATA, "train_urls": split_pattern(out, "train", len(splits["train"])),
+            "val_urls": split_pattern(out, "val", len(splits["val"])) if "val" in splits else None,
             "manifest": str(out / "manifest.json")}
 
 
@@ -393,17 +473,18 @@ def encode_latents(cfg: dict, root: Path, data: dict) -> dict:
     """Stage 2.5: `lit-diffusion data encode` of the train and val image shards with the finished CLIP and VAE, in
     a subprocess (a rerun resumes a killed one at its first unfinished shard). Skipped when the manifest exists for
     the same encoder weights and sources; one of other encoders or sources stops the run naming the folder."""
-    from lit_diffusion.data.shards import expand_urls
+    from lit_diffusion.data.encode import split_shard_names
 
     spec, out = cfg["encode"], _latents_dir(cfg, root)
-    sources = expand_urls(data["train_urls"], split="train")
-    if data.get("val_urls"):
-        sources += expand_urls(data["val_urls"], split="val")
-    want = {**_encoder_hashes(root), "sources": sources}
+    splits = _encode_splits(data)
+    sources = [url for shards in splits.values() for url in shards]
+    outputs = {split: split_shard_names(split, len(shards)) for split, shards in splits.items()}
+    want = {**_encoder_hashes(root), "sources": sources, "splits": outputs}
     manifest = out / "manifest.json"
     if manifest.is_file():
         have = json.loads(manifest.read_text())
-        have = {"clip": have.get("clip_hash"), "vae": have.get("vae_hash"), "sources": have.get("sources")}
+        have = {"clip": have.get("clip_hash"), "vae": have.get("vae_hash"), "sources": have.get("sources"),
+                "splits": have.get("splits")}
         if have == want:
             log.info("[encode] %s exists for these CLIP and VAE weights and shards: skipped", manifest)
             return {"skipped": True, "manifest": str(manifest)}
@@ -411,7 +492,9 @@ def encode_latents(cfg: dict, root: Path, data: dict) -> dict:
         raise StageInputsChanged(f"[encode] {manifest} was made from other inputs ({changed}) than the pipeline "
                                  f"gives now. To encode again, delete it: rm -r {out}")
     argv = [sys.executable, "-m", "lit_diffusion", "data", "encode", "--clip", str(root / "clip.ckpt"),
-            "--vae", str(root / "vae.ckpt"), "--data", "::".join(sources), "--out", str(out)]
+            "--vae", str(root / "vae.ckpt"), "--out", str(out)]
+    for split, shards in splits.items():
+        argv += [f"--{split}", "::".join(shards)]
     for key, flag in ENCODE_OPTIONS.items():
         value = spec.get(key)
         if flag is None or value is None or value is False:

@@ -132,6 +132,10 @@ def fake_run(tmp_path, monkeypatch):
     for stage in ("clip", "vae", "ldm"):
         configs[stage] = tmp_path / f"{stage}.yaml"
         shutil.copy(f"configs/{stage}/shapes.yaml", configs[stage])
+    # without `encode:` the diffusion stage reads the image shards
+    ldm = yaml.safe_load(configs["ldm"].read_text())
+    ldm["data"]["class_path"] = "lit_diffusion.data.datamodule.ImageCaptionDataModule"
+    configs["ldm"].write_text(yaml.safe_dump(ldm))
     cfg = {"name": "t", "root": str(tmp_path / "runs"), "seed": 0, "wandb": False,
            "stages": {s: {"config": str(configs[s]), "args": {"trainer.max_steps": 6}} for s in configs}}
     data = {"train_urls": str(data_dir / "train-*.tar"), "val_urls": str(data_dir / "val-000000.tar"),

@@ -60,8 +60,8 @@ def test_encode_runs_after_stage_2_and_the_ldm_trains_from_its_latents(run, tiny
     encode = dict(zip(fake.calls[2][1][::2], fake.calls[2][1][1::2]))
     data = tiny_ckpts["data"]
     assert encode["--clip"] == str(root / "clip.ckpt") and encode["--out"] == str(root / "latents")
-    assert encode["--data"].split("::") == [str(p) for p in (sorted(data.glob("train-*.tar")) +
-                                                              sorted(data.glob("val-*.tar")))]
+    assert encode["--train"].split("::") == [str(p) for p in sorted(data.glob("train-*.tar"))]
+    assert encode["--val"].split("::") == [str(p) for p in sorted(data.glob("val-*.tar"))]
     assert encode["--dtype"] == "float32" and "--flips" not in fake.calls[2][1]
     manifest = json.loads((root / "latents" / "manifest.json").read_text())
     assert manifest["samples"] == 256 + 64 and manifest["dtype"] == "float32"
@@ -70,8 +70,11 @@ def test_encode_runs_after_stage_2_and_the_ldm_trains_from_its_latents(run, tiny
     argv = json.loads((root / "ldm" / "checkpoints" / "last.ckpt").read_text())
     i = argv.index("--data.class_path")
     assert argv[i + 1] == pipeline.LATENT_DATA and argv.index("--data.init_args.train_urls") > i
-    assert argv[argv.index("--data.init_args.train_urls") + 1] == str(root / "latents" / "train-*.tar")
-    assert argv[argv.index("--data.init_args.val_urls") + 1] == str(root / "latents" / "val-*.tar")
+    n_train = len(list(data.glob("train-*.tar")))
+    assert argv[argv.index("--data.init_args.train_urls") + 1] == str(
+        root / "latents" / "train" / f"{{000000..{n_train - 1:06d}}}.tar")
+    assert argv[argv.index("--data.init_args.val_urls") + 1] == str(root / "latents" / "val" / "{000000..000000}.tar")
+    assert sorted(p.name for p in (root / "latents" / "train").iterdir()) == [f"{i:06d}.tar" for i in range(n_train)]
     record = json.loads((root / "ldm.fingerprint.json").read_text())
     assert record["latents"] == {k: v for k, v in manifest.items() if k != "skipped"}
     # a rerun with the same inputs encodes and trains nothing
@@ -86,7 +89,7 @@ def test_latents_made_from_other_inputs_stop_the_run(run):
     shutil.rmtree(root / "latents")
     cfg["encode"]["dtype"] = "float16"
     with pytest.raises(pipeline.StageInputsChanged, match=r"(?s)\[ldm\] .*\n  - latents: the latent shards "
-                                                          r"are not encoded yet \(.*latents/train-\*.tar\)\nTo"):
+                                                          r"are not encoded yet \(.*latents/train/\{000000\.\.0+1\}.tar\)\nTo"):
         train()
     assert len(fake.calls) == 4
     # without the diffusion stage's outputs: encoded again, then trained from the float16 latents
@@ -140,7 +143,10 @@ def test_the_ldm_command_parses_to_a_latent_data_module(config, tmp_path, monkey
         def instantiate_classes(self):
             pass
 
-    data = pipeline.latent_data({"encode": {}}, tmp_path, {"val_urls": "val-*.tar"})
+    for name in ("photos-train-0.tar", "photos-train-1.tar", "photos-val-0.tar"):
+        (tmp_path / name).touch()  # names only: latent_data counts them
+    data = pipeline.latent_data({"encode": {}}, tmp_path, {"train_urls": str(tmp_path / "photos-train-*.tar"),
+                                                           "val_urls": str(tmp_path / "photos-val-*.tar")})
     overrides = pipeline.stage_overrides("ldm", {"stages": {"ldm": {}}}, data, {})
     argv = ["--config", config] + [a for k, v in overrides.items() for a in pipeline._arg(k, v)]
     monkeypatch.setattr(sys, "argv", ["lit-diffusion"])
@@ -148,6 +154,76 @@ def test_the_ldm_command_parses_to_a_latent_data_module(config, tmp_path, monkey
     parsed = cli.config["data"]
     assert parsed["class_path"] == pipeline.LATENT_DATA
     args = dict(parsed["init_args"])
-    assert args["train_urls"] == str(tmp_path / "latents" / "train-*.tar") and "image_size" not in args
+    assert args["train_urls"] == str(tmp_path / "latents" / "train" / "{000000..000001}.tar")
+    assert "image_size" not in args
     given = yaml.safe_load(open(config))["data"]["init_args"]
     assert args["batch_size"] == given["batch_size"] and args["val_max_samples"] == given["val_max_samples"]
+
+
+@pytest.mark.parametrize("layout", ["img2dataset", "named"])
+def test_users_shard_names_and_layouts_are_encoded_and_read_exactly(layout, run, tiny_ckpts, tmp_path):
+    """Shards named as the shapes data never are: img2dataset's `train/00000.tar` + `val/00000.tar` (the same file
+    name in both splits), or `NAME-train-{000000..000001}.tar` + `NAME-val-000000.tar` (GNU tar's names)."""
+    train, fake, root, cfg = run
+    src = tiny_ckpts["data"]
+    user = tmp_path / "user"
+    trains, vals = sorted(src.glob("train-*.tar")), sorted(src.glob("val-*.tar"))
+    if layout == "img2dataset":
+        names = {**{f"train/{i:05d}.tar": p for i, p in enumerate(trains)}, "val/00000.tar": vals[0]}
+        urls = {"train_urls": str(user / "train" / "{00000..00001}.tar"), "val_urls": str(user / "val" / "00000.tar")}
+    else:
+        names = {**{f"photos-train-{i:06d}.tar": p for i, p in enumerate(trains)}, "photos-val-000000.tar": vals[0]}
+        urls = {"train_urls": str(user / "photos-train-{000000..000001}.tar"),
+                "val_urls": str(user / "photos-val-000000.tar")}
+    for name, path in names.items():
+        (user / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, user / name)
+    data = {**urls, "tokenizer": str(src / "tokenizer.json")}
+    pipeline.train_stages(cfg, root, "t", data)
+    assert [c[0] for c in fake.calls] == ["clip", "vae", "encode", "ldm"]
+    manifest = json.loads((root / "latents" / "manifest.json").read_text())
+    assert manifest["splits"] == {"train": ["train/000000.tar", "train/000001.tar"], "val": ["val/000000.tar"]}
+    assert [s["source"] for s in manifest["shards"]] == [str(user / n) for n in names]
+    # the diffusion stage reads exactly the shards written, and its data module finds and accepts their manifest
+    argv = json.loads((root / "ldm" / "checkpoints" / "last.ckpt").read_text())
+    given = {k: argv[argv.index(f"--data.init_args.{k}") + 1] for k in ("train_urls", "val_urls")}
+    from lit_diffusion.data.datamodule import LatentDataModule
+
+    module = LatentDataModule(**given, batch_size=4, num_workers=0)
+    module.setup("fit")
+    assert module.train_shards == [str(root / "latents" / n) for n in manifest["splits"]["train"]]
+    assert module.manifests["val"]["path"] == str(root / "latents" / "manifest.json")
+    assert sum(1 for _ in module.eval_dataloader()) * 4 >= manifest["shards"][-1]["samples"]
+
+
+def test_a_latent_config_without_encode_is_refused_before_anything_trains(run):
+    train, fake, root, cfg = run
+    del cfg["encode"]
+    cfg["stages"]["ldm"]["config"] = "configs/ldm/shapes_dit.yaml"
+    with pytest.raises(pipeline.PipelineConfigError, match=r"stages\.ldm \(configs/ldm/shapes_dit\.yaml\): "
+                                                           r"data\.class_path is .*LatentDataModule .*no `encode:` "
+                                                           r"block.*add `encode: \{\}`"):
+        train()
+    assert fake.calls == [] and not root.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"data.init_args.random_flip": True}, r"data\.init_args\.random_flip is true.*`encode: \{flips: true\}`"),
+    ({"model.init_args.sample_posterior": True}, r"model\.init_args\.sample_posterior is true.*`encode: \{std: true\}`"),
+    ({"data.init_args.image_size": 16}, r"the pipeline passes data\.init_args\.image_size, which LatentDataModule "
+                                        r"does not take"),
+])
+def test_latent_data_that_cannot_serve_the_stage_is_refused_before_anything_trains(run, args, message):
+    train, fake, root, cfg = run
+    cfg["stages"]["ldm"]["args"].update(args)
+    with pytest.raises(pipeline.PipelineConfigError, match=r"stages\.ldm .*" + message):
+        train()
+    assert fake.calls == []
+
+
+def test_a_latent_data_module_for_clip_is_refused(run, tmp_path):
+    train, fake, root, cfg = run
+    cfg["stages"]["clip"]["args"]["data.class_path"] = pipeline.LATENT_DATA
+    with pytest.raises(pipeline.PipelineConfigError, match=r"stages\.clip .*the clip stage trains on images"):
+        train()
+    assert fake.calls == []

@@ -394,7 +394,10 @@ class LatentDataModule(_ShardDataModule):
             if "://" in first or first.startswith("pipe:"):
                 raise ValueError(f"remote latent shards ({shards[0]}): give the manifest's local path as "
                                  f"`manifest` (data.init_args.manifest)")
-            source = os.path.join(os.path.dirname(first), MANIFEST)
+            # beside the shards, or one folder up for a split's shards (`data encode` with splits: SPLIT/*.tar)
+            here = os.path.dirname(first)
+            source = next((os.path.join(d, MANIFEST) for d in (here, os.path.dirname(here))
+                           if os.path.isfile(os.path.join(d, MANIFEST))), os.path.join(here, MANIFEST))
         manifest = read_manifest(source)
         check_shards(manifest, shards)
         check_hashes(manifest, self.expected_hashes)

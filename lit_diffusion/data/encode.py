@@ -1,7 +1,10 @@
 """`data encode`: image-caption shards -> latent shards (see `latents`), every sample encoded once across ranks.
 
-Input shard i goes to rank i % world, and its output shard takes its file name, so a rerun of the same command
-skips every output shard that exists (it exists only when complete: `LatentShardWriter`) and redoes the rest,
+Input shard i goes to rank i % world. Given one set of shards, output shard i takes its input's file name; given
+splits (`{"train": urls, "val": urls}`, as the pipeline encodes), it is `SPLIT/NNNNNN.tar`, numbered in the
+split's shard order, so inputs of any names and layouts (img2dataset's `train/00000.tar` and `val/00000.tar`,
+`NAME-train-000000.tar`) cannot collide, and the manifest lists each output with its source. A rerun of the same
+command skips every output shard that exists (it exists only when complete: `LatentShardWriter`) and redoes the rest,
 deleting what a killed run left half-written. Batches never cross a shard, so a redone shard is encoded in the
 same batches and its bytes equal the uninterrupted run's. Rank 0 writes `manifest.json` once all ranks are done.
 
@@ -58,6 +61,16 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return 0, 1
 
 
+def split_shard_names(split: str, count: int) -> list[str]:
+    """Output names of a split's `count` shards, relative to the output folder: `SPLIT/000000.tar`, ..."""
+    return [f"{split}/{i:06d}.tar" for i in range(count)]
+
+
+def split_pattern(out: str | os.PathLike, split: str, count: int) -> str:
+    """A brace pattern naming exactly the `count` output shards of `split` under `out`."""
+    return os.path.join(os.fspath(out), split, "{000000..%06d}.tar" % (count - 1))
+
+
 def _output_names(urls: Sequence[str]) -> list[str]:
     names, seen = [], {}
     for url in urls:
@@ -66,7 +79,8 @@ def _output_names(urls: Sequence[str]) -> list[str]:
             name += ".tar"
         if name in seen:
             raise ValueError(f"input shards {seen[name]} and {url} have the same file name {name!r}: output shards "
-                             f"are named after their input shards, so input names must be unique")
+                             f"of one set of inputs are named after them; give the inputs as splits "
+                             f"(`--train` / `--val`), whose outputs are numbered instead")
         seen[name] = url
         names.append(name)
     return names
@@ -165,8 +179,22 @@ def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, bat
     writer.commit()
 
 
+def _sources_and_names(urls) -> tuple[list[str], list[str], dict[str, list[str]] | None]:
+    """Every input shard, its output name, and the sources of each split (None for one set of inputs)."""
+    if isinstance(urls, dict):
+        unknown = sorted(set(urls) - {"train", "val", "test"})
+        if unknown or not urls:
+            raise ValueError(f"splits must be among train, val, test; got {sorted(urls)}")
+        splits = {split: expand_urls(u) for split, u in urls.items() if u}
+        sources = [url for shards in splits.values() for url in shards]
+        names = [name for split, shards in splits.items() for name in split_shard_names(split, len(shards))]
+        return sources, names, splits
+    sources = expand_urls(urls)
+    return sources, _output_names(sources), None
+
+
 def encode_shards(
-    urls: str | Iterable[str],
+    urls: str | Iterable[str] | dict,
     out: str | os.PathLike,
     encode_images: ImageEncoder,
     encode_captions: CaptionEncoder,
@@ -184,20 +212,22 @@ def encode_shards(
     progress: bool = True,
 ) -> dict | None:
     """Encode every sample of `urls` into latent shards under `out`; returns the manifest on rank 0 (None on the
-    others). Rank and world size come from torch.distributed when it is initialised (all ranks must call this;
+    others). `urls`: one set of shards, or {"train": urls, "val": urls} (outputs `SPLIT/NNNNNN.tar`). Rank and world size come from torch.distributed when it is initialised (all ranks must call this;
     it ends with collectives), or from the arguments. `latent_scale`: the VAE's scale (and mean), recorded."""
     rank, world_size = _rank_and_world(rank, world_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    sources = expand_urls(urls)
-    names = _output_names(sources)
+    sources, names, splits = _sources_and_names(urls)
     out = Path(out)
+    for split in splits or ():
+        (out / split).mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, {"format": FORMAT, "version": VERSION, "clip_hash": clip_hash, "vae_hash": vae_hash,
                           "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
-                          "batch_size": batch_size, "sources": sources}, rank)
+                          "batch_size": batch_size, "sources": sources,
+                          **({"outputs": names} if splits else {})}, rank)
     counter = SkipCounter()
     done: list[dict] = []
     with tqdm(desc=f"encode (rank {rank})", unit="sample", unit_scale=True, disable=not progress or rank != 0,
@@ -241,6 +271,8 @@ def encode_shards(
             "skipped": {r: sum(p["skipped"][r] for p in everyone) for r in SKIP_REASONS},
             "shards": [{k: s[k] for k in ("name", "source", "samples", "bytes")} for s in shards],
             "sources": sources,
+            **({"splits": {split: split_shard_names(split, len(shards)) for split, shards in splits.items()}}
+               if splits else {}),
         }
         write_manifest(out, manifest)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -178,10 +178,11 @@ def check_hashes(manifest: dict, expected: dict[str, str] | None) -> None:
 
 def check_shards(manifest: dict, urls: list[str]) -> None:
     """Every shard must be one the manifest lists, and a local one of the size it was written with."""
-    listed = {s["name"]: s for s in manifest["shards"]}
+    listed = {s["name"]: s for s in manifest["shards"]}  # paths relative to the manifest's folder
     for url in urls:
-        name = os.path.basename(url)
-        entry = listed.get(name)
+        # the longest listed name the url ends with: `SPLIT/000000.tar` (splits) or the shard's file name
+        parts = url.split("/")
+        entry = next((listed[name] for name in ("/".join(parts[-2:]), parts[-1]) if name in listed), None)
         if entry is None:
             raise ValueError(f"shard {url} is not listed in {manifest['path']} (it lists {len(listed)} shards): "
                              f"shards and manifest do not belong together")
