@@ -116,7 +116,12 @@ def cmd_data_encode(args) -> None:
         features, pooled = clip.encode_text(tokens)  # [B, L, W], [B, E]
         return features, tokens != clip.tokenizer.pad_id, pooled
 
-    manifest = encode_shards(args.data, args.out, encode_images, encode_captions, image_size=image_size,
+    if (args.data is None) == (args.train is None):
+        raise ValueError("data encode: give --data (one set of shards) or --train [--val] (splits), not both")
+    if args.val is not None and args.train is None:
+        raise ValueError("data encode: --val needs --train")
+    urls = args.data if args.data is not None else {"train": args.train, **({"val": args.val} if args.val else {})}
+    manifest = encode_shards(urls, args.out, encode_images, encode_captions, image_size=image_size,
                              clip_hash=clip_hash, vae_hash=vae_hash,
                              latent_scale={"scale_factor": scale, "latent_mean": float(vae.latent_mean)},
                              dtype=args.dtype, flips=args.flips, std=args.std, batch_size=args.batch_size)
@@ -154,9 +159,12 @@ def add_data(sub) -> None:
                                        "once, on every rank of torchrun / fabric run / srun; a rerun resumes")
     p.add_argument("--clip", required=True, help="CLIP checkpoint (stage 1)")
     p.add_argument("--vae", required=True, help="VAE checkpoint (stage 2)")
-    p.add_argument("--data", required=True, help="image-caption shards (brace pattern, glob, folder, list with ::)")
-    p.add_argument("--out", required=True, help="folder for the latent shards (named after the input shards) and "
-                                                "manifest.json")
+    p.add_argument("--data", default=None, help="image-caption shards (brace pattern, glob, folder, list with ::); "
+                                                "each output shard is named after its input shard")
+    p.add_argument("--train", default=None, help="instead of --data: the train split's shards -> OUT/train/NNNNNN.tar "
+                                                 "(any input names and layouts)")
+    p.add_argument("--val", default=None, help="with --train: the val split's shards -> OUT/val/NNNNNN.tar")
+    p.add_argument("--out", required=True, help="folder for the latent shards and manifest.json")
     p.add_argument("--flips", action="store_true", help="also the latents of the mirrored images (flip augmentation)")
     p.add_argument("--std", action="store_true", help="also the posterior std (training can sample the posterior)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
