@@ -23,6 +23,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_diffusion.runtime.rng import TrainingRNG
+
 log = logging.getLogger("lit_diffusion")
 
 
@@ -316,7 +318,7 @@ def default_callbacks(user_callbacks: Sequence[Callback], checkpoint_dir: str | 
                       on_nonfinite: str) -> list[Callback]:
     """What `LitDiffusionCLI` adds to the configured callbacks: a LastCheckpoint in `checkpoint_dir` (unless a
     configured ModelCheckpoint already keeps a last.ckpt, or checkpointing is off: `checkpoint_dir=None`), the
-    signal checkpoint and the non-finite guard (unless configured already)."""
+    signal checkpoint, the non-finite guard and the training steps' random stream (unless configured already)."""
     added: list[Callback] = []
     if checkpoint_dir is not None and not any(
             isinstance(c, ModelCheckpoint) and c.save_last for c in user_callbacks):
@@ -329,6 +331,8 @@ def default_callbacks(user_callbacks: Sequence[Callback], checkpoint_dir: str | 
         added.append(SignalCheckpoint())
     if on_nonfinite != "off" and not any(isinstance(c, NonFiniteGuard) for c in user_callbacks):
         added.append(NonFiniteGuard(mode=on_nonfinite))
+    if not any(isinstance(c, TrainingRNG) for c in user_callbacks):
+        added.append(TrainingRNG())  # bit-exact resume: the training steps' random stream travels in checkpoints
     return added
 
 
