@@ -36,11 +36,25 @@ def _print_json(obj) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def cmd_data_shapes(args) -> None:
-    from lit_diffusion.data.shapes import write_shapes
+def _aspect_ratios(text: str) -> tuple[str, ...]:
+    from lit_diffusion.data.shapes import parse_aspect_ratios
 
+    try:
+        return parse_aspect_ratios(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def cmd_data_shapes(args) -> None:
+    from lit_diffusion.data.shapes import canvas_size, write_shapes
+
+    for ratio in args.aspect_ratios:  # a canvas too small at this --size: name the option, before writing anything
+        try:
+            canvas_size(ratio, args.size)
+        except ValueError as err:
+            raise ValueError(f"--aspect-ratios {ratio} with --size {args.size}: {err}") from None
     summary = write_shapes(args.out, train=args.train, val=args.val, size=args.size, shard_size=args.shard_size,
-                           seed=args.seed)
+                           seed=args.seed, aspect_ratios=args.aspect_ratios)
     _print_json(summary)
 
 
@@ -138,7 +152,9 @@ def add_data(sub) -> None:
     p.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar and tokenizer.json")
     p.add_argument("--train", type=int, default=5000, help="training samples")
     p.add_argument("--val", type=int, default=500, help="validation samples")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (of a non-square canvas: sqrt(W * H))")
+    p.add_argument("--aspect-ratios", type=_aspect_ratios, default=("1:1",), metavar="W:H,...",
+                   help="canvas aspect ratios, one drawn per sample, e.g. 1:1,3:2,2:3,2:1,1:2 (default: 1:1)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_shapes)

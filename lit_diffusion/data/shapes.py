@@ -3,13 +3,26 @@
 Every image is drawn from attributes we keep (`KEY.json`), so generated images can later be checked against
 their caption (colour, shape, size, relation), the way GenEval checks objects.
 
-Geometry (coordinates in [0, 1], y grows downwards):
-- an object is a circle, square or triangle inscribed in the box [cx - r, cx + r] x [cy - r, cy + r];
-- every object lies fully inside the image with at least one pixel of background around it;
+Canvas: square, `size` x `size` pixels, unless `aspect_ratios` (such as "1:1,3:2,2:3,2:1,1:2") is given; then each
+sample draws its ratio uniformly from the list (same seeded rng, no draw when the list has one ratio) and its
+canvas is W x H with W / H the ratio and W * H about `size`^2: W = size * sqrt(ratio) and H = size / sqrt(ratio),
+each rounded half up to the nearest even number ("1:1" stays `size` x `size`), e.g. 40 x 26 for 3:2 at 32 px. A
+shorter side under 14 px is refused: the border margin must round to a whole background pixel. `KEY.json` then
+holds `aspect_ratio`, `width` and `height`; with the default ("1:1" only) neither those keys nor any byte change.
+
+Geometry (y grows downwards; S is the canvas's shorter side, S = W = H on a square):
+- cx is a fraction of the width, cy of the height; sizes, margins and gaps are fractions of S, so an object
+  looks the same on every canvas: a circle, square or triangle inscribed in the box of half-extent r * S pixels
+  around (cx * W, cy * H);
+- every object lies fully inside the image with at least one pixel of background around it (`_MARGIN` * S);
 - in two-object images the boxes do not overlap: along the relation's axis the first object's box ends at least
-  `_GAP` before the second's begins ("above": first bottom < second top), and the offset along the other axis is
-  at most half the offset along the relation's axis, so the relation is the dominant direction. Two large
-  objects cannot satisfy this in a unit square (2 * 0.52 > 1), so a two-object image has at most one large one.
+  `_GAP` * S before the second's begins ("above": first bottom < second top), and the offset in pixels along the
+  other axis is at most half the offset along the relation's axis, so the relation is the dominant direction.
+  Two large objects cannot satisfy this along a side of S pixels (2 * 0.52 > 1), so a two-object image has at
+  most one large one; every other pair fits along the shorter side, so no relation is ever impossible. Positions
+  are drawn by rejection: a pair's centres are redrawn from the same rng until the rules hold (about 1 draw in
+  300 succeeds for a small and a large object side by side across the short side of a 2:1 canvas, 1 in 120 on a
+  square).
 """
 
 from __future__ import annotations
@@ -17,8 +30,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
+import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -34,12 +50,17 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND = (255, 255, 255)
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.14, "large": 0.26}  # half-extent as a fraction of the image side
+SIZES = {"small": 0.14, "large": 0.26}  # half-extent as a fraction of the image's shorter side
 RELATIONS = ("above", "below", "left of", "right of")
+ASPECT_RATIOS = ("1:1",)  # the default: square canvases only, byte for byte the data set as it always was
 
 TWO_OBJECT_PROBABILITY = 0.5
 _GAP = 0.04  # empty space between two objects' boxes along the relation's axis
 _MARGIN = 0.04  # empty space between an object's box and the image border (>= 1 px at 32 px)
+_MIN_SIDE = 14  # shorter side of a non-square canvas: the smallest even side where _MARGIN * side > 0.5 px
+# Rejection draws per pair. Never reached: the worst allowed pair (small and large side by side across a 2:1
+# canvas's short side) is accepted about once in 300 draws; a square's once in 120.
+_PLACE_TRIES = 100_000
 _PNG_COMPRESS_LEVEL = 1  # PNGs of flat colour compress well even at the fastest level
 
 log = logging.getLogger(__name__)
@@ -60,35 +81,84 @@ def caption_of(attrs: dict) -> str:
     return f"{phrases[0]} {attrs['relation']} {phrases[1]}"
 
 
+def parse_aspect_ratios(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Aspect ratios W:H from "1:1,3:2" (or a list of such strings), reduced ("4:2" -> "2:1") and without
+    repeats, in the order given. Raises ValueError on anything else ("3x2", "0:1", "")."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not items or not all(isinstance(item, str) and item.strip() for item in items):
+        raise ValueError(f"expected comma-separated aspect ratios W:H such as 1:1,3:2, got {value!r}")
+    ratios = []
+    for item in items:
+        match = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", item)
+        if match is None or 0 in (int(match[1]), int(match[2])):
+            raise ValueError(f"aspect ratio {item.strip()!r} is not W:H with positive whole numbers, such as 3:2")
+        w, h = int(match[1]), int(match[2])
+        g = math.gcd(w, h)
+        ratio = f"{w // g}:{h // g}"
+        if ratio not in ratios:
+            ratios.append(ratio)
+    return tuple(ratios)
+
+
+def canvas_size(aspect_ratio: str, size: int) -> tuple[int, int]:
+    """(width, height) of a canvas of ratio "W:H" and area about `size`^2 (see the module docstring)."""
+    (ratio,) = parse_aspect_ratios([aspect_ratio])
+    w, h = (int(x) for x in ratio.split(":"))
+    if w == h:
+        return int(size), int(size)
+    width = 2 * math.floor(size * math.sqrt(w / h) / 2 + 0.5)
+    height = 2 * math.floor(size * math.sqrt(h / w) / 2 + 0.5)
+    if min(width, height) < _MIN_SIDE:
+        raise ValueError(
+            f"aspect ratio {ratio} at size {size} gives a {width}x{height} canvas, whose shorter side is under "
+            f"{_MIN_SIDE} px; choose a larger size or a less elongated ratio"
+        )
+    return width, height
+
+
 def _object(rng: random.Random, color: str, size: str) -> dict:
     return {"shape": rng.choice(SHAPES), "color": color, "size": size}
 
 
-def _place_single(rng: random.Random, obj: dict) -> None:
+# kx = S / W and ky = S / H turn lengths in units of the shorter side S into fractions of the width and height.
+# Both are exactly 1.0 on a square, where every expression below reduces to the square-only code's, float for
+# float, so the default data set keeps its bytes.
+def _bounds(r: float, k: float) -> tuple[float, float]:
+    """Range of an object centre (fraction of one side) keeping its box and margin inside that side."""
+    return r * k + _MARGIN * k, 1.0 - r * k - _MARGIN * k
+
+
+def _place_single(rng: random.Random, obj: dict, kx: float = 1.0, ky: float = 1.0) -> None:
     r = SIZES[obj["size"]]
-    lo, hi = r + _MARGIN, 1.0 - r - _MARGIN
-    obj.update(cx=round(rng.uniform(lo, hi), 4), cy=round(rng.uniform(lo, hi), 4), r=r)
+    obj.update(cx=round(rng.uniform(*_bounds(r, kx)), 4), cy=round(rng.uniform(*_bounds(r, ky)), 4), r=r)
 
 
-def _place_pair(rng: random.Random, first: dict, second: dict, relation: str) -> None:
+def _place_pair(rng: random.Random, first: dict, second: dict, relation: str,
+                kx: float = 1.0, ky: float = 1.0) -> None:
     """Place `first` relative to `second` as `relation` says (see the module docstring for the rules)."""
     r1, r2 = SIZES[first["size"]], SIZES[second["size"]]
     # Work in the frame where the relation axis is "along" and "first comes before second" means smaller along.
     along_vertical = relation in ("above", "below")
     first_before = relation in ("above", "left of")
-    lo1, hi1 = r1 + _MARGIN, 1.0 - r1 - _MARGIN
-    lo2, hi2 = r2 + _MARGIN, 1.0 - r2 - _MARGIN
-    min_sep = r1 + r2 + _GAP
-    for _ in range(1000):
+    k_along, k_across = (ky, kx) if along_vertical else (kx, ky)
+    lo1, hi1 = _bounds(r1, k_along)
+    lo2, hi2 = _bounds(r2, k_along)
+    clo1, chi1 = _bounds(r1, k_across)
+    clo2, chi2 = _bounds(r2, k_across)
+    min_sep = (r1 + r2 + _GAP) * k_along
+    if ((hi2 - lo1) if first_before else (hi1 - lo2)) < min_sep:
+        raise ValueError(f"a {first['size']} object cannot be {relation} a {second['size']} one on a canvas whose "
+                         f"side along that relation is {1 / k_along:.3g} times its shorter side")
+    for _ in range(_PLACE_TRIES):
         a1, a2 = rng.uniform(lo1, hi1), rng.uniform(lo2, hi2)
         sep = (a2 - a1) if first_before else (a1 - a2)
         if sep < min_sep:
             continue
-        c1, c2 = rng.uniform(lo1, hi1), rng.uniform(lo2, hi2)
-        if abs(c1 - c2) > 0.5 * sep:
+        c1, c2 = rng.uniform(clo1, chi1), rng.uniform(clo2, chi2)
+        if abs(c1 - c2) / k_across > 0.5 * sep / k_along:  # offsets in units of S, i.e. in pixels
             continue
         break
-    else:  # pragma: no cover - acceptance is high for every allowed size pair
+    else:  # pragma: no cover - see _PLACE_TRIES
         raise RuntimeError(f"could not place {first} {relation} {second}")
     a1, a2, c1, c2 = (round(v, 4) for v in (a1, a2, c1, c2))
     if along_vertical:
@@ -99,10 +169,22 @@ def _place_pair(rng: random.Random, first: dict, second: dict, relation: str) ->
         second.update(cx=a2, cy=c2, r=r2)
 
 
-def sample_attrs(rng: random.Random | int, image_size: int = 32) -> dict:
-    """Draw one image's attributes (the `KEY.json` content) from `rng` (a `random.Random` or an int seed)."""
+def sample_attrs(rng: random.Random | int, image_size: int = 32,
+                 aspect_ratios: str | Sequence[str] = ASPECT_RATIOS) -> dict:
+    """Draw one image's attributes (the `KEY.json` content) from `rng` (a `random.Random` or an int seed); with
+    aspect ratios other than the default, first the sample's ratio, and the attributes gain `aspect_ratio`,
+    `width` and `height`."""
     if not isinstance(rng, random.Random):
         rng = random.Random(rng)
+    ratios = parse_aspect_ratios(aspect_ratios)
+    canvas = {}
+    width = height = int(image_size)
+    if ratios != ASPECT_RATIOS:
+        ratio = ratios[0] if len(ratios) == 1 else rng.choice(ratios)
+        width, height = canvas_size(ratio, image_size)
+        canvas = {"aspect_ratio": ratio, "width": width, "height": height}
+    short = min(width, height)
+    kx, ky = short / width, short / height
     size_names = list(SIZES)
     if rng.random() < TWO_OBJECT_PROBABILITY:
         color1, color2 = rng.sample(list(COLORS), 2)
@@ -111,36 +193,48 @@ def sample_attrs(rng: random.Random | int, image_size: int = 32) -> dict:
             sizes[rng.randrange(2)] = "small"
         first, second = _object(rng, color1, sizes[0]), _object(rng, color2, sizes[1])
         relation = rng.choice(RELATIONS)
-        _place_pair(rng, first, second, relation)
+        _place_pair(rng, first, second, relation, kx, ky)
         objects = [first, second]
     else:
         obj = _object(rng, rng.choice(list(COLORS)), rng.choice(size_names))
-        _place_single(rng, obj)
+        _place_single(rng, obj, kx, ky)
         relation, objects = None, [obj]
-    attrs = {"caption": "", "relation": relation, "objects": objects, "image_size": int(image_size)}
+    attrs = {"caption": "", "relation": relation, "objects": objects, "image_size": int(image_size), **canvas}
     attrs["caption"] = caption_of(attrs)
     return attrs
 
 
-def _pixel_box(obj: dict, size: int) -> tuple[int, int, int, int]:
-    # Inclusive pixel bounds; rounding keeps the shape within its [c - r, c + r] box up to half a pixel,
+def _pixel_box(obj: dict, width: int, height: int | None = None) -> tuple[int, int, int, int]:
+    # Inclusive pixel bounds; rounding keeps the shape within its box (half-extent r * S) up to half a pixel,
     # which the 1-px-or-more margin and gap absorb.
-    x0 = round((obj["cx"] - obj["r"]) * size)
-    y0 = round((obj["cy"] - obj["r"]) * size)
-    x1 = round((obj["cx"] + obj["r"]) * size) - 1
-    y1 = round((obj["cy"] + obj["r"]) * size) - 1
+    height = width if height is None else height
+    short = min(width, height)
+    rx, ry = obj["r"] * (short / width), obj["r"] * (short / height)  # fractions of the width and height
+    x0 = round((obj["cx"] - rx) * width)
+    y0 = round((obj["cy"] - ry) * height)
+    x1 = round((obj["cx"] + rx) * width) - 1
+    y1 = round((obj["cy"] + ry) * height) - 1
     return x0, y0, x1, y1
 
 
-def render(attrs: dict, size: int | None = None) -> Image.Image:
-    """Draw attributes as an RGB image of side `size` (default `attrs["image_size"]`); no anti-aliasing, so
-    every pixel is either the background or one of `COLORS`."""
+def canvas_of(attrs: dict, size: int | None = None) -> tuple[int, int]:
+    """(width, height) of attributes' canvas at `size` (default `attrs["image_size"]`): square unless the
+    attributes carry an `aspect_ratio`."""
     size = int(size or attrs["image_size"])
-    image = Image.new("RGB", (size, size), BACKGROUND)
+    if "aspect_ratio" in attrs:
+        return canvas_size(attrs["aspect_ratio"], size)
+    return size, size
+
+
+def render(attrs: dict, size: int | None = None) -> Image.Image:
+    """Draw attributes as an RGB image of `canvas_of(attrs, size)` (`size` x `size` for square attributes);
+    no anti-aliasing, so every pixel is either the background or one of `COLORS`."""
+    width, height = canvas_of(attrs, size)
+    image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in attrs["objects"]:
         color = COLORS[obj["color"]]
-        x0, y0, x1, y1 = _pixel_box(obj, size)
+        x0, y0, x1, y1 = _pixel_box(obj, width, height)
         if obj["shape"] == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=color)
         elif obj["shape"] == "square":
@@ -187,7 +281,8 @@ def _remove_stale_shards(out_dir: Path) -> None:
         path.unlink()
 
 
-def _write_split(out_dir: Path, split: str, count: int, size: int, shard_size: int, seed: int) -> tuple[list, list]:
+def _write_split(out_dir: Path, split: str, count: int, size: int, shard_size: int, seed: int,
+                 aspect_ratios: tuple[str, ...] = ASPECT_RATIOS) -> tuple[list, list]:
     rng = random.Random(f"lit_diffusion-shapes-{seed}-{split}")  # str seeds hash deterministically
     pattern = str(out_dir).replace("%", "%%") + f"/{split}-%06d.tar"
     shards, captions = [], []
@@ -196,7 +291,7 @@ def _write_split(out_dir: Path, split: str, count: int, size: int, shard_size: i
     # mtime fixed so the same seed gives byte-identical tars; an int, as a float mtime costs a PAX header per file.
     with ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0, post=shards.append) as sink:
         for index in range(count):
-            attrs = sample_attrs(rng, size)
+            attrs = sample_attrs(rng, size, aspect_ratios)
             captions.append(attrs["caption"])
             sink.write(shapes_sample(index, attrs, size))
     return [Path(s).name for s in shards], captions
@@ -211,9 +306,12 @@ def write_shapes(
     seed: int = 0,
     vocab_size: int = 1000,
     context_length: int = 32,
+    aspect_ratios: str | Sequence[str] = ASPECT_RATIOS,
 ) -> dict:
     """Write `train-%06d.tar` / `val-%06d.tar` shards of shapes images, `tokenizer.json` (trained on the
     train captions) and `info.json` to `out_dir`. The same arguments give byte-identical files.
+    `aspect_ratios` ("1:1,3:2,..." or a list) are the canvases' W:H, drawn per sample; info.json records them
+    and their canvases unless they are the default, square only.
     Returns info.json's content plus timing (`seconds`, `samples_per_s`)."""
     from lit_diffusion.data.tokenizer import Tokenizer
 
@@ -221,12 +319,14 @@ def write_shapes(
         raise ValueError(f"size={size}: shapes need at least 16 px to keep objects and gaps visible")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be >= 1")
+    ratios = parse_aspect_ratios(aspect_ratios)
+    canvases = {ratio: list(canvas_size(ratio, size)) for ratio in ratios}  # refuses too-small canvases early
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_shards(out_dir)
     start = time.perf_counter()
-    train_shards, train_captions = _write_split(out_dir, "train", train, size, shard_size, seed)
-    val_shards, _ = _write_split(out_dir, "val", val, size, shard_size, seed)
+    train_shards, train_captions = _write_split(out_dir, "train", train, size, shard_size, seed, ratios)
+    val_shards, _ = _write_split(out_dir, "val", val, size, shard_size, seed, ratios)
     seconds = time.perf_counter() - start
 
     tokenizer_captions = train_captions or [caption_of(sample_attrs(i, size)) for i in range(100)]
@@ -243,6 +343,7 @@ def write_shapes(
         "dataset": "shapes",
         "seed": seed,
         "image_size": size,
+        **({"aspect_ratios": list(ratios), "canvases": canvases} if ratios != ASPECT_RATIOS else {}),
         "shard_size": shard_size,
         "counts": {"train": train, "val": val},
         "shards": {"train": train_shards, "val": val_shards},

@@ -3,8 +3,10 @@
 Pixels are classified to the nearest palette colour (or background, or "other" when far from all), each colour's
 connected components above a speck size are objects, and each object gets a shape from its fill of the bounding
 box and the share of its mass in the box's top half (square 1.0/0.5, circle pi/4/0.5, upward triangle 0.5/0.25),
-a size from its half-extent (small 0.14, large 0.26 of the side) and a centre from its centroid. Expected objects
-are matched to detections by colour, since the two objects of a caption always differ in colour.
+a size from its half-extent (small 0.14, large 0.26 of the image's shorter side, as the data defines sizes) and a
+centre from its centroid (a fraction of the width and of the height, as in `KEY.json`). Expected objects are
+matched to detections by colour, since the two objects of a caption always differ in colour; a relation is read
+from the two centroids' offset in pixels, so it means the same on a square as on a 2:1 or 1:2 image.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _SHAPE_PROTOTYPES = {"square": (1.0, 0.5), "circle": (np.pi / 4, 0.5), "triangle
 _SIZE_THRESHOLD = (SIZES["small"] + SIZES["large"]) / 2  # half-extent between small and large
 # RGB distance beyond which a pixel is no palette colour (the closest pair, blue/purple, is ~114 apart)
 _MAX_COLOR_DIST = 90.0
-_MIN_AREA_FRAC = 0.01  # specks below 1% of the image are noise (a small triangle covers ~4%)
+_MIN_AREA_FRAC = 0.01  # specks below 1% of the shorter side squared are noise (a small triangle covers ~4%)
 
 
 def _to_hwc_uint8(image: Tensor | np.ndarray) -> np.ndarray:
@@ -43,14 +45,16 @@ def _classify_shape(fill: float, top_share: float) -> str:
 
 
 def detect_objects(image: Tensor | np.ndarray) -> list[dict]:
-    """Objects in an image [3, H, W] in [0, 1] (or uint8 [H, W, 3]): dicts with color, shape, size, cx, cy
-    (centroid in [0, 1]), r (half-extent in [0, 1]) and area (fraction of the image), largest first."""
+    """Objects in an image [3, H, W] in [0, 1] (or uint8 [H, W, 3]), H and W any: dicts with color, shape, size,
+    cx and cy (centroid as fractions of the width and height), r (half-extent as a fraction of the shorter side)
+    and area (fraction of the image), largest first."""
     pixels = _to_hwc_uint8(image).astype(np.float32)  # [H, W, 3]
     height, width = pixels.shape[:2]
+    short = min(height, width)
     dist = np.linalg.norm(pixels[:, :, None, :] - _PALETTE, axis=-1)  # [H, W, K + 1]
     labels = dist.argmin(-1)
     labels[dist.min(-1) > _MAX_COLOR_DIST] = -1
-    min_area = max(3, _MIN_AREA_FRAC * height * width)
+    min_area = max(3, _MIN_AREA_FRAC * short * short)
     objects = []
     for index, color in enumerate(_NAMES[:-1]):
         components, count = ndimage.label(labels == index, structure=np.ones((3, 3)))  # 8-connected
@@ -61,32 +65,38 @@ def detect_objects(image: Tensor | np.ndarray) -> list[dict]:
                 continue
             h, w = mask.shape
             ys, xs = np.nonzero(mask)
+            half_extent = max(h, w) / (2 * short)
             objects.append({
                 "color": color,
                 "shape": _classify_shape(area / (h * w), float((ys < h / 2).sum()) / area),
-                "size": "large" if max(h, w) / (2 * max(height, width)) > _SIZE_THRESHOLD else "small",
+                "size": "large" if half_extent > _SIZE_THRESHOLD else "small",
                 "cx": float((xs.mean() + sl[1].start + 0.5) / width),
                 "cy": float((ys.mean() + sl[0].start + 0.5) / height),
-                "r": max(h, w) / (2 * max(height, width)),
+                "r": half_extent,
                 "area": area / (height * width),
             })
     return sorted(objects, key=lambda o: -o["area"])
 
 
-def _relation_holds(first: dict, second: dict, relation: str) -> bool:
-    """`first` is `relation` `second`: right sign along the relation's axis, and that axis dominates."""
-    dx, dy = first["cx"] - second["cx"], first["cy"] - second["cy"]  # y grows downwards
+def _relation_holds(first: dict, second: dict, relation: str, sx: float = 1.0, sy: float = 1.0) -> bool:
+    """`first` is `relation` `second`: right sign along the relation's axis, and that axis dominates, comparing
+    pixel offsets (sx = W / S and sy = H / S turn fractions of the width and height into units of the shorter
+    side S; both are 1.0 on a square)."""
+    dx, dy = (first["cx"] - second["cx"]) * sx, (first["cy"] - second["cy"]) * sy  # y grows downwards
     along, across = {"above": (-dy, dx), "below": (dy, dx), "left of": (-dx, dy), "right of": (dx, dy)}[relation]
     return along > 0 and along >= abs(across)
 
 
 def check_image(image: Tensor | np.ndarray, attrs: dict) -> dict:
     """Per-attribute booleans (count, colors, shapes, sizes, relation) and `correct` (all of them) for one image
-    against its shapes attributes (the `KEY.json` content)."""
+    [3, H, W] (any H and W) against its shapes attributes (the `KEY.json` content)."""
     if not attrs or "objects" not in attrs:
         raise ValueError(f"check_image needs shapes attributes with 'objects', got keys {sorted(attrs or {})}")
     expected = attrs["objects"]
-    found = detect_objects(image)
+    pixels = _to_hwc_uint8(image)  # [H, W, 3]
+    height, width = pixels.shape[:2]
+    short = min(height, width)
+    found = detect_objects(pixels)
     by_color = {}
     for obj in found:  # largest first, so the largest component of each colour wins
         by_color.setdefault(obj["color"], obj)
@@ -100,7 +110,8 @@ def check_image(image: Tensor | np.ndarray, attrs: dict) -> dict:
     }
     if attrs.get("relation") is not None:
         result["relation"] = (len(matches) == 2 and None not in matches
-                              and _relation_holds(matches[0], matches[1], attrs["relation"]))
+                              and _relation_holds(matches[0], matches[1], attrs["relation"],
+                                                  width / short, height / short))
     result["correct"] = all(result[k] for k in ATTRIBUTES)
     return result
 
