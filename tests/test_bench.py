@@ -17,7 +17,7 @@ from lit_diffusion.bench.flops import denoiser_network, denoiser_step_flops, tra
 from lit_diffusion.bench.memory import bench_memory
 from lit_diffusion.bench.sampling import CountedCalls, bare_forwards, sampler_run, sampler_timesteps
 from lit_diffusion.bench.train import configured_optimizer, lightning_fit, plain_loop
-from lit_diffusion.diffusion.guidance import Conditioning
+from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.diffusion.schedule import NoiseSchedule
 from lit_diffusion.models.unet import UNet
 
@@ -81,17 +81,19 @@ def test_bare_forward_baseline_makes_as_many_unet_calls_as_the_sampler(name, ste
                      attention_resolutions=[1], head_dim=4, norm_groups=4, context_dim=6,
                      pooled_dim=3 if pooled else None)).eval()
     schedule = NoiseSchedule(num_timesteps=7 if name == "ddpm" else 50)
-    cond = Conditioning(torch.randn(3, 5, 6), torch.ones(3, 5, dtype=torch.bool), torch.randn(3, 3) if pooled else None)
-    uncond = Conditioning(torch.randn(1, 2, 6), torch.ones(1, 2, dtype=torch.bool), torch.randn(1, 3) if pooled else None)
+    cond = Conditioning(context=torch.randn(3, 5, 6), mask=torch.ones(3, 5, dtype=torch.bool),
+                        pooled=torch.randn(3, 3) if pooled else None)
+    uncond = Conditioning(context=torch.randn(1, 2, 6), mask=torch.ones(1, 2, dtype=torch.bool),
+                          pooled=torch.randn(1, 3) if pooled else None)
     shape = (3, 4, 4, 4)
 
     seen = {"sampler": [], "bare": []}
 
     def recorder(kind):
-        def denoiser(x, t, context, mask, pooled=None):
-            seen[kind].append((tuple(x.shape), tuple(context.shape), sorted(set(t.tolist())),
-                               None if pooled is None else pooled.sum().item()))
-            return unet(x, t, context, mask, pooled)
+        def denoiser(x, t, cond):
+            seen[kind].append((tuple(x.shape), tuple(cond.context.shape), sorted(set(t.tolist())),
+                               None if cond.pooled is None else cond.pooled.sum().item()))
+            return unet(x, t, cond)
         return CountedCalls(denoiser)
 
     sampler_calls = sampler_run(name, recorder("sampler"), schedule, cond, uncond, 3.0, shape, steps, "cpu")
@@ -209,9 +211,9 @@ class PixelDenoiser(torch.nn.Module):
         self.context = torch.nn.Linear(context_dim, channels)
         self.pooled = torch.nn.Linear(pooled_dim, channels)
 
-    def forward(self, x, t, context, mask, pooled):
+    def forward(self, x, t, cond):
         h = self.pixel(x.movedim(1, -1))  # [B, H, W, C]
-        text = self.context(context).mean(1) + self.pooled(pooled)  # [B, C]
+        text = self.context(cond.context).mean(1) + self.pooled(cond.pooled)  # [B, C]
         return (h + text[:, None, None]).movedim(-1, 1)  # [B, C, H, W]
 
 

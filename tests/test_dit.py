@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lit_diffusion.models.conditions import Conditioning as C
 from lit_diffusion.models.dit import DiT, DiTConfig, JointBlock, patchify, unpatchify
 
 TINY = dict(in_channels=4, out_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, context_dim=8,
@@ -48,7 +49,7 @@ def test_output_is_exactly_zero_and_every_block_the_identity_at_initialisation(m
     for block in net.blocks:
         block.register_forward_hook(lambda m, args, out: seen.append((args, out)))
     x, t, ctx, mask, pooled = inputs()
-    out = net(x, t, ctx, mask, pooled)
+    out = net(x, t, C(context=ctx, mask=mask, pooled=pooled))
     assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
     assert len(seen) == net.config.depth
     for args, block_out in seen:
@@ -85,7 +86,7 @@ def test_without_positions_permuting_the_patches_permutes_the_output(mode):
     for pos_embed in (False, True):
         net = tiny_dit(mode, pos_embed=pos_embed).eval()
         with torch.no_grad():
-            out, out_of_shuffled = net(x, t, ctx, mask, pooled), net(shuffle(x), t, ctx, mask, pooled)
+            out, out_of_shuffled = net(x, t, C(context=ctx, mask=mask, pooled=pooled)), net(shuffle(x), t, C(context=ctx, mask=mask, pooled=pooled))
         equivariant = torch.allclose(out_of_shuffled, shuffle(out), atol=1e-5)
         assert equivariant == (not pos_embed)  # the positions are what tells the patches apart
 
@@ -99,12 +100,12 @@ def test_padding_tokens_of_the_caption_do_not_change_the_output(mode):
     changed = ctx.clone()
     changed[0, 0] += 1.0  # a real token of the first caption
     with torch.no_grad():
-        out = net(x, t, ctx, mask, pooled)
-        torch.testing.assert_close(net(x, t, garbage, mask, pooled), out, rtol=0, atol=1e-5)
+        out = net(x, t, C(context=ctx, mask=mask, pooled=pooled))
+        torch.testing.assert_close(net(x, t, C(context=garbage, mask=mask, pooled=pooled)), out, rtol=0, atol=1e-5)
         # the caption does reach the image
-        assert (net(x, t, changed, mask, pooled)[0] - out[0]).abs().max() > 1e-3
+        assert (net(x, t, C(context=changed, mask=mask, pooled=pooled))[0] - out[0]).abs().max() > 1e-3
         # and so does the pooled embedding
-        assert (net(x, t, ctx, mask, pooled.flip(0)) - out).abs().max() > 1e-3
+        assert (net(x, t, C(context=ctx, mask=mask, pooled=pooled.flip(0))) - out).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -119,7 +120,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_gradien
             calls[use_checkpoint] += 1
 
         net.blocks[0].register_forward_pre_hook(count)  # a pre-hook: the recomputation stops early, before the end
-        F.mse_loss(net(x, t, ctx, mask, pooled), x).backward()
+        F.mse_loss(net(x, t, C(context=ctx, mask=mask, pooled=pooled)), x).backward()
         grads[use_checkpoint] = {n: p.grad for n, p in net.named_parameters()}
     assert calls == {False: 1, True: 2}  # checkpointing runs the block's forward again in backward
     assert grads[True].keys() == grads[False].keys()
@@ -166,18 +167,18 @@ def test_presets_and_config_from_dict():
 def test_bad_inputs_are_refused_by_name():
     net = tiny_dit(patch_size=4)
     x, t, ctx, mask, pooled = inputs(height=8, width=8)
-    with pytest.raises(ValueError, match="DiT input 8x6 is not divisible by patch_size 4"):
-        net(x[..., :6], t, ctx, mask, pooled)
+    with pytest.raises(ValueError, match="DiT input 8x6: height and width must be multiples of patch_size 4"):
+        net(x[..., :6], t, C(context=ctx, mask=mask, pooled=pooled))
     with pytest.raises(ValueError, match="expects 4 input channels, got 3"):
-        net(x[:, :3], t, ctx, mask, pooled)
+        net(x[:, :3], t, C(context=ctx, mask=mask, pooled=pooled))
     with pytest.raises(ValueError, match=r"context_dim=8 needs context \[2, L, 8\], got None"):
-        net(x, t, None, None, pooled)
-    with pytest.raises(ValueError, match=r"pooled_dim=6 needs pooled \[2, 6\], got None"):
-        net(x, t, ctx, mask)
+        net(x, t, C(context=None, mask=None, pooled=pooled))
+    with pytest.raises(ValueError, match=r"pooled_dim=6 needs cond.pooled \[2, 6\], got None"):
+        net(x, t, C(context=ctx, mask=mask))
     with pytest.raises(ValueError, match="key_padding_mask has shape"):
-        net(x, t, ctx, mask[:, :2], pooled)
+        net(x, t, C(context=ctx, mask=mask[:, :2], pooled=pooled))
     with pytest.raises(ValueError, match="no pooled_dim"):
-        tiny_dit(pooled_dim=None)(x, t, ctx, mask, pooled)
+        tiny_dit(pooled_dim=None)(x, t, C(context=ctx, mask=mask, pooled=pooled))
 
 
 def test_joint_blocks_leave_no_parameter_unused():
@@ -186,7 +187,7 @@ def test_joint_blocks_leave_no_parameter_unused():
     assert isinstance(net.blocks[-1], JointBlock) and net.blocks[-1].text.pre_only
     assert not hasattr(net.blocks[-1].text, "to_q") and hasattr(net.blocks[0].text, "to_q")
     x, t, ctx, mask, pooled = inputs()
-    F.mse_loss(net(x, t, ctx, mask, pooled), x).backward()
+    F.mse_loss(net(x, t, C(context=ctx, mask=mask, pooled=pooled)), x).backward()
     assert [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()] == []
 
 
@@ -214,7 +215,7 @@ def _worker(rank: int, port: int, out_dir):
         grads = {}
         for name, overrides in DDP_MODES.items():
             model = DistributedDataParallel(tiny_dit(**overrides).train())
-            F.mse_loss(model(x, t, ctx, mask, pooled), target).backward()
+            F.mse_loss(model(x, t, C(context=ctx, mask=mask, pooled=pooled)), target).backward()
             grads[name] = {n: p.grad for n, p in model.module.named_parameters()}
         torch.save(grads, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -230,7 +231,7 @@ def test_ddp_step_gives_the_gradients_of_one_process_on_the_whole_batch(tmp_path
         model = tiny_dit(**overrides).train()
         # equal local batches: the mean of the ranks' mean losses is the whole batch's mean loss, and DDP
         # averages the ranks' gradients
-        F.mse_loss(model(x, t, ctx, mask, pooled), target).backward()
+        F.mse_loss(model(x, t, C(context=ctx, mask=mask, pooled=pooled)), target).backward()
         for n, p in model.named_parameters():
             for r in range(WORLD):
                 torch.testing.assert_close(results[r][name][n], p.grad, rtol=1e-4, atol=1e-6, msg=f"{name} {n}")

@@ -27,7 +27,8 @@ from lit_diffusion.diffusion.flow import (
     resolution_shift,
     shift_time,
 )
-from lit_diffusion.diffusion.guidance import Conditioning, cfg_model_fn, rescale_guidance
+from lit_diffusion.diffusion.guidance import cfg_model_fn, rescale_guidance
+from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.diffusion.samplers import SAMPLERS, check_sampler, ddim_sample, sample
 from lit_diffusion.diffusion.schedule import NoiseSchedule
 
@@ -271,7 +272,8 @@ class ShiftedGaussianDenoiser:
     def __init__(self, fs: FlowSchedule):
         self.fs, self.calls = fs, []
 
-    def __call__(self, x, t, context, mask):
+    def __call__(self, x, t, cond):
+        context, mask = cond.context, cond.mask
         self.calls.append((x.shape[0], t.clone()))
         m = mask.double().unsqueeze(-1)
         c = (context * m).sum((1, 2)) / (m.sum((1, 2)) * context.shape[2])  # [B]
@@ -285,7 +287,7 @@ def cond_of(value, batch, length=4, dim=2, valid=3):
     context = torch.full((batch, length, dim), float(value), dtype=torch.float64)
     mask = torch.zeros(batch, length, dtype=torch.bool)
     mask[:, :valid] = True
-    return Conditioning(context, mask)
+    return Conditioning(context=context, mask=mask)
 
 
 def test_guidance_scale_one_is_the_conditional_velocity():

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from lit_diffusion.diffusion.guidance import Conditioning, cfg_model_fn, drop_conditioning, rescale_guidance
+from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning, rescale_guidance
 from lit_diffusion.diffusion.schedule import NoiseSchedule
+from lit_diffusion.models.conditions import Conditioning
 
 
 class SpyDenoiser:
@@ -11,7 +12,8 @@ class SpyDenoiser:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, t, context, mask):
+    def __call__(self, x, t, cond):
+        context, mask = cond.context, cond.mask
         self.calls.append({"x": x.clone(), "t": t.clone(), "context": context.clone(), "mask": mask.clone()})
         m = mask.float().unsqueeze(-1)
         pooled = (context * m).sum((1, 2)) / (m.sum((1, 2)).clamp(min=1) * context.shape[2])  # [B]
@@ -22,7 +24,7 @@ def cond_of(value, batch=2, length=4, dim=3, valid=3):
     context = torch.full((batch, length, dim), float(value))
     mask = torch.zeros(batch, length, dtype=torch.bool)
     mask[:, :valid] = True
-    return Conditioning(context, mask)
+    return Conditioning(context=context, mask=mask)
 
 
 X = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -34,7 +36,7 @@ def test_scale_one_is_the_conditional_forward_only():
     cond = cond_of(2.0)
     out = cfg_model_fn(spy, cond, cond_of(-1.0), scale=1.0)(X, T)
     assert len(spy.calls) == 1 and spy.calls[0]["x"].shape[0] == 2
-    assert torch.equal(out, SpyDenoiser()(X, T, cond.context, cond.mask))
+    assert torch.equal(out, SpyDenoiser()(X, T, cond))
 
 
 def test_guidance_is_one_batched_forward():
@@ -48,7 +50,7 @@ def test_guidance_is_one_batched_forward():
     assert torch.equal(call["t"], torch.cat([T, T]))
     assert torch.equal(call["context"][:2], uncond.context) and torch.equal(call["context"][2:], cond.context)
     ref = SpyDenoiser()
-    u, c = ref(X, T, uncond.context, uncond.mask), ref(X, T, cond.context, cond.mask)
+    u, c = ref(X, T, uncond), ref(X, T, cond)
     assert torch.allclose(out, u + 4.0 * (c - u))
 
 
@@ -74,8 +76,8 @@ def test_single_uncond_is_broadcast_and_lengths_are_padded():
     assert call["mask"][:2].sum(1).tolist() == [2, 2] and call["mask"][2:].sum(1).tolist() == [5, 5]
     assert torch.equal(call["context"][:2, 4:], torch.zeros(2, 2, 3))  # padding is masked zeros
     ref = SpyDenoiser()
-    u = ref(X, T, uncond.context.expand(2, -1, -1), uncond.mask.expand(2, -1))
-    assert torch.allclose(out, u + 2.0 * (ref(X, T, cond.context, cond.mask) - u))
+    u = ref(X, T, uncond.expand(2))
+    assert torch.allclose(out, u + 2.0 * (ref(X, T, cond) - u))
 
 
 def test_guiding_v_equals_guiding_eps():
@@ -121,30 +123,54 @@ def test_drop_conditioning_replaces_whole_samples():
 class PooledSpy(SpyDenoiser):
     """A denoiser that also takes the pooled text embedding (a U-Net with pooled_dim)."""
 
-    def __call__(self, x, t, context, mask, pooled):
-        self.calls.append({"pooled": pooled.clone()})
-        return super().__call__(x, t, context, mask) + pooled.sum(1).view(-1, 1, 1, 1)
+    def __call__(self, x, t, cond):
+        self.calls.append({"pooled": cond.pooled.clone()})
+        return super().__call__(x, t, cond) + cond.pooled.sum(1).view(-1, 1, 1, 1)
 
 
 def test_pooled_embedding_travels_with_its_prompt_through_guidance_and_dropout():
-    cond = Conditioning(*cond_of(2.0)[:2], pooled=torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    uncond = Conditioning(*cond_of(0.0, batch=1)[:2], pooled=torch.tensor([[-1.0, 0.5]]))
+    cond = cond_of(2.0).replace(pooled=torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    uncond = cond_of(0.0, batch=1).replace(pooled=torch.tensor([[-1.0, 0.5]]))
     spy = PooledSpy()
     out = cfg_model_fn(spy, cond, uncond, scale=3.0)(X, T)
     assert len(spy.calls) == 2  # the parent's record and ours: one forward
     assert torch.equal(spy.calls[0]["pooled"], torch.tensor([[-1.0, 0.5], [-1.0, 0.5], [1.0, 2.0], [3.0, 4.0]]))
     ref = PooledSpy()
-    u = ref(X, T, uncond.context.expand(2, -1, -1), uncond.mask.expand(2, -1), uncond.pooled.expand(2, -1))
-    c = ref(X, T, cond.context, cond.mask, cond.pooled)
+    u = ref(X, T, uncond.expand(2))
+    c = ref(X, T, cond)
     assert torch.allclose(out, u + 3.0 * (c - u))
     assert torch.equal(cfg_model_fn(PooledSpy(), cond, uncond, scale=1.0)(X, T), c)
     with pytest.raises(ValueError, match="both have a pooled"):
         cfg_model_fn(spy, cond, cond_of(0.0), scale=3.0)(X, T)
 
-    many = Conditioning(torch.full((500, 4, 3), 2.0), torch.ones(500, 4, dtype=torch.bool),
-                        torch.arange(500.0)[:, None].expand(500, 2))
+    many = Conditioning(context=torch.full((500, 4, 3), 2.0), mask=torch.ones(500, 4, dtype=torch.bool),
+                        pooled=torch.arange(500.0)[:, None].expand(500, 2))
     out = drop_conditioning(many, uncond, 0.3, torch.Generator().manual_seed(1))
     dropped = out.context[:, 0, 0] == 0.0
     assert 0.2 < dropped.float().mean() < 0.4
     assert torch.equal(out.pooled[dropped], uncond.pooled.expand(int(dropped.sum()), -1))  # same rows as the context
     assert torch.equal(out.pooled[~dropped], many.pooled[~dropped])
+
+
+class SizeSpy(SpyDenoiser):
+    """Records the size condition of each call (a denoiser with size_conditioning)."""
+
+    def __call__(self, x, t, cond):
+        self.calls.append({"size": cond.size.clone()})
+        return super().__call__(x, t, cond) + cond.size.sum(1).view(-1, 1, 1, 1)
+
+
+def test_size_and_crop_conditions_go_to_both_branches_and_survive_dropout():
+    """A negative prompt or the empty prompt replaces the text only: both halves of the guided batch carry the
+    sample's size condition, and condition dropout keeps it (SDXL trains and samples the unconditional branch with
+    the same size and crop)."""
+    size = torch.tensor([[48.0, 32.0, 0.0, 4.0, 32.0, 32.0], [16.0, 64.0, 8.0, 0.0, 32.0, 32.0]])
+    cond, uncond = cond_of(2.0).replace(size=size), cond_of(-1.0, batch=1)
+    spy = SizeSpy()
+    out = cfg_model_fn(spy, cond, uncond, scale=3.0)(X, T)
+    assert torch.equal(spy.calls[0]["size"], torch.cat([size, size]))
+    ref = SizeSpy()
+    u, c = ref(X, T, uncond.expand(2).replace(size=size)), ref(X, T, cond)
+    assert torch.allclose(out, u + 3.0 * (c - u))
+    dropped = drop_conditioning(cond, uncond, 0.99, torch.Generator().manual_seed(0))
+    assert torch.equal(dropped.context, uncond.context.expand(2, -1, -1)) and torch.equal(dropped.size, size)

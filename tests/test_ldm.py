@@ -5,7 +5,7 @@ import torch
 from conftest import randomise_unet, TINY_UNET, tiny_datamodule
 
 from lit_diffusion.diffusion import samplers
-from lit_diffusion.diffusion.guidance import call_denoiser, rescale_guidance
+from lit_diffusion.diffusion.guidance import rescale_guidance
 from lit_diffusion.stages.base import CheckpointError
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 
@@ -43,9 +43,9 @@ def test_condition_dropout_replaces_captions_by_the_empty_caption(tiny_ckpts, po
     seen = []
     unet_forward = model.unet.forward
 
-    def spy(x, t, context=None, context_mask=None, pooled=None):
-        seen.append((context.detach().clone(), context_mask.clone(), pooled))
-        return unet_forward(x, t, context, context_mask, pooled)
+    def spy(x, t, cond):
+        seen.append((cond.context.detach().clone(), cond.mask.clone(), cond.pooled))
+        return unet_forward(x, t, cond)
 
     model.unet.forward = spy
     captions = ["a large red circle"] * 200
@@ -59,7 +59,7 @@ def test_condition_dropout_replaces_captions_by_the_empty_caption(tiny_ckpts, po
     else:
         assert pooled is None and cond.pooled is None
         pooled = torch.zeros(200)
-        cond, null = cond._replace(pooled=torch.zeros(200)), null._replace(pooled=torch.zeros(200))
+        cond, null = cond.replace(pooled=torch.zeros(200)), null.replace(pooled=torch.zeros(200))
 
     def rows_equal(want):
         return torch.tensor([torch.equal(context[i], want.context[i]) and torch.equal(mask[i], want.mask[i])
@@ -101,7 +101,7 @@ def test_guidance_rescale_reaches_sample_and_matches_the_guidance_function_by_ha
     cond, uncond = model.encode_prompts(prompts), model.null_cond(len(prompts))
 
     def by_hand(x_t, t):
-        out_cond, out_uncond = (call_denoiser(model.denoiser, x_t, t, c) for c in (cond, uncond))
+        out_cond, out_uncond = (model.denoiser(x_t, t, c) for c in (cond, uncond))
         return rescale_guidance(out_uncond + scale * (out_cond - out_uncond), out_cond, phi)
 
     x_T = torch.stack([torch.randn(plain.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])

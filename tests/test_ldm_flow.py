@@ -9,7 +9,6 @@ from test_ldm import make_ldm
 
 from lit_diffusion.diffusion import flow, samplers
 from lit_diffusion.diffusion.flow import FlowSchedule
-from lit_diffusion.diffusion.guidance import call_denoiser
 from lit_diffusion.models.dit import DiT
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 
@@ -63,7 +62,7 @@ def test_flow_loss_is_the_velocity_loss_of_the_dit_on_the_encoded_batch(tiny_ckp
     t = model.schedule.sample_timesteps(6, generator=gen)
     noise = torch.randn(z.shape, generator=gen)
     x_t = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * noise
-    v = model.dit(x_t, t * 1000, cond.context, cond.mask)
+    v = model.dit(x_t, t * 1000, cond)
     weight = model.schedule.loss_weight(t, "min_snr", 5.0)
     expected = (weight * ((v - (noise - z)) ** 2).mean((1, 2, 3))).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
@@ -80,7 +79,7 @@ def test_flow_sampling_at_guidance_one_is_euler_on_the_conditional_velocity(tiny
     z = model.sample(prompts, guidance=1.0, steps=5, seed=0, return_latents=True, negative_prompts="a green square")
     cond = model.encode_prompts(prompts)
     x_T = torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
-    by_hand = flow.euler_sample(lambda x, t: call_denoiser(model.denoiser, x, t, cond), model.schedule, z.shape,
+    by_hand = flow.euler_sample(lambda x, t: model.denoiser(x, t, cond), model.schedule, z.shape,
                                 steps=5, x_T=x_T)
     torch.testing.assert_close(z, by_hand)  # guidance 1 never looks at the (negative) unconditional branch
     guided = model.sample(prompts, guidance=4.0, steps=5, seed=0, return_latents=True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from lit_diffusion.models.conditions import Conditioning as C
 from lit_diffusion.models.layers import SpatialTransformer, grid_embedding, timestep_embedding
 from lit_diffusion.models.unet import UNet, UNetConfig
 
@@ -84,7 +85,7 @@ def test_unet_output_shape_and_zero_init(overrides, size):
     x, t, ctx, mask = inputs(size=size)
     if net.config.context_dim is None:
         ctx = mask = None
-    out = net(x, t, ctx, mask)
+    out = net(x, t, C(context=ctx, mask=mask))
     assert out.shape == x.shape
     assert torch.equal(out, torch.zeros_like(out))  # zero-initialised output conv
 
@@ -93,15 +94,15 @@ def test_unet_output_shape_and_zero_init(overrides, size):
 def test_unet_depends_on_time_and_context_but_not_on_padding(context_layers):
     net = tiny_unet(context_layers=context_layers, context_heads=2).eval()
     x, t, ctx, mask = inputs()
-    out = net(x, t, ctx, mask)
-    assert not torch.allclose(net(x, torch.tensor([4, 700]), ctx, mask)[0], out[0])
+    out = net(x, t, C(context=ctx, mask=mask))
+    assert not torch.allclose(net(x, torch.tensor([4, 700]), C(context=ctx, mask=mask))[0], out[0])
     ctx_real = ctx.clone()
     ctx_real[0, 0] += torch.linspace(-1, 1, 8)
-    assert not torch.allclose(net(x, t, ctx_real, mask)[0], out[0])
+    assert not torch.allclose(net(x, t, C(context=ctx_real, mask=mask))[0], out[0])
     ctx_pad = ctx.clone()
     ctx_pad[~mask] = 50.0
-    assert torch.allclose(net(x, t, ctx_pad, mask), out, atol=1e-5)
-    assert torch.allclose(net(x, 700, ctx, mask)[1], out[1], atol=1e-6)  # a scalar t is broadcast
+    assert torch.allclose(net(x, t, C(context=ctx_pad, mask=mask)), out, atol=1e-5)
+    assert torch.allclose(net(x, 700, C(context=ctx, mask=mask))[1], out[1], atol=1e-6)  # a scalar t is broadcast
 
 
 @pytest.mark.parametrize("context_layers", [0, 1])
@@ -109,15 +110,15 @@ def test_a_caption_without_real_tokens_conditions_on_nothing(context_layers):
     net = tiny_unet(context_layers=context_layers, context_heads=2).eval()
     x, t, ctx, mask = inputs()
     mask[1] = False  # caption 1 is all padding
-    out = net(x, t, ctx, mask)
+    out = net(x, t, C(context=ctx, mask=mask))
     garbage = ctx.clone()
     garbage[1] = torch.randn(5, 8) * 100
-    changed = net(x, t, garbage, mask)
+    changed = net(x, t, C(context=garbage, mask=mask))
     assert torch.isfinite(out).all()
     assert torch.equal(changed[1], out[1]) and torch.equal(changed[0], out[0])
     # and it is not the unconditional path by accident: caption 0's real tokens still count
     garbage[0, 0] += 1.0
-    assert not torch.allclose(net(x, t, garbage, mask)[0], out[0])
+    assert not torch.allclose(net(x, t, C(context=garbage, mask=mask))[0], out[0])
 
 
 def test_context_encoder_is_bidirectional_over_real_tokens_only():
@@ -137,7 +138,7 @@ def test_context_encoder_is_bidirectional_over_real_tokens_only():
     padded = ctx.clone()
     padded[~mask] = 50.0
     torch.testing.assert_close(encoded(padded)[mask], base[mask])
-    assert (net(x, t, later, mask)[0] - net(x, t, ctx, mask)[0]).abs().max() > 1e-4
+    assert (net(x, t, C(context=later, mask=mask))[0] - net(x, t, C(context=ctx, mask=mask))[0]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="context_layers needs a context_dim"):
         UNet(UNetConfig(**{**TINY, "context_dim": None, "context_layers": 1}))
 
@@ -150,15 +151,15 @@ def test_pooled_embedding_is_added_to_the_timestep_embedding():
             p.data.normal_(std=0.05)
     x, t, ctx, mask = inputs()
     pooled = torch.randn(2, 5)
-    out = net(x, t, ctx, mask, pooled)
+    out = net(x, t, C(context=ctx, mask=mask, pooled=pooled))
     moved = pooled.clone()
     moved[0] += 1.0
-    changed = net(x, t, ctx, mask, moved)
+    changed = net(x, t, C(context=ctx, mask=mask, pooled=moved))
     assert not torch.allclose(changed[0], out[0]) and torch.equal(changed[1], out[1])
-    with pytest.raises(ValueError, match=r"pooled_dim=5 needs pooled \[2, 5\], got None"):
-        net(x, t, ctx, mask)
+    with pytest.raises(ValueError, match=r"pooled_dim=5 needs cond.pooled \[2, 5\], got None"):
+        net(x, t, C(context=ctx, mask=mask))
     with pytest.raises(ValueError, match="no pooled_dim"):
-        tiny_unet()(x, t, ctx, mask, pooled)
+        tiny_unet()(x, t, C(context=ctx, mask=mask, pooled=pooled))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -166,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for use_checkpoint in (False, True):
         net = tiny_unet(use_checkpoint=use_checkpoint).train()
-        net(x, t, ctx, mask).pow(2).mean().backward()
+        net(x, t, C(context=ctx, mask=mask)).pow(2).mean().backward()
         grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(net.parameters()))
     for name in grads[0]:
@@ -177,9 +178,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_channels_last_gives_the_same_output():
     net = tiny_unet().eval()
     x, t, ctx, mask = inputs()
-    ref = net(x, t, ctx, mask)
+    ref = net(x, t, C(context=ctx, mask=mask))
     net_cl = net.to(memory_format=torch.channels_last)
-    out = net_cl(x.contiguous(memory_format=torch.channels_last), t, ctx, mask)
+    out = net_cl(x.contiguous(memory_format=torch.channels_last), t, C(context=ctx, mask=mask))
     assert torch.allclose(out, ref, atol=1e-5)
 
 
@@ -198,8 +199,8 @@ def test_config_from_dict_and_clear_errors():
     net = UNet(TINY)
     x, t, ctx, mask = inputs()
     with pytest.raises(ValueError, match="expects 4 input channels, got 3"):
-        net(x[:, :3], t, ctx, mask)
-    with pytest.raises(ValueError, match="must be divisible by 2"):
-        net(torch.randn(2, 4, 7, 7), t, ctx, mask)
+        net(x[:, :3], t, C(context=ctx, mask=mask))
+    with pytest.raises(ValueError, match="height and width must be multiples of 2"):
+        net(torch.randn(2, 4, 7, 7), t, C(context=ctx, mask=mask))
     with pytest.raises(ValueError, match="called without context"):
         net(x, t)

@@ -72,11 +72,13 @@ def train_step_flops(module, batch: dict) -> dict:
 def denoiser_step_flops(build, in_channels: int, batch_size: int, latent_size: int, context_dim: int | None = None,
                         context_len: int = 77, pooled_dim: int | None = None, device: str = "meta") -> dict:
     """Parameters and FLOPs of one forward + backward of the denoiser `build()` makes (any network with the shared
-    call `(x_t, t, context, mask, pooled)`: UNet, DiT) at `batch_size`, plus the bytes autograd saves for backward
+    call `(x_t, t, cond)`: UNet, DiT) at `batch_size`, plus the bytes autograd saves for backward
     (fp32; bf16-mixed keeps most of them in half). On the meta device (no compute, any size) attention takes the
     math path, whose backward reuses the saved scores; a fused kernel (flash, CPU's) recomputes them, one more
     [L_q, L_k] matmul per attention, which its count includes."""
     import torch
+
+    from lit_diffusion.models.conditions import Conditioning
 
     with torch.device(device):
         net = build()
@@ -96,7 +98,7 @@ def denoiser_step_flops(build, in_channels: int, batch_size: int, latent_size: i
 
     with flop_counter() as fwd_counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = net(x, t, ctx, mask, pooled)
+            out = net(x, t, Conditioning(context=ctx, mask=mask, pooled=pooled))
     with flop_counter() as bwd_counter:
         out.float().pow(2).mean().backward()
     forward, backward = int(fwd_counter.get_total_flops()), int(bwd_counter.get_total_flops())

@@ -46,14 +46,14 @@ def bare_forwards(denoiser, timesteps: list[int], cond, uncond, shape, device) -
     import torch
 
     # the batch cfg_model_fn builds: [uncond; cond], contexts padded to one length (guidance's own helpers)
-    from lit_diffusion.diffusion.guidance import _as_cond, _cat_conds, call_denoiser
+    from lit_diffusion.diffusion.guidance import _cat_conds
 
-    both = _cat_conds(_as_cond(uncond, shape[0], "uncond"), _as_cond(cond, shape[0], "cond"))
+    both = _cat_conds(uncond, cond)
     x = torch.randn((2 * shape[0], *shape[1:]), device=device)
     calls = 0
     with torch.no_grad():
         for t in timesteps:
-            call_denoiser(denoiser, x, torch.full((x.shape[0],), t, device=device, dtype=torch.long), both)
+            denoiser(x, torch.full((x.shape[0],), t, device=device, dtype=torch.long), both)
             calls += 1
     return calls
 
@@ -61,7 +61,7 @@ def bare_forwards(denoiser, timesteps: list[int], cond, uncond, shape, device) -
 def bench_sampling(module, device: str, settings: Settings, guidance: float = 3.0) -> tuple[list[dict], dict]:
     import torch
 
-    from lit_diffusion.diffusion.guidance import call_denoiser, cfg_model_fn
+    from lit_diffusion.diffusion.guidance import cfg_model_fn
     from lit_diffusion.diffusion.schedule import NoiseSchedule
 
     module = module.to(device).eval()
@@ -100,8 +100,8 @@ def bench_sampling(module, device: str, settings: Settings, guidance: float = 3.
     batched = cfg_model_fn(module.denoiser, cond, uncond, guidance)
 
     def separate():
-        out_u = call_denoiser(module.denoiser, x, t, uncond)
-        out_c = call_denoiser(module.denoiser, x, t, cond)
+        out_u = module.denoiser(x, t, uncond)
+        out_c = module.denoiser(x, t, cond)
         return out_u + guidance * (out_c - out_u)
 
     times = {"batched": [], "separate": []}

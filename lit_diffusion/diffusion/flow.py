@@ -15,7 +15,7 @@ indices, so the same sinusoidal timestep embedding resolves it.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -64,6 +64,9 @@ class FlowSchedule:
     logit_std: float = 1.0  # s of the logit-normal; SD3's best setting is (m, s) = (0, 1)
     shift: float = 1.0  # SD3 eq. 23 time shift for training and sampling; see `resolution_shift`
     time_scale: float = 1000.0  # the network is called with t * time_scale
+    # latent side (h * w = base_latent ** 2) at which `shift` holds; each batch of another size gets
+    # shift * resolution_shift((h, w), base_latent) (`at_resolution`). None: one shift for every size
+    base_latent: int | None = None
 
     def __post_init__(self):
         if self.timesteps not in TIMESTEP_SAMPLINGS:
@@ -74,6 +77,15 @@ class FlowSchedule:
             raise ValueError(f"FlowSchedule.shift must be > 0, got {self.shift}")
         if not self.time_scale > 0:
             raise ValueError(f"FlowSchedule.time_scale must be > 0, got {self.time_scale}")
+        if self.base_latent is not None and not self.base_latent > 0:
+            raise ValueError(f"FlowSchedule.base_latent must be a positive latent side, got {self.base_latent}")
+
+    def at_resolution(self, height: int, width: int) -> FlowSchedule:
+        """The schedule for latents of height x width: with `base_latent`, the shift grows with the square root of
+        the number of latent positions (SD3 sec. 5.3.2), per bucket at training and per request at sampling."""
+        if self.base_latent is None:
+            return self
+        return replace(self, shift=self.shift * resolution_shift((height, width), self.base_latent), base_latent=None)
 
     @property
     def config(self) -> dict:

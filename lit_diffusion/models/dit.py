@@ -7,8 +7,10 @@ maps each token back to a patch. The text reaches the image tokens in one of two
 - `joint_attention`: SD3's MMDiT (Esser et al. 2024): text tokens get their own stream, with their own adaLN, qkv,
   output projection and MLP, and one attention runs over [text tokens; image tokens].
 
-Same call as the U-Net: forward(x [B, C, H, W], t [B], context [B, L, W], context_mask [B, L], pooled [B, E])
--> [B, C_out, H, W]; the objective (eps / v / x0 / velocity) is the stage's.
+Same call as the U-Net: forward(x [B, C, H, W], t [B], cond: Conditioning) -> [B, C_out, H, W], for any H and W
+divisible by the patch: the sin-cos positions are computed for the grid at hand (optionally PixArt-alpha's
+base-size scaling: positions are counted in units of a `base_grid` x `base_grid` grid, so a model trained at one
+resolution sees the same range of positions at another); the objective (eps / v / x0 / velocity) is the stage's.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lit_diffusion.models.attention import Attention, attend
-from lit_diffusion.models.layers import grid_embedding, timestep_embedding
+from lit_diffusion.models.conditions import Conditioning
+from lit_diffusion.models.layers import SizeEmbedder, add_global_conditions, grid_embedding, timestep_embedding
 
 # DiT paper, Table 1: (hidden size, depth, heads)
 PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -42,6 +45,8 @@ class DiTConfig:
     pooled_dim: int | None = None  # width of a pooled text embedding added to the timestep embedding; None = off
     joint_attention: bool = False  # SD3's MMDiT (a text stream, one attention over [text; image]) vs cross-attention
     pos_embed: bool = True  # fixed 2-D sin-cos positions added to the patch tokens (off: tokens are a set)
+    base_grid: int | None = None  # PixArt-alpha's position scaling: positions in units of this grid's side (None: off)
+    size_conditioning: bool = False  # SDXL's size and crop conditioning (cond.size) added to the timestep embedding
     frequency_dim: int = 256  # width of the sinusoidal timestep features fed to the timestep MLP
     use_checkpoint: bool = False  # gradient checkpointing of every block (torch.utils.checkpoint) when training
 
@@ -234,6 +239,7 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(d, c.frequency_dim)
         self.pooled_embedder = (nn.Sequential(nn.Linear(c.pooled_dim, d), nn.SiLU(), nn.Linear(d, d))
                                 if c.pooled_dim else None)
+        self.size_embedder = SizeEmbedder(c.frequency_dim, d) if c.size_conditioning else None
         if c.joint_attention:
             self.context_embedder = nn.Linear(c.context_dim, d)
             self.blocks = nn.ModuleList(JointBlock(d, c.num_heads, c.mlp_ratio, pre_only=i == c.depth - 1)
@@ -257,6 +263,8 @@ class DiT(nn.Module):
         # each residual block's last BatchNorm scale helps ResNets, Goyal et al. 2017). PixArt-alpha zeroes the
         # ungated cross-attention output projection for the same reason.
         zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.size_embedder is not None:  # zero, as SizeEmbedder makes it: the condition starts switched off
+            zero.append(self.size_embedder.mlp[-1])
         for block in self.blocks:
             if isinstance(block, JointBlock):
                 zero += [block.image.adaLN_modulation[-1], block.text.adaLN_modulation[-1]]
@@ -273,32 +281,27 @@ class DiT(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None,
-                context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        cond = cond if cond is not None else Conditioning()
         c, p = self.config, self.config.patch_size
         b, ch_in, height, width = x.shape
         if ch_in != c.in_channels:
             raise ValueError(f"DiT expects {c.in_channels} input channels, got {ch_in}")
         if height % p or width % p:
-            raise ValueError(f"DiT input {height}x{width} is not divisible by patch_size {p}")
+            raise ValueError(f"DiT input {height}x{width}: height and width must be multiples of patch_size {p}")
         h, w = height // p, width // p
 
         tokens = self.x_embedder(patchify(x, p))  # [B, h*w, D]
         if c.pos_embed:
-            tokens = tokens + grid_embedding(h, w, c.hidden_size, x.device).to(tokens.dtype)
+            scale = None if c.base_grid is None else (c.base_grid / h, c.base_grid / w)
+            tokens = tokens + grid_embedding(h, w, c.hidden_size, x.device, scale).to(tokens.dtype)
 
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(b)
-        cond = self.t_embedder(t)  # [B, D]
-        if self.pooled_embedder is not None:
-            if pooled is None or pooled.shape != (b, c.pooled_dim):
-                got = None if pooled is None else tuple(pooled.shape)
-                raise ValueError(f"DiT with pooled_dim={c.pooled_dim} needs pooled [{b}, {c.pooled_dim}], got {got}")
-            cond = cond + self.pooled_embedder(pooled.to(cond.dtype))
-        elif pooled is not None:
-            raise ValueError("DiT got a pooled embedding but has no pooled_dim")
-
+        emb = add_global_conditions(self.t_embedder(t), cond, b, self.pooled_embedder, c.pooled_dim,
+                                    self.size_embedder, "DiT")  # [B, D]
+        context, context_mask = cond.context, cond.mask
         if c.context_dim:
             if context is None or context.shape[0] != b or context.shape[-1] != c.context_dim:
                 got = None if context is None else tuple(context.shape)
@@ -310,8 +313,8 @@ class DiT(nn.Module):
         if c.joint_attention:
             text = self.context_embedder(context)  # [B, L, D]
             for block in self.blocks:
-                tokens, text = self._run(block, tokens, text, cond, context_mask)
+                tokens, text = self._run(block, tokens, text, emb, context_mask)
         else:
             for block in self.blocks:
-                tokens = self._run(block, tokens, cond, context, context_mask)
-        return unpatchify(self.final_layer(tokens, cond), p, h, w)  # [B, C_out, H, W]
+                tokens = self._run(block, tokens, emb, context, context_mask)
+        return unpatchify(self.final_layer(tokens, emb), p, h, w)  # [B, C_out, H, W]

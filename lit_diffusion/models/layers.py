@@ -29,12 +29,57 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
-def grid_embedding(height: int, width: int, dim: int, device=None) -> Tensor:
+def grid_embedding(height: int, width: int, dim: int, device=None,
+                   scale: tuple[float, float] | None = None) -> Tensor:
     """Fixed 2-D sin-cos position embedding of an H x W grid -> [H*W, dim] (row-major, as DiT / MAE): the first
-    half of the channels encodes the row, the second the column, each with `timestep_embedding`."""
+    half of the channels encodes the row, the second the column, each with `timestep_embedding`. `scale`
+    (row, column) multiplies the positions (PixArt-alpha's base-size scaling: base / H, base / W)."""
     rows = torch.arange(height, device=device).repeat_interleave(width)  # [H*W]
     cols = torch.arange(width, device=device).repeat(height)
+    if scale is not None:
+        rows, cols = rows * scale[0], cols * scale[1]
     return torch.cat([timestep_embedding(rows, dim // 2), timestep_embedding(cols, dim - dim // 2)], dim=-1)
+
+
+class SizeEmbedder(nn.Module):
+    """SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2): each of the six numbers of `cond.size`
+    (original height and width, crop top and left, target height and width, in pixels) gets its own sinusoidal
+    embedding, as a timestep does; an MLP maps their concatenation to the timestep embedding's width, to be added
+    to it. The last layer starts at zero, so switching the condition on leaves a trained model's output as it was."""
+
+    def __init__(self, frequency_dim: int, out_dim: int):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(6 * frequency_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, size: Tensor) -> Tensor:
+        b = size.shape[0]
+        freqs = timestep_embedding(size.reshape(-1), self.frequency_dim).reshape(b, 6 * self.frequency_dim)
+        return self.mlp(freqs.to(self.mlp[0].weight.dtype))  # [B, out_dim]
+
+
+def add_global_conditions(emb: Tensor, cond, batch: int, pooled_embed: nn.Module | None, pooled_dim: int | None,
+                          size_embed: nn.Module | None, name: str) -> Tensor:
+    """The timestep embedding [B, E] plus the conditions every block sees through it: the pooled text (with
+    `pooled_dim`) and the size and crop (with `size_conditioning`); one a network was not built for is refused."""
+    if pooled_embed is not None:
+        if cond.pooled is None or cond.pooled.shape != (batch, pooled_dim):
+            got = None if cond.pooled is None else tuple(cond.pooled.shape)
+            raise ValueError(f"{name} with pooled_dim={pooled_dim} needs cond.pooled [{batch}, {pooled_dim}], got {got}")
+        emb = emb + pooled_embed(cond.pooled.to(emb.dtype))
+    elif cond.pooled is not None:
+        raise ValueError(f"{name} got a pooled embedding (cond.pooled) but has no pooled_dim")
+    if size_embed is not None:
+        if cond.size is None or cond.size.shape != (batch, 6):
+            got = None if cond.size is None else tuple(cond.size.shape)
+            raise ValueError(f"{name} with size_conditioning needs cond.size [{batch}, 6] (original h, w, crop top, "
+                             f"left, target h, w), got {got}")
+        emb = emb + size_embed(cond.size.float()).to(emb.dtype)
+    elif cond.size is not None:
+        raise ValueError(f"{name} got a size condition (cond.size) but was built without size_conditioning")
+    return emb
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:

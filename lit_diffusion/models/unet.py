@@ -1,8 +1,10 @@
 """Text-conditioned U-Net denoiser in the ADM / Latent Diffusion layout (Dhariwal & Nichol 2021; Rombach et al. 2022).
 
-forward(x [B, C, H, W], t [B], context [B, L, D], context_mask [B, L], pooled [B, E]) -> raw prediction
-[B, C_out, H, W]. `pooled` (only with `pooled_dim`): a sentence embedding projected and added to the timestep
-embedding, as unCLIP's decoder adds the CLIP text embedding: global attributes reach every ResBlock directly.
+forward(x [B, C, H, W], t [B], cond: Conditioning) -> raw prediction [B, C_out, H, W], for any H and W divisible
+by the downsampling. `cond.context` [B, L, D] and `cond.mask` [B, L] feed the cross-attention; `cond.pooled`
+[B, E] (only with `pooled_dim`): a sentence embedding projected and added to the timestep embedding, as unCLIP's
+decoder adds the CLIP text embedding: global attributes reach every ResBlock directly; `cond.size` [B, 6] (only
+with `size_conditioning`): SDXL's original size, crop and target size, Fourier-embedded and added there too.
 
 `context_layers` > 0 runs a small bidirectional Transformer over the context first, trained with the U-Net: the
 jointly trained conditioning encoder of Latent Diffusion (Rombach et al. 2022, tau_theta). A causal text encoder
@@ -20,9 +22,12 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.models.layers import (
     Downsample,
     ResBlock,
+    SizeEmbedder,
+    add_global_conditions,
     SpatialTransformer,
     Upsample,
     group_norm,
@@ -45,6 +50,7 @@ class UNetConfig:
     transformer_depth: int = 1  # transformer blocks per SpatialTransformer
     context_dim: int | None = 512  # width of the text token features; None = unconditional (no cross-attention)
     pooled_dim: int | None = None  # width of a pooled text embedding added to the timestep embedding (unCLIP); None = off
+    size_conditioning: bool = False  # SDXL's size and crop conditioning (cond.size) added to the timestep embedding
     context_layers: int = 0  # bidirectional Transformer blocks over the context, trained with the U-Net (LDM's tau)
     context_heads: int = 4  # their attention heads
     pos_embed: bool = False  # fixed 2-D sin-cos position embedding on every SpatialTransformer's tokens (DiT)
@@ -101,6 +107,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.pooled_embed = (nn.Sequential(nn.Linear(c.pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                              if c.pooled_dim else None)
+        self.size_embed = SizeEmbedder(ch, emb_dim) if c.size_conditioning else None
         self.context_encoder = None
         if c.context_layers:
             if not c.context_dim:
@@ -165,27 +172,20 @@ class UNet(nn.Module):
             return context
         return self.context_norm(self.context_encoder(context, padding_mask=context_mask))
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor | None = None,
-                context_mask: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        cond = cond if cond is not None else Conditioning()
         b, ch_in, h, w = x.shape
         if ch_in != self.config.in_channels:
             raise ValueError(f"UNet expects {self.config.in_channels} input channels, got {ch_in}")
         if h % self.downsample_factor or w % self.downsample_factor:
-            raise ValueError(f"UNet input {h}x{w} must be divisible by {self.downsample_factor} "
-                             f"(2 ** (len(channel_mult) - 1))")
+            raise ValueError(f"UNet input {h}x{w}: height and width must be multiples of {self.downsample_factor} "
+                             f"(2 ** (len(channel_mult) - 1) downsamplings)")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(b)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # [B, E]
-        if self.pooled_embed is not None:
-            if pooled is None or pooled.shape != (b, self.config.pooled_dim):
-                got = None if pooled is None else tuple(pooled.shape)
-                raise ValueError(f"UNet with pooled_dim={self.config.pooled_dim} needs pooled [{b}, "
-                                 f"{self.config.pooled_dim}], got {got}")
-            emb = emb + self.pooled_embed(pooled.to(emb.dtype))
-        elif pooled is not None:
-            raise ValueError("UNet got a pooled embedding but has no pooled_dim")
-
+        emb = add_global_conditions(emb, cond, b, self.pooled_embed, self.config.pooled_dim, self.size_embed, "UNet")
+        context, context_mask = cond.context, cond.mask
         context = self.encode_context(context, context_mask)
 
         skips = []

@@ -2,8 +2,8 @@
 with DDPM's objective (eps / v / x0 on a noise schedule) or rectified flow's (velocity on a straight path).
 
 The backbone and the objective are independent choices of the config (`unet:` or `dit:`; `objective: ddpm | flow`):
-both networks have one call, `(x_t, t, context, mask, pooled) -> output`, and the objective only decides what the
-output means, so everything else here (conditioning, CFG dropout, EMA, sampling, checkpoints) is shared.
+both networks have one call, `(x_t, t, cond) -> output` with `cond` a `Conditioning` (text tokens and mask,
+pooled text, size and crop), and the objective only decides what the output means, so everything else here (conditioning, CFG dropout, EMA, sampling, checkpoints) is shared.
 
 Condition dropout (`p_uncond`) replaces a caption's encoding by the empty caption's, so one network learns the
 conditional and the unconditional prediction that classifier-free guidance and negative prompts combine at
@@ -29,8 +29,9 @@ from torch.distributed.fsdp.wrap import wrap
 from lit_diffusion.data.latents import check_hashes, state_dict_hash
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.flow import FlowSchedule
-from lit_diffusion.diffusion.guidance import Conditioning, call_denoiser, cfg_model_fn, drop_conditioning
+from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning
 from lit_diffusion.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTIONS, NoiseSchedule
+from lit_diffusion.models.conditions import Conditioning, size_condition
 from lit_diffusion.models.dit import DiT, DiTConfig
 from lit_diffusion.models.unet import UNet, UNetConfig
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
@@ -160,6 +161,7 @@ class LatentDiffusionModule(Stage):
         self.prediction = (prediction or "eps") if objective == "ddpm" else None  # flow: always the velocity
         self.schedule = FlowSchedule(**(flow or {})) if objective == "flow" else NoiseSchedule(**(schedule or {}))
         self._compiled_net = None
+        self._bucketed = False  # set in `setup` from the data module: batches of several sizes are expected
         self._null_cond: Conditioning | None = None
         self._encoder_hashes: dict[str, str] | None = None
 
@@ -205,27 +207,58 @@ class LatentDiffusionModule(Stage):
         if self.hparams.compile and self._compiled_net is None:
             self._compiled_net = torch.compile(self.network)
 
-    def denoiser(self, x_t: Tensor, t: Tensor, context: Tensor | None, mask: Tensor | None,
-                 pooled: Tensor | None = None) -> Tensor:
+    def denoiser(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         net = self._compiled_net if self._compiled_net is not None else self.network
         if self.hparams.channels_last:
             x_t = x_t.contiguous(memory_format=torch.channels_last)
-        return net(x_t, t, context, mask, pooled)
+        return net(x_t, t, cond)
+
+    @property
+    def size_conditioning(self) -> bool:
+        return bool(self.network_config.size_conditioning)
+
+    @property
+    def network_config(self):
+        net = self.network
+        return getattr(net, "module", net).config  # FSDP wraps the denoiser
+
+    def schedule_for(self, latent_height: int, latent_width: int):
+        """The objective's schedule for latents of this size: rectified flow shifts its times with the resolution
+        (`flow.base_latent`), per bucket at training and per request at sampling; DDPM's is the same for all."""
+        if self.objective != "flow":
+            return self.schedule
+        return self.schedule.at_resolution(latent_height, latent_width)
+
+    @property
+    def vae_factor(self) -> int:
+        return int(self.vae.downsample_factor)
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The latent (h, w) of an image of height x width pixels (default: the square `image_size`); a size the
+        VAE and the denoiser cannot take is refused, naming the multiples they need."""
+        height = self.hparams.image_size if height is None else int(height)
+        width = self.hparams.image_size if width is None else int(width)
+        cfg = self.network_config
+        inner = getattr(cfg, "patch_size", None) or 2 ** (len(getattr(cfg, "channel_mult", (1,))) - 1)
+        multiple = self.vae_factor * inner
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise ValueError(f"{height}x{width} px: this model samples heights and widths that are multiples of "
+                             f"{multiple} (VAE factor {self.vae_factor} x the {self._net_name}'s {inner}), such as "
+                             f"{max(multiple, height // multiple * multiple)}x{max(multiple, width // multiple * multiple)}")
+        return height // self.vae_factor, width // self.vae_factor
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         tokens = self.clip.tokenize(list(prompts)).to(self.device)
         features, pooled = self.clip.encode_text(tokens)  # [B, L, W], [B, E]
-        return Conditioning(features, self.clip.tokenizer.mask(tokens),
-                            pooled if self.hparams.pooled_text else None)
+        return Conditioning(context=features, mask=self.clip.tokenizer.mask(tokens),
+                            pooled=pooled if self.hparams.pooled_text else None)
 
     def null_cond(self, batch: int) -> Conditioning:
         """The empty caption's encoding: the unconditional branch of classifier-free guidance."""
         if self._null_cond is None or self._null_cond.context.device != self.device:
             self._null_cond = self.encode_prompts([""])
-        ctx, mask, pooled = self._null_cond
-        return Conditioning(ctx.expand(batch, -1, -1), mask.expand(batch, -1),
-                            None if pooled is None else pooled.expand(batch, -1))
+        return self._null_cond.expand(batch)
 
     @torch.no_grad()
     def encode_images(self, images: Tensor, sample: bool = False) -> Tensor:
@@ -242,8 +275,9 @@ class LatentDiffusionModule(Stage):
     def setup(self, stage: str) -> None:
         # here, after the data module's setup and before the strategy moves or casts the weights (16-true would
         # change the frozen encoders' dtypes, and so their hashes)
-        manifests = getattr(getattr(self.trainer, "datamodule", None), "manifests", None) or {}
-        for manifest in manifests.values():
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._bucketed = getattr(datamodule, "buckets", None) is not None
+        for manifest in (getattr(datamodule, "manifests", None) or {}).values():
             self.check_latents(manifest)
 
     def encoder_hashes(self) -> dict[str, str]:
@@ -272,14 +306,31 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"{where}: text features of width {have[0]} and pooled dim {have[1]}, the stage's CLIP "
                              f"gives {text[0]} and {text[1]}")
 
+    def _check_latent_shape(self, z: Tensor, what: str) -> None:
+        """Square data: the latents must be the size `image_size` says. Bucketed data (a data module with
+        `buckets`): any size the denoiser takes, which it checks itself, naming the sizes it can take."""
+        if z.shape[1] != self.latent_channels:
+            raise ValueError(f"{what}: latents with {z.shape[1]} channels, the stage's VAE has {self.latent_channels}")
+        if not self._bucketed and tuple(z.shape[-2:]) != (self.latent_size, self.latent_size):
+            raise ValueError(f"{what} gives {z.shape[-2]}x{z.shape[-1]} latents, but model.init_args.image_size="
+                             f"{self.hparams.image_size} expects {self.latent_size}x{self.latent_size} (for several "
+                             f"sizes, give the data module `buckets`)")
+
+    def _size_condition(self, batch: dict) -> Tensor | None:
+        """[B, 6] original size, crop and target size of each sample, when the denoiser is conditioned on them."""
+        if not self.size_conditioning:
+            return None
+        if batch.get("size") is None:
+            raise ValueError("the denoiser has size_conditioning, but the batches carry no sample sizes ('size'): "
+                             "latent shards must be encoded again by this version (`lit-diffusion data encode`)")
+        return batch["size"].float()
+
     def _encode_batch(self, batch: dict, sample: bool = False) -> tuple[Tensor, Conditioning]:
         """An image batch through the frozen VAE and CLIP: latents and caption encodings."""
         images = batch["image"]
         z = self.encode_images(images, sample=sample)
-        if z.shape[-1] != self.latent_size:
-            raise ValueError(f"data images of {images.shape[-1]} px give {z.shape[-1]}x{z.shape[-1]} latents, but "
-                             f"model.init_args.image_size={self.hparams.image_size} expects {self.latent_size}")
-        return z, self.encode_prompts(list(batch["caption"]))
+        self._check_latent_shape(z, f"data images of {images.shape[-2]}x{images.shape[-1]} px")
+        return z, self.encode_prompts(list(batch["caption"])).replace(size=self._size_condition(batch))
 
     def _from_latents(self, batch: dict, sample: bool = False) -> tuple[Tensor, Conditioning]:
         """A latent-shard batch (`LatentDataModule`): the encoders' outputs are in it, so neither runs."""
@@ -289,17 +340,15 @@ class LatentDiffusionModule(Stage):
                 raise ValueError("model.init_args.sample_posterior: true needs the posterior's std in the latent "
                                  "shards: encode them with `lit-diffusion data encode --std`, or set it false")
             z = z + batch["latent_std"] * torch.randn_like(z)  # the std is scaled as the mean is
-        want = (self.latent_channels, self.latent_size, self.latent_size)
-        if tuple(z.shape[1:]) != want:
-            raise ValueError(f"latent batch of shape {list(z.shape[1:])}, but the stage's VAE and "
-                             f"model.init_args.image_size={self.hparams.image_size} expect {list(want)}")
+        self._check_latent_shape(z, f"a latent batch of shape {list(z.shape[1:])}")
         pooled = None
         if self.hparams.pooled_text:
             if batch.get("pooled") is None:
                 raise ValueError("model.init_args.pooled_text: true needs CLIP's pooled text embeddings, but the "
                                  "latent batches have none (.pooled.npy): encode the data again, or set it false")
             pooled = batch["pooled"]  # [B, E]
-        return z, Conditioning(batch["context"], batch["mask"], pooled)  # [B, L, W], [B, L]
+        return z, Conditioning(context=batch["context"], mask=batch["mask"], pooled=pooled,  # [B, L, W], [B, L]
+                               size=self._size_condition(batch))
 
     def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
         sample = train and self.hparams.sample_posterior
@@ -308,8 +357,8 @@ class LatentDiffusionModule(Stage):
             cond = drop_conditioning(cond, self.null_cond(1), self.hparams.p_uncond)
         h = self.hparams
         objective = {"prediction": self.prediction} if self.objective == "ddpm" else {}  # flow: always velocity
-        losses = self.schedule.p_losses(
-            lambda x_t, t: call_denoiser(self.denoiser, x_t, t, cond), z, weighting=h.loss_weighting,
+        losses = self.schedule_for(*z.shape[-2:]).p_losses(
+            lambda x_t, t: self.denoiser(x_t, t, cond), z, weighting=h.loss_weighting,
             gamma=h.min_snr_gamma, offset_noise=h.offset_noise if train else 0.0, generator=generator, **objective)
         return losses.mean()
 
@@ -354,13 +403,17 @@ class LatentDiffusionModule(Stage):
         clip_x0: float | None = None,
         progress: bool = False,
         return_latents: bool = False,
+        height: int | None = None,
+        width: int | None = None,
     ) -> Tensor:
-        """Images [B, 3, H, W] in [0, 1] for `prompts`.
+        """Images [B, 3, height, width] in [0, 1] for `prompts` (default: the square `image_size`).
 
         `seed`: one int for the batch, or one per prompt; with per-prompt seeds a sample's starting noise does not
         depend on which other prompts share its batch, so deterministic samplers (ddim with eta=0, dpmpp_2m)
         give the same image for a prompt whatever the batch or the rank it lands on.
         `guidance_rescale` (0 = plain CFG) and `clip_x0` (0 = off): see `__init__`. None takes the stage's default.
+        `height`, `width`: pixels, multiples of the VAE's factor times the denoiser's own (downsamplings or patch);
+        with size conditioning the model is told "original = target, nothing cropped" (SDXL's default).
         """
         h = self.hparams
         guidance = h.guidance if guidance is None else float(guidance)
@@ -383,7 +436,12 @@ class LatentDiffusionModule(Stage):
             if len(negative) not in (1, b):
                 raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
             uncond = self.encode_prompts(negative)
-        shape = (b, self.latent_channels, self.latent_size, self.latent_size)
+        lh, lw = self.latent_shape(height, width)
+        if self.size_conditioning:
+            size = size_condition(b, lh * self.vae_factor, lw * self.vae_factor, self.device)
+            cond, uncond = cond.replace(size=size), uncond.replace(size=size)
+        schedule = self.schedule_for(lh, lw)
+        shape = (b, self.latent_channels, lh, lw)
         if isinstance(seed, int):
             generator = torch.Generator(device=self.device).manual_seed(seed)
             x_T = torch.randn(shape, generator=generator, device=self.device)
@@ -399,10 +457,10 @@ class LatentDiffusionModule(Stage):
             kwargs.update(prediction=self.prediction, clip_x0=clip_x0 or None)
             if sampler == "ddim":
                 kwargs.update(eta=eta)
-            elif sampler == "ddpm" and steps >= self.schedule.num_timesteps:
+            elif sampler == "ddpm" and steps >= schedule.num_timesteps:
                 kwargs.update(steps=None)  # every timestep
         with _eval_mode(self):
-            z = samplers.sample(sampler, model_fn, self.schedule, shape, **kwargs)
+            z = samplers.sample(sampler, model_fn, schedule, shape, **kwargs)
             if return_latents:
                 return z
             images = self.vae.decode(z)
