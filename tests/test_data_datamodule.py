@@ -77,8 +77,11 @@ def test_batches_are_exact_images_and_captions(data):
     dm = _dm(data, batch_size=5)
     dm.setup("validate")
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"image", "caption", "attrs", "key"}
+    assert set(batch) == {"image", "size", "caption", "attrs", "key"}
     assert batch["image"].shape == (5, 3, 16, 16) and batch["image"].dtype == torch.float32
+    # SDXL's size condition: the originals' size, nothing cropped from a square, 16 px targets
+    side = float(batch["attrs"][0]["image_size"])
+    assert torch.equal(batch["size"], torch.tensor([[side, side, 0.0, 0.0, 16.0, 16.0]] * 5))
     for image, caption, attrs in zip(batch["image"], batch["caption"], batch["attrs"]):
         assert caption == attrs["caption"]
         expected = torch.from_numpy(np.array(render(attrs, 16))).permute(2, 0, 1).float() / 127.5 - 1

@@ -118,12 +118,13 @@ def cover_crop(height: int, width: int, bucket: tuple[int, int], mode: str = "ce
 
 def apply(plan: CropPlan, image: Image.Image) -> Image.Image:
     """The plan on a PIL image: bicubic resize and crop in one call, sampling only the kept region (the box is
-    the crop mapped back into source pixels). Returns exactly the bucket's size."""
+    the crop mapped back into source pixels). Returns exactly the bucket's size. The image may be the original
+    decoded at a reduced scale (a JPEG's draft mode): the box is then scaled with it."""
     h, w = plan.original_size
-    if image.size != (w, h):
+    if abs(image.size[0] * h - image.size[1] * w) > max(h, w):  # other than a rounded-down scaled copy
         raise ValueError(f"image is {image.size[1]}x{image.size[0]} (h x w), the plan was made for {h}x{w}")
     (rh, rw), (top, left), (bh, bw) = plan.resized_size, plan.crop_top_left, plan.target_size
-    sy, sx = h / rh, w / rw  # source pixels per resized pixel
+    sy, sx = image.size[1] / rh, image.size[0] / rw  # source pixels per resized pixel
     box = (left * sx, top * sy, (left + bw) * sx, (top + bh) * sy)
     return image.resize((bw, bh), Image.Resampling.BICUBIC, box=box)
 
@@ -137,6 +138,8 @@ class BucketConfig:
     crop: str = "random"  # "random" to train (SDXL conditions on the offset), "center" for evaluation
     small: str = "upscale"  # images that must be upscaled to cover their bucket: "upscale" (size-conditioning
     #                         tells the model they were small, SDXL sec. 2.2) or "skip" (SD 1.x's choice)
+    sizes: tuple | None = None  # an explicit bucket list [[h, w], ...] instead of the generated one (sides still
+    #                             multiples of `step`; aspect range from the list)
 
     def __post_init__(self):
         if self.crop not in ("random", "center"):
@@ -147,7 +150,21 @@ class BucketConfig:
 
     @cached_property
     def buckets(self) -> list[tuple[int, int]]:
-        return make_buckets(self.base_size, self.min_aspect, self.max_aspect, self.step)
+        if self.sizes is None:
+            return make_buckets(self.base_size, self.min_aspect, self.max_aspect, self.step)
+        sizes = sorted({(int(h), int(w)) for h, w in self.sizes}, key=lambda hw: (hw[1] / hw[0], hw[0]))
+        bad = [hw for hw in sizes if min(hw) <= 0 or hw[0] % self.step or hw[1] % self.step]
+        if not sizes or bad:
+            raise ValueError(f"sizes: every bucket [h, w] must have positive sides that are multiples of step "
+                             f"{self.step}; got {bad or 'none'}")
+        return sizes
+
+    @property
+    def aspect_range(self) -> tuple[float, float]:
+        """The narrowest and widest aspect ratio (w / h) that a bucket holds without extra cropping."""
+        if self.sizes is None:
+            return self.min_aspect, self.max_aspect
+        return self.buckets[0][1] / self.buckets[0][0], self.buckets[-1][1] / self.buckets[-1][0]
 
     def assign(self, height: int, width: int) -> tuple[int, str | None]:
         """(bucket index, reason or None). "small": the cover resize would upscale (a side shorter than the
@@ -158,6 +175,7 @@ class BucketConfig:
         bh, bw = self.buckets[i]
         if height < bh or width < bw:
             return i, "small"
-        if not self.min_aspect <= width / height <= self.max_aspect:
+        lo, hi = self.aspect_range
+        if not lo <= width / height <= hi:
             return i, "aspect_out_of_range"
         return i, None

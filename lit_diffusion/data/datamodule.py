@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from lit_diffusion.data.buckets import BucketConfig
 from lit_diffusion.data.latents import (
     MANIFEST,
     LatentDecoder,
@@ -187,12 +188,21 @@ class _ShardDataModule(L.LightningDataModule):
         self.val_shards: list[str] | None = None
         self.train_skips, self.val_skips = SkipCounter(), SkipCounter()
         self._epoch = SharedEpoch()
+        self.bucket_config: BucketConfig | None = getattr(self, "bucket_config", None)
 
     def _decode(self):
         return None  # the streams' default: image-caption samples
 
     def _collate(self, train: bool):
         return None
+
+    def _bucket_key(self):
+        return None  # samples of several sizes decoded as they are (latents): what groups them into batches
+
+    @property
+    def buckets(self) -> list | None:
+        """The sizes a batch can have, or None when every sample has one size (the stage checks it)."""
+        return self.bucket_config.buckets if self.bucket_config is not None else None
 
     def setup(self, stage: str | None = None) -> None:
         # Expand (and check) URLs here, so a typo fails before any worker starts.
@@ -254,6 +264,8 @@ class _ShardDataModule(L.LightningDataModule):
             epoch=self._epoch,
             decode=self._decode(),
             collate_fn=self._collate(train=True),
+            buckets=self.bucket_config,
+            bucket_key=self._bucket_key(),
         )
         return EpochLoader(self._loader(dataset, batched=True), self.train_batches_per_epoch, self._epoch,
                            trainer_epoch=lambda: self.trainer.current_epoch if self.trainer is not None else None,
@@ -282,8 +294,13 @@ class _ShardDataModule(L.LightningDataModule):
             max_samples=num_samples,
             counter=self.val_skips,
             decode=self._decode(),
+            buckets=self.bucket_config,
+            bucket_key=self._bucket_key(),
+            batch_size=self.batch_size,
+            collate_fn=self._collate(train=False),
         )
-        return self._loader(dataset, batched=False)
+        bucketed = self.bucket_config is not None or self._bucket_key() is not None
+        return self._loader(dataset, batched=bucketed)  # bucketed: batches of one size each, made in the stream
 
     def test_dataloader(self) -> DataLoader | list:
         return self.val_dataloader()
@@ -315,10 +332,16 @@ class ImageCaptionDataModule(_ShardDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         prefetch_factor: int = 4,
+        buckets: dict | None = None,
     ):
         """
         train_urls / val_urls: shard brace pattern, glob, directory (reads `train-*.tar` / `val-*.tar`),
             `pipe:` command, http(s) URL, or a list of these.
+        buckets: train at any aspect ratio: `data.buckets.BucketConfig` fields ({base_size, min_aspect,
+            max_aspect, step, crop, small}; base_size defaults to image_size). Each sample goes to the bucket
+            nearest its aspect ratio, resized to cover it and cropped (random or centre: `crop`), and every batch
+            is one bucket's (see `shards.ResampledTrainStream._bucketed`). None: every image resized and
+            centre-cropped to image_size x image_size.
         batch_size: per device (global = batch_size x world size x gradient accumulation).
         train_batches_per_epoch: batches each rank yields per training epoch.
         shuffle_buffer: samples held for shuffling in each train worker (memory: that many encoded images).
@@ -329,6 +352,10 @@ class ImageCaptionDataModule(_ShardDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.image_size = image_size
+        try:
+            self.bucket_config = None if buckets is None else BucketConfig(**{"base_size": image_size, **buckets})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"data.init_args.buckets: {err}") from None
         self._init_common(train_urls, val_urls, batch_size, num_workers, train_batches_per_epoch, shuffle_buffer,
                           random_flip, val_max_samples, seed, pin_memory, persistent_workers, prefetch_factor)
 
@@ -337,11 +364,14 @@ class ImageCaptionDataModule(_ShardDataModule):
         # milliseconds per step (measured: ~3 ms, a third of a tiny CLIP step)
         if isinstance(batch, dict) and "image" in batch:
             image = torch.as_tensor(batch["image"]).to(device, non_blocking=True)  # small train batches: numpy
-            return {**batch, "image": images_to_float(image) if image.dtype == torch.uint8 else image}
+            moved = {"image": images_to_float(image) if image.dtype == torch.uint8 else image}
+            if isinstance(batch.get("size"), torch.Tensor):
+                moved["size"] = batch["size"].to(device, non_blocking=True)
+            return {**batch, **moved}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 
-LATENT_TENSORS = ("latent", "latent_std", "context", "mask", "pooled")
+LATENT_TENSORS = ("latent", "latent_std", "context", "mask", "pooled", "size")
 
 
 class LatentDataModule(_ShardDataModule):

@@ -100,14 +100,18 @@ def parse_aspect_ratios(value: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(ratios)
 
 
-def canvas_size(aspect_ratio: str, size: int) -> tuple[int, int]:
-    """(width, height) of a canvas of ratio "W:H" and area about `size`^2 (see the module docstring)."""
+def canvas_size(aspect_ratio: str, size: int, multiple: int = 2) -> tuple[int, int]:
+    """(width, height) of a canvas of ratio "W:H" and area about `size`^2 (see the module docstring), each side
+    rounded half up to a multiple of `multiple` (2 by default; 8 gives sides a VAE of factor 4 and a U-Net with one
+    downsampling take as they are, so aspect buckets of those sizes hold the canvases uncropped)."""
     (ratio,) = parse_aspect_ratios([aspect_ratio])
     w, h = (int(x) for x in ratio.split(":"))
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
     if w == h:
         return int(size), int(size)
-    width = 2 * math.floor(size * math.sqrt(w / h) / 2 + 0.5)
-    height = 2 * math.floor(size * math.sqrt(h / w) / 2 + 0.5)
+    width = multiple * math.floor(size * math.sqrt(w / h) / multiple + 0.5)
+    height = multiple * math.floor(size * math.sqrt(h / w) / multiple + 0.5)
     if min(width, height) < _MIN_SIDE:
         raise ValueError(
             f"aspect ratio {ratio} at size {size} gives a {width}x{height} canvas, whose shorter side is under "
@@ -170,7 +174,7 @@ def _place_pair(rng: random.Random, first: dict, second: dict, relation: str,
 
 
 def sample_attrs(rng: random.Random | int, image_size: int = 32,
-                 aspect_ratios: str | Sequence[str] = ASPECT_RATIOS) -> dict:
+                 aspect_ratios: str | Sequence[str] = ASPECT_RATIOS, multiple: int = 2) -> dict:
     """Draw one image's attributes (the `KEY.json` content) from `rng` (a `random.Random` or an int seed); with
     aspect ratios other than the default, first the sample's ratio, and the attributes gain `aspect_ratio`,
     `width` and `height`."""
@@ -181,8 +185,9 @@ def sample_attrs(rng: random.Random | int, image_size: int = 32,
     width = height = int(image_size)
     if ratios != ASPECT_RATIOS:
         ratio = ratios[0] if len(ratios) == 1 else rng.choice(ratios)
-        width, height = canvas_size(ratio, image_size)
-        canvas = {"aspect_ratio": ratio, "width": width, "height": height}
+        width, height = canvas_size(ratio, image_size, multiple)
+        canvas = {"aspect_ratio": ratio, "width": width, "height": height, **({"multiple": multiple}
+                                                                              if multiple != 2 else {})}
     short = min(width, height)
     kx, ky = short / width, short / height
     size_names = list(SIZES)
@@ -222,7 +227,7 @@ def canvas_of(attrs: dict, size: int | None = None) -> tuple[int, int]:
     attributes carry an `aspect_ratio`."""
     size = int(size or attrs["image_size"])
     if "aspect_ratio" in attrs:
-        return canvas_size(attrs["aspect_ratio"], size)
+        return canvas_size(attrs["aspect_ratio"], size, attrs.get("multiple", 2))
     return size, size
 
 
@@ -282,7 +287,7 @@ def _remove_stale_shards(out_dir: Path) -> None:
 
 
 def _write_split(out_dir: Path, split: str, count: int, size: int, shard_size: int, seed: int,
-                 aspect_ratios: tuple[str, ...] = ASPECT_RATIOS) -> tuple[list, list]:
+                 aspect_ratios: tuple[str, ...] = ASPECT_RATIOS, multiple: int = 2) -> tuple[list, list]:
     rng = random.Random(f"lit_diffusion-shapes-{seed}-{split}")  # str seeds hash deterministically
     pattern = str(out_dir).replace("%", "%%") + f"/{split}-%06d.tar"
     shards, captions = [], []
@@ -291,7 +296,7 @@ def _write_split(out_dir: Path, split: str, count: int, size: int, shard_size: i
     # mtime fixed so the same seed gives byte-identical tars; an int, as a float mtime costs a PAX header per file.
     with ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0, post=shards.append) as sink:
         for index in range(count):
-            attrs = sample_attrs(rng, size, aspect_ratios)
+            attrs = sample_attrs(rng, size, aspect_ratios, multiple)
             captions.append(attrs["caption"])
             sink.write(shapes_sample(index, attrs, size))
     return [Path(s).name for s in shards], captions
@@ -307,11 +312,12 @@ def write_shapes(
     vocab_size: int = 1000,
     context_length: int = 32,
     aspect_ratios: str | Sequence[str] = ASPECT_RATIOS,
+    multiple: int = 2,
 ) -> dict:
     """Write `train-%06d.tar` / `val-%06d.tar` shards of shapes images, `tokenizer.json` (trained on the
     train captions) and `info.json` to `out_dir`. The same arguments give byte-identical files.
     `aspect_ratios` ("1:1,3:2,..." or a list) are the canvases' W:H, drawn per sample; info.json records them
-    and their canvases unless they are the default, square only.
+    and their canvases unless they are the default, square only; `multiple` rounds the canvases' sides.
     Returns info.json's content plus timing (`seconds`, `samples_per_s`)."""
     from lit_diffusion.data.tokenizer import Tokenizer
 
@@ -320,13 +326,13 @@ def write_shapes(
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be >= 1")
     ratios = parse_aspect_ratios(aspect_ratios)
-    canvases = {ratio: list(canvas_size(ratio, size)) for ratio in ratios}  # refuses too-small canvases early
+    canvases = {ratio: list(canvas_size(ratio, size, multiple)) for ratio in ratios}  # refuses too-small ones early
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_shards(out_dir)
     start = time.perf_counter()
-    train_shards, train_captions = _write_split(out_dir, "train", train, size, shard_size, seed, ratios)
-    val_shards, _ = _write_split(out_dir, "val", val, size, shard_size, seed, ratios)
+    train_shards, train_captions = _write_split(out_dir, "train", train, size, shard_size, seed, ratios, multiple)
+    val_shards, _ = _write_split(out_dir, "val", val, size, shard_size, seed, ratios, multiple)
     seconds = time.perf_counter() - start
 
     tokenizer_captions = train_captions or [caption_of(sample_attrs(i, size)) for i in range(100)]

@@ -16,6 +16,7 @@ default, latent shards with `latents.LatentDecoder` and `latents.collate_latents
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import io
 import json
@@ -39,12 +40,17 @@ from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, url_opener
 
+from lit_diffusion.data.buckets import BucketConfig, CropPlan, apply, cover_crop
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff", "gif", "ppm")
 CAPTION_EXTENSIONS = ("txt", "caption")
 SKIP_REASONS = ("shard", "missing_image", "bad_image", "missing_caption", "bad_caption", "bad_json",
-                "missing_member", "bad_array")  # the last two: latent shards (a missing .npy, a wrong shape/dtype)
+                "missing_member", "bad_array",  # these two: latent shards (a missing .npy, a wrong shape/dtype)
+                # aspect buckets: an image smaller than its bucket (skipped, or upscaled and counted: `small`), and
+                # one whose aspect ratio is outside the buckets' range (cropped into the nearest bucket and counted)
+                "small_image", "aspect_cropped")
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
 _MAX_LOGGED_PER_PROCESS = 50  # after this, skips are still counted but logged only every 1000th
 _MAX_CONSECUTIVE_BAD = 10_000  # a resampled stream with no good sample in this many tries is misconfigured
@@ -232,25 +238,76 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, image_size: int, flip: bool = False) -> torch.Tensor:
-    """Image bytes -> uint8 [3, S, S]: RGB, shorter side resized to S (down or up, bicubic), centre crop."""
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _orientation(image: Image.Image) -> int:
+    if image.format in ("JPEG", "MPO", "WEBP", "TIFF"):
+        return image.getexif().get(0x0112, 1)
+    return 1
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(height, width) of encoded image bytes as displayed (EXIF orientation applied), from the header alone: no
+    pixel is decoded (aspect buckets are chosen before decoding)."""
     image = Image.open(io.BytesIO(data))
-    if image.format == "JPEG":
-        # Let libjpeg decode at a reduced scale that still keeps the shorter side >= S (much faster for photos).
-        scale = image_size / min(image.size)
+    w, h = image.size
+    return (w, h) if _orientation(image) in _TRANSPOSING_ORIENTATIONS else (h, w)
+
+
+def _open_rgb(data: bytes, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decoded RGB image (EXIF orientation applied) and its full (height, width); with `min_side`, a JPEG is
+    decoded at a reduced scale that still keeps its shorter side >= min_side (libjpeg's draft: much faster)."""
+    image = Image.open(io.BytesIO(data))
+    orientation = _orientation(image)
+    w, h = image.size
+    original = (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
+    if image.format == "JPEG" and min_side:
+        scale = min_side / min(image.size)
         image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
-    if image.format in ("JPEG", "MPO", "WEBP", "TIFF") and image.getexif().get(0x0112, 1) != 1:
+    if orientation != 1:
         image = ImageOps.exif_transpose(image)
-    image = to_rgb(image)
+    return to_rgb(image), original
+
+
+def _to_tensor(image: Image.Image, flip: bool) -> torch.Tensor:
+    array = np.array(image)  # [H, W, 3] uint8, a writable copy
+    if flip:
+        array = np.ascontiguousarray(array[:, ::-1])
+    return torch.from_numpy(array).permute(2, 0, 1)  # [3, H, W]
+
+
+def size_row(original: tuple[int, int], crop_top_left: tuple[float, float], target: tuple[int, int]) -> torch.Tensor:
+    """SDXL's size and crop condition of one sample, float [6]: original (h, w), crop (top, left) in the resized
+    image's pixels, target (h, w) (`models.conditions.SIZE_FIELDS`)."""
+    return torch.tensor([*original, *crop_top_left, *target], dtype=torch.float32)
+
+
+def decode_image_and_size(data: bytes, image_size: int, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image bytes -> uint8 [3, S, S] (RGB, shorter side resized to S, down or up, bicubic, centre crop) and its
+    size condition [6] (the original size, the centre crop's offset in resized pixels, S x S)."""
+    image, (oh, ow) = _open_rgb(data, image_size)
     w, h = image.size
     if (w, h) != (image_size, image_size):
         side = min(w, h)
         left, top = (w - side) / 2, (h - side) / 2
         image = image.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
-    array = np.array(image)  # [S, S, 3] uint8, a writable copy
-    if flip:
-        array = np.ascontiguousarray(array[:, ::-1])
-    return torch.from_numpy(array).permute(2, 0, 1)  # [3, S, S]
+    scale = image_size / min(oh, ow)
+    crop = (round((oh - min(oh, ow)) / 2 * scale), round((ow - min(oh, ow)) / 2 * scale))
+    return _to_tensor(image, flip), size_row((oh, ow), crop, (image_size, image_size))
+
+
+def decode_image(data: bytes, image_size: int, flip: bool = False) -> torch.Tensor:
+    """Image bytes -> uint8 [3, S, S]: RGB, shorter side resized to S (down or up, bicubic), centre crop."""
+    return decode_image_and_size(data, image_size, flip)[0]
+
+
+def decode_planned(data: bytes, plan: CropPlan, flip: bool = False) -> torch.Tensor:
+    """Image bytes -> uint8 [3, bh, bw] by a bucket's crop plan (`buckets.cover_crop`: resize to cover, crop)."""
+    image, original = _open_rgb(data, min(plan.resized_size))  # a JPEG may decode at a reduced scale
+    if original != plan.original_size:
+        raise ValueError(f"image is {original[0]}x{original[1]}, its header said {plan.original_size}")
+    return _to_tensor(apply(plan, image), flip)
 
 
 def decode_text(sample: dict) -> tuple[str, dict]:
@@ -274,20 +331,47 @@ def decode_text(sample: dict) -> tuple[str, dict]:
     return caption, attrs
 
 
-def decode_sample(sample: dict, image_size: int, flip: bool = False) -> dict:
-    """Raw tar sample -> {"image": uint8 [3,S,S], "caption": str, "attrs": dict, "key": str}; raises BadSample."""
+def _image_member(sample: dict) -> tuple[str, bytes]:
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if image_ext is None:
         raise BadSample("missing_image", f"no image file (.{'/.'.join(IMAGE_EXTENSIONS[:4])}/...)")
-    caption, attrs = decode_text(sample)
-    data = sample[image_ext]
-    if not data:
+    if not sample[image_ext]:
         raise BadSample("bad_image", f"zero-byte .{image_ext}")
+    return image_ext, sample[image_ext]
+
+
+def decode_sample(sample: dict, image_size: int | None, flip: bool = False, plan: CropPlan | None = None) -> dict:
+    """Raw tar sample -> {"image": uint8 [3,S,S], "size": float [6], "caption": str, "attrs": dict, "key": str};
+    with a bucket's crop `plan`, the image is [3, bh, bw] (see `bucket_plan`); raises BadSample."""
+    image_ext, data = _image_member(sample)
+    caption, attrs = decode_text(sample)
     try:
-        image = decode_image(data, image_size, flip)
+        if plan is None:
+            image, size = decode_image_and_size(data, image_size, flip)
+        else:
+            image = decode_planned(data, plan, flip)
+            size = size_row(plan.original_size, plan.crop_top_left, plan.target_size)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
-    return {"image": image, "caption": caption, "attrs": attrs, "key": sample["__key__"]}
+    return {"image": image, "size": size, "caption": caption, "attrs": attrs, "key": sample["__key__"]}
+
+
+def bucket_plan(sample: dict, buckets: BucketConfig, rng: random.Random | None) -> tuple[CropPlan | None, str | None]:
+    """A raw sample's bucket and crop, from its image header alone: (plan, None), (plan, "aspect_cropped") for an
+    aspect ratio outside the buckets' range (cropped into the nearest), (plan, "small_image") for an image that
+    must be upscaled to cover its bucket (kept: `buckets.small` is "upscale"), or (None, "small_image") (skipped:
+    "skip"). `rng` draws a random crop's offset (`buckets.crop` "random"). Raises BadSample for an unreadable
+    image header."""
+    image_ext, data = _image_member(sample)
+    try:
+        height, width = image_size_of(data)
+    except Exception as exc:
+        raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
+    index, reason = buckets.assign(height, width)
+    if reason == "small" and buckets.small == "skip":
+        return None, "small_image"
+    plan = cover_crop(height, width, buckets.buckets[index], buckets.crop, rng if buckets.crop == "random" else None)
+    return plan, {"small": "small_image", "aspect_out_of_range": "aspect_cropped"}.get(reason)
 
 
 # A train worker hands a smaller uint8 image batch to the main process as a numpy array, pickled by value through
@@ -304,11 +388,12 @@ def images_to_float(images) -> torch.Tensor:
 
 
 def collate(samples: list[dict], as_float: bool = True) -> dict:
-    """Decoded samples -> {"image": float [B,3,S,S] in [-1,1] (uint8 [B,3,S,S] without `as_float`), "caption":
-    list, "attrs": list, "key": list}."""
-    images = torch.stack([s["image"] for s in samples])  # [B, 3, S, S] uint8
+    """Decoded samples of one size -> {"image": float [B,3,H,W] in [-1,1] (uint8 without `as_float`), "size":
+    float [B,6] (each sample's original size, crop and target size), "caption": list, "attrs": list, "key": list}."""
+    images = torch.stack([s["image"] for s in samples])  # [B, 3, H, W] uint8
     return {
         "image": images_to_float(images) if as_float else images,
+        "size": torch.stack([s["size"] for s in samples]),  # [B, 6]
         "caption": [s["caption"] for s in samples],
         "attrs": [s["attrs"] for s in samples],
         "key": [s["key"] for s in samples],
@@ -467,11 +552,16 @@ class ResampledTrainStream(IterableDataset):
         epoch: SharedEpoch | None = None,
         decode: Decode | None = None,
         collate_fn: Callable[[list[dict]], dict] | None = None,
+        buckets: BucketConfig | None = None,
+        bucket_key: Callable[[dict], object] | None = None,
     ):
         super().__init__()
         self.urls, self.image_size = list(urls), image_size
         self.decode = decode if decode is not None else image_decoder(image_size)
         self.collate_fn = collate_fn if collate_fn is not None else collate_for_transfer
+        # aspect buckets (image shards: a bucket and crop per sample from its header, `bucket_plan`), or any
+        # `bucket_key(decoded sample)` (latent shards: their latent's shape); None: every sample one size
+        self.buckets, self.bucket_key = buckets, bucket_key
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
@@ -553,6 +643,97 @@ class ResampledTrainStream(IterableDataset):
                 needed -= 1
                 yield sample
 
+    def _bucketed(self, worker: int, share: int, position: dict, replay: dict | None) -> Iterator[dict | None]:
+        """This worker's `share` batches of an epoch, each of one bucket: samples go to per-bucket buffers and a
+        bucket that fills is a batch. The partial buckets are drained, not dropped: once as many buckets hold
+        samples as batches remain, each becomes one (smaller) batch, so the epoch still yields exactly `share`
+        batches (no rank waits for another under DDP) and its last few batches (at most the number of buckets in
+        use) may hold fewer than `batch_size` samples. Reading continues the shuffled stream of the epoch's seed;
+        what is still in the shuffle buffer at the end is not used (the stream restarts every epoch).
+
+        Resume (`replay`: the position of the last consumed batch): the first `replay["batches"]` batches are
+        replayed dry, each sample's bucket from its header and the ones that failed to decode known by their
+        place in the stream (`replay["bad"]`), so the buffers hold what they held then; they are then decoded and
+        the epoch goes on. Yields None for a replayed batch."""
+        base = f"{self.seed}-{self.rank}-{worker}-{self.epoch.value}"
+        shard_rng, shuffle_rng, flip_rng, crop_rng = (random.Random(f"{base}-{part}")
+                                                      for part in ("shard", "shuffle", "flip", "crop"))
+        raw: Iterator[dict] = self._shards(shard_rng)
+        if self.shuffle_buffer > 1:
+            raw = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=shuffle_rng)(raw)
+        replay_batches = replay["batches"] if replay else 0
+        replay_bad = set(replay.get("bad", ())) if replay else set()
+        know_bad = replay is None or "drawn" in replay  # else (another world size...) replaying decodes: still exact
+        buffers: dict[object, list] = {}  # bucket -> [(decoded sample, or (raw, plan, flip) while replaying)]
+        yielded, since_good = 0, 0
+
+        def emit(items: list) -> dict | None:
+            nonlocal yielded
+            yielded += 1
+            if yielded <= replay_batches:
+                return None
+            samples = [self.decode(item[0], flip=item[2], **item[1]) if isinstance(item, tuple) else item
+                       for item in items]  # buffered while replaying: decoded now (they decoded then)
+            return self.collate_fn(samples)
+
+        while yielded < share:
+            filled = [key for key, items in buffers.items() if items]
+            if len(filled) >= share - yielded:  # drain: one batch per partial bucket, in bucket order
+                for key in sorted(filled, key=str):
+                    yield emit(buffers.pop(key))
+                break
+            sample = next(raw)
+            index = position["drawn"]
+            position["drawn"] += 1
+            flipped = flip_rng.random() < 0.5 if self.random_flip else False
+            since_good += 1
+            if since_good > _MAX_CONSECUTIVE_BAD:
+                raise RuntimeError(f"{_MAX_CONSECUTIVE_BAD} samples in a row could not be used from shards "
+                                   f"{self.urls[:3]}... ({len(self.urls)} in all); skipped: {self.counter.counts()}")
+            replaying = yielded < replay_batches
+            try:
+                if self.buckets is not None:
+                    plan, note = bucket_plan(sample, self.buckets, crop_rng)
+                    if note and not replaying:
+                        self.counter.add(note)
+                    if plan is None:  # too small, and `small: skip`
+                        continue
+                    key, extra = plan.target_size, {"plan": plan}
+                else:
+                    key, extra = None, {}
+                if replaying and know_bad:
+                    if index in replay_bad:
+                        position["bad"].append(index)
+                        continue
+                    item = (sample, extra, flipped)
+                    if key is None:  # keyed by the decoded sample (a latent's shape): decode to know it
+                        item = self.decode(sample, flip=flipped)
+                else:
+                    item = self.decode(sample, flip=flipped, **extra)
+                if key is None:
+                    key = self.bucket_key(item)
+            except BadSample as bad:
+                position["bad"].append(index)
+                if not replaying:
+                    _report(self.counter, bad.reason, sample.get("__url__", "?"), sample.get("__key__"), bad.detail)
+                continue
+            since_good = 0
+            buffers.setdefault(key, []).append(item)
+            if len(buffers[key]) == self.batch_size:
+                yield emit(buffers.pop(key))
+
+    def _bucketed_epoch(self, worker: int, share: int, resume: dict | None) -> Iterator[dict]:
+        """`__iter__` with buckets: the epoch's batches from `_bucketed`, each tagged with its position. (An epoch
+        iterated twice, as with num_workers=0 and no trainer, starts again: buckets keep no stream between.)"""
+        done = resume["workers"].get(worker, {"batches": 0}) if resume else {"batches": 0}
+        position = {"batches": 0, "drawn": 0, "bad": []}
+        for batch in self._bucketed(worker, share, position, done if done["batches"] else None):
+            position["batches"] += 1
+            if batch is None:  # replayed
+                continue
+            batch[POSITION_KEY] = (worker, position["batches"], position["drawn"], tuple(position["bad"]))
+            yield batch
+
     def _resume_point(self, num_workers: int) -> dict | None:
         resume = self.resume
         if resume is None or resume["epoch"] != self.epoch.value or resume["num_workers"] != num_workers:
@@ -567,6 +748,9 @@ class ResampledTrainStream(IterableDataset):
         key = (worker, num_workers, self.epoch.value)
         share = self.share(worker, num_workers)
         todo = share
+        if self.buckets is not None or self.bucket_key is not None:
+            yield from self._bucketed_epoch(worker, share, resume)
+            return
         if self._stream is None or self._stream[0] != key:
             position = {"batches": 0, "drawn": 0, "bad": []}
             done = resume["workers"].get(worker, {"batches": 0}) if resume else {"batches": 0}
@@ -599,12 +783,22 @@ class ExactlyOnceStream(IterableDataset):
         max_samples: int | None = None,
         counter: SkipCounter | None = None,
         decode: Decode | None = None,
+        buckets: BucketConfig | None = None,
+        bucket_key: Callable[[dict], object] | None = None,
+        batch_size: int | None = None,
+        collate_fn: Callable[[list[dict]], dict] | None = None,
     ):
         super().__init__()
         self.urls, self.image_size = list(urls), image_size
         self.decode = decode if decode is not None else image_decoder(image_size)
         self.rank, self.world_size, self.max_samples = rank, world_size, max_samples
         self.counter = counter if counter is not None else SkipCounter()
+        # with buckets (or a bucket_key), batches of `batch_size` of one size each, collated here; the partial
+        # buckets are emitted at the end. Evaluation crops at the centre.
+        if buckets is not None and buckets.crop != "center":
+            buckets = dataclasses.replace(buckets, crop="center")
+        self.buckets, self.bucket_key = buckets, bucket_key
+        self.batch_size, self.collate_fn = batch_size, collate_fn or collate
 
     def _mine(self) -> Iterator[dict]:
         worker, num_workers = _worker()
@@ -618,4 +812,29 @@ class ExactlyOnceStream(IterableDataset):
                 yield sample
 
     def __iter__(self) -> Iterator[dict]:
-        return _decoded(self._mine(), self.decode, self.counter, None)
+        if self.buckets is None and self.bucket_key is None:
+            return _decoded(self._mine(), self.decode, self.counter, None)
+        return self._bucketed()
+
+    def _bucketed(self) -> Iterator[dict]:
+        buffers: dict[object, list[dict]] = {}
+        for sample in self._mine():
+            try:
+                extra = {}
+                if self.buckets is not None:
+                    plan, note = bucket_plan(sample, self.buckets, None)
+                    if note:
+                        self.counter.add(note)
+                    if plan is None:
+                        continue
+                    extra = {"plan": plan}
+                decoded = self.decode(sample, flip=False, **extra)
+            except BadSample as bad:
+                _report(self.counter, bad.reason, sample.get("__url__", "?"), sample.get("__key__"), bad.detail)
+                continue
+            key = tuple(decoded["image"].shape) if self.buckets is not None else self.bucket_key(decoded)
+            buffers.setdefault(key, []).append(decoded)
+            if len(buffers[key]) == self.batch_size:
+                yield self.collate_fn(buffers.pop(key))
+        for key in sorted(buffers, key=str):  # the partial buckets, drained
+            yield self.collate_fn(buffers[key])
