@@ -50,11 +50,11 @@ def cmd_data_shapes(args) -> None:
 
     for ratio in args.aspect_ratios:  # a canvas too small at this --size: name the option, before writing anything
         try:
-            canvas_size(ratio, args.size)
+            canvas_size(ratio, args.size, args.multiple)
         except ValueError as err:
             raise ValueError(f"--aspect-ratios {ratio} with --size {args.size}: {err}") from None
     summary = write_shapes(args.out, train=args.train, val=args.val, size=args.size, shard_size=args.shard_size,
-                           seed=args.seed, aspect_ratios=args.aspect_ratios)
+                           seed=args.seed, aspect_ratios=args.aspect_ratios, multiple=args.multiple)
     _print_json(summary)
 
 
@@ -155,6 +155,9 @@ def add_data(sub) -> None:
     p.add_argument("--size", type=int, default=32, help="image side in pixels (of a non-square canvas: sqrt(W * H))")
     p.add_argument("--aspect-ratios", type=_aspect_ratios, default=("1:1",), metavar="W:H,...",
                    help="canvas aspect ratios, one drawn per sample, e.g. 1:1,3:2,2:3,2:1,1:2 (default: 1:1)")
+    p.add_argument("--multiple", type=int, default=2,
+                   help="round non-square canvases' sides to multiples of this (8: the sizes a f=4 VAE and a U-Net "
+                        "with one downsampling take as they are)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_shapes)
@@ -230,23 +233,56 @@ def main(argv: list[str] | None = None) -> None:
 def cmd_sample(args) -> None:
     import torch
 
+    from lit_diffusion.evaluation.evaluator import AspectRatioError, sample_size
     from lit_diffusion.evaluation.plots import save_grid
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
+    if args.aspect is not None and (args.height is not None or args.width is not None):
+        raise ValueError(f"--aspect {args.aspect} and --height/--width both give the size: give one of them")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LatentDiffusionModule.from_checkpoint(args.ckpt, map_location=device)
+    height, width, size_note = args.height, args.width, ""
+    if args.aspect is not None:
+        try:
+            height, width = sample_size(model, args.aspect)
+        except AspectRatioError as err:
+            raise ValueError(f"--aspect {err}") from None
+        size_note = f", {width}x{height} px ({args.aspect})"
+    elif height is not None or width is not None:
+        try:
+            model.latent_shape(height, width)  # the model's own check, before any sampling
+        except ValueError as err:
+            given = " ".join(f"--{k} {v}" for k, v in (("height", height), ("width", width)) if v is not None)
+            raise ValueError(f"{given}: {err}") from None
+        base = int(model.hparams.image_size)
+        size_note = f", {width or base}x{height or base} px"
     rows, labels = [], []
     for i, prompt in enumerate(args.prompt):
         seeds = [args.seed + i * args.num + j for j in range(args.num)]
         images = model.sample([prompt] * args.num, negative_prompts=args.negative_prompt, guidance=args.guidance,
                               sampler=args.sampler, steps=args.steps, seed=seeds, eta=args.eta,
-                              guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, progress=True)
+                              guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, progress=True,
+                              height=height, width=width)
         rows.append(images.cpu())
         labels.append(prompt + (f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""))
     out = save_grid(rows, labels, args.out, col_titles=[f"seed {args.seed + j}" for j in range(args.num)],
                     title=f"{args.sampler or model.hparams.sampler}, {args.steps or model.hparams.sample_steps} steps, "
-                          f"guidance {args.guidance:g}")
+                          f"guidance {args.guidance:g}{size_note}")
     print(out)
+
+
+def _aspect_ratio(text: str) -> str:
+    """One aspect ratio W:H, reduced ("4:2" -> "2:1")."""
+    ratios = _aspect_ratios(text)
+    if len(ratios) != 1:
+        raise argparse.ArgumentTypeError(f"expected one aspect ratio W:H such as 3:2, got {text!r}")
+    return ratios[0]
+
+
+ASPECT_HELP = ("at the checkpoint's base area (image_size**2 px): the ideal sides image_size * sqrt(W/H) and "
+               "image_size * sqrt(H/W) are each rounded down and up to the multiple the model needs (VAE factor x "
+               "2**U-Net downsamplings, or x DiT patch); of those sizes the nearest W:H in log aspect ratio, then the "
+               "area nearest image_size**2 (1:1 is image_size x image_size)")
 
 
 def _add_guidance_rescale_and_clip_x0(p) -> None:
@@ -269,6 +305,11 @@ def add_sample(sub) -> None:
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     _add_guidance_rescale_and_clip_x0(p)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's image_size); a "
+                                                            "multiple of what the model needs, which an error names")
+    p.add_argument("--width", type=int, default=None, help="pixels (default: the checkpoint's image_size)")
+    p.add_argument("--aspect", type=_aspect_ratio, default=None, metavar="W:H",
+                   help="instead of --height/--width: the size of this aspect ratio, e.g. 3:2, " + ASPECT_HELP)
     p.add_argument("--num", type=int, default=4, help="images per prompt")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="samples.png")
@@ -276,19 +317,28 @@ def add_sample(sub) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from lit_diffusion.evaluation.evaluator import EvalConfig, evaluate_checkpoint
+    from lit_diffusion.evaluation.evaluator import AspectRatioError, EvalConfig, describe_fid_reals, evaluate_checkpoint
 
     cfg = EvalConfig(guidance=args.guidance, num_samples=args.num_samples, backends=args.features.split(","),
                      inception_weights=args.inception_weights, sampler=args.sampler, steps=args.steps,
                      guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, seed=args.seed,
-                     cache_dir=args.cache_dir, save_images=args.save_images)
+                     cache_dir=args.cache_dir, save_images=args.save_images, aspect_ratios=args.aspect_ratios)
+    if args.aspect_ratios and args.save_images:
+        raise ValueError("--save-images with --aspect-ratios is not supported: the saved images would not be exactly "
+                         "what FID saw (the centre squares of the non-square ones)")
     out_dir = Path(args.json).parent if args.json else Path(".")
-    results, paths, _ = evaluate_checkpoint(args.ckpt, args.data, cfg, out_dir, name=Path(args.ckpt).stem,
-                                            batch_size=args.batch_size, num_workers=args.num_workers,
-                                            image_size=args.image_size, device=args.device)
+    try:
+        results, paths, _ = evaluate_checkpoint(args.ckpt, args.data, cfg, out_dir, name=Path(args.ckpt).stem,
+                                                batch_size=args.batch_size, num_workers=args.num_workers,
+                                                image_size=args.image_size, device=args.device)
+    except AspectRatioError as err:
+        raise ValueError(f"--aspect-ratios {err}") from None
+    reals = describe_fid_reals(results)  # with --aspect-ratios: which real images each ratio's FID compared against
+    extra = {"fid_real_per_aspect_ratio": reals} if reals else {}
     if args.json:
-        Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "data": args.data, **results}, indent=2))
-    _print_json({**results, "files": {k: str(v) for k, v in paths.items()}})
+        Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "data": args.data, **results, **extra},
+                                              indent=2))
+    _print_json({**results, **extra, "files": {k: str(v) for k, v in paths.items()}})
 
 
 def add_evaluate(sub) -> None:
@@ -297,6 +347,13 @@ def add_evaluate(sub) -> None:
     p.add_argument("--data", required=True, help="evaluation shards (brace pattern, glob, folder)")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--guidance", type=_floats, default=[1.0, 3.0, 5.0], help="e.g. 1,3,5")
+    p.add_argument("--aspect-ratios", type=_aspect_ratios, default=None, metavar="W:H,...",
+                   help="e.g. 1:1,2:1,1:2: every caption generated at each ratio (instead of the base size only), "
+                        + ASPECT_HELP + "; every figure overall and per ratio (keys + _ar{W:H}, e.g. "
+                        "eval/fid_clip_g3.0_ar2:1). A ratio's FID compares centre squares against the real val "
+                        "images of that ratio (KEY.json aspect_ratio, else the image's own width:height within a "
+                        "pixel) when the data says every image's ratio and holds 2 of it, else against all of them; "
+                        "the output's fid_real_per_aspect_ratio says which. Not with --save-images")
     p.add_argument("--features", default="clip", help="FID features: clip, inception or clip,inception")
     p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 weights file")
     p.add_argument("--sampler", default=None)

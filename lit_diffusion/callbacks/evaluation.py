@@ -32,6 +32,7 @@ class DiffusionEvaluation(L.Callback):
         seed: int = 0,
         cache_dir: str | None = "runs/.fid_cache",
         at_train_end: bool = True,
+        aspect_ratios: Sequence[str] | None = None,
     ):
         """
         Args:
@@ -41,11 +42,14 @@ class DiffusionEvaluation(L.Callback):
             backends: FID features: "clip" (the frozen stage-1 CLIP) and/or "inception" (needs inception_weights).
             sampler, steps: default to the module's (a deterministic sampler makes evaluations rank-invariant).
             cache_dir: real statistics cached here by (data content, resolution, samples, backend, weights).
+            aspect_ratios: W:H, e.g. ["1:1", "2:1", "1:2"]: every caption generated at each ratio (at the model's
+                base area) and every figure logged overall and per ratio (keys + `_ar{W:H}`); None: base size only.
         """
         self.every_n_steps = every_n_steps
         self.config = EvalConfig(guidance=[float(g) for g in guidance], num_samples=num_samples,
                                  backends=list(backends), inception_weights=inception_weights, sampler=sampler,
-                                 steps=steps, seed=seed, cache_dir=cache_dir)
+                                 steps=steps, seed=seed, cache_dir=cache_dir,
+                                 aspect_ratios=list(aspect_ratios) if aspect_ratios else None)
         self.at_train_end = at_train_end
         self.evaluator: Evaluator | None = None
         self.history: list[dict] = []
@@ -82,6 +86,7 @@ class DiffusionEvaluation(L.Callback):
         # the figures at the model's own sampling guidance, unsuffixed: what sweeps over `guidance` optimise
         own = f"_g{float(pl_module.hparams.guidance):.1f}"
         results.update({k[: -len(own)]: v for k, v in list(results.items()) if k.endswith(own)})
+        results.update({k.replace(f"{own}_ar", "_ar"): v for k, v in list(results.items()) if f"{own}_ar" in k})
         self.history.append({"step": step, **results})
         if trainer.is_global_zero:
             for lg in trainer.loggers:

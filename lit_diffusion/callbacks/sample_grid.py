@@ -1,4 +1,5 @@
-"""Sample grids during training: fixed prompts (rows) x guidance scales (columns), fixed seeds, with captions."""
+"""Sample grids during training: fixed prompts (rows) x guidance scales (columns), fixed seeds, with captions;
+with `aspect_ratios`, each ratio's guidance columns side by side (one grid of mixed sizes, `plots.grid_cells`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from lit_diffusion.callbacks.ema import averaged_weights
+from lit_diffusion.data.shapes import ASPECT_RATIOS, parse_aspect_ratios
+from lit_diffusion.evaluation.evaluator import AspectRatioError, sample_size
 from lit_diffusion.evaluation.plots import save_grid
 
 
@@ -23,6 +26,7 @@ class SampleGrid(L.Callback):
         sampler: str | None = None,
         steps: int | None = None,
         seed: int = 0,
+        aspect_ratios: Sequence[str] = ASPECT_RATIOS,
     ):
         """
         Args:
@@ -31,14 +35,30 @@ class SampleGrid(L.Callback):
             negative_prompt: if set, one more row: the last prompt sampled against this negative prompt.
             every_n_steps: grid cadence in optimizer steps; a last grid is drawn when training ends.
             sampler, steps: default to the module's.
+            aspect_ratios: W:H, e.g. ["1:1", "2:1", "1:2"]: the guidance columns once per ratio, each sampled at
+                that ratio's size at the module's base area (`evaluator.aspect_size`), the same seed per prompt.
+                Default: square only, the module's own size (the grid as it always was).
         """
         self.prompts = list(prompts)
         self.guidance = [float(g) for g in guidance]
+        self.aspect_ratios = parse_aspect_ratios(aspect_ratios)
         self.negative_prompt = negative_prompt
         self.every_n_steps = every_n_steps
         self.sampler, self.steps, self.seed = sampler, steps, seed
         self.written: list[Path] = []
         self._last_step = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.sizes(pl_module)  # a ratio the module cannot sample fails before training, not at the first grid
+
+    def sizes(self, pl_module) -> dict[str, dict]:
+        """ratio -> the size arguments of `sample` ({} for the default: the module's own square size)."""
+        if self.aspect_ratios == ASPECT_RATIOS:
+            return {"1:1": {}}
+        try:
+            return {r: dict(zip(("height", "width"), sample_size(pl_module, r))) for r in self.aspect_ratios}
+        except AspectRatioError as err:
+            raise ValueError(f"SampleGrid aspect_ratios {err}") from None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -60,29 +80,36 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return None
         out = Path(trainer.default_root_dir) / "media" / f"samples_step{trainer.global_step:07d}.png"
-        save_grid(rows, labels, out, col_titles=[f"guidance {g:g}" for g in self.guidance],
-                  title=f"step {trainer.global_step}")
+        save_grid(rows, labels, out, col_titles=self.col_titles(), title=f"step {trainer.global_step}")
         self.written.append(out)
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_image(key="samples/grid", images=[str(out)], step=trainer.global_step)
         return out
 
+    def col_titles(self) -> list[str]:
+        if self.aspect_ratios == ASPECT_RATIOS:
+            return [f"guidance {g:g}" for g in self.guidance]
+        return [f"{r}, guidance {g:g}" for r in self.aspect_ratios for g in self.guidance]
+
     @torch.no_grad()
-    def grid(self, pl_module) -> tuple[list[torch.Tensor], list[str]]:
-        """Rows of images [len(guidance), 3, H, W] and their labels."""
+    def grid(self, pl_module) -> tuple[list[torch.Tensor | list[torch.Tensor]], list[str]]:
+        """Rows of images and their labels: a row is [len(guidance), 3, H, W] by default; with several aspect
+        ratios a list of [3, h, w] images, ratio by ratio, each ratio's guidance scales in order."""
         seeds = [self.seed + i for i in range(len(self.prompts))]
+        sizes = self.sizes(pl_module)
         rows, labels = [], []
+
+        def row(prompt: str, seed: int, **negative) -> torch.Tensor | list[torch.Tensor]:
+            images = [pl_module.sample([prompt], guidance=g, sampler=self.sampler, steps=self.steps, seed=[seed],
+                                       **negative, **size).cpu() for size in sizes.values() for g in self.guidance]
+            return torch.cat(images) if len(sizes) == 1 else [image[0] for image in images]
+
         for i, prompt in enumerate(self.prompts):
-            images = torch.cat([pl_module.sample([prompt], guidance=g, sampler=self.sampler, steps=self.steps,
-                                                 seed=[seeds[i]]) for g in self.guidance])
-            rows.append(images.cpu())
+            rows.append(row(prompt, seeds[i]))
             labels.append(prompt)
         if self.negative_prompt:
             prompt = self.prompts[-1]
-            images = torch.cat([pl_module.sample([prompt], negative_prompts=[self.negative_prompt], guidance=g,
-                                                 sampler=self.sampler, steps=self.steps, seed=[seeds[-1]])
-                                for g in self.guidance])
-            rows.append(images.cpu())
+            rows.append(row(prompt, seeds[-1], negative_prompts=[self.negative_prompt]))
             labels.append(f"{prompt}\n(negative: {self.negative_prompt})")
         return rows, labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,17 +24,45 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
-def save_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str], out: str | Path,
-              col_titles: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """rows: each [n_cols, 3, H, W] in [0, 1]; a label to the left of each row, titles above the columns."""
-    n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols + 2.2, 1.6 * n_rows + 0.4), squeeze=False)
+def grid_cells(rows: Sequence[torch.Tensor | Sequence[torch.Tensor]],
+               pad_value: float = 0.5) -> list[torch.Tensor | list[torch.Tensor]]:
+    """The rows with every image centred in a cell of the largest height and the largest width among them, on a
+    `pad_value` grey (shapes are drawn on white, so the cell's edge shows), so that images of several sizes keep
+    their pixels at one scale. Rows whose images all share one size come back as they are."""
+    sizes = {tuple(image.shape[-2:]) for row in rows for image in row}
+    if len(sizes) <= 1:
+        return list(rows)
+    ch, cw = max(h for h, _ in sizes), max(w for _, w in sizes)
+    out = []
+    for row in rows:
+        cells = []
+        for image in row:  # [3, h, w]
+            h, w = image.shape[-2:]
+            cell = torch.full((image.shape[0], ch, cw), pad_value, dtype=image.dtype, device=image.device)
+            top, left = (ch - h) // 2, (cw - w) // 2
+            cell[:, top:top + h, left:left + w] = image
+            cells.append(cell)
+        out.append(cells)
+    return out
+
+
+def save_grid(rows: Sequence[torch.Tensor | Sequence[torch.Tensor]], row_labels: Sequence[str], out: str | Path,
+              col_titles: Sequence[str] | None = None, title: str | None = None, pad_value: float = 0.5) -> Path:
+    """rows: each [n_cols, 3, H, W] in [0, 1], or a list of [3, H, W] images of any sizes (e.g. several aspect
+    ratios); a label to the left of each row, titles above the columns. Images of several sizes are laid out by
+    `grid_cells`: every cell the largest height x the largest width, each image centred on a `pad_value` grey."""
+    rows = grid_cells(rows, pad_value)
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    ch, cw = next(image.shape[-2:] for row in rows for image in row)
+    aspect = math.sqrt(cw / ch)  # a cell's shape follows its images' at a square cell's area (1.0: as always)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * aspect * n_cols + 2.2, 1.6 / aspect * n_rows + 0.4),
+                             squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
-            if j < row.shape[0]:
+            if j < len(row):
                 ax.imshow(row[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             if j == 0:
                 ax.set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=7, wrap=True)
