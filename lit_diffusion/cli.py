@@ -135,10 +135,19 @@ def cmd_data_encode(args) -> None:
     if args.val is not None and args.train is None:
         raise ValueError("data encode: --val needs --train")
     urls = args.data if args.data is not None else {"train": args.train, **({"val": args.val} if args.val else {})}
+    buckets = None
+    if args.buckets:
+        from lit_diffusion.data.buckets import BucketConfig
+
+        try:
+            buckets = BucketConfig(**{"base_size": image_size, **json.loads(args.buckets)})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"--buckets {args.buckets}: {err}") from None
     manifest = encode_shards(urls, args.out, encode_images, encode_captions, image_size=image_size,
                              clip_hash=clip_hash, vae_hash=vae_hash,
                              latent_scale={"scale_factor": scale, "latent_mean": float(vae.latent_mean)},
-                             dtype=args.dtype, flips=args.flips, std=args.std, batch_size=args.batch_size)
+                             dtype=args.dtype, flips=args.flips, std=args.std, batch_size=args.batch_size,
+                             buckets=buckets)
     if manifest is not None:
         _print_json({k: manifest[k] for k in ("samples", "skipped", "dtype", "shapes", "clip_hash", "vae_hash")}
                     | {"shards": len(manifest["shards"]), "out": str(args.out)})
@@ -188,7 +197,11 @@ def add_data(sub) -> None:
     p.add_argument("--std", action="store_true", help="also the posterior std (training can sample the posterior)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=None, help="pixels (default: the size the VAE trained at)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default: the size the VAE trained at); "
+                                                                   "with --buckets, their base size")
+    p.add_argument("--buckets", default=None, help='aspect buckets as JSON, e.g. \'{"step": 8}\' or '
+                                                   '\'{"sizes": [[32, 32], [24, 48]], "step": 8}\' (data.buckets.'
+                                                   'BucketConfig fields): each image encoded at its bucket\'s size')
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.set_defaults(func=cmd_data_encode)
 

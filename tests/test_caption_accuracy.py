@@ -230,3 +230,20 @@ def test_relation_is_read_in_pixels():
     image = to_tensor(render(tall))
     assert tuple(image.shape) == (3, 46, 22)
     assert check_image(image, tall)["correct"] and not check_image(image, dict(tall, relation="left of"))["relation"]
+
+
+def test_objects_cut_by_the_border_are_counted_apart_from_correctness(tmp_path):
+    """Real images keep a margin of background (no object at the border); an object drawn past the edge is cut."""
+    from lit_diffusion.data.shapes import render, sample_attrs
+    from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
+
+    metric = CaptionAccuracy()
+    for seed in range(40):
+        attrs = sample_attrs(seed, 32, "1:1,2:1,1:2", multiple=8)
+        image = torch.from_numpy(np.array(render(attrs))).permute(2, 0, 1).float() / 255
+        assert not check_image(image, attrs)["cut"]
+        metric.update(image[None], [attrs])
+        moved = {**attrs, "objects": [{**o, "cx": 0.02} for o in attrs["objects"]]}  # centres on the left edge
+        cut = torch.from_numpy(np.array(render(moved))).permute(2, 0, 1).float() / 255
+        assert check_image(cut, attrs)["cut"]
+    assert metric.attribute_accuracy()["cut"] == 0.0

@@ -172,3 +172,30 @@ def test_two_ranks_with_different_aspect_mixes_train_in_step(tmp_path):
     assert ranks[0]["weight"] == ranks[1]["weight"]  # gradients were averaged every step
     differ = [i for i, (a, b) in enumerate(zip(ranks[0]["shapes"], ranks[1]["shapes"])) if a[-2:] != b[-2:]]
     assert differ, "the ranks never trained on different shapes in the same step"
+
+
+# ------------------------------------------------------------------------------------------------ latent shards
+def test_latents_are_encoded_at_each_samples_bucket_and_read_back_in_one_shape_batches(mixed, tmp_path):
+    from latent_fakes import fake_encode_captions, fake_encode_images
+
+    from lit_diffusion.data.datamodule import LatentDataModule
+    from lit_diffusion.data.encode import encode_shards
+
+    buckets = BucketConfig(base_size=32, step=8, sizes=SIZES)
+    manifest = encode_shards({"train": str(mixed / "train-*.tar"), "val": str(mixed / "val-*.tar")}, tmp_path / "lat",
+                             fake_encode_images, fake_encode_captions, image_size=32, clip_hash="c", vae_hash="v",
+                             flips=True, batch_size=8, progress=False, buckets=buckets)
+    assert sorted(manifest["buckets"]) == sorted(SIZES) and manifest["shapes"]["latent"] == [3, None, None]
+    assert {tuple(s) for s in manifest["latent_shapes"]} == {(3, h // 4, w // 4) for h, w in SIZES}
+    dm = LatentDataModule(train_urls=str(tmp_path / "lat" / "train" / "*.tar"),
+                          val_urls=str(tmp_path / "lat" / "val" / "*.tar"), batch_size=4, num_workers=0,
+                          train_batches_per_epoch=8, random_flip=True, seed=0)
+    dm.setup("fit")
+    assert sorted(dm.buckets) == sorted(SIZES)
+    for batch in dm.train_dataloader():
+        h, w = batch["latent"].shape[-2:]
+        for attrs, size in zip(batch["attrs"], batch["size"]):
+            assert (attrs["height"], attrs["width"]) == (4 * h, 4 * w)
+            assert size.tolist() == [4 * h, 4 * w, 0, 0, 4 * h, 4 * w]  # a whole canvas, flipped or not
+    keys = [k for b in dm.eval_dataloader() for k in b["key"]]
+    assert sorted(keys) == [f"{i:09d}" for i in range(23)]

@@ -35,6 +35,7 @@ from lit_diffusion.data.latents import (
     check_hashes,
     check_shards,
     collate_latents,
+    latent_shape_key,
     read_manifest,
 )
 from lit_diffusion.data.shards import (
@@ -447,6 +448,14 @@ class LatentDataModule(_ShardDataModule):
 
     def _decode(self):
         return LatentDecoder.from_manifest(self.manifest, self.context_length)
+
+    def _bucket_key(self):
+        return latent_shape_key if self.buckets is not None else None  # batches of one latent shape
+
+    @property
+    def buckets(self) -> list | None:
+        """The aspect buckets the latents were encoded at (`data encode` with buckets), else None."""
+        return (self.manifest or {}).get("buckets")
 
     def _collate(self, train: bool):
         return partial(collate_latents, context_length=self.context_length)

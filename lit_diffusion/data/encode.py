@@ -15,10 +15,12 @@ The encoders come from the caller (this package imports no model code):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
 import os
+import random
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from lit_diffusion.data.buckets import BucketConfig
 from lit_diffusion.data.latents import (
     DTYPES,
     FORMAT,
@@ -41,6 +44,7 @@ from lit_diffusion.data.shards import (
     BadSample,
     SkipCounter,
     _report,
+    bucket_plan,
     decode_sample,
     expand_urls,
     images_to_float,
@@ -105,18 +109,29 @@ def _check_settings(out: Path, settings: dict, rank: int) -> None:
         os.replace(tmp, path)
 
 
+def _npy_shape(data: bytes) -> list[int]:
+    """An .npy's shape from its header alone."""
+    stream = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return list(read(stream)[0])
+
+
 def _shard_summary(path: Path) -> dict:
-    """Samples, bytes and array shapes of a complete output shard (headers and the first sample's .npy headers
-    only: no array is decoded)."""
-    keys, shapes = set(), {}
+    """Samples, bytes and array shapes of a complete output shard (the first sample's), and every latent shape in
+    it (buckets); from the .npy headers: no array is decoded."""
+    keys, shapes, latents = set(), {}, set()
     with tarfile.open(path) as tar:
         for info in tar:
             key, _, member = info.name.partition(".")
             keys.add(key)
-            if member.endswith(".npy") and member[:-4] not in shapes:
-                data = tar.extractfile(info).read()
-                shapes[member[:-4]] = list(np.load(io.BytesIO(data), allow_pickle=False).shape)
-    return {"samples": len(keys), "bytes": path.stat().st_size, "shapes": shapes}
+            if member == "latent.npy" or (member.endswith(".npy") and member[:-4] not in shapes):
+                shape = _npy_shape(tar.extractfile(info).read())
+                shapes.setdefault(member[:-4], shape)
+                if member == "latent.npy":
+                    latents.add(tuple(shape))
+    return {"samples": len(keys), "bytes": path.stat().st_size, "shapes": shapes,
+            "latent_shapes": [list(s) for s in sorted(latents)]}
 
 
 def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool,
@@ -139,7 +154,7 @@ def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_capti
         encoded.append({
             "key": s["key"], "caption": s["caption"], "attrs_json": s["attrs_json"],
             "context": context[i][tokens.to(context.device)],  # [n, W]: the caption's real tokens
-            "pooled": pooled[i],
+            "pooled": pooled[i], "size": s["size"],
             **{name: a[i] for name, a in arrays.items()},
         })
     return encoded
@@ -147,32 +162,44 @@ def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_capti
 
 def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, batch_size: int,
                       encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool, std: bool,
-                      counter: SkipCounter, bar) -> None:
+                      counter: SkipCounter, bar, buckets: BucketConfig | None = None) -> None:
+    """One input shard -> one output shard. With buckets, each image at its bucket's size (crops drawn from a
+    generator seeded by the output shard's name, so a redone shard is the same), encoded in batches of one
+    bucket; a bucket's samples are written when its batch fills, the partial ones at the shard's end."""
     writer = LatentShardWriter(out_path, dtype)
+    crop_rng = random.Random(f"lit_diffusion-encode-{out_path.name}")
     try:
-        pending: list[dict] = []
+        pending: dict[object, list[dict]] = {}
 
-        def flush() -> None:
+        def flush(key) -> None:
+            samples = pending.pop(key)
             with torch.no_grad():
-                for e in _encode_batch(pending, encode_images, encode_captions, flips, std):
+                for e in _encode_batch(samples, encode_images, encode_captions, flips, std):
                     writer.write(e["key"], e["latent"], e["context"], e["pooled"], e["caption"], e["attrs_json"],
                                  latent_std=e.get("latent_std"), latent_flip=e.get("latent_flip"),
-                                 latent_flip_std=e.get("latent_flip_std"))
-            bar.update(len(pending))
-            pending.clear()
+                                 latent_flip_std=e.get("latent_flip_std"), size=e["size"])
+            bar.update(len(samples))
 
         for raw in shard_samples(url, counter):
             try:
-                sample = decode_sample(raw, image_size)
+                plan = None
+                if buckets is not None:
+                    plan, note = bucket_plan(raw, buckets, crop_rng)
+                    if note:
+                        counter.add(note)
+                    if plan is None:
+                        continue
+                sample = decode_sample(raw, image_size, plan=plan)
             except BadSample as bad:
                 _report(counter, bad.reason, url, raw.get("__key__"), bad.detail)
                 continue
             sample["attrs_json"] = raw.get("json")  # the source's attributes, byte for byte
-            pending.append(sample)
-            if len(pending) == batch_size:
-                flush()
-        if pending:
-            flush()
+            key = tuple(sample["image"].shape)
+            pending.setdefault(key, []).append(sample)
+            if len(pending[key]) == batch_size:
+                flush(key)
+        for key in sorted(pending):
+            flush(key)
     except BaseException:
         writer.abort()
         raise
@@ -210,9 +237,11 @@ def encode_shards(
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    buckets: BucketConfig | None = None,
 ) -> dict | None:
     """Encode every sample of `urls` into latent shards under `out`; returns the manifest on rank 0 (None on the
-    others). `urls`: one set of shards, or {"train": urls, "val": urls} (outputs `SPLIT/NNNNNN.tar`). Rank and world size come from torch.distributed when it is initialised (all ranks must call this;
+    others). `urls`: one set of shards, or {"train": urls, "val": urls} (outputs `SPLIT/NNNNNN.tar`). `buckets`:
+    encode each image at its aspect bucket's size (`image_size` is then the buckets' base size). Rank and world size come from torch.distributed when it is initialised (all ranks must call this;
     it ends with collectives), or from the arguments. `latent_scale`: the VAE's scale (and mean), recorded."""
     rank, world_size = _rank_and_world(rank, world_size)
     if batch_size < 1:
@@ -227,7 +256,8 @@ def encode_shards(
     _check_settings(out, {"format": FORMAT, "version": VERSION, "clip_hash": clip_hash, "vae_hash": vae_hash,
                           "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
                           "batch_size": batch_size, "sources": sources,
-                          **({"outputs": names} if splits else {})}, rank)
+                          **({"outputs": names} if splits else {}),
+                          **({"buckets": dataclasses.asdict(buckets)} if buckets else {})}, rank)
     counter = SkipCounter()
     done: list[dict] = []
     with tqdm(desc=f"encode (rank {rank})", unit="sample", unit_scale=True, disable=not progress or rank != 0,
@@ -240,7 +270,7 @@ def encode_shards(
                 path.with_name(path.name + TMP_SUFFIX).unlink(missing_ok=True)  # what a killed run left
                 before = counter.counts()
                 _encode_one_shard(url, path, image_size, dtype, batch_size, encode_images, encode_captions,
-                                  flips, std, counter, bar)
+                                  flips, std, counter, bar, buckets)
                 after = counter.counts()
                 log.info("encoded %s -> %s (skipped %s)", url, path,
                          {r: after[r] - before[r] for r in SKIP_REASONS if after[r] != before[r]})
@@ -264,8 +294,11 @@ def encode_shards(
             "format": FORMAT, "version": VERSION,
             "clip_hash": clip_hash, "vae_hash": vae_hash, "latent_scale": latent_scale,
             "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
-            "shapes": {"latent": shapes["latent"], "context": [None, shapes["context"][1]],
-                       "pooled": shapes["pooled"]},
+            "shapes": {"latent": shapes["latent"] if buckets is None else [shapes["latent"][0], None, None],
+                       "context": [None, shapes["context"][1]], "pooled": shapes["pooled"]},
+            **({"buckets": [list(b) for b in buckets.buckets],
+                "latent_shapes": sorted({tuple(x) for s in shards for x in s["latent_shapes"]})}
+               if buckets is not None else {}),
             "samples": sum(s["samples"] for s in shards),
             # skips of this run only: a resumed run does not re-read the shards it finds complete
             "skipped": {r: sum(p["skipped"][r] for p in everyone) for r in SKIP_REASONS},

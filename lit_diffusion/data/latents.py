@@ -7,11 +7,14 @@ Per sample (WebDataset members of one tar, KEY without dots):
     KEY.latent_flip_std.npy the flipped image's std (with `flips` and `std`)                  [C, h, w]
     KEY.context.npy         CLIP token features of the caption's real tokens, no padding      [n, W]
     KEY.pooled.npy          CLIP's pooled text embedding                                      [E]
+    KEY.size.npy            SDXL's size and crop condition, float32 whatever the dtype: original
+                            (h, w), crop (top, left), target (h, w) in pixels                 [6]
     KEY.txt, KEY.json       the caption and the source sample's attributes (json as it was)
 Arrays are float16, float32 or bfloat16; npy has no bfloat16, so those are stored as the same 16 bits viewed
 as uint16, and `manifest.json` says which. The manifest beside the shards names the encoders by the hashes of
 their weights (`state_dict_hash`), the latent scale, shapes and dtype, counts per shard and in all, and the
-source shards. Shards are written deterministically (fixed tar headers) under a temporary name and renamed
+source shards; with aspect buckets, the buckets (image pixels) and every latent shape in the shards
+(`latent_shapes`; `shapes.latent` then gives only the channels: [C, null, null]). Shards are written deterministically (fixed tar headers) under a temporary name and renamed
 when complete, so a shard under its final name is always whole.
 """
 
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from lit_diffusion.data.shards import BadSample, decode_text
+from lit_diffusion.data.shards import BadSample, decode_text, flip_size_row
 
 FORMAT = "lit_diffusion.latents"
 VERSION = 1
@@ -101,14 +104,18 @@ class LatentShardWriter:
 
     def write(self, key: str, latent: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, caption: str,
               attrs_json: bytes | None = None, latent_std: torch.Tensor | None = None,
-              latent_flip: torch.Tensor | None = None, latent_flip_std: torch.Tensor | None = None) -> None:
-        """One sample: latent [C,h,w], context [n,W] (real tokens only), pooled [E]; the optional arrays alike."""
+              latent_flip: torch.Tensor | None = None, latent_flip_std: torch.Tensor | None = None,
+              size: torch.Tensor | None = None) -> None:
+        """One sample: latent [C,h,w], context [n,W] (real tokens only), pooled [E], size [6]; the optional arrays
+        alike."""
         if "." in key:
             raise ValueError(f"sample key {key!r} contains a dot: WebDataset would split it into key and members")
         sample = {"__key__": key, "txt": caption.encode("utf-8")}
         arrays = {"latent.npy": latent, "context.npy": context, "pooled.npy": pooled, "latent_std.npy": latent_std,
                   "latent_flip.npy": latent_flip, "latent_flip_std.npy": latent_flip_std}
         sample.update({name: encode_array(a, self.dtype) for name, a in arrays.items() if a is not None})
+        if size is not None:
+            sample["size.npy"] = encode_array(size.float(), "float32")  # pixel counts: exact in float32
         if attrs_json is not None:
             sample["json"] = attrs_json
         self._tar.write(sample)
@@ -202,19 +209,22 @@ class LatentDecoder:
     shape or dtype raises BadSample, which the streams count and skip, naming shard and key. With `flip`, the
     flipped image's latent (and std)."""
 
-    latent_shape: tuple[int, ...]
+    latent_shape: tuple[int, ...]  # with buckets: (C, None, None), and `latent_shapes` holds every shape
     context_width: int
     pooled_dim: int
     dtype: str
     flips: bool = False
     std: bool = False
     context_length: int | None = None
+    latent_shapes: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def from_manifest(cls, manifest: dict, context_length: int | None = None) -> LatentDecoder:
         shapes = manifest["shapes"]
+        several = manifest.get("latent_shapes")
         return cls(tuple(shapes["latent"]), int(shapes["context"][1]), int(shapes["pooled"][0]), manifest["dtype"],
-                   bool(manifest["flips"]), bool(manifest["std"]), context_length)
+                   bool(manifest["flips"]), bool(manifest["std"]), context_length,
+                   tuple(tuple(s) for s in several) if several else None)
 
     def _array(self, sample: dict, member: str) -> torch.Tensor:
         if member not in sample:
@@ -226,9 +236,10 @@ class LatentDecoder:
         if flip and not self.flips:
             raise ValueError("flipped latents asked for, but the manifest says the shards have none (--flips)")
         latent = self._array(sample, f"{prefix}.npy")
-        if tuple(latent.shape) != self.latent_shape:
+        allowed = self.latent_shapes or (self.latent_shape,)
+        if tuple(latent.shape) not in allowed:
             raise BadSample("bad_array", f".{prefix}.npy has shape {list(latent.shape)}, the manifest says "
-                                         f"{list(self.latent_shape)}")
+                                         f"{' or '.join(str(list(s)) for s in allowed)}")
         out = {"latent": latent}
         if self.std:
             latent_std = self._array(sample, f"{prefix}_std.npy")
@@ -246,6 +257,13 @@ class LatentDecoder:
         pooled = self._array(sample, "pooled.npy")
         if tuple(pooled.shape) != (self.pooled_dim,):
             raise BadSample("bad_array", f".pooled.npy has shape {list(pooled.shape)}, expected [{self.pooled_dim}]")
+        if "size.npy" in sample:
+            size = decode_array(sample["size.npy"], "float32", "size.npy")
+            if tuple(size.shape) != (6,):
+                raise BadSample("bad_array", f".size.npy has shape {list(size.shape)}, expected [6]")
+            if flip:  # mirrored: the crop's left edge is measured from the other side
+                size = flip_size_row(size)
+            out["size"] = size
         caption, attrs = decode_text(sample)
         return {**out, "context": context, "pooled": pooled, "caption": caption, "attrs": attrs,
                 "key": sample["__key__"]}
@@ -272,4 +290,11 @@ def collate_latents(samples: list[dict], context_length: int | None = None) -> d
     }
     if "latent_std" in samples[0]:
         batch["latent_std"] = torch.stack([s["latent_std"] for s in samples])
+    if all("size" in s for s in samples):
+        batch["size"] = torch.stack([s["size"] for s in samples])  # [B, 6]
     return batch
+
+
+def latent_shape_key(sample: dict) -> tuple[int, ...]:
+    """What groups latent samples of several buckets into batches: their latent's shape."""
+    return tuple(sample["latent"].shape)

@@ -283,6 +283,16 @@ def size_row(original: tuple[int, int], crop_top_left: tuple[float, float], targ
     return torch.tensor([*original, *crop_top_left, *target], dtype=torch.float32)
 
 
+def flip_size_row(size: torch.Tensor) -> torch.Tensor:
+    """The size condition of the mirrored image: the crop's left offset measured from the other side (the resized
+    width minus the crop's right edge); a centre crop stays where it was."""
+    oh, ow, top, left, th, tw = size.tolist()
+    resized_w = round(ow * max(th / oh, tw / ow))
+    out = size.clone()
+    out[3] = resized_w - tw - left
+    return out
+
+
 def decode_image_and_size(data: bytes, image_size: int, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Image bytes -> uint8 [3, S, S] (RGB, shorter side resized to S, down or up, bicubic, centre crop) and its
     size condition [6] (the original size, the centre crop's offset in resized pixels, S x S)."""
@@ -348,9 +358,12 @@ def decode_sample(sample: dict, image_size: int | None, flip: bool = False, plan
     try:
         if plan is None:
             image, size = decode_image_and_size(data, image_size, flip)
+            size = flip_size_row(size) if flip else size
         else:
             image = decode_planned(data, plan, flip)
             size = size_row(plan.original_size, plan.crop_top_left, plan.target_size)
+            if flip:
+                size = flip_size_row(size)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
     return {"image": image, "size": size, "caption": caption, "attrs": attrs, "key": sample["__key__"]}

@@ -74,6 +74,8 @@ def detect_objects(image: Tensor | np.ndarray) -> list[dict]:
                 "cy": float((ys.mean() + sl[0].start + 0.5) / height),
                 "r": half_extent,
                 "area": area / (height * width),
+                # reaching the image's edge: an object the border cuts (real shapes keep a margin of background)
+                "at_border": sl[0].start == 0 or sl[1].start == 0 or sl[0].stop == height or sl[1].stop == width,
             })
     return sorted(objects, key=lambda o: -o["area"])
 
@@ -113,6 +115,7 @@ def check_image(image: Tensor | np.ndarray, attrs: dict) -> dict:
                               and _relation_holds(matches[0], matches[1], attrs["relation"],
                                                   width / short, height / short))
     result["correct"] = all(result[k] for k in ATTRIBUTES)
+    result["cut"] = any(obj["at_border"] for obj in found)  # not part of `correct`: counted on its own
     return result
 
 
@@ -130,7 +133,7 @@ class CaptionAccuracy(Metric):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        for key in (*ATTRIBUTES, "correct"):
+        for key in (*ATTRIBUTES, "correct", "cut"):
             self.add_state(f"{key}_sum", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         for kind in KINDS:
@@ -143,7 +146,7 @@ class CaptionAccuracy(Metric):
                 f"CaptionAccuracy.update: images {tuple(images.shape)} and {len(attrs)} attrs do not match"
             )
         results = [check_image(image, a) for image, a in zip(images.detach().cpu(), attrs)]
-        for key in (*ATTRIBUTES, "correct"):
+        for key in (*ATTRIBUTES, "correct", "cut"):
             setattr(self, f"{key}_sum", getattr(self, f"{key}_sum") + sum(int(r[key]) for r in results))
         self.count = self.count + len(results)
         for kind in KINDS:
@@ -158,11 +161,11 @@ class CaptionAccuracy(Metric):
 
     def attribute_accuracy(self) -> dict[str, float]:
         """Accuracy of each attribute, overall (`correct`) and of each caption kind present (`one_object`,
-        `two_objects`), gathered over all ranks."""
+        `two_objects`), and the fraction of images with an object at the border (`cut`), gathered over all ranks."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
                                should_unsync=self._should_unsync):
             n = max(int(self.count), 1)
-            out = {key: int(getattr(self, f"{key}_sum")) / n for key in (*ATTRIBUTES, "correct")}
+            out = {key: int(getattr(self, f"{key}_sum")) / n for key in (*ATTRIBUTES, "correct", "cut")}
             for kind in KINDS:
                 if int(getattr(self, f"{kind}_count")):
                     out[kind] = int(getattr(self, f"{kind}_correct")) / int(getattr(self, f"{kind}_count"))
