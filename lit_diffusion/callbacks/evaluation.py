@@ -7,7 +7,6 @@ It runs on every rank (each generates for its share of the val stream) with the 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -116,11 +115,15 @@ def real_images(dm):
         return dm
     from lit_diffusion.data.datamodule import ImageCaptionDataModule
 
-    source = {s["name"]: s["source"] for s in manifest["shards"]}
-    missing = [u for u in dm.val_shards if os.path.basename(u) not in source]
+    from lit_diffusion.data.latents import manifest_entry
+
+    entries = [manifest_entry(manifest, u) for u in dm.val_shards]
+    missing = [u for u, e in zip(dm.val_shards, entries) if e is None]
     if missing:
         raise ValueError(f"{manifest['path']} names no source image shard for the latent val shard {missing[0]}: "
                          f"in-loop FID needs the real images")
-    sources = [source[os.path.basename(u)] for u in dm.val_shards]
-    return ImageCaptionDataModule(val_urls=sources, image_size=int(manifest["image_size"]), batch_size=dm.batch_size,
-                                  num_workers=dm.num_workers, val_max_samples=dm.val_max_samples, seed=dm.seed)
+    # latents encoded at aspect buckets: the real images at the same buckets, centre-cropped
+    buckets = {"sizes": manifest["buckets"], "step": 1, "crop": "center"} if manifest.get("buckets") else None
+    return ImageCaptionDataModule(val_urls=[e["source"] for e in entries], image_size=int(manifest["image_size"]),
+                                  batch_size=dm.batch_size, num_workers=dm.num_workers,
+                                  val_max_samples=dm.val_max_samples, seed=dm.seed, buckets=buckets)

@@ -183,15 +183,21 @@ def check_hashes(manifest: dict, expected: dict[str, str] | None) -> None:
                              f"model's {name} checkpoint")
 
 
+def manifest_entry(manifest: dict, url: str) -> dict | None:
+    """The manifest's entry for a latent shard URL: the listed name (a path relative to the manifest's folder) the
+    URL ends with, `SPLIT/000000.tar` (splits) or the shard's file name; None when it lists none."""
+    listed = {s["name"]: s for s in manifest["shards"]}
+    parts = url.split("/")
+    return next((listed[name] for name in ("/".join(parts[-2:]), parts[-1]) if name in listed), None)
+
+
 def check_shards(manifest: dict, urls: list[str]) -> None:
     """Every shard must be one the manifest lists, and a local one of the size it was written with."""
-    listed = {s["name"]: s for s in manifest["shards"]}  # paths relative to the manifest's folder
+    count = len(manifest["shards"])
     for url in urls:
-        # the longest listed name the url ends with: `SPLIT/000000.tar` (splits) or the shard's file name
-        parts = url.split("/")
-        entry = next((listed[name] for name in ("/".join(parts[-2:]), parts[-1]) if name in listed), None)
+        entry = manifest_entry(manifest, url)
         if entry is None:
-            raise ValueError(f"shard {url} is not listed in {manifest['path']} (it lists {len(listed)} shards): "
+            raise ValueError(f"shard {url} is not listed in {manifest['path']} (it lists {count} shards): "
                              f"shards and manifest do not belong together")
         local = url.removeprefix("file:")
         if os.path.isfile(local) and os.path.getsize(local) != entry["bytes"]:
