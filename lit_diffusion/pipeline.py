@@ -16,6 +16,16 @@ With `encode:` in the config, the image-caption shards are encoded once after st
 a subprocess like the stages) and the diffusion stage trains from the latent shards (`LatentDataModule`) without
 running CLIP or the VAE per step. The encode is skipped when its manifest names the same CLIP and VAE weights and
 source shards; the diffusion stage's fingerprint holds the manifest.
+
+With `stages.ldm.phases: [{name: ldm_24, args: {...}}, {name: ldm_32, args: {...}}]` the diffusion stage trains in
+phases, as Stable Diffusion, SD3 and PixArt train at a base resolution and then continue at a higher one: each
+phase is a `fit` of the same stage config with its args on top of `stages.ldm.args`, in its own run directory
+(`runs/NAME/ldm_24/`), and each after the first starts from the previous one's finished checkpoint
+(`model.init_args.init_from`: the denoiser's weights only; steps, warm-up and optimizer start anew). An earlier
+phase's finished checkpoint and record are `runs/NAME/PHASE.ckpt` and `PHASE.fingerprint.json`; the last phase's
+are the stage's, `runs/NAME/ldm.ckpt` and `ldm.fingerprint.json`, which evaluation and samples read. A phase's
+fingerprint holds the previous phase's checkpoint by content (`files`), so a changed phase makes the later ones
+stale as a changed stage makes the later stages stale.
 """
 
 from __future__ import annotations
@@ -24,10 +34,12 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -38,8 +50,10 @@ log = logging.getLogger("lit_diffusion")
 IMPORTABLE = ("clip", "vae")  # stages that `checkpoint:` can supply instead of training them
 # `encode:` keys -> `lit-diffusion data encode` options (out: default runs/NAME/latents)
 ENCODE_OPTIONS = {"out": None, "dtype": "--dtype", "flips": "--flips", "std": "--std", "batch_size": "--batch-size",
-                  "device": "--device"}
+                  "device": "--device", "buckets": "--buckets", "image_size": "--image-size"}
 LATENT_DATA = "lit_diffusion.data.datamodule.LatentDataModule"
+INIT_FROM = "model.init_args.init_from"  # the override that starts a phase from the previous one's checkpoint
+RESERVED = (*STAGES, "eval", "latents")  # names under runs/NAME that a phase's run directory must not take
 
 
 class StageInputsChanged(RuntimeError):
@@ -64,6 +78,8 @@ def load_config(path: str | Path) -> dict:
                              f"checkpoint instead of being trained")
         if not spec.get("config") and not spec.get("checkpoint"):
             raise ValueError(f"{path}: stages.{stage} needs `config:` (train it) or `checkpoint:` (use it)")
+        if spec.get("phases") is not None:
+            _check_phases(path, stage, spec)
     encode = cfg.get("encode")
     if encode is not None:
         if not isinstance(encode, dict):
@@ -72,6 +88,66 @@ def load_config(path: str | Path) -> dict:
         if unknown:
             raise ValueError(f"{path}: unknown encode keys {unknown}; known: {sorted(ENCODE_OPTIONS)}")
     return cfg
+
+
+def _check_phases(path: Path, stage: str, spec: dict) -> None:
+    phases = spec["phases"]
+    if stage != "ldm":
+        raise ValueError(f"{path}: stages.{stage}.phases: only the diffusion stage (stages.ldm) trains in phases")
+    if not isinstance(phases, list) or not phases:
+        raise ValueError(f"{path}: stages.ldm.phases must be a list of {{name: NAME, args: {{...}}}}, got {phases!r}")
+    if INIT_FROM in (spec.get("args") or {}):
+        raise ValueError(f"{path}: stages.ldm.args sets {INIT_FROM}, which the pipeline sets for every phase after "
+                         f"the first (the previous phase's checkpoint): give it in the first phase's args")
+    names = set()
+    for i, phase in enumerate(phases):
+        where = f"{path}: stages.ldm.phases[{i}]"
+        if not isinstance(phase, dict) or set(phase) - {"name", "args"} or not isinstance(phase.get("args") or {},
+                                                                                          dict):
+            raise ValueError(f"{where}: a phase is {{name: NAME, args: {{KEY: VALUE, ...}}}}, got {phase!r}")
+        name = phase.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in RESERVED \
+                or name in names:
+            raise ValueError(f"{where}: name {name!r}: each phase needs its own name of letters, digits, _ - and ., "
+                             f"not one of {list(RESERVED)} (its run directory is runs/NAME/<name>)")
+        names.add(name)
+        if i and INIT_FROM in (phase.get("args") or {}):
+            raise ValueError(f"{where} ({name}): {INIT_FROM} is set by the pipeline: the phase starts from the "
+                             f"previous phase's checkpoint")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One `fit` the pipeline runs: a stage, or one phase of the diffusion stage (`stages.ldm.phases`)."""
+
+    stage: str  # clip, vae or ldm: whose config, upstream checkpoints and data it gets
+    name: str  # its run directory (runs/NAME/<name>) and its name in messages: the stage's, or the phase's
+    final: str  # the stem of its finished checkpoint and record: the stage's; an earlier phase's own name
+    args: dict = field(default_factory=dict)  # the phase's args, on top of stages.<stage>.args
+    init_from: str | None = None  # the previous phase's finished checkpoint, which this phase starts from
+
+
+def training_steps(cfg: dict, root: Path) -> list[Step]:
+    """The fits in order: one per stage, or one per phase of the diffusion stage; the last phase finishes as the
+    stage does (runs/NAME/ldm.ckpt)."""
+    steps = []
+    for stage in STAGES:
+        phases = (cfg["stages"][stage] or {}).get("phases")
+        if not phases:
+            steps.append(Step(stage, stage, stage))
+            continue
+        previous = None
+        for i, phase in enumerate(phases):
+            final = stage if i == len(phases) - 1 else phase["name"]
+            steps.append(Step(stage, phase["name"], final, dict(phase.get("args") or {}), previous))
+            previous = str(root / f"{final}.ckpt")
+    return steps
+
+
+def _step_extra(step: Step, extras: dict[str, dict]) -> dict:
+    """What the pipeline passes a step besides the data: its stage's upstream checkpoints, and the previous
+    phase's checkpoint to start from."""
+    return {**extras[step.stage], **({INIT_FROM: step.init_from} if step.init_from else {})}
 
 
 def _arg(key: str, value) -> list[str]:
@@ -95,19 +171,25 @@ def _ensure_data(cfg: dict) -> dict:
                 "made": False}
     out = Path(data.get("out", "data/shapes"))
     info = out / "info.json"
+    from lit_diffusion.data.shapes import canvas_size, parse_aspect_ratios, write_shapes
+
     wanted = {k: data.get(k, d) for k, d in (("train", 5000), ("val", 500), ("size", 32), ("seed", 0))}
+    ratios, multiple = parse_aspect_ratios(data.get("aspect_ratios", "1:1")), int(data.get("multiple", 2))
+    # non-square canvases (aspect buckets): as info.json records them
+    wanted["canvases"] = ({r: list(canvas_size(r, wanted["size"], multiple)) for r in ratios}
+                          if ratios != ("1:1",) else None)
     if info.is_file():
         have = json.loads(info.read_text())
-        have = {**have.get("counts", {}), "size": have.get("image_size"), "seed": have.get("seed")}
+        have = {**have.get("counts", {}), "size": have.get("image_size"), "seed": have.get("seed"),
+                "canvases": have.get("canvases")}
         if all(have.get(k) == v for k, v in wanted.items()):
             log.info("data: using the shapes shards in %s", out)
             return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
                     "tokenizer": str(out / "tokenizer.json"), "made": False}
-    from lit_diffusion.data.shapes import write_shapes
-
     log.info("data: drawing %d + %d shapes images into %s", wanted["train"], wanted["val"], out)
     write_shapes(out, train=wanted["train"], val=wanted["val"], size=wanted["size"],
-                 shard_size=data.get("shard_size", 1000), seed=wanted["seed"])
+                 shard_size=data.get("shard_size", 1000), seed=wanted["seed"], aspect_ratios=ratios,
+                 multiple=multiple)
     return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
             "tokenizer": str(out / "tokenizer.json"), "made": True}
 
@@ -142,19 +224,20 @@ def _summary(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _one_line(stage: str, summary: dict, seconds: float) -> str:
+def _one_line(stage: str, summary: dict, seconds: float, name: str | None = None) -> str:
     final = summary.get("final", {})
     figures = ", ".join(f"{k}={final[k]:.4g}" for k in STAGE_KEYS[stage] if k in final)
-    return f"[{stage}] done in {seconds / 60:.1f} min: {figures or 'no figures logged'}"
+    return f"[{name or stage}] done in {seconds / 60:.1f} min: {figures or 'no figures logged'}"
 
 
-def stage_overrides(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
-    """Every `--key value` the pipeline passes to a stage's `fit`, besides the run directory and the seed."""
+def stage_overrides(stage: str, cfg: dict, data: dict, extra: dict, phase: dict | None = None) -> dict:
+    """Every `--key value` the pipeline passes to a stage's `fit`, besides the run directory and the seed; `phase`:
+    a phase's args, on top of the stage's."""
     overrides = {"data.class_path": data["class_path"]} if data.get("class_path") else {}  # before its init_args
     overrides["data.init_args.train_urls"] = data["train_urls"]
     if data.get("val_urls"):
         overrides["data.init_args.val_urls"] = data["val_urls"]
-    return {**overrides, **extra, **(cfg["stages"][stage].get("args") or {})}
+    return {**overrides, **extra, **(cfg["stages"][stage].get("args") or {}), **(phase or {})}
 
 
 def _shards_identity(urls: str) -> str:
@@ -169,14 +252,15 @@ def _shards_identity(urls: str) -> str:
     return data_identity(local, mtime=False) + (f"+{len(remote)} remote: {remote[0]}..." if remote else "")
 
 
-def fingerprint(stage: str, cfg: dict, data: dict, extra: dict) -> dict:
-    """What makes a stage's checkpoint: plain JSON, compared key by key on a rerun."""
+def fingerprint(stage: str, cfg: dict, data: dict, extra: dict, phase: dict | None = None) -> dict:
+    """What makes a stage's (or a phase's) checkpoint: plain JSON, compared key by key on a rerun. A phase's
+    overrides hold its args and the previous phase's checkpoint, whose content its `files` hold."""
     from lit_diffusion.metrics.features import file_sha256
 
     config = Path(cfg["stages"][stage]["config"])
     if not config.is_file():
         raise FileNotFoundError(f"stages.{stage}.config: {config} not found")
-    overrides = json.loads(json.dumps(stage_overrides(stage, cfg, data, extra)))  # tuples -> lists, as on reload
+    overrides = json.loads(json.dumps(stage_overrides(stage, cfg, data, extra, phase)))  # tuples -> lists
     encoded = not data.get("manifest") or Path(data["manifest"]).is_file()  # latent shards exist when expected
     return {
         "config_file": str(config),
@@ -259,51 +343,60 @@ def _write_json(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def _paths(root: Path, stage: str) -> dict[str, Path]:
+def _paths(root: Path, stage: str, run: str | None = None) -> dict[str, Path]:
+    """A step's files: its finished checkpoint and record (`stage`: their stem) and run directory (`run`)."""
+    run = run or stage
     return {"final": root / f"{stage}.ckpt", "made": root / f"{stage}.fingerprint.json",
-            "run_dir": root / stage, "started": root / stage / "fingerprint.json",
-            "last": root / stage / "checkpoints" / "last.ckpt"}
+            "run_dir": root / run, "started": root / run / "fingerprint.json",
+            "last": root / run / "checkpoints" / "last.ckpt"}
 
 
-def _retrain_hint(root: Path, stage: str) -> str:
-    later = STAGES[STAGES.index(stage):]
-    doomed = [str(p) for s in later for key, p in _paths(root, s).items()
+def _step_paths(root: Path, step: Step) -> dict[str, Path]:
+    return _paths(root, step.final, step.name)
+
+
+def _retrain_hint(root: Path, later: list[Step]) -> str:
+    doomed = [str(p) for s in later for key, p in _step_paths(root, s).items()
               if key in ("final", "made", "run_dir") and p.exists()]
-    return (f"To retrain {' and '.join(later)} with the new inputs, delete what they made: rm -r {' '.join(doomed)}; "
-            f"or keep these runs and choose another run name (`name:` in the pipeline config).")
+    return (f"To retrain {' and '.join(s.name for s in later)} with the new inputs, delete what they made: "
+            f"rm -r {' '.join(doomed)}; or keep these runs and choose another run name (`name:` in the pipeline "
+            f"config).")
 
 
 def check_stage_inputs(cfg: dict, root: Path, data: dict[str, dict], extras: dict[str, dict]) -> None:
     """Before anything trains: every finished or interrupted stage must have been made from the inputs it would
     get now (`data`: each stage's data), and nothing may sit downstream of a stage that is about to train (it
-    would be made from the old upstream); raises StageInputsChanged naming what differs and how to go on."""
-    retraining = None  # the first stage that will train now
-    for stage in STAGES:
-        paths = _paths(root, stage)
+    would be made from the old upstream); raises StageInputsChanged naming what differs and how to go on. A phase
+    of the diffusion stage is checked as a stage is, its previous phase standing upstream of it."""
+    steps = training_steps(cfg, root)
+    retraining = None  # the finished checkpoint (stem) of the first step that will train now
+    for i, step in enumerate(steps):
+        paths = _step_paths(root, step)
         if retraining is not None:
             stale = [str(paths[k]) for k in ("final", "last") if paths[k].is_file()]
             if stale:
                 raise StageInputsChanged(
-                    f"[{stage}] {stale[0]} was made from a {retraining}.ckpt that is missing and will be "
-                    f"trained again now, so it would not match.\n{_retrain_hint(root, stage)}")
+                    f"[{step.name}] {stale[0]} was made from a {retraining}.ckpt that is missing and will be "
+                    f"trained again now, so it would not match.\n{_retrain_hint(root, steps[i:])}")
             continue
         if paths["final"].is_file():
             record, made = paths["made"], f"{paths['final']} was made"
         elif paths["last"].is_file():
-            record, made, retraining = paths["started"], f"the interrupted run {paths['last']} was started", stage
+            record, made = paths["started"], f"the interrupted run {paths['last']} was started"
+            retraining = step.final
         else:
-            retraining = stage
+            retraining = step.final
             continue
         if not record.is_file():  # placed by hand (e.g. trained elsewhere) or from an older version: trusted
-            log.warning("[%s] %s has no record of what made it (%s): used as it is", stage,
+            log.warning("[%s] %s has no record of what made it (%s): used as it is", step.name,
                         paths["final"] if record == paths["made"] else paths["last"], record)
             continue
-        changes = fingerprint_changes(json.loads(record.read_text()),
-                                      fingerprint(stage, cfg, data[stage], extras[stage]))
+        changes = fingerprint_changes(json.loads(record.read_text()), fingerprint(
+            step.stage, cfg, data[step.stage], _step_extra(step, extras), step.args))
         if changes:
             lines = "\n".join(f"  - {c}" for c in changes)
-            raise StageInputsChanged(f"[{stage}] {made} with other inputs than the pipeline gives it now "
-                                     f"(recorded in {record}):\n{lines}\n{_retrain_hint(root, stage)}")
+            raise StageInputsChanged(f"[{step.name}] {made} with other inputs than the pipeline gives it now "
+                                     f"(recorded in {record}):\n{lines}\n{_retrain_hint(root, steps[i:])}")
 
 
 class PipelineConfigError(ValueError):
@@ -324,14 +417,15 @@ def check_stage_data(cfg: dict, inputs: dict[str, dict], extras: dict[str, dict]
     latent shards must hold what the stage's options ask of them (flipped latents, the posterior's std).
     Raises PipelineConfigError naming the stage, the key and the fix."""
     encode = cfg.get("encode")
-    for stage in STAGES:
+    for step in training_steps(cfg, Path()):  # each phase of the diffusion stage with its args (paths unused)
+        stage = step.stage
         spec = cfg["stages"][stage]
         if spec.get("checkpoint"):
             continue
-        where = f"stages.{stage} ({spec['config']})"
+        where = f"stages.{stage}{'' if step.name == stage else f' phase {step.name}'} ({spec['config']})"
         stage_cfg = yaml.safe_load(Path(spec["config"]).read_text()) or {}
         config_data = stage_cfg.get("data") or {}
-        overrides = stage_overrides(stage, cfg, inputs[stage], extras[stage])
+        overrides = stage_overrides(stage, cfg, inputs[stage], _step_extra(step, extras), step.args)
         class_path = overrides.get("data.class_path") or config_data.get("class_path")
         if not class_path:
             continue
@@ -372,46 +466,50 @@ def check_stage_data(cfg: dict, inputs: dict[str, dict], extras: dict[str, dict]
                     f" in the latent shards: set `encode: {{{flag}: true}}` in the pipeline config, or {option}: false")
 
 
-def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: dict) -> dict:
-    """Train one stage unless its finished checkpoint exists; returns its figures and timing."""
-    paths = _paths(root, stage)
+def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: dict, step: Step | None = None) -> dict:
+    """Train one stage (or, with `step`, one phase of it) unless its finished checkpoint exists; returns its figures
+    and timing. An interrupted run resumes from its last.ckpt (`--ckpt_path`), whose weights Lightning restores
+    after the module's `__init__`, so over those a phase's `init_from` loaded."""
+    step = step or Step(stage, stage, stage)
+    label = step.name
+    paths = _step_paths(root, step)
     final_ckpt, run_dir, last = paths["final"], paths["run_dir"], paths["last"]
     if final_ckpt.is_file():
-        log.info("[%s] %s exists: skipped", stage, final_ckpt)
+        log.info("[%s] %s exists: skipped", label, final_ckpt)
         return {"skipped": True, "ckpt": str(final_ckpt), "summary": _summary(run_dir),
-                "seconds": (_summary(run_dir).get("pipeline") or {}).get("seconds")}
+                "seconds": (_summary(run_dir).get("pipeline") or {}).get("seconds"), "run_dir": str(run_dir)}
     spec = cfg["stages"][stage]
     argv = [sys.executable, "-m", "lit_diffusion", "fit", "--config", spec["config"],
-            "--run.root", str(root), "--run.name", stage, "--run.group", name,
+            "--run.root", str(root), "--run.name", label, "--run.group", name,
             "--run.wandb", str(bool(cfg.get("wandb", True))).lower()]
     if cfg.get("seed") is not None:
         argv += ["--seed_everything", str(cfg["seed"])]
-    for key, value in stage_overrides(stage, cfg, data, extra).items():
+    for key, value in stage_overrides(stage, cfg, data, extra, step.args).items():
         argv += _arg(key, value)
-    made_from = fingerprint(stage, cfg, data, extra)
+    made_from = fingerprint(stage, cfg, data, extra, step.args)
     if last.is_file():
-        log.info("[%s] resuming from %s", stage, last)
+        log.info("[%s] resuming from %s", label, last)
         argv += ["--ckpt_path", str(last)]
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_json(paths["started"], made_from)  # what last.ckpt will be made from, checked on resume
-    log.info("[%s] %s", stage, " ".join(argv[2:]))
+    log.info("[%s] %s", label, " ".join(argv[2:]))
     t0 = time.perf_counter()
-    env = {**os.environ, "LIT_DIFFUSION_RUN_NAME": stage}
+    env = {**os.environ, "LIT_DIFFUSION_RUN_NAME": label}
     proc = subprocess.run(argv, env=env)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); its run directory is {run_dir}; "
+        raise RuntimeError(f"stage {label} failed (exit {proc.returncode}); its run directory is {run_dir}; "
                            f"run the pipeline again to resume from {last}")
     if not last.is_file():
-        raise RuntimeError(f"stage {stage} finished without writing {last}")
+        raise RuntimeError(f"stage {label} finished without writing {last}")
     _write_json(paths["made"], made_from)  # before the checkpoint: a finished checkpoint always has its record
     tmp = final_ckpt.with_suffix(".ckpt.tmp")
     shutil.copyfile(last, tmp)
     os.replace(tmp, final_ckpt)  # the finished checkpoint appears whole or not at all
     summary = _summary(run_dir)
-    print(_one_line(stage, summary, seconds), flush=True)
-    return {"skipped": False, "ckpt": str(final_ckpt), "summary": summary, "seconds": seconds}
+    print(_one_line(stage, summary, seconds, label), flush=True)
+    return {"skipped": False, "ckpt": str(final_ckpt), "summary": summary, "seconds": seconds, "run_dir": str(run_dir)}
 
 
 def train_stages(cfg: dict, root: Path, name: str, data: dict) -> dict[str, dict]:
@@ -426,11 +524,20 @@ def train_stages(cfg: dict, root: Path, name: str, data: dict) -> dict[str, dict
         inputs["ldm"] = latent_data(cfg, root, data)
     check_stage_data(cfg, inputs, extras)
     check_stage_inputs(cfg, root, inputs, extras)
-    results = {}
-    for stage in STAGES:
-        if stage == "ldm" and cfg.get("encode") is not None:
+    results, phases = {}, []
+    for step in training_steps(cfg, root):
+        stage = step.stage
+        if stage == "ldm" and cfg.get("encode") is not None and not phases:
             encode_latents(cfg, root, data)
-        results[stage] = run_stage(stage, cfg, root, name, inputs[stage], extras[stage])
+        result = run_stage(stage, cfg, root, name, inputs[stage], _step_extra(step, extras), step)
+        if step.name == stage:
+            results[stage] = result
+            continue
+        phases.append({"name": step.name, "init_from": step.init_from, **result})
+        if step.final == stage:  # the last phase: the stage's result, with every phase's and their total time
+            seconds = [p["seconds"] for p in phases if p["seconds"] is not None]
+            results[stage] = {**result, "skipped": all(p["skipped"] for p in phases),
+                              "seconds": sum(seconds) if seconds else None, "phases": phases}
     return results
 
 
@@ -499,7 +606,7 @@ def encode_latents(cfg: dict, root: Path, data: dict) -> dict:
         value = spec.get(key)
         if flag is None or value is None or value is False:
             continue
-        argv += [flag] if value is True else [flag, str(value)]
+        argv += [flag] if value is True else [flag, json.dumps(value) if isinstance(value, dict) else str(value)]
     log.info("[encode] %s", " ".join(argv[2:]))
     t0 = time.perf_counter()
     proc = subprocess.run(argv, env={**os.environ, "LIT_DIFFUSION_RUN_NAME": "encode"})
@@ -557,7 +664,8 @@ def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
                       num_samples=int(ev.get("num_samples", 200)), backends=backends,
                       inception_weights=ev.get("inception_weights"), sampler=ev.get("sampler"),
                       steps=ev.get("steps"), seed=int(ev.get("seed", 0)),
-                      cache_dir=str(Path(cfg.get("root", "runs")) / ".fid_cache"))
+                      cache_dir=str(Path(cfg.get("root", "runs")) / ".fid_cache"),
+                      aspect_ratios=list(ev["aspect_ratios"]) if ev.get("aspect_ratios") else None)
     results, paths, ecfg = evaluate_checkpoint(root / "ldm.ckpt", data["val_urls"], ecfg, root / "eval",
                                                name=cfg.get("name", "model"),
                                                batch_size=int(ev.get("batch_size", 100)),
@@ -576,8 +684,8 @@ def sample_grid(cfg: dict, root: Path) -> str:
     model = LatentDiffusionModule.from_checkpoint(root / "ldm.ckpt", map_location=eval_device(cfg))
     grid = SampleGrid(prompts=spec.get("prompts", SampleGrid().prompts), guidance=spec.get("guidance", [1, 3, 5]),
                       negative_prompt=spec.get("negative_prompt"), sampler=spec.get("sampler"),
-                      steps=spec.get("steps"), seed=int(spec.get("seed", 0)))
+                      steps=spec.get("steps"), seed=int(spec.get("seed", 0)),
+                      aspect_ratios=spec.get("aspect_ratios", ("1:1",)))
     rows, labels = grid.grid(model)
-    out = save_grid(rows, labels, root / "samples.png", col_titles=[f"guidance {g:g}" for g in grid.guidance],
-                    title="lit_diffusion samples")
+    out = save_grid(rows, labels, root / "samples.png", col_titles=grid.col_titles(), title="lit_diffusion samples")
     return str(out)

@@ -24,20 +24,29 @@ def _minutes(seconds) -> str:
     return "skipped (done before)" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _phase(result: dict, keys) -> dict:
+    """One phase of a stage trained in phases, as the report shows it."""
+    final = result["summary"].get("final") or {}
+    return {"name": result["name"], "ckpt": result["ckpt"], "init_from": result.get("init_from"),
+            "skipped": result["skipped"], "seconds": result["seconds"], "figures": {k: final.get(k) for k in keys}}
+
+
 def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, evaluation: dict, grid: str,
                  timings: dict) -> dict:
     results = evaluation["results"]
     stage_figures = {s: {k: (stages[s]["summary"].get("final") or {}).get(k) for k in STAGE_KEYS[s]} for s in STAGES}
     stage_configs = {}
     for s in STAGES:
-        path = root / s / "config.yaml"
+        path = Path(stages[s].get("run_dir") or root / s) / "config.yaml"  # in phases: the last phase's
         stage_configs[s] = yaml.safe_load(path.read_text()) if path.is_file() else None
+    phases = {s: [_phase(p, STAGE_KEYS[s]) for p in stages[s].get("phases") or []] for s in STAGES}
     report = {
         "name": name,
         "data": data,
         "stages": {s: {"ckpt": stages[s]["ckpt"], "skipped": stages[s]["skipped"], "seconds": stages[s]["seconds"],
                        "figures": stage_figures[s], "best": (stages[s]["summary"].get("best") or {}),
-                       "config": stage_configs[s]} for s in STAGES},
+                       "config": stage_configs[s], **({"phases": phases[s]} if phases[s] else {})}
+                   for s in STAGES},
         "evaluation": {"results": results, "config": evaluation["config"], "json": evaluation["json"],
                        "plot": evaluation["plot"]},
         "samples": grid,
@@ -57,6 +66,10 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
     for s in STAGES:
         figures = ", ".join(f"{k} = {_fmt(v)}" for k, v in stage_figures[s].items())
         lines.append(f"| {s} | {_minutes(stages[s]['seconds'])} | {figures} |")
+        for phase in phases[s]:  # the chain: each phase and the checkpoint it started from
+            start = f"from `{os.path.relpath(phase['init_from'], root)}`, " if phase["init_from"] else ""
+            figures = ", ".join(f"{k} = {_fmt(v)}" for k, v in phase["figures"].items())
+            lines.append(f"| {s} phase {phase['name']} | {_minutes(phase['seconds'])} | {start}{figures} |")
     lines += ["", f"## Evaluation ({int(results.get('eval/num_samples', 0))} val captions, "
                   f"sampler {evaluation['config']['sampler'] or 'model default'}, "
                   f"{evaluation['config']['steps'] or 'default'} steps)", ""]

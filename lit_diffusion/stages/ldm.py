@@ -49,6 +49,7 @@ class LatentDiffusionModule(Stage):
         self,
         clip_ckpt: str | None = None,
         vae_ckpt: str | None = None,
+        init_from: str | None = None,
         image_size: int = 32,
         unet: dict | None = None,
         dit: dict | None = None,
@@ -79,6 +80,8 @@ class LatentDiffusionModule(Stage):
         """
         Args:
             clip_ckpt, vae_ckpt: the stage-1 and stage-2 checkpoints (frozen here).
+            init_from: an earlier ldm checkpoint (e.g. a phase at a lower resolution) whose denoiser weights start
+                this run; its frozen CLIP and VAE must be these. Not a hyper-parameter (see `load_denoiser`).
             image_size: pixel size of the training images; latents are image_size // VAE factor.
             unet: UNetConfig fields; in/out channels and context width default to the VAE's and CLIP's.
             dit: DiTConfig fields (or `preset: B/2` and overrides) instead of `unet`: a transformer over latent
@@ -124,7 +127,7 @@ class LatentDiffusionModule(Stage):
         except ValueError as err:
             raise ValueError(f"model.init_args.sampler: {err}") from None
         _check_guidance_rescale_and_clip_x0(guidance_rescale, clip_x0, "model.init_args.")
-        self.save_hyperparameters(ignore=["frozen"])
+        self.save_hyperparameters(ignore=["frozen", "init_from"])  # init_from: this run's checkpoints hold them
 
         # each stage file is read once: the same dict rebuilds the frozen stage and travels inside ldm.ckpt
         frozen = frozen or {}
@@ -164,6 +167,8 @@ class LatentDiffusionModule(Stage):
         self._bucketed = False  # set in `setup` from the data module: batches of several sizes are expected
         self._null_cond: Conditioning | None = None
         self._encoder_hashes: dict[str, str] | None = None
+        if init_from:  # in __init__, so a resumed run's checkpoint (restored after it) wins
+            self.load_denoiser(init_from)
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -177,6 +182,44 @@ class LatentDiffusionModule(Stage):
             weights = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
             frozen[name] = {**block["frozen"][name], "state_dict": weights}
         return {**cls.accepted_args(ckpt.get("hyper_parameters") or {}), "frozen": frozen}
+
+    def load_denoiser(self, path: str) -> None:
+        """`init_from`: start from the denoiser of an earlier ldm checkpoint, as SD, SD3 and PixArt continue a
+        base-resolution run at a higher one. Only its `unet.*` / `dit.*` weights, strictly (same keys and shapes):
+        those it samples with (its EMA copy where it kept one); no optimizer, schedule, EMA or step (a new phase).
+        Its frozen CLIP and VAE must be this stage's (same `state_dict_hash`, or the same weights as rounded by an EMA
+        copy: `_ema_rounded`), or the denoiser would meet other features than it learned on."""
+        try:
+            ckpt = self.read_checkpoint(path)  # torch.load(weights_only=True), kind checked
+        except CheckpointError as err:
+            raise CheckpointError(f"model.init_args.init_from: {err}") from None
+        state = ckpt.get("state_dict") or {}
+        raw = ckpt.get("current_model_state") or state  # WeightAveraging's: the weights beside its EMA copy
+        ours = self.encoder_hashes()
+        for name, given in (("clip", self.hparams.clip_ckpt), ("vae", self.hparams.vae_ckpt)):
+            embedded = {k[len(name) + 1:]: v for k, v in raw.items() if k.startswith(name + ".")}
+            theirs = state_dict_hash(embedded)
+            if theirs != ours[name] and not _ema_rounded(embedded, getattr(self, name).state_dict()):
+                raise CheckpointError(
+                    f"model.init_args.init_from: {path} was trained with another frozen {name} (state_dict_hash "
+                    f"{theirs[:16]}) than this stage's {given} ({ours[name][:16]}): continue it with the {name} "
+                    f"checkpoint it was trained with (model.init_args.{name}_ckpt)")
+        prefix = self._net_name + "."
+        weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not weights:
+            nets = sorted({k.split(".")[0] for k in state} & {"unet", "dit"})
+            raise CheckpointError(f"model.init_args.init_from: {path} holds no {prefix}* weights (its denoiser: "
+                                  f"{', '.join(nets) or 'none'}), and this stage trains a {self._net_name}")
+        own = self.network.state_dict()
+        missing, unexpected = [k for k in own if k not in weights], [k for k in weights if k not in own]
+        wrong = [f"{k} {tuple(v.shape)} (here {tuple(own[k].shape)})" for k, v in weights.items()
+                 if k in own and v.shape != own[k].shape]
+        if missing or unexpected or wrong:
+            raise CheckpointError(f"model.init_args.init_from: {path}: its {self._net_name} weights do not match this "
+                                  f"stage's config (missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes "
+                                  f"{wrong[:5]})")
+        self.network.load_state_dict(weights, strict=True)
+        log.info("ldm: the %s starts from %s", self._net_name, path)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lit_diffusion"] = stage_block(
@@ -295,7 +338,9 @@ class LatentDiffusionModule(Stage):
         scale = {"scale_factor": float(self.vae.scale_factor), "latent_mean": float(self.vae.latent_mean)}
         if manifest.get("latent_scale") != scale:
             raise ValueError(f"{where}: latent scale {manifest.get('latent_scale')}, the stage's VAE has {scale}")
-        latent = [self.latent_channels, self.latent_size, self.latent_size]
+        # encoded at aspect buckets: latents of several sizes, of this base size's area, channels as the VAE's
+        latent = ([self.latent_channels, None, None] if manifest.get("buckets")
+                  else [self.latent_channels, self.latent_size, self.latent_size])
         if list(manifest["shapes"]["latent"]) != latent or manifest.get("image_size") != self.hparams.image_size:
             raise ValueError(f"{where}: latents {manifest['shapes']['latent']} of {manifest.get('image_size')} px "
                              f"images, but model.init_args.image_size={self.hparams.image_size} and the VAE give "
@@ -509,6 +554,19 @@ def _frozen(cls: type[Stage], ckpt: dict, source: str | None) -> Stage:
     module = cls.from_checkpoint_dict(ckpt, source=source)  # eval mode, which LatentDiffusionModule.train keeps
     module.requires_grad_(False)
     return module
+
+
+def _ema_rounded(embedded: dict, own: dict) -> bool:
+    """`init_from`: are an earlier checkpoint's frozen weights these, as an EMA copy holds them? WeightAveraging
+    averages the frozen CLIP and VAE too, and decay * w + (1 - decay) * w is w only up to rounding, within about
+    ulp / (1 - decay) (measured: 1e-6 relative at decay 0.995, 2e-4 at 0.9999), so their hash differs; other weights
+    (another seed, other steps) differ far more."""
+    own = {k: v for k, v in own.items() if isinstance(v, torch.Tensor)}
+    embedded = {k: v for k, v in embedded.items() if isinstance(v, torch.Tensor)}
+    return embedded.keys() == own.keys() and all(
+        v.shape == own[k].shape and v.dtype == own[k].dtype
+        and torch.allclose(v.float(), own[k].detach().cpu().float(), rtol=2e-3, atol=1e-8)
+        for k, v in embedded.items())
 
 
 def _embedded(ckpt: dict) -> dict:
