@@ -199,3 +199,22 @@ def test_latents_are_encoded_at_each_samples_bucket_and_read_back_in_one_shape_b
             assert size.tolist() == [4 * h, 4 * w, 0, 0, 4 * h, 4 * w]  # a whole canvas, flipped or not
     keys = [k for b in dm.eval_dataloader() for k in b["key"]]
     assert sorted(keys) == [f"{i:09d}" for i in range(23)]
+
+
+def test_the_bench_baseline_buckets_as_the_data_module_does(mixed):
+    """`bench data`'s raw loop (the baseline of the >= 0.9 throughput target) does the loader's work by hand: the
+    same bucket, pixels and size condition for every sample."""
+    from lit_diffusion.bench.data import _raw_bucketed_batches
+
+    buckets = {"sizes": SIZES, "step": 8, "crop": "center"}
+    dm = _module(str(mixed / "train-000000.tar"), batch_size=2, train_batches_per_epoch=10, shuffle_buffer=1,
+                 buckets=buckets)
+    dm.setup("fit")
+    ours = {k: (img, size) for b in dm.train_dataloader() for k, img, size in zip(b["key"], b["image"], b["size"])}
+    raw = {k: (img, size) for b in _raw_bucketed_batches([str(mixed / "train-000000.tar")], dm.bucket_config, 2, 10)
+           for k, img, size in zip(b["key"], b["image"], b["size"])}
+    common = set(ours) & set(raw)
+    assert len(common) >= 10
+    for key in common:
+        assert torch.equal(ours[key][0].float() / 127.5 - 1 if ours[key][0].dtype == torch.uint8 else ours[key][0],
+                           raw[key][0]) and torch.equal(ours[key][1], raw[key][1]), key
