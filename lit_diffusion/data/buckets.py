@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import cached_property
 
 from PIL import Image
@@ -76,12 +75,15 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> i
     if not buckets:
         raise ValueError("no buckets")
 
-    def distance(i):
-        bh, bw = buckets[i]
+    # |log(w/h) - log(bw/bh)| = log(max(a, b) / min(a, b)) with a = w*bh, b = h*bw: compared as integer cross
+    # products, so ties are real ties and the answer never depends on float rounding
+    best, best_num, best_den = 0, None, None
+    for i, (bh, bw) in enumerate(buckets):
         a, b = width * bh, height * bw
-        return Fraction(max(a, b), min(a, b))
-
-    return min(range(len(buckets)), key=lambda i: (distance(i), i))
+        num, den = max(a, b), min(a, b)
+        if best_num is None or num * best_den < best_num * den:
+            best, best_num, best_den = i, num, den
+    return best
 
 
 @dataclass(frozen=True)

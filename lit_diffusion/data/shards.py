@@ -369,6 +369,45 @@ def decode_sample(sample: dict, image_size: int | None, flip: bool = False, plan
     return {"image": image, "size": size, "caption": caption, "attrs": attrs, "key": sample["__key__"]}
 
 
+def decode_bucketed(sample: dict, buckets: BucketConfig, rng: random.Random | None,
+                    flip: bool = False) -> tuple[dict | None, str | None]:
+    """`bucket_plan` then `decode_sample(plan=...)`, opening the image once: (decoded sample or None when skipped,
+    the plan's note). The crop is drawn before the caption and pixels are checked, as `bucket_plan` alone draws
+    it, so a replay by headers (`ResampledTrainStream._bucketed`) consumes `rng` alike. Raises BadSample."""
+    image_ext, data = _image_member(sample)
+    try:
+        image = Image.open(io.BytesIO(data))
+        orientation = _orientation(image)
+        w, h = image.size
+        height, width = (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
+    except Exception as exc:
+        raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
+    plan, note = _plan(height, width, buckets, rng)
+    if plan is None:
+        return None, note
+    caption, attrs = decode_text(sample)
+    try:
+        if image.format == "JPEG":
+            scale = min(plan.resized_size) / min(image.size)
+            image.draft("RGB", (math.ceil(image.size[0] * scale), math.ceil(image.size[1] * scale)))
+        if orientation != 1:
+            image = ImageOps.exif_transpose(image)
+        pixels = _to_tensor(apply(plan, to_rgb(image)), flip)
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
+    size = size_row(plan.original_size, plan.crop_top_left, plan.target_size)
+    return {"image": pixels, "size": flip_size_row(size) if flip else size, "caption": caption, "attrs": attrs,
+            "key": sample["__key__"]}, note
+
+
+def _plan(height: int, width: int, buckets: BucketConfig, rng) -> tuple[CropPlan | None, str | None]:
+    index, reason = buckets.assign(height, width)
+    if reason == "small" and buckets.small == "skip":
+        return None, "small_image"
+    plan = cover_crop(height, width, buckets.buckets[index], buckets.crop, rng if buckets.crop == "random" else None)
+    return plan, {"small": "small_image", "aspect_out_of_range": "aspect_cropped"}.get(reason)
+
+
 def bucket_plan(sample: dict, buckets: BucketConfig, rng: random.Random | None) -> tuple[CropPlan | None, str | None]:
     """A raw sample's bucket and crop, from its image header alone: (plan, None), (plan, "aspect_cropped") for an
     aspect ratio outside the buckets' range (cropped into the nearest), (plan, "small_image") for an image that
@@ -380,11 +419,7 @@ def bucket_plan(sample: dict, buckets: BucketConfig, rng: random.Random | None) 
         height, width = image_size_of(data)
     except Exception as exc:
         raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
-    index, reason = buckets.assign(height, width)
-    if reason == "small" and buckets.small == "skip":
-        return None, "small_image"
-    plan = cover_crop(height, width, buckets.buckets[index], buckets.crop, rng if buckets.crop == "random" else None)
-    return plan, {"small": "small_image", "aspect_out_of_range": "aspect_cropped"}.get(reason)
+    return _plan(height, width, buckets, rng)
 
 
 # A train worker hands a smaller uint8 image batch to the main process as a numpy array, pickled by value through
@@ -705,26 +740,31 @@ class ResampledTrainStream(IterableDataset):
                                    f"{self.urls[:3]}... ({len(self.urls)} in all); skipped: {self.counter.counts()}")
             replaying = yielded < replay_batches
             try:
-                if self.buckets is not None:
-                    plan, note = bucket_plan(sample, self.buckets, crop_rng)
+                if self.buckets is not None and not (replaying and know_bad):  # decoded, one open of the image
+                    item, note = decode_bucketed(sample, self.buckets, crop_rng, flipped)
                     if note and not replaying:
                         self.counter.add(note)
-                    if plan is None:  # too small, and `small: skip`
+                    if item is None:  # too small, and `small: skip`
                         continue
-                    key, extra = plan.target_size, {"plan": plan}
+                    key = tuple(item["image"].shape[-2:])
                 else:
                     key, extra = None, {}
-                if replaying and know_bad:
-                    if index in replay_bad:
-                        position["bad"].append(index)
-                        continue
-                    item = (sample, extra, flipped)
-                    if key is None:  # keyed by the decoded sample (a latent's shape): decode to know it
-                        item = self.decode(sample, flip=flipped)
-                else:
-                    item = self.decode(sample, flip=flipped, **extra)
-                if key is None:
-                    key = self.bucket_key(item)
+                    if self.buckets is not None:  # replaying: the bucket from the header alone
+                        plan, _ = bucket_plan(sample, self.buckets, crop_rng)
+                        if plan is None:
+                            continue
+                        key, extra = plan.target_size, {"plan": plan}
+                    if replaying and know_bad:
+                        if index in replay_bad:
+                            position["bad"].append(index)
+                            continue
+                        item = (sample, extra, flipped)
+                        if key is None:  # keyed by the decoded sample (a latent's shape): decode to know it
+                            item = self.decode(sample, flip=flipped)
+                    else:
+                        item = self.decode(sample, flip=flipped, **extra)
+                    if key is None:
+                        key = self.bucket_key(item)
             except BadSample as bad:
                 position["bad"].append(index)
                 if not replaying:
