@@ -117,7 +117,8 @@ class EpochLoader:
             self._positions.pop((worker, batches - 4), None)  # Lightning is at most a batch or two behind
             self._drawn += 1
             if not on_device and "image" in batch:
-                batch = {**batch, "image": images_to_float(batch["image"])}
+                batch = {**batch, "image": images_to_float(batch["image"]),
+                         **({"size": torch.as_tensor(batch["size"])} if batch.get("size") is not None else {})}
             yield batch
 
     def _my_positions(self, consumed: int) -> dict:
@@ -366,8 +367,8 @@ class ImageCaptionDataModule(_ShardDataModule):
         if isinstance(batch, dict) and "image" in batch:
             image = torch.as_tensor(batch["image"]).to(device, non_blocking=True)  # small train batches: numpy
             moved = {"image": images_to_float(image) if image.dtype == torch.uint8 else image}
-            if isinstance(batch.get("size"), torch.Tensor):
-                moved["size"] = batch["size"].to(device, non_blocking=True)
+            if batch.get("size") is not None:
+                moved["size"] = torch.as_tensor(batch["size"]).to(device, non_blocking=True)
             return {**batch, **moved}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 

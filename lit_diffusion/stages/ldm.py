@@ -368,7 +368,7 @@ class LatentDiffusionModule(Stage):
         if batch.get("size") is None:
             raise ValueError("the denoiser has size_conditioning, but the batches carry no sample sizes ('size'): "
                              "latent shards must be encoded again by this version (`lit-diffusion data encode`)")
-        return batch["size"].float()
+        return torch.as_tensor(batch["size"], device=self.device).float()  # train workers hand it over as numpy
 
     def _encode_batch(self, batch: dict, sample: bool = False) -> tuple[Tensor, Conditioning]:
         """An image batch through the frozen VAE and CLIP: latents and caption encodings."""
