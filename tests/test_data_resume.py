@@ -24,35 +24,34 @@ from lit_diffusion.data.shapes import write_shapes
 BATCHES, EPOCHS, BATCH = 7, 2, 3
 
 
+def _bad_copy(source_shard, out_shard, cut) -> None:
+    """A shard of `source_shard`'s samples under new keys, each PNG cut to `cut(i, data)` bytes (None: kept)."""
+    with tarfile.open(source_shard) as source:
+        good = [(m.name, source.extractfile(m).read()) for m in source.getmembers()]
+    with tarfile.open(out_shard, "w") as tar:
+        for i, (name, data) in enumerate(good):
+            key, ext = name.split(".", 1)
+            if ext == "png" and cut(i, data) is not None:
+                data = cut(i, data)
+            info = tarfile.TarInfo(f"bad{key}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Shapes shards plus one holding undecodable samples among good ones, so the streams' positions count
     skipped samples; and the latent shards encoded from the good ones."""
     root = tmp_path_factory.mktemp("resume")
     write_shapes(root / "img", train=40, val=4, size=16, shard_size=10, seed=5)
-    with tarfile.open(root / "img" / "train-000000.tar") as source:
-        good = [(m.name, source.extractfile(m).read()) for m in source.getmembers()]
-    with tarfile.open(root / "img" / "train-000004.tar", "w") as tar:
-        for i, (name, data) in enumerate(good):
-            key, ext = name.split(".", 1)
-            if ext == "png" and i % 2:
-                data = data[:30]  # a cut PNG: counted, skipped
-            info = tarfile.TarInfo(f"bad{key}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    # a cut PNG every other sample: counted, skipped
+    _bad_copy(root / "img" / "train-000000.tar", root / "img" / "train-000004.tar",
+              lambda i, data: data[:30] if i % 2 else None)
     # mixed aspect ratios (canvases of 24x24, 30x20, 20x30, 34x16) and a shard whose PNGs are cut in the header
     # (unreadable before decoding) or in the pixels (readable header, undecodable image)
     write_shapes(root / "mixed", train=40, val=4, size=24, shard_size=10, seed=6, aspect_ratios="1:1,3:2,2:3,2:1")
-    with tarfile.open(root / "mixed" / "train-000000.tar") as source:
-        good = [(m.name, source.extractfile(m).read()) for m in source.getmembers()]
-    with tarfile.open(root / "mixed" / "train-000004.tar", "w") as tar:
-        for i, (name, data) in enumerate(good):
-            key, ext = name.split(".", 1)
-            if ext == "png" and i % 3:
-                data = data[:30] if i % 2 else data[:80]
-            info = tarfile.TarInfo(f"bad{key}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    _bad_copy(root / "mixed" / "train-000000.tar", root / "mixed" / "train-000004.tar",
+              lambda i, data: (data[:30] if i % 2 else data[:80]) if i % 3 else None)
     encode_shards(str(root / "img" / "train-00000{0..3}.tar"), root / "lat", fake_encode_images,
                   fake_encode_captions, image_size=16, clip_hash="c", vae_hash="v", flips=True, batch_size=8,
                   progress=False)
