@@ -26,7 +26,7 @@ def ldm_config(guidance: float, decay: float = 0.995, lr: float = 1e-3, name: st
             "model": {"class_path": "lit_diffusion.stages.ldm.LatentDiffusionModule",
                       "init_args": {"guidance": guidance, "lr": lr, "unet": {"channel_mult": [1, 2]}}},
             "trainer": {"max_steps": 100, "default_root_dir": f"runs/{name}", "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": decay}}]},
+                {"class_path": "lit_diffusion.callbacks.ema.EMAWeightAveraging", "init_args": {"decay": decay}}]},
             "run": {"name": name, "root": "runs"}}
 
 

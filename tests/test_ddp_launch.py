@@ -298,7 +298,7 @@ def test_ldm_two_fabric_nodes_with_in_loop_evaluation(tiny_ckpts, tmp_path):
             {"class_path": "lit_diffusion.callbacks.evaluation.DiffusionEvaluation",
              "init_args": {"every_n_steps": steps, "guidance": [1.0], "num_samples": num_samples,
                            "backends": ["clip"], "cache_dir": str(cache)}},
-            {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.5}},
+            {"class_path": "lit_diffusion.callbacks.ema.EMAWeightAveraging", "init_args": {"decay": 0.5}},
         ]),
     })
     args = ["fit", "--config", str(config), "--run.root", str(tmp_path / "runs"), "--run.name", "ldm"]

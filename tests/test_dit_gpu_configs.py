@@ -130,7 +130,7 @@ def test_gpu_dit_configs_build_with_lightning_cli(name, tiny_ckpts, tmp_path):
 def test_the_b2_config_trains_under_ddp_with_ema():
     raw = yaml.safe_load((CONFIGS / "ldm" / "base_dit_b2.yaml").read_text())
     assert raw["trainer"]["strategy"] == "ddp"
-    assert raw["trainer"]["callbacks"][-1]["class_path"] == "lightning.pytorch.callbacks.EMAWeightAveraging"
+    assert raw["trainer"]["callbacks"][-1]["class_path"] == "lit_diffusion.callbacks.ema.EMAWeightAveraging"
 
 
 def test_the_xl2_config_trains_under_fsdp_sharding_each_dit_block():

@@ -6,10 +6,10 @@ the hooks update or swap fails here."""
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging as LightningEMA
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_diffusion.callbacks.ema import averaged_weights
+from lit_diffusion.callbacks.ema import EMAWeightAveraging, averaged_weights
 
 DECAY = 0.5
 STEPS = 6
@@ -51,22 +51,28 @@ class Probe(L.Callback):
         self.after.append(weights(pl_module))
 
 
-def closed_form_ema(trained: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+PRODUCT = lambda a, b: DECAY * a + (1 - DECAY) * b  # noqa: E731  torch's get_ema_avg_fn, Lightning's class
+LERP = lambda a, b: torch.lerp(a, b, 1 - DECAY)  # noqa: E731  torch's get_ema_multi_avg_fn, ours
+
+
+def closed_form_ema(trained: list[list[torch.Tensor]], update=PRODUCT) -> list[list[torch.Tensor]]:
     ema = [trained[0]]
     for w in trained[1:]:
-        ema.append([DECAY * a + (1 - DECAY) * b for a, b in zip(ema[-1], w)])
+        ema.append([update(a, b) for a, b in zip(ema[-1], w)])
     return ema
 
 
 @pytest.mark.parametrize("probe_first", [True, False])  # before the EMA callback (it takes the update) or after
-def test_averaged_weights_are_this_steps_ema_and_the_trained_weights_come_back(tmp_path, probe_first):
+@pytest.mark.parametrize("cls,update", [(LightningEMA, PRODUCT), (EMAWeightAveraging, LERP)],
+                         ids=["lightning", "ours"])
+def test_averaged_weights_are_this_steps_ema_and_the_trained_weights_come_back(tmp_path, probe_first, cls, update):
     torch.manual_seed(0)
-    probe, ema = Probe(), EMAWeightAveraging(decay=DECAY)
+    probe, ema = Probe(), cls(decay=DECAY)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                         callbacks=[probe, ema] if probe_first else [ema, probe])
     trainer.fit(Linear())
-    expected = closed_form_ema(probe.trained)
+    expected = closed_form_ema(probe.trained, update)
     assert len(probe.inside) == STEPS
     for step, (inside, want, trained, after) in enumerate(zip(probe.inside, expected, probe.trained, probe.after)):
         for a, b in zip(inside, want):
@@ -88,3 +94,31 @@ def test_without_weight_averaging_the_module_is_lent_as_it_is(tmp_path):
     trainer.fit(Linear())
     for inside, trained in zip(probe.inside, probe.trained):
         assert all(torch.equal(a, b) for a, b in zip(inside, trained))
+
+
+class WithFrozen(Linear):
+    """A trained layer beside a frozen one, as the diffusion stage holds the frozen CLIP and VAE."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = torch.nn.Linear(64, 64).requires_grad_(False)
+
+
+@pytest.mark.parametrize("cls,bit_identical", [(EMAWeightAveraging, True), (LightningEMA, False)],
+                         ids=["ours", "lightning"])
+def test_frozen_weights_stay_bit_identical_in_our_average(tmp_path, cls, bit_identical):
+    """decay * w + (1 - decay) * w rounds away from w in some of 4160 weights within a few updates; lerp is w.
+    The Lightning case pins why the configs name our class (if a release switches to lerp, ours can go)."""
+    torch.manual_seed(0)
+    model, ema = WithFrozen(), cls(decay=0.995)
+    frozen = [p.detach().clone() for p in model.frozen.parameters()]
+    initial = model.net.weight.detach().clone()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[ema])
+    trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "ema.ckpt")
+    saved = torch.load(tmp_path / "ema.ckpt", weights_only=True)["state_dict"]  # the averaged weights
+    same = [torch.equal(saved[f"frozen.{name}"], w) for name, w in zip(("weight", "bias"), frozen)]
+    assert all(same) == bit_identical
+    assert not torch.equal(saved["net.weight"], initial)  # the trained layer moved: the frozen one was averaged too

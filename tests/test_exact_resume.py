@@ -56,7 +56,7 @@ def ldm_config(tmp_path: Path, tiny_ckpts, kill_at: int) -> Path:
                         {"class_path": "killer.KillAt", "init_args": {"step": kill_at}},
                         {"class_path": "lit_diffusion.callbacks.sample_grid.SampleGrid",
                          "init_args": {"every_n_steps": 3, "prompts": ["a large red circle"], "guidance": [3.0]}},
-                        {"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging",
+                        {"class_path": "lit_diffusion.callbacks.ema.EMAWeightAveraging",
                          "init_args": {"decay": 0.9}}]},
     }
     path = tmp_path / f"ldm_kill{kill_at}.yaml"

@@ -558,9 +558,10 @@ def _frozen(cls: type[Stage], ckpt: dict, source: str | None) -> Stage:
 
 def _ema_rounded(embedded: dict, own: dict) -> bool:
     """`init_from`: are an earlier checkpoint's frozen weights these, as an EMA copy holds them? WeightAveraging
-    averages the frozen CLIP and VAE too, and decay * w + (1 - decay) * w is w only up to rounding, within about
-    ulp / (1 - decay) (measured: 1e-6 relative at decay 0.995, 2e-4 at 0.9999), so their hash differs; other weights
-    (another seed, other steps) differ far more."""
+    averages the frozen CLIP and VAE too. Our `callbacks.ema.EMAWeightAveraging` keeps them bit-identical, but
+    Lightning's own class (a user's config may name it) computes decay * w + (1 - decay) * w, which is w only up to
+    rounding, within about ulp / (1 - decay) (measured: 1e-6 relative at decay 0.995, 2e-4 at 0.9999), so their hash
+    differs; other weights (another seed, other steps) differ far more."""
     own = {k: v for k, v in own.items() if isinstance(v, torch.Tensor)}
     embedded = {k: v for k, v in embedded.items() if isinstance(v, torch.Tensor)}
     return embedded.keys() == own.keys() and all(
