@@ -130,6 +130,9 @@ def cmd_data_encode(args) -> None:
         features, pooled = clip.encode_text(tokens)  # [B, L, W], [B, E]
         return features, tokens != clip.tokenizer.pad_id, pooled
 
+    def embed_images(images):
+        return clip.encode_image(images.to(device))  # [B, E] L2-normalised
+
     if (args.data is None) == (args.train is None):
         raise ValueError("data encode: give --data (one set of shards) or --train [--val] (splits), not both")
     if args.val is not None and args.train is None:
@@ -147,7 +150,8 @@ def cmd_data_encode(args) -> None:
                              clip_hash=clip_hash, vae_hash=vae_hash,
                              latent_scale={"scale_factor": scale, "latent_mean": float(vae.latent_mean)},
                              dtype=args.dtype, flips=args.flips, std=args.std, batch_size=args.batch_size,
-                             buckets=buckets)
+                             buckets=buckets, image_embeddings=args.image_embeddings, embed_images=embed_images,
+                             clip_image_size=clip.image_size)
     if manifest is not None:
         _print_json({k: manifest[k] for k in ("samples", "skipped", "dtype", "shapes", "clip_hash", "vae_hash")}
                     | {"shards": len(manifest["shards"]), "out": str(args.out)})
@@ -195,6 +199,8 @@ def add_data(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the latent shards and manifest.json")
     p.add_argument("--flips", action="store_true", help="also the latents of the mirrored images (flip augmentation)")
     p.add_argument("--std", action="store_true", help="also the posterior std (training can sample the posterior)")
+    p.add_argument("--image-embeddings", action="store_true",
+                   help="also each image's CLIP image embedding and their train mean/std (unCLIP's prior)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=None, help="pixels (default: the size the VAE trained at); "

@@ -373,7 +373,12 @@ class ImageCaptionDataModule(_ShardDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 
-LATENT_TENSORS = ("latent", "latent_std", "context", "mask", "pooled", "size")
+LATENT_TENSORS = ("latent", "latent_std", "context", "mask", "pooled", "size", "image_embedding")
+
+
+def _layout(manifest: dict) -> tuple:
+    """What one decoder must read alike in both splits' shards."""
+    return manifest["shapes"], manifest["dtype"], (manifest.get("image_embedding") or {}).get("dim")
 
 
 class LatentDataModule(_ShardDataModule):
@@ -381,8 +386,9 @@ class LatentDataModule(_ShardDataModule):
 
     Batches: {"latent": float32 [B,C,h,w] (scaled as `VAEModule.encode` gives), "context": [B,L,W] CLIP token
     features zero-padded, "mask": [B,L] bool (True on real tokens), "pooled": [B,E], "caption", "attrs", "key"}
-    (+ "latent_std" [B,C,h,w] with std shards); L is the batch's longest caption, or `context_length`.
-    With `random_flip`, each sample's latent is its flipped image's with p = 0.5 (shards encoded with --flips).
+    (+ "latent_std" [B,C,h,w] with std shards, "image_embedding" float32 [B,E] with --image-embeddings shards); L is
+    the batch's longest caption, or `context_length`. With `random_flip`, each sample's latent is its flipped
+    image's with p = 0.5 (shards encoded with --flips); its image embedding stays the unflipped image's.
     """
 
     def __init__(
@@ -436,9 +442,9 @@ class LatentDataModule(_ShardDataModule):
         if self.random_flip and not manifest["flips"]:
             raise ValueError(f"random_flip needs flipped latents, but {manifest['path']} says the shards were "
                              f"encoded without them (`data encode --flips`)")
-        if self.manifest is not None and (manifest["shapes"], manifest["dtype"]) != (
-                self.manifest["shapes"], self.manifest["dtype"]):
-            raise ValueError(f"{manifest['path']} and {self.manifest['path']} disagree on shapes or dtype")
+        if self.manifest is not None and _layout(manifest) != _layout(self.manifest):
+            raise ValueError(f"{manifest['path']} and {self.manifest['path']} disagree on shapes, dtype or image "
+                             f"embeddings")
         return manifest
 
     def setup(self, stage: str | None = None) -> None:

@@ -11,6 +11,8 @@ same batches and its bytes equal the uninterrupted run's. Rank 0 writes `manifes
 The encoders come from the caller (this package imports no model code):
     encode_images(images float [B,3,S,S] in [-1,1]) -> latent mean [B,C,h,w], or (mean, std) with `std`
     encode_captions(captions list[str]) -> (token features [B,L,W], mask [B,L] bool of real tokens, pooled [B,E])
+    embed_images(images float [B,3,S',S'] in [-1,1] at CLIP's size S') -> CLIP image embeddings [B,E] (with
+        `image_embeddings`: unCLIP's prior target; the images are the sources' centre squares, as CLIP sees them)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lit_diffusion.data.buckets import BucketConfig
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 
 ImageEncoder = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 CaptionEncoder = Callable[[list], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
+ImageEmbedder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -94,8 +98,9 @@ SETTINGS = "encode.json"  # what the shards in a folder were made with, written 
 
 
 def _check_settings(out: Path, settings: dict, rank: int) -> None:
-    """A rerun resumes only the job that wrote the folder: other encoders, dtype, flips, std, image size, batch
-    size (batches change float rounding) or sources would mix two kinds of shards under one manifest."""
+    """A rerun resumes only the job that wrote the folder: other encoders, dtype, flips, std, image embeddings,
+    image size, batch size (batches change float rounding) or sources would mix two kinds of shards under one
+    manifest."""
     path = out / SETTINGS
     if path.exists():
         before = json.loads(path.read_text())
@@ -119,23 +124,45 @@ def _npy_shape(data: bytes) -> list[int]:
 
 def _shard_summary(path: Path) -> dict:
     """Samples, bytes and array shapes of a complete output shard (the first sample's), and every latent shape in
-    it (buckets); from the .npy headers: no array is decoded."""
+    it (buckets); from the .npy headers: no latent is decoded. The image embeddings are, into float64 sums
+    (`_embedding_stats`)."""
     keys, shapes, latents = set(), {}, set()
+    count, total, squares = 0, 0.0, 0.0
     with tarfile.open(path) as tar:
         for info in tar:
             key, _, member = info.name.partition(".")
             keys.add(key)
+            if member == "image_embedding.npy":
+                data = io.BytesIO(tar.extractfile(info).read())
+                embedding = np.load(data, allow_pickle=False).astype(np.float64)  # [E]
+                count, total, squares = count + 1, total + embedding, squares + embedding * embedding
             if member == "latent.npy" or (member.endswith(".npy") and member[:-4] not in shapes):
                 shape = _npy_shape(tar.extractfile(info).read())
                 shapes.setdefault(member[:-4], shape)
                 if member == "latent.npy":
                     latents.add(tuple(shape))
     return {"samples": len(keys), "bytes": path.stat().st_size, "shapes": shapes,
-            "latent_shapes": [list(s) for s in sorted(latents)]}
+            "latent_shapes": [list(s) for s in sorted(latents)],
+            **({"image_embedding": {"count": count, "sum": total, "sumsq": squares}} if count else {})}
+
+
+def _embedding_stats(shards: list[dict], splits: dict[str, list[str]] | None) -> dict:
+    """{"dim": E, "mean": [E], "std": [E]} (std with ddof 0, as numpy's) of the train split's image embeddings,
+    every sample's without splits: what the prior normalises its targets by. From each shard's float64 sums
+    (torchmetrics' way), so every sample counts whichever rank encoded it and whichever run wrote its shard."""
+    train = None if not splits or "train" not in splits else set(split_shard_names("train", len(splits["train"])))
+    parts = [s["image_embedding"] for s in shards
+             if "image_embedding" in s and (train is None or s["name"] in train)]
+    count = sum(p["count"] for p in parts)
+    if not count:
+        raise ValueError("no sample of the train split could be encoded: no image-embedding statistics")
+    mean = sum(p["sum"] for p in parts) / count
+    var = np.maximum(sum(p["sumsq"] for p in parts) / count - mean * mean, 0.0)  # rounding can dip below 0
+    return {"dim": int(mean.shape[0]), "mean": mean.tolist(), "std": np.sqrt(var).tolist()}
 
 
 def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool,
-                  std: bool) -> list[dict]:
+                  std: bool, embed_images: ImageEmbedder | None = None) -> list[dict]:
     images = images_to_float(torch.stack([s["image"] for s in samples]))  # [B, 3, S, S] in [-1, 1]
     arrays: dict[str, torch.Tensor] = {}
     views = [("latent", images)] + ([("latent_flip", images.flip(-1))] if flips else [])
@@ -148,6 +175,11 @@ def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_capti
         else:
             arrays[name] = out[0] if isinstance(out, (tuple, list)) else out
     context, mask, pooled = encode_captions([s["caption"] for s in samples])  # [B, L, W], [B, L], [B, E]
+    if embed_images is not None:
+        # of the unflipped image alone, with --flips too: the prior learns the caption's embedding of the image as
+        # encoded, and a flipped latent keeps it. Normalised here as CLIP's loss compares them, whatever the caller.
+        clip_images = images_to_float(torch.stack([s["clip_image"] for s in samples]))  # [B, 3, S', S']
+        arrays["image_embedding"] = F.normalize(embed_images(clip_images).float(), dim=-1)  # [B, E]
     encoded = []
     for i, s in enumerate(samples):
         tokens = mask[i].bool()
@@ -162,10 +194,12 @@ def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_capti
 
 def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, batch_size: int,
                       encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool, std: bool,
-                      counter: SkipCounter, bar, buckets: BucketConfig | None = None) -> None:
+                      counter: SkipCounter, bar, buckets: BucketConfig | None = None,
+                      embed_images: ImageEmbedder | None = None, clip_image_size: int | None = None) -> None:
     """One input shard -> one output shard. With buckets, each image at its bucket's size (crops drawn from a
     generator seeded by the output shard's name, so a redone shard is the same), encoded in batches of one
-    bucket; a bucket's samples are written when its batch fills, the partial ones at the shard's end."""
+    bucket; a bucket's samples are written when its batch fills, the partial ones at the shard's end. With
+    `embed_images`, each image also as CLIP sees it: its centre square at `clip_image_size`."""
     writer = LatentShardWriter(out_path, dtype)
     crop_rng = random.Random(f"lit_diffusion-encode-{out_path.name}")
     try:
@@ -174,10 +208,11 @@ def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, bat
         def flush(key) -> None:
             samples = pending.pop(key)
             with torch.no_grad():
-                for e in _encode_batch(samples, encode_images, encode_captions, flips, std):
+                for e in _encode_batch(samples, encode_images, encode_captions, flips, std, embed_images):
                     writer.write(e["key"], e["latent"], e["context"], e["pooled"], e["caption"], e["attrs_json"],
                                  latent_std=e.get("latent_std"), latent_flip=e.get("latent_flip"),
-                                 latent_flip_std=e.get("latent_flip_std"), size=e["size"])
+                                 latent_flip_std=e.get("latent_flip_std"), size=e["size"],
+                                 image_embedding=e.get("image_embedding"))
             bar.update(len(samples))
 
         for raw in shard_samples(url, counter):
@@ -190,6 +225,11 @@ def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, bat
                     if plan is None:
                         continue
                 sample = decode_sample(raw, image_size, plan=plan)
+                if embed_images is not None:
+                    # CLIP's own preprocessing (its data module's decode at its size): the source's centre square,
+                    # not the bucket's crop; a second decode unless the latent's image is that already
+                    same = plan is None and image_size == clip_image_size
+                    sample["clip_image"] = sample["image"] if same else decode_sample(raw, clip_image_size)["image"]
             except BadSample as bad:
                 _report(counter, bad.reason, url, raw.get("__key__"), bad.detail)
                 continue
@@ -238,12 +278,19 @@ def encode_shards(
     world_size: int | None = None,
     progress: bool = True,
     buckets: BucketConfig | None = None,
+    image_embeddings: bool = False,
+    embed_images: ImageEmbedder | None = None,
+    clip_image_size: int | None = None,
 ) -> dict | None:
     """Encode every sample of `urls` into latent shards under `out`; returns the manifest on rank 0 (None on the
     others). `urls`: one set of shards, or {"train": urls, "val": urls} (outputs `SPLIT/NNNNNN.tar`). `buckets`:
     encode each image at its aspect bucket's size (`image_size` is then the buckets' base size). Rank and world size come from torch.distributed when it is initialised (all ranks must call this;
-    it ends with collectives), or from the arguments. `latent_scale`: the VAE's scale (and mean), recorded."""
+    it ends with collectives), or from the arguments. `latent_scale`: the VAE's scale (and mean), recorded.
+    `image_embeddings`: also each sample's CLIP image embedding (`embed_images` at `clip_image_size`, CLIP's image
+    size), float32, with their train-split mean and std in the manifest (unCLIP's prior)."""
     rank, world_size = _rank_and_world(rank, world_size)
+    if image_embeddings and (embed_images is None or clip_image_size is None):
+        raise ValueError("image_embeddings needs embed_images and clip_image_size (a CLIP with an image tower)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if dtype not in DTYPES:
@@ -257,7 +304,10 @@ def encode_shards(
                           "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
                           "batch_size": batch_size, "sources": sources,
                           **({"outputs": names} if splits else {}),
-                          **({"buckets": dataclasses.asdict(buckets)} if buckets else {})}, rank)
+                          **({"buckets": dataclasses.asdict(buckets)} if buckets else {}),
+                          # only when on: a folder written before the flag existed resumes as it did
+                          **({"image_embeddings": True, "clip_image_size": clip_image_size}
+                             if image_embeddings else {})}, rank)
     counter = SkipCounter()
     done: list[dict] = []
     with tqdm(desc=f"encode (rank {rank})", unit="sample", unit_scale=True, disable=not progress or rank != 0,
@@ -270,7 +320,8 @@ def encode_shards(
                 path.with_name(path.name + TMP_SUFFIX).unlink(missing_ok=True)  # what a killed run left
                 before = counter.counts()
                 _encode_one_shard(url, path, image_size, dtype, batch_size, encode_images, encode_captions,
-                                  flips, std, counter, bar, buckets)
+                                  flips, std, counter, bar, buckets,
+                                  embed_images if image_embeddings else None, clip_image_size)
                 after = counter.counts()
                 log.info("encoded %s -> %s (skipped %s)", url, path,
                          {r: after[r] - before[r] for r in SKIP_REASONS if after[r] != before[r]})
@@ -293,7 +344,9 @@ def encode_shards(
         manifest = {
             "format": FORMAT, "version": VERSION,
             "clip_hash": clip_hash, "vae_hash": vae_hash, "latent_scale": latent_scale,
-            "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
+            "dtype": dtype, "flips": flips, "std": std, "image_embeddings": image_embeddings,
+            "image_size": image_size,
+            **({"image_embedding": _embedding_stats(shards, splits)} if image_embeddings else {}),
             "shapes": {"latent": shapes["latent"] if buckets is None else [shapes["latent"][0], None, None],
                        "context": [None, shapes["context"][1]], "pooled": shapes["pooled"]},
             **({"buckets": [list(b) for b in buckets.buckets],

@@ -9,12 +9,15 @@ Per sample (WebDataset members of one tar, KEY without dots):
     KEY.pooled.npy          CLIP's pooled text embedding                                      [E]
     KEY.size.npy            SDXL's size and crop condition, float32 whatever the dtype: original
                             (h, w), crop (top, left), target (h, w) in pixels                 [6]
+    KEY.image_embedding.npy CLIP's L2-normalised embedding of the image's centre square, float32 whatever
+                            the dtype (with `image_embeddings`; unCLIP's prior target)        [E]
     KEY.txt, KEY.json       the caption and the source sample's attributes (json as it was)
 Arrays are float16, float32 or bfloat16; npy has no bfloat16, so those are stored as the same 16 bits viewed
 as uint16, and `manifest.json` says which. The manifest beside the shards names the encoders by the hashes of
 their weights (`state_dict_hash`), the latent scale, shapes and dtype, counts per shard and in all, and the
 source shards; with aspect buckets, the buckets (image pixels) and every latent shape in the shards
-(`latent_shapes`; `shapes.latent` then gives only the channels: [C, null, null]). Shards are written deterministically (fixed tar headers) under a temporary name and renamed
+(`latent_shapes`; `shapes.latent` then gives only the channels: [C, null, null]); with image embeddings,
+`image_embedding`: {"dim": E, "mean": [E], "std": [E]} over the train split's (`require_image_embeddings`). Shards are written deterministically (fixed tar headers) under a temporary name and renamed
 when complete, so a shard under its final name is always whole.
 """
 
@@ -105,9 +108,9 @@ class LatentShardWriter:
     def write(self, key: str, latent: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, caption: str,
               attrs_json: bytes | None = None, latent_std: torch.Tensor | None = None,
               latent_flip: torch.Tensor | None = None, latent_flip_std: torch.Tensor | None = None,
-              size: torch.Tensor | None = None) -> None:
-        """One sample: latent [C,h,w], context [n,W] (real tokens only), pooled [E], size [6]; the optional arrays
-        alike."""
+              size: torch.Tensor | None = None, image_embedding: torch.Tensor | None = None) -> None:
+        """One sample: latent [C,h,w], context [n,W] (real tokens only), pooled [E], size [6], image_embedding [E];
+        the optional arrays alike."""
         if "." in key:
             raise ValueError(f"sample key {key!r} contains a dot: WebDataset would split it into key and members")
         sample = {"__key__": key, "txt": caption.encode("utf-8")}
@@ -116,6 +119,8 @@ class LatentShardWriter:
         sample.update({name: encode_array(a, self.dtype) for name, a in arrays.items() if a is not None})
         if size is not None:
             sample["size.npy"] = encode_array(size.float(), "float32")  # pixel counts: exact in float32
+        if image_embedding is not None:  # float32: the prior's target and the statistics it is normalised by
+            sample["image_embedding.npy"] = encode_array(image_embedding.float(), "float32")
         if attrs_json is not None:
             sample["json"] = attrs_json
         self._tar.write(sample)
@@ -183,6 +188,16 @@ def check_hashes(manifest: dict, expected: dict[str, str] | None) -> None:
                              f"model's {name} checkpoint")
 
 
+def require_image_embeddings(manifest: dict, who: str) -> dict:
+    """The manifest's image-embedding statistics {"dim": E, "mean": [E], "std": [E]}, or an error saying how to get
+    them: `who` (a stage, an option) needs every sample's CLIP image embedding."""
+    stats = manifest.get("image_embedding")
+    if not stats:
+        raise ValueError(f"{who} needs CLIP image embeddings, but the latent shards of {manifest.get('path')} have "
+                         f"none: encode the data again with `lit-diffusion data encode --image-embeddings`")
+    return stats
+
+
 def manifest_entry(manifest: dict, url: str) -> dict | None:
     """The manifest's entry for a latent shard URL: the listed name (a path relative to the manifest's folder) the
     URL ends with, `SPLIT/000000.tar` (splits) or the shard's file name; None when it lists none."""
@@ -211,9 +226,9 @@ def check_shards(manifest: dict, urls: list[str]) -> None:
 @dataclass(frozen=True)
 class LatentDecoder:
     """Raw latent-shard sample -> {"latent": float32 [C,h,w], "context": [n,W], "pooled": [E], "caption",
-    "attrs", "key"} (+ "latent_std" when the shards have it); a missing member or an array of the wrong
-    shape or dtype raises BadSample, which the streams count and skip, naming shard and key. With `flip`, the
-    flipped image's latent (and std)."""
+    "attrs", "key"} (+ "latent_std", "image_embedding" [E] when the shards have them); a missing member or an
+    array of the wrong shape or dtype raises BadSample, which the streams count and skip, naming shard and key.
+    With `flip`, the flipped image's latent (and std)."""
 
     latent_shape: tuple[int, ...]  # with buckets: (C, None, None), and `latent_shapes` holds every shape
     context_width: int
@@ -223,14 +238,17 @@ class LatentDecoder:
     std: bool = False
     context_length: int | None = None
     latent_shapes: tuple[tuple[int, ...], ...] | None = None
+    image_embedding_dim: int | None = None  # E when the shards hold image embeddings
 
     @classmethod
     def from_manifest(cls, manifest: dict, context_length: int | None = None) -> LatentDecoder:
         shapes = manifest["shapes"]
         several = manifest.get("latent_shapes")
+        embedding = manifest.get("image_embedding")
         return cls(tuple(shapes["latent"]), int(shapes["context"][1]), int(shapes["pooled"][0]), manifest["dtype"],
                    bool(manifest["flips"]), bool(manifest["std"]), context_length,
-                   tuple(tuple(s) for s in several) if several else None)
+                   tuple(tuple(s) for s in several) if several else None,
+                   int(embedding["dim"]) if embedding else None)
 
     def _array(self, sample: dict, member: str) -> torch.Tensor:
         if member not in sample:
@@ -270,6 +288,15 @@ class LatentDecoder:
             if flip:  # mirrored: the crop's left edge is measured from the other side
                 size = flip_size_row(size)
             out["size"] = size
+        if self.image_embedding_dim is not None:
+            # the unflipped image's, flipped or not: the prior learns the embedding of the image as it was encoded
+            if "image_embedding.npy" not in sample:
+                raise BadSample("missing_member", "no .image_embedding.npy")
+            embedding = decode_array(sample["image_embedding.npy"], "float32", "image_embedding.npy")
+            if tuple(embedding.shape) != (self.image_embedding_dim,):
+                raise BadSample("bad_array", f".image_embedding.npy has shape {list(embedding.shape)}, expected "
+                                             f"[{self.image_embedding_dim}]")
+            out["image_embedding"] = embedding
         caption, attrs = decode_text(sample)
         return {**out, "context": context, "pooled": pooled, "caption": caption, "attrs": attrs,
                 "key": sample["__key__"]}
@@ -277,8 +304,8 @@ class LatentDecoder:
 
 def collate_latents(samples: list[dict], context_length: int | None = None) -> dict:
     """Decoded latent samples -> {"latent": [B,C,h,w], "context": [B,L,W] zero-padded, "mask": [B,L] bool (True on
-    real tokens), "pooled": [B,E], "caption", "attrs", "key"} (+ "latent_std" [B,C,h,w]); L is the longest
-    caption's token count, or `context_length` when given."""
+    real tokens), "pooled": [B,E], "caption", "attrs", "key"} (+ "latent_std" [B,C,h,w], "image_embedding" float32
+    [B,E] when the samples have them); L is the longest caption's token count, or `context_length` when given."""
     lengths = torch.tensor([s["context"].shape[0] for s in samples])  # [B]
     length = int(lengths.max()) if context_length is None else context_length
     width = samples[0]["context"].shape[1]
@@ -296,6 +323,8 @@ def collate_latents(samples: list[dict], context_length: int | None = None) -> d
     }
     if "latent_std" in samples[0]:
         batch["latent_std"] = torch.stack([s["latent_std"] for s in samples])
+    if "image_embedding" in samples[0]:
+        batch["image_embedding"] = torch.stack([s["image_embedding"] for s in samples])  # [B, E]
     if all("size" in s for s in samples):
         batch["size"] = torch.stack([s["size"] for s in samples])  # [B, 6]
     return batch
