@@ -39,10 +39,13 @@ def _pad_to(c: Conditioning, length: int) -> Conditioning:
 
 
 def _with_text_of(uncond: Conditioning, cond: Conditioning) -> Conditioning:
-    """`uncond`'s text fields on `cond`'s other conditions (size, ...): a negative prompt replaces the text only."""
-    if (uncond.pooled is None) != (cond.pooled is None):
-        raise ValueError("cond and uncond must both have a pooled text embedding, or neither")
-    return cond.replace(context=uncond.context, mask=uncond.mask, pooled=uncond.pooled)
+    """`uncond`'s guided fields (text, image embedding) on `cond`'s other conditions (size, ...): a negative prompt
+    replaces what is guided only."""
+    for name in ("pooled", "image_embedding"):
+        if (getattr(uncond, name) is None) != (getattr(cond, name) is None):
+            raise ValueError(f"cond and uncond must both have a {name}, or neither")
+    return cond.replace(context=uncond.context, mask=uncond.mask, pooled=uncond.pooled,
+                        image_embedding=uncond.image_embedding)
 
 
 def _cat_conds(uncond: Conditioning, cond: Conditioning) -> Conditioning:
@@ -59,7 +62,7 @@ def _cat_conds(uncond: Conditioning, cond: Conditioning) -> Conditioning:
 
 def drop_conditioning(cond: Conditioning, uncond: Conditioning, p: float,
                       generator: torch.Generator | None = None) -> Conditioning:
-    """Training-time CFG dropout: replace each sample's text conditions by `uncond`'s (e.g. the empty prompt's
+    """Training-time CFG dropout: replace each sample's text conditions (only) by `uncond`'s (e.g. the empty prompt's
     encoding, batch 1 or B) with probability `p`, so one network learns both branches that `cfg_model_fn` combines.
     Conditions that are not text (size and crop) are kept: at sampling both branches get them too."""
     cond = _check(cond, "cond")
@@ -67,12 +70,27 @@ def drop_conditioning(cond: Conditioning, uncond: Conditioning, p: float,
         return cond
     batch = cond.batch_size
     length = max(cond.context.shape[1], uncond.context.shape[1])
-    c, u = _pad_to(cond, length), _pad_to(_with_text_of(_check(uncond, "uncond").expand(batch), cond), length)
+    uncond = _check(uncond, "uncond").expand(batch)
+    if (uncond.pooled is None) != (cond.pooled is None):
+        raise ValueError("cond and uncond must both have a pooled text embedding, or neither")
+    c, u = _pad_to(cond, length), _pad_to(cond.replace(context=uncond.context, mask=uncond.mask, pooled=uncond.pooled),
+                                          length)
     drop = torch.rand(batch, generator=generator, device=c.context.device if generator is None else generator.device)
     drop = (drop < p).to(c.context.device)  # [B]
     context = torch.where(drop[:, None, None], u.context, c.context)  # [B, L, D]
     pooled = None if c.pooled is None else torch.where(drop[:, None], u.pooled, c.pooled)  # [B, E]
     return c.replace(context=context, mask=torch.where(drop[:, None], u.mask, c.mask), pooled=pooled)
+
+
+def drop_image_embedding(cond: Conditioning, p: float, generator: torch.Generator | None = None) -> Conditioning:
+    """Training-time dropout of the image embedding (unCLIP's decoder, DALL-E 2 sec. 2.1: 10%): each row is zeroed
+    with probability `p`, drawn independently of the caption's dropout; a zero row is the decoder's "no image
+    embedding" (`models.layers.ImageEmbedder` puts its learned null embedding there)."""
+    e = _check(cond, "cond").image_embedding
+    if p <= 0 or e is None:
+        return cond
+    drop = torch.rand(e.shape[0], generator=generator, device=e.device if generator is None else generator.device)
+    return cond.replace(image_embedding=torch.where((drop < p).to(e.device)[:, None], torch.zeros_like(e), e))
 
 
 def rescale_guidance(guided: Tensor, cond: Tensor, phi: float) -> Tensor:

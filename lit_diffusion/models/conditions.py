@@ -2,7 +2,7 @@
 embedding, frames) is a new field, not a new positional argument through every sampler and guidance function.
 
 Both denoisers are called `net(x_t, t, cond)`; the shape of x_t ([B, C, H, W]) is the sample's own, so nothing
-here fixes a size. `SIZE_FIELDS` is SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2), in pixels.
+here fixes a size. `image_embedding` is the decoder's condition of DALL-E 2's unCLIP. `SIZE_FIELDS` is SDXL's micro-conditioning (Podell et al. 2023, sec. 2.2), in pixels.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from torch import Tensor
 
 SIZE_FIELDS = ("original_height", "original_width", "crop_top", "crop_left", "target_height", "target_width")
 TEXT_FIELDS = ("context", "mask", "pooled")  # what condition dropout drops and a negative prompt replaces
+# what the unconditional branch of classifier-free guidance replaces: the text and the image embedding (unCLIP)
+GUIDED_FIELDS = (*TEXT_FIELDS, "image_embedding")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,9 @@ class Conditioning:
     mask: Tensor | None = None  # [B, L] bool, True on real tokens (padding is hidden from attention)
     pooled: Tensor | None = None  # [B, E] pooled text embedding, added to the timestep embedding (unCLIP, SDXL)
     size: Tensor | None = None  # [B, 6] float, SIZE_FIELDS: where the training image came from (SDXL sec. 2.2)
+    # [B, E] a CLIP image embedding, L2-normalised (unCLIP's decoder, DALL-E 2 sec. 2.1); a zero row means "no image
+    # embedding" (condition dropout, guidance's unconditional branch): CLIP's embeddings have norm one
+    image_embedding: Tensor | None = None
 
     def tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}

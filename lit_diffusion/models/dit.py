@@ -25,7 +25,14 @@ from torch.utils.checkpoint import checkpoint
 
 from lit_diffusion.models.attention import Attention, attend
 from lit_diffusion.models.conditions import Conditioning
-from lit_diffusion.models.layers import SizeEmbedder, add_global_conditions, grid_embedding, timestep_embedding
+from lit_diffusion.models.layers import (
+    ImageEmbedder,
+    SizeEmbedder,
+    add_global_conditions,
+    add_image_embedding,
+    grid_embedding,
+    timestep_embedding,
+)
 
 # DiT paper, Table 1: (hidden size, depth, heads)
 PRESETS = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -47,6 +54,8 @@ class DiTConfig:
     pos_embed: bool = True  # fixed 2-D sin-cos positions added to the patch tokens (off: tokens are a set)
     base_grid: int | None = None  # PixArt-alpha's position scaling: positions in units of this grid's side (None: off)
     size_conditioning: bool = False  # SDXL's size and crop conditioning (cond.size) added to the timestep embedding
+    image_embedding_dim: int | None = None  # unCLIP's decoder: width of the CLIP image embedding (cond.image_embedding)
+    image_tokens: int = 4  # the context tokens it is projected into (DALL-E 2: 4), besides the conditioning vector
     frequency_dim: int = 256  # width of the sinusoidal timestep features fed to the timestep MLP
     use_checkpoint: bool = False  # gradient checkpointing of every block (torch.utils.checkpoint) when training
 
@@ -240,6 +249,8 @@ class DiT(nn.Module):
         self.pooled_embedder = (nn.Sequential(nn.Linear(c.pooled_dim, d), nn.SiLU(), nn.Linear(d, d))
                                 if c.pooled_dim else None)
         self.size_embedder = SizeEmbedder(c.frequency_dim, d) if c.size_conditioning else None
+        self.image_embedder = (ImageEmbedder(c.image_embedding_dim, d, c.context_dim, c.image_tokens)
+                               if c.image_embedding_dim else None)
         if c.joint_attention:
             self.context_embedder = nn.Linear(c.context_dim, d)
             self.blocks = nn.ModuleList(JointBlock(d, c.num_heads, c.mlp_ratio, pre_only=i == c.depth - 1)
@@ -309,6 +320,8 @@ class DiT(nn.Module):
                                  f"got {got}")
         else:
             context = context_mask = None  # unconditional, as the U-Net without context_dim
+        emb, context, context_mask = add_image_embedding(emb, context, context_mask, cond, b, self.image_embedder,
+                                                         "DiT")
 
         if c.joint_attention:
             text = self.context_embedder(context)  # [B, L, D]

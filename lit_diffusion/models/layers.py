@@ -82,6 +82,55 @@ def add_global_conditions(emb: Tensor, cond, batch: int, pooled_embed: nn.Module
     return emb
 
 
+class ImageEmbedder(nn.Module):
+    """unCLIP's decoder conditioning (DALL-E 2, Ramesh et al. 2022, sec. 2.1): the CLIP image embedding is projected
+    and added to the timestep embedding, and projected into `tokens` extra context tokens (DALL-E 2: 4) appended to
+    the caption's. The embedding is L2-normalised; it is multiplied by sqrt(E) first, so that its entries have about
+    unit variance, as the networks' other inputs. A zero row (the condition dropped) is replaced by a learned null
+    embedding, as diffusers' `UnCLIPTextProjModel` learns its classifier-free-guidance embedding."""
+
+    def __init__(self, embed_dim: int, emb_dim: int, context_dim: int | None, tokens: int):
+        super().__init__()
+        self.embed_dim, self.tokens, self.context_dim = embed_dim, tokens, context_dim
+        self.null = nn.Parameter(torch.randn(embed_dim) / math.sqrt(embed_dim))  # a random unit-norm-like start
+        self.to_emb = nn.Sequential(nn.Linear(embed_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.to_tokens = nn.Linear(embed_dim, tokens * context_dim) if tokens and context_dim else None
+
+    def forward(self, image_embedding: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[B, E] -> (addition to the timestep embedding [B, emb_dim], context tokens [B, tokens, context_dim])."""
+        e = image_embedding.to(self.null.dtype)
+        dropped = (e == 0).all(dim=-1, keepdim=True)  # [B, 1]
+        e = torch.where(dropped, self.null.expand_as(e), e) * math.sqrt(self.embed_dim)
+        tokens = None if self.to_tokens is None else self.to_tokens(e).reshape(-1, self.tokens, self.context_dim)
+        return self.to_emb(e), tokens
+
+
+def add_image_embedding(emb: Tensor, context: Tensor | None, mask: Tensor | None, cond, batch: int,
+                        embedder: ImageEmbedder | None, name: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The timestep embedding, context and mask with `cond.image_embedding` in them (`ImageEmbedder`): its tokens
+    join the context after the caption's, always attended to. A condition a network was not built for is refused."""
+    if embedder is None:
+        if cond.image_embedding is not None:
+            raise ValueError(f"{name} got an image embedding (cond.image_embedding) but has no image_embedding_dim")
+        return emb, context, mask
+    e = cond.image_embedding
+    if e is None or e.shape != (batch, embedder.embed_dim):
+        got = None if e is None else tuple(e.shape)
+        raise ValueError(f"{name} with image_embedding_dim={embedder.embed_dim} needs cond.image_embedding "
+                         f"[{batch}, {embedder.embed_dim}], got {got}")
+    add, tokens = embedder(e)
+    emb = emb + add.to(emb.dtype)
+    if tokens is not None:
+        if context is None:
+            context, mask = tokens.to(emb.dtype), None
+        else:
+            if mask is None:
+                mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+            context = torch.cat([context, tokens.to(context.dtype)], dim=1)  # [B, L + K, W]
+            mask = torch.cat([mask.bool(), mask.new_ones(batch, tokens.shape[1], dtype=torch.bool)], dim=1)
+    return emb, context, mask
+
+
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm with the largest group count <= `groups` that divides `channels` (tiny test models)."""
     g = math.gcd(channels, groups)

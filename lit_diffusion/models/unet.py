@@ -25,10 +25,12 @@ from torch.utils.checkpoint import checkpoint
 from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.models.layers import (
     Downsample,
+    ImageEmbedder,
     ResBlock,
     SizeEmbedder,
-    add_global_conditions,
     SpatialTransformer,
+    add_global_conditions,
+    add_image_embedding,
     Upsample,
     group_norm,
     timestep_embedding,
@@ -51,6 +53,8 @@ class UNetConfig:
     context_dim: int | None = 512  # width of the text token features; None = unconditional (no cross-attention)
     pooled_dim: int | None = None  # width of a pooled text embedding added to the timestep embedding (unCLIP); None = off
     size_conditioning: bool = False  # SDXL's size and crop conditioning (cond.size) added to the timestep embedding
+    image_embedding_dim: int | None = None  # unCLIP's decoder: width of the CLIP image embedding (cond.image_embedding)
+    image_tokens: int = 4  # the context tokens it is projected into (DALL-E 2: 4), besides the timestep embedding
     context_layers: int = 0  # bidirectional Transformer blocks over the context, trained with the U-Net (LDM's tau)
     context_heads: int = 4  # their attention heads
     pos_embed: bool = False  # fixed 2-D sin-cos position embedding on every SpatialTransformer's tokens (DiT)
@@ -108,6 +112,8 @@ class UNet(nn.Module):
         self.pooled_embed = (nn.Sequential(nn.Linear(c.pooled_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
                              if c.pooled_dim else None)
         self.size_embed = SizeEmbedder(ch, emb_dim) if c.size_conditioning else None
+        self.image_embed = (ImageEmbedder(c.image_embedding_dim, emb_dim, c.context_dim, c.image_tokens)
+                            if c.image_embedding_dim else None)
         self.context_encoder = None
         if c.context_layers:
             if not c.context_dim:
@@ -187,6 +193,7 @@ class UNet(nn.Module):
         emb = add_global_conditions(emb, cond, b, self.pooled_embed, self.config.pooled_dim, self.size_embed, "UNet")
         context, context_mask = cond.context, cond.mask
         context = self.encode_context(context, context_mask)
+        emb, context, context_mask = add_image_embedding(emb, context, context_mask, cond, b, self.image_embed, "UNet")
 
         skips = []
         for block in self.input_blocks:

@@ -26,10 +26,10 @@ from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import wrap
 
-from lit_diffusion.data.latents import check_hashes, state_dict_hash
+from lit_diffusion.data.latents import check_hashes, require_image_embeddings, state_dict_hash
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.flow import FlowSchedule
-from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning
+from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning, drop_image_embedding
 from lit_diffusion.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTIONS, NoiseSchedule
 from lit_diffusion.models.conditions import Conditioning, size_condition
 from lit_diffusion.models.dit import DiT, DiTConfig
@@ -40,6 +40,8 @@ from lit_diffusion.stages.common import adamw_with_warmup
 from lit_diffusion.stages.vae import VAEModule
 
 log = logging.getLogger("lit_diffusion")
+
+CONDITIONS = ("text", "text+image_embedding", "image_embedding")
 
 
 class LatentDiffusionModule(Stage):
@@ -54,6 +56,7 @@ class LatentDiffusionModule(Stage):
         unet: dict | None = None,
         dit: dict | None = None,
         pooled_text: bool = False,
+        condition: str = "text",
         objective: str = "ddpm",
         schedule: dict | None = None,
         flow: dict | None = None,
@@ -63,6 +66,7 @@ class LatentDiffusionModule(Stage):
         offset_noise: float = 0.0,
         sample_posterior: bool = False,
         p_uncond: float = 0.1,
+        p_uncond_image: float = 0.1,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -88,6 +92,11 @@ class LatentDiffusionModule(Stage):
                 patches (models/dit.py). Give one of the two; neither means a default U-Net.
             pooled_text: also add CLIP's pooled text embedding to the denoiser's timestep embedding (unCLIP's
                 decoder): colour, shape and size reach every block directly, which speeds up learning them.
+            condition: what the denoiser is conditioned on: `text` (the caption's token features, Stable
+                Diffusion's way), `text+image_embedding` (also the CLIP image embedding: unCLIP's decoder, DALL-E 2
+                sec. 2.1; at sampling it comes from the prior, an image or an interpolation) or `image_embedding`
+                (the caption is never shown: the empty caption's encoding stands in for it). The image embedding is
+                added to the timestep embedding and projected into `image_tokens` extra context tokens.
             objective: ddpm (a noise schedule; the network predicts `prediction`) or flow (rectified flow: the
                 network predicts the velocity eps - x0; diffusion/flow.py).
             schedule: ddpm only: NoiseSchedule arguments (num_timesteps, schedule=linear|cosine|scaled_linear,
@@ -99,7 +108,10 @@ class LatentDiffusionModule(Stage):
             offset_noise: strength of per-channel offset noise (0 = off).
             sample_posterior: train on a draw from the VAE's posterior, mean + std * noise (as Stable Diffusion's
                 LDM does), instead of its mean: online through the VAE, or from latent shards encoded with `--std`.
-            p_uncond: probability that a caption is replaced by the empty caption during training.
+            p_uncond: probability that a caption is replaced by the empty caption during training (DALL-E 2's
+                decoder: 0.5).
+            p_uncond_image: with an image-embedding condition, probability that the embedding is dropped (zeroed:
+                the learned null embedding stands in), independently of the caption (DALL-E 2: 0.1).
             sampler, sample_steps, guidance, eta: defaults for `sample` (grids, evaluation).
             guidance_rescale: default for `sample`: blend weight of the guided output rescaled to the conditional
                 output's std (Lin et al. 2024, sec. 3.4; they use 0.7), against over-exposure at high guidance
@@ -122,6 +134,10 @@ class LatentDiffusionModule(Stage):
                              "(on an eps loss its weight is unbounded at high noise)")
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"model.init_args.p_uncond must be in [0, 1), got {p_uncond}")
+        if condition not in CONDITIONS:
+            raise ValueError(f"model.init_args.condition: {condition!r} is not one of {CONDITIONS}")
+        if not 0.0 <= p_uncond_image < 1.0:
+            raise ValueError(f"model.init_args.p_uncond_image must be in [0, 1), got {p_uncond_image}")
         try:
             samplers.check_sampler(sampler, objective)
         except ValueError as err:
@@ -152,6 +168,11 @@ class LatentDiffusionModule(Stage):
             checks.append(("pooled_dim", int(self.clip.embed_dim), f"the CLIP embedding width ({clip_ckpt})"))
         elif cfg.get("pooled_dim"):
             raise ValueError(f"model.init_args.{name}.pooled_dim is set by model.init_args.pooled_text: true, not by hand")
+        if condition != "text":
+            checks.append(("image_embedding_dim", int(self.clip.embed_dim), f"the CLIP embedding width ({clip_ckpt})"))
+        elif cfg.get("image_embedding_dim"):
+            raise ValueError(f"model.init_args.{name}.image_embedding_dim is set by model.init_args.condition: "
+                             f"text+image_embedding, not by hand")
         for key, want, what in checks:
             if cfg.get(key) is not None and int(cfg[key]) != want:
                 raise ValueError(f"model.init_args.{name}.{key} = {cfg[key]} does not match {what} = {want}")
@@ -303,6 +324,37 @@ class LatentDiffusionModule(Stage):
             self._null_cond = self.encode_prompts([""])
         return self._null_cond.expand(batch)
 
+    @property
+    def image_conditioned(self) -> bool:
+        """unCLIP's decoder: conditioned on a CLIP image embedding (`condition`)."""
+        return self.hparams.condition != "text"
+
+    @torch.no_grad()
+    def encode_image_embeddings(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [0, 1] -> the frozen CLIP's image embeddings [B, E], L2-normalised (the centre
+        square at CLIP's size, as `data encode --image-embeddings` computes them)."""
+        return self.clip.encode_image(images.to(self.device) * 2 - 1).float()
+
+    def _image_embedding(self, embeddings: Tensor | None, batch: int, what: str) -> Tensor | None:
+        if not self.image_conditioned:
+            if embeddings is not None:
+                raise ValueError(f"{what}: image embeddings given, but this model is conditioned on text only "
+                                 f"(model.init_args.condition: text)")
+            return None
+        if embeddings is None:
+            raise ValueError(f"{what}: this model is unCLIP's decoder (condition: {self.hparams.condition}) and needs "
+                             f"CLIP image embeddings: from a prior (`sample --prior`), an image (`--image`) or "
+                             f"latent shards encoded with `data encode --image-embeddings`")
+        e = torch.as_tensor(embeddings, device=self.device).float()
+        if e.ndim == 1:
+            e = e[None]
+        if e.shape[0] == 1 and batch > 1:
+            e = e.expand(batch, -1)
+        if e.shape != (batch, int(self.clip.embed_dim)):
+            raise ValueError(f"{what}: image embeddings of shape {tuple(e.shape)}, expected [{batch}, "
+                             f"{int(self.clip.embed_dim)}]")
+        return e
+
     @torch.no_grad()
     def encode_images(self, images: Tensor, sample: bool = False) -> Tensor:
         return self.vae.encode(images, sample=sample)  # scaled latents [B, C, h, w]: the posterior's mean or a draw
@@ -335,6 +387,12 @@ class LatentDiffusionModule(Stage):
         hashes named), another latent scale, latent shape, text width or image size."""
         check_hashes(manifest, self.encoder_hashes())
         where = manifest.get("path", "the latent manifest")
+        if self.image_conditioned:
+            stats = require_image_embeddings(manifest, f"the decoder (model.init_args.condition: "
+                                                       f"{self.hparams.condition})")
+            if int(stats["dim"]) != int(self.clip.embed_dim):
+                raise ValueError(f"{where}: image embeddings of width {stats['dim']}, the stage's CLIP gives "
+                                 f"{int(self.clip.embed_dim)}")
         scale = {"scale_factor": float(self.vae.scale_factor), "latent_mean": float(self.vae.latent_mean)}
         if manifest.get("latent_scale") != scale:
             raise ValueError(f"{where}: latent scale {manifest.get('latent_scale')}, the stage's VAE has {scale}")
@@ -375,7 +433,9 @@ class LatentDiffusionModule(Stage):
         images = batch["image"]
         z = self.encode_images(images, sample=sample)
         self._check_latent_shape(z, f"data images of {images.shape[-2]}x{images.shape[-1]} px")
-        return z, self.encode_prompts(list(batch["caption"])).replace(size=self._size_condition(batch))
+        embedding = self.clip.encode_image(images).float() if self.image_conditioned else None  # [B, E]
+        return z, self.encode_prompts(list(batch["caption"])).replace(size=self._size_condition(batch),
+                                                                      image_embedding=embedding)
 
     def _from_latents(self, batch: dict, sample: bool = False) -> tuple[Tensor, Conditioning]:
         """A latent-shard batch (`LatentDataModule`): the encoders' outputs are in it, so neither runs."""
@@ -392,14 +452,26 @@ class LatentDiffusionModule(Stage):
                 raise ValueError("model.init_args.pooled_text: true needs CLIP's pooled text embeddings, but the "
                                  "latent batches have none (.pooled.npy): encode the data again, or set it false")
             pooled = batch["pooled"]  # [B, E]
+        embedding = None
+        if self.image_conditioned:
+            embedding = self._image_embedding(batch.get("image_embedding"), z.shape[0], "a latent batch")
         return z, Conditioning(context=batch["context"], mask=batch["mask"], pooled=pooled,  # [B, L, W], [B, L]
-                               size=self._size_condition(batch))
+                               size=self._size_condition(batch), image_embedding=embedding)
+
+    def _text_condition(self, cond: Conditioning) -> Conditioning:
+        """`condition: image_embedding`: the caption is never shown, the empty caption's encoding stands in."""
+        if self.hparams.condition != "image_embedding":
+            return cond
+        null = self.null_cond(cond.batch_size)
+        return cond.replace(context=null.context, mask=null.mask, pooled=null.pooled)
 
     def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
         sample = train and self.hparams.sample_posterior
         z, cond = self._from_latents(batch, sample) if "latent" in batch else self._encode_batch(batch, sample)
+        cond = self._text_condition(cond)
         if train:  # condition dropout: the same network learns the unconditional branch of CFG
             cond = drop_conditioning(cond, self.null_cond(1), self.hparams.p_uncond)
+            cond = drop_image_embedding(cond, self.hparams.p_uncond_image)
         h = self.hparams
         objective = {"prediction": self.prediction} if self.objective == "ddpm" else {}  # flow: always velocity
         losses = self.schedule_for(*z.shape[-2:]).p_losses(
@@ -450,6 +522,7 @@ class LatentDiffusionModule(Stage):
         return_latents: bool = False,
         height: int | None = None,
         width: int | None = None,
+        image_embeddings: Tensor | None = None,
     ) -> Tensor:
         """Images [B, 3, height, width] in [0, 1] for `prompts` (default: the square `image_size`).
 
@@ -459,6 +532,9 @@ class LatentDiffusionModule(Stage):
         `guidance_rescale` (0 = plain CFG) and `clip_x0` (0 = off): see `__init__`. None takes the stage's default.
         `height`, `width`: pixels, multiples of the VAE's factor times the denoiser's own (downsamplings or patch);
         with size conditioning the model is told "original = target, nothing cropped" (SDXL's default).
+        `image_embeddings` [B, E] (or one [E] for all): unCLIP's decoder's condition, CLIP image embeddings from a
+        prior, an image or an interpolation (`condition` other than text); guidance's unconditional branch has none
+        (the learned null embedding) beside the empty or negative caption.
         """
         h = self.hparams
         guidance = h.guidance if guidance is None else float(guidance)
@@ -481,6 +557,11 @@ class LatentDiffusionModule(Stage):
             if len(negative) not in (1, b):
                 raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
             uncond = self.encode_prompts(negative)
+        embedding = self._image_embedding(image_embeddings, b, "sample")
+        if embedding is not None:
+            cond = self._text_condition(cond).replace(image_embedding=embedding)
+            uncond = self._text_condition(uncond).replace(image_embedding=torch.zeros_like(embedding[:1]).expand(
+                uncond.batch_size, -1))
         lh, lw = self.latent_shape(height, width)
         if self.size_conditioning:
             size = size_condition(b, lh * self.vae_factor, lw * self.vae_factor, self.device)
