@@ -523,6 +523,7 @@ class LatentDiffusionModule(Stage):
         height: int | None = None,
         width: int | None = None,
         image_embeddings: Tensor | None = None,
+        x_T: Tensor | None = None,
     ) -> Tensor:
         """Images [B, 3, height, width] in [0, 1] for `prompts` (default: the square `image_size`).
 
@@ -535,6 +536,7 @@ class LatentDiffusionModule(Stage):
         `image_embeddings` [B, E] (or one [E] for all): unCLIP's decoder's condition, CLIP image embeddings from a
         prior, an image or an interpolation (`condition` other than text); guidance's unconditional branch has none
         (the learned null embedding) beside the empty or negative caption.
+        `x_T`: the starting latents [B, C, h, w] instead of seeded noise (an inverted image, `invert`).
         """
         h = self.hparams
         guidance = h.guidance if guidance is None else float(guidance)
@@ -568,7 +570,12 @@ class LatentDiffusionModule(Stage):
             cond, uncond = cond.replace(size=size), uncond.replace(size=size)
         schedule = self.schedule_for(lh, lw)
         shape = (b, self.latent_channels, lh, lw)
-        if isinstance(seed, int):
+        if x_T is not None:
+            if tuple(x_T.shape) != shape:
+                raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+            x_T = x_T.to(self.device, torch.float32)
+            generator = torch.Generator(device=self.device).manual_seed(seed if isinstance(seed, int) else 0)
+        elif isinstance(seed, int):
             generator = torch.Generator(device=self.device).manual_seed(seed)
             x_T = torch.randn(shape, generator=generator, device=self.device)
         else:
