@@ -44,7 +44,7 @@ from pathlib import Path
 
 import yaml
 
-from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
+from lit_diffusion.stages.registry import LATENT_STAGES, OPTIONAL_STAGES, STAGE_KEYS, STAGES, configured_stages
 
 log = logging.getLogger("lit_diffusion")
 IMPORTABLE = ("clip", "vae")  # stages that `checkpoint:` can supply instead of training them
@@ -72,6 +72,8 @@ def load_config(path: str | Path) -> dict:
         raise ValueError(f"{path}: unknown pipeline keys {unknown}; known: {sorted(known)}")
     for stage in STAGES:
         spec = (cfg.get("stages") or {}).get(stage)
+        if spec is None and stage in OPTIONAL_STAGES:
+            continue
         if spec is None:
             raise ValueError(f"{path}: stages.{stage} is missing (each stage needs at least `config:`)")
         if spec.get("checkpoint") and stage not in IMPORTABLE:
@@ -132,7 +134,7 @@ def training_steps(cfg: dict, root: Path) -> list[Step]:
     """The fits in order: one per stage, or one per phase of the diffusion stage; the last phase finishes as the
     stage does (runs/NAME/ldm.ckpt)."""
     steps = []
-    for stage in STAGES:
+    for stage in configured_stages(cfg):
         phases = (cfg["stages"][stage] or {}).get("phases")
         if not phases:
             steps.append(Step(stage, stage, stage))
@@ -430,7 +432,7 @@ def check_stage_data(cfg: dict, inputs: dict[str, dict], extras: dict[str, dict]
         class_path = overrides.get("data.class_path") or config_data.get("class_path")
         if not class_path:
             continue
-        if class_path == LATENT_DATA and stage != "ldm":
+        if class_path == LATENT_DATA and stage not in LATENT_STAGES:
             raise PipelineConfigError(
                 f"{where}: data.class_path is {LATENT_DATA}, but the {stage} stage trains on images: give it "
                 f"lit_diffusion.data.datamodule.ImageCaptionDataModule")
@@ -465,6 +467,12 @@ def check_stage_data(cfg: dict, inputs: dict[str, dict], extras: dict[str, dict]
                 raise PipelineConfigError(
                     f"{where}: {option} is true, which needs the {'flipped latents' if flag == 'flips' else 'posterior std'}"
                     f" in the latent shards: set `encode: {{{flag}: true}}` in the pipeline config, or {option}: false")
+        condition = model_args.get("condition", "text")
+        if (stage == "prior" or condition != "text") and not (encode or {}).get("image_embeddings"):
+            needs = "the prior" if stage == "prior" else f"model.init_args.condition: {condition} (unCLIP's decoder)"
+            raise PipelineConfigError(
+                f"{where}: {needs} trains on CLIP image embeddings in the latent shards: set `encode: "
+                f"{{image_embeddings: true}}` in the pipeline config")
 
 
 def run_stage(stage: str, cfg: dict, root: Path, name: str, data: dict, extra: dict, step: Step | None = None) -> dict:
@@ -519,17 +527,20 @@ def train_stages(cfg: dict, root: Path, name: str, data: dict) -> dict[str, dict
     clip, vae = str(root / "clip.ckpt"), str(root / "vae.ckpt")
     extras = {"clip": {"model.init_args.tokenizer_path": data["tokenizer"]},
               "vae": {"model.init_args.clip_ckpt": clip},
+              "prior": {"model.init_args.clip_ckpt": clip},
               "ldm": {"model.init_args.clip_ckpt": clip, "model.init_args.vae_ckpt": vae}}
-    inputs = {stage: data for stage in STAGES}
+    inputs = {stage: data for stage in configured_stages(cfg)}
     if cfg.get("encode") is not None:
-        inputs["ldm"] = latent_data(cfg, root, data)
+        for stage in set(inputs) & set(LATENT_STAGES):
+            inputs[stage] = latent_data(cfg, root, data)
     check_stage_data(cfg, inputs, extras)
     check_stage_inputs(cfg, root, inputs, extras)
-    results, phases = {}, []
+    results, phases, encoded = {}, [], False
     for step in training_steps(cfg, root):
         stage = step.stage
-        if stage == "ldm" and cfg.get("encode") is not None and not phases:
+        if stage in LATENT_STAGES and cfg.get("encode") is not None and not encoded:  # before the first reader
             encode_latents(cfg, root, data)
+            encoded = True
         result = run_stage(stage, cfg, root, name, inputs[stage], _step_extra(step, extras), step)
         if step.name == stage:
             results[stage] = result
@@ -632,7 +643,7 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     data = _ensure_data(cfg)
     timings["data"] = time.perf_counter() - t0
     stages = train_stages(cfg, root, name, data)
-    for stage in STAGES:
+    for stage in configured_stages(cfg):
         timings[stage] = stages[stage]["seconds"]
 
     t0 = time.perf_counter()

@@ -175,7 +175,7 @@ def _config_with(tmp_path, ldm: dict):
     ({"config": "c.yaml", "phases": [{"name": "a"}, {"name": "a"}]}, r"phases\[1\]: name 'a': each phase needs its "
                                                                      r"own name"),
     ({"config": "c.yaml", "phases": [{"name": "ldm"}]}, r"phases\[0\]: name 'ldm': .*not one of \['clip', 'vae', "
-                                                        r"'ldm', 'eval', 'latents'\]"),
+                                                        r"'prior', 'ldm', 'eval', 'latents'\]"),
     ({"config": "c.yaml", "phases": [{"name": "a/b"}]}, r"name 'a/b'"),
     ({"config": "c.yaml", "phases": [{"name": "a"}, {"name": "b", "args": {INIT_FROM: "x.ckpt"}}]},
      r"phases\[1\] \(b\): model\.init_args\.init_from is set by the pipeline"),

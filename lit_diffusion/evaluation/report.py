@@ -34,19 +34,20 @@ def _phase(result: dict, keys) -> dict:
 def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, evaluation: dict, grid: str,
                  timings: dict) -> dict:
     results = evaluation["results"]
-    stage_figures = {s: {k: (stages[s]["summary"].get("final") or {}).get(k) for k in STAGE_KEYS[s]} for s in STAGES}
+    ran = [s for s in STAGES if s in stages]  # the stages this pipeline ran, in order (the prior is optional)
+    stage_figures = {s: {k: (stages[s]["summary"].get("final") or {}).get(k) for k in STAGE_KEYS[s]} for s in ran}
     stage_configs = {}
-    for s in STAGES:
+    for s in ran:
         path = Path(stages[s].get("run_dir") or root / s) / "config.yaml"  # in phases: the last phase's
         stage_configs[s] = yaml.safe_load(path.read_text()) if path.is_file() else None
-    phases = {s: [_phase(p, STAGE_KEYS[s]) for p in stages[s].get("phases") or []] for s in STAGES}
+    phases = {s: [_phase(p, STAGE_KEYS[s]) for p in stages[s].get("phases") or []] for s in ran}
     report = {
         "name": name,
         "data": data,
         "stages": {s: {"ckpt": stages[s]["ckpt"], "skipped": stages[s]["skipped"], "seconds": stages[s]["seconds"],
                        "figures": stage_figures[s], "best": (stages[s]["summary"].get("best") or {}),
                        "config": stage_configs[s], **({"phases": phases[s]} if phases[s] else {})}
-                   for s in STAGES},
+                   for s in ran},
         "evaluation": {"results": results, "config": evaluation["config"], "json": evaluation["json"],
                        "plot": evaluation["plot"]},
         "samples": grid,
@@ -63,7 +64,7 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
     lines = [f"# lit_diffusion pipeline report: {name}", "",
              f"Data: train `{data['train_urls']}`, val `{data['val_urls']}`.", "",
              "## Stages", "", "| stage | time | figures |", "|---|---|---|"]
-    for s in STAGES:
+    for s in ran:
         figures = ", ".join(f"{k} = {_fmt(v)}" for k, v in stage_figures[s].items())
         lines.append(f"| {s} | {_minutes(stages[s]['seconds'])} | {figures} |")
         for phase in phases[s]:  # the chain: each phase and the checkpoint it started from
@@ -92,7 +93,7 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
     rel = lambda p: os.path.relpath(p, root) if p else None  # noqa: E731
     lines += ["", "## Files", "", f"- samples: `{rel(grid)}`", f"- FID vs CLIP score: `{rel(evaluation['plot'])}`",
               f"- evaluation JSON: `{rel(evaluation['json'])}`", "- checkpoints: " + ", ".join(
-                  f"`{rel(stages[s]['ckpt'])}`" for s in STAGES), ""]
+                  f"`{rel(stages[s]['ckpt'])}`" for s in ran), ""]
     if grid:
         lines += [f"![samples]({rel(grid)})", ""]
     if evaluation["plot"]:
