@@ -227,3 +227,37 @@ def test_a_latent_data_module_for_clip_is_refused(run, tmp_path):
     with pytest.raises(pipeline.PipelineConfigError, match=r"stages\.clip .*the clip stage trains on images"):
         train()
     assert fake.calls == []
+
+
+def test_the_prior_trains_after_the_encode_on_its_latents_with_the_clip(run, tiny_ckpts, tmp_path):
+    """unCLIP: `stages.prior` runs between the VAE and the diffusion stage, after the encode (with image
+    embeddings), on the same latent shards, given the finished CLIP."""
+    train, fake, root, cfg = run
+    cfg["encode"]["image_embeddings"] = True
+    shutil.copy("configs/prior/shapes.yaml", tmp_path / "prior.yaml")
+    cfg["stages"]["prior"] = {"config": str(tmp_path / "prior.yaml"), "args": {"trainer.max_steps": 6}}
+    results = train()
+    assert [c[0] for c in fake.calls] == ["clip", "vae", "encode", "prior", "ldm"]
+    assert "--image-embeddings" in fake.calls[2][1]
+    assert json.loads((root / "latents" / "manifest.json").read_text())["image_embedding"]["dim"] == 32
+    argv = json.loads((root / "prior" / "checkpoints" / "last.ckpt").read_text())
+    assert argv[argv.index("--model.init_args.clip_ckpt") + 1] == str(root / "clip.ckpt")
+    assert argv[argv.index("--data.class_path") + 1] == pipeline.LATENT_DATA
+    assert argv[argv.index("--data.init_args.train_urls") + 1].startswith(str(root / "latents" / "train"))
+    assert "--model.init_args.vae_ckpt" not in argv
+    assert list(results) == ["clip", "vae", "prior", "ldm"]
+
+
+@pytest.mark.parametrize("stage", ["prior", "decoder"])
+def test_unclip_stages_without_image_embeddings_are_refused_before_anything_trains(run, tmp_path, stage):
+    train, fake, root, cfg = run
+    if stage == "prior":
+        shutil.copy("configs/prior/shapes.yaml", tmp_path / "prior.yaml")
+        cfg["stages"]["prior"] = {"config": str(tmp_path / "prior.yaml")}
+        message = r"stages\.prior .*the prior trains on CLIP image embeddings"
+    else:
+        cfg["stages"]["ldm"]["args"]["model.init_args.condition"] = "text+image_embedding"
+        message = r"stages\.ldm .*condition: text\+image_embedding \(unCLIP's decoder\) trains on CLIP image embeddings"
+    with pytest.raises(pipeline.PipelineConfigError, match=message + r".*`encode: \{image_embeddings: true\}`"):
+        train()
+    assert fake.calls == []
