@@ -260,6 +260,16 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--aspect {args.aspect} and --height/--width both give the size: give one of them")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LatentDiffusionModule.from_checkpoint(args.ckpt, map_location=device)
+    unclip_options = [flag for flag, value in (("--prior", args.prior), ("--image", args.image),
+                                               ("--interpolate", args.interpolate), ("--edit", args.edit))
+                      if value is not None]
+    if unclip_options and not model.image_conditioned:
+        raise ValueError(f"{', '.join(unclip_options)}: {args.ckpt} is not an unCLIP decoder (it is conditioned on "
+                         f"text only, condition: {model.hparams.condition}); these options need a decoder trained "
+                         f"with condition text+image_embedding or image_embedding")
+    if model.image_conditioned and not unclip_options:
+        raise ValueError(f"{args.ckpt} is an unCLIP decoder (condition: {model.hparams.condition}): it decodes CLIP "
+                         f"image embeddings, so give where they come from: {UNCLIP_SOURCES}")
     height, width, size_note = args.height, args.width, ""
     if args.aspect is not None:
         try:
@@ -275,10 +285,16 @@ def cmd_sample(args) -> None:
             raise ValueError(f"{given}: {err}") from None
         base = int(model.hparams.image_size)
         size_note = f", {width or base}x{height or base} px"
+    if unclip_options:
+        _sample_unclip(args, model, height, width, size_note, device)
+        return
+    if not args.prompt:
+        raise ValueError("--prompt is required: a caption (repeat for more rows)")
+    guidance = model.hparams.guidance if args.guidance is None else args.guidance
     rows, labels = [], []
     for i, prompt in enumerate(args.prompt):
         seeds = [args.seed + i * args.num + j for j in range(args.num)]
-        images = model.sample([prompt] * args.num, negative_prompts=args.negative_prompt, guidance=args.guidance,
+        images = model.sample([prompt] * args.num, negative_prompts=args.negative_prompt, guidance=guidance,
                               sampler=args.sampler, steps=args.steps, seed=seeds, eta=args.eta,
                               guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, progress=True,
                               height=height, width=width)
@@ -286,7 +302,99 @@ def cmd_sample(args) -> None:
         labels.append(prompt + (f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""))
     out = save_grid(rows, labels, args.out, col_titles=[f"seed {args.seed + j}" for j in range(args.num)],
                     title=f"{args.sampler or model.hparams.sampler}, {args.steps or model.hparams.sample_steps} steps, "
-                          f"guidance {args.guidance:g}{size_note}")
+                          f"guidance {guidance:g}{size_note}")
+    print(out)
+
+
+UNCLIP_SOURCES = ("--prior PRIOR.ckpt with --prompt, --image PATH [PATH ...] (variations), --interpolate A B, or "
+                  "--edit NEW --from OLD --image PATH")
+
+
+def _sample_unclip(args, model, height, width, size_note: str, device) -> None:
+    """`sample` with an unCLIP decoder: captions through a prior, variations or interpolations of images, or text-diff
+    edits (DALL-E 2 sec. 3); one grid as the text-to-image path writes it, a row per caption or input image."""
+    import torch
+
+    from lit_diffusion.evaluation.plots import save_grid
+    from lit_diffusion.stages.prior import DiffusionPriorModule
+    from lit_diffusion.unclip import EDIT_SAMPLERS, EDIT_THETAS, UnCLIP, load_image
+
+    mode = ("edit" if args.edit is not None else "interpolate" if args.interpolate is not None
+            else "variations" if args.image is not None else "prior")
+    given = {"--prior": args.prior, "--image": args.image, "--interpolate": args.interpolate, "--prompt": args.prompt,
+             "--from": args.from_caption, "--frames": args.frames, "--thetas": args.thetas,
+             "--prior-guidance": args.prior_guidance}
+    takes = {"prior": {"--prior", "--prompt", "--prior-guidance"}, "variations": {"--image"},
+             "interpolate": {"--interpolate", "--frames"}, "edit": {"--image", "--from", "--thetas"}}[mode]
+    extra = [flag for flag, value in given.items() if value is not None and flag not in takes]
+    if extra:
+        what = {"prior": "--prior (captions through the prior)", "variations": "--image (variations)",
+                "interpolate": "--interpolate", "edit": "--edit"}[mode]
+        raise ValueError(f"{what} does not take {', '.join(extra)}; give one of {UNCLIP_SOURCES}")
+    if mode == "prior" and not args.prompt:
+        raise ValueError("--prior needs --prompt: the captions whose image embeddings it samples")
+    if mode == "edit":
+        if args.from_caption is None:
+            raise ValueError("--edit NEW needs --from OLD: the caption of the image as it is (the edit moves along "
+                             "CLIP's text(NEW) - text(OLD))")
+        if args.image is None or len(args.image) != 1:
+            raise ValueError("--edit needs one --image PATH: the image to edit")
+        fixed = [f for f, v in (("--sampler", args.sampler), ("--eta", args.eta), ("--clip-x0", args.clip_x0))
+                 if v is not None]
+        if fixed:
+            raise ValueError(f"--edit decodes the inverted image with {EDIT_SAMPLERS[model.objective]} "
+                             f"(deterministic, no clipping), the sampler its inversion runs backwards: drop "
+                             f"{', '.join(fixed)}")
+    prior = None
+    if mode == "prior":
+        prior = DiffusionPriorModule.from_checkpoint(args.prior, map_location=device)
+    unclip = UnCLIP(prior, model, prior_source=str(args.prior), decoder_source=str(args.ckpt))
+    h = model.hparams
+    size = (height or int(h.image_size), width or int(h.image_size))
+    guidance = h.guidance if args.guidance is None else args.guidance
+    decoder = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_rescale=args.guidance_rescale,
+                   clip_x0=args.clip_x0, progress=True, height=height, width=width)
+    sampler, steps = args.sampler or h.sampler, args.steps or h.sample_steps
+    seeds = [f"seed {args.seed + j}" for j in range(args.num)]
+    negative = f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""
+    rows, labels = [], []
+    if mode == "prior":
+        for i, prompt in enumerate(args.prompt):
+            rows.append(unclip.generate([prompt] * args.num, negative_prompts=args.negative_prompt,
+                                        seed=[args.seed + i * args.num + j for j in range(args.num)],
+                                        guidance=guidance, prior_guidance=args.prior_guidance, **decoder).cpu())
+            labels.append(prompt + negative)
+        col_titles = seeds
+        prior_guidance = prior.hparams.guidance if args.prior_guidance is None else args.prior_guidance
+        what = f"unCLIP, prior guidance {prior_guidance:g}"
+    elif mode == "variations":
+        images = torch.stack([load_image(path, *size) for path in args.image])
+        out = unclip.variations(images, per_image=args.num, seed=args.seed, guidance=guidance,
+                                negative_prompts=args.negative_prompt, **decoder).cpu()
+        rows = [torch.cat([image[None], variations]) for image, variations in zip(images, out)]
+        labels = [Path(path).name + negative for path in args.image]
+        col_titles = ["input", *seeds]
+        what = "variations"
+    elif mode == "interpolate":
+        frames = 5 if args.frames is None else args.frames
+        a, b = (load_image(path, *size) for path in args.interpolate)
+        rows = [unclip.interpolate(a, b, frames=frames, seed=args.seed, guidance=guidance,
+                                   negative_prompts=args.negative_prompt, **decoder).cpu()]
+        labels = [f"{Path(args.interpolate[0]).name}\nto {Path(args.interpolate[1]).name}" + negative]
+        col_titles = [f"theta {t:.2f}" for t in torch.linspace(0, 1, frames).tolist()]
+        what = f"interpolation, seed {args.seed}"
+    else:
+        thetas = EDIT_THETAS if args.thetas is None else tuple(args.thetas)
+        image = load_image(args.image[0], *size)
+        frames = unclip.edit(image, args.from_caption, args.edit, thetas=thetas, guidance=guidance, steps=args.steps,
+                             guidance_rescale=args.guidance_rescale, negative_prompts=args.negative_prompt).cpu()
+        rows = [torch.cat([image[None], frames])]
+        labels = [f"{args.from_caption}\nto {args.edit}" + negative]
+        col_titles = ["input", *(f"theta {t:g}" for t in thetas)]
+        sampler = EDIT_SAMPLERS[model.objective]
+        what = "text diff from the inverted image"
+    out = save_grid(rows, labels, args.out, col_titles=col_titles,
+                    title=f"{what}: {sampler}, {steps} steps, guidance {guidance:g}{size_note}")
     print(out)
 
 
@@ -314,11 +422,14 @@ def _add_guidance_rescale_and_clip_x0(p) -> None:
 
 
 def add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="images from a latent-diffusion checkpoint")
-    p.add_argument("--ckpt", required=True, help="ldm checkpoint (stage 3)")
-    p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more rows")
-    p.add_argument("--negative-prompt", default=None, help="pushed away from (replaces the empty prompt in CFG)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p = sub.add_parser("sample", help="images from a latent-diffusion checkpoint",
+                       description="Text to image; with an unCLIP decoder as --ckpt: " + UNCLIP_SOURCES + ".")
+    p.add_argument("--ckpt", required=True, help="ldm checkpoint (stage 3); with the unCLIP options, the decoder")
+    p.add_argument("--prompt", action="append", default=None, help="a caption; repeat for more rows")
+    p.add_argument("--negative-prompt", default=None, help="pushed away from (replaces the empty prompt in CFG; "
+                                                           "with --prior, in the prior's guidance too)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (1 = none; default: the checkpoint's)")
     p.add_argument("--sampler", default=None, help="ddim | ddpm | dpmpp_2m (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
@@ -329,7 +440,25 @@ def add_sample(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels (default: the checkpoint's image_size)")
     p.add_argument("--aspect", type=_aspect_ratio, default=None, metavar="W:H",
                    help="instead of --height/--width: the size of this aspect ratio, e.g. 3:2, " + ASPECT_HELP)
-    p.add_argument("--num", type=int, default=4, help="images per prompt")
+    p.add_argument("--num", type=int, default=4, help="images per prompt (with --image: variations per image)")
+    unclip = p.add_argument_group("unCLIP (DALL-E 2): --ckpt is the decoder, one of these gives its image embeddings")
+    unclip.add_argument("--prior", default=None, metavar="PRIOR.ckpt",
+                        help="captions (--prompt) through this prior to CLIP image embeddings, then the decoder")
+    unclip.add_argument("--prior-guidance", type=float, default=None,
+                        help="the prior's guidance scale (default: the prior checkpoint's)")
+    unclip.add_argument("--image", nargs="+", default=None, metavar="PATH",
+                        help="variations: each image's CLIP embedding decoded --num times, one seed each; with "
+                             "--edit, the image to edit. Read as RGB, resized and centre-cropped to the sample size")
+    unclip.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"),
+                        help="slerp between the CLIP embeddings of images A and B, the same noise in every frame")
+    unclip.add_argument("--frames", type=int, default=None, help="--interpolate: frames from A to B (default 5)")
+    unclip.add_argument("--edit", default=None, metavar="NEW",
+                        help="text diff: move --image's embedding towards CLIP's text(NEW) - text(OLD), decoded "
+                             "from the image's inverted latent (needs --from)")
+    unclip.add_argument("--from", dest="from_caption", default=None, metavar="OLD",
+                        help="--edit: the caption of the image as it is")
+    unclip.add_argument("--thetas", type=_floats, default=None,
+                        help="--edit: slerp weights towards the text diff (default 0,0.1,0.2,0.3,0.4,0.5)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
@@ -349,7 +478,8 @@ def cmd_evaluate(args) -> None:
     try:
         results, paths, _ = evaluate_checkpoint(args.ckpt, args.data, cfg, out_dir, name=Path(args.ckpt).stem,
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                                image_size=args.image_size, device=args.device)
+                                                image_size=args.image_size, device=args.device,
+                                                prior_ckpt=args.prior)
     except AspectRatioError as err:
         raise ValueError(f"--aspect-ratios {err}") from None
     reals = describe_fid_reals(results)  # with --aspect-ratios: which real images each ratio's FID compared against
@@ -363,6 +493,10 @@ def cmd_evaluate(args) -> None:
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="FID, CLIP score and caption accuracy of an ldm checkpoint")
     p.add_argument("--ckpt", required=True)
+    p.add_argument("--prior", default=None, metavar="PRIOR.ckpt",
+                   help="unCLIP: the prior that gives each caption's CLIP image embedding (caption -> prior -> "
+                        "decoder; it must use the decoder's CLIP). A decoder checkpoint without --prior is evaluated "
+                        "with the true image embeddings of the val images (the decoder's upper bound)")
     p.add_argument("--data", required=True, help="evaluation shards (brace pattern, glob, folder)")
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--guidance", type=_floats, default=[1.0, 3.0, 5.0], help="e.g. 1,3,5")
