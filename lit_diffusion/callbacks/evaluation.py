@@ -2,6 +2,11 @@
 
 It runs on every rank (each generates for its share of the val stream) with the EMA weights when a
 `WeightAveraging` callback is present; the metrics are reduced across ranks, and only rank zero logs and writes.
+
+For unCLIP's decoder (`condition: text+image_embedding` or `image_embedding`) it needs nothing more: the Evaluator
+feeds each caption the CLIP embedding of its own real val image (for latent shards, the image the latents were
+encoded from, see `real_images`), so the in-loop figures are the decoder's upper bound; the full stack with a prior
+is evaluated offline (`lit-diffusion evaluate --prior`).
 """
 
 from __future__ import annotations

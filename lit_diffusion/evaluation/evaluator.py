@@ -17,6 +17,12 @@ shorter side before its FID features (CLIP's preprocessing crops so anyway; Ince
 real statistics are those of the real images of that ratio when the data says every image's ratio
 (`image_aspect_ratio`) and holds at least 2 of it, else those of all real images; `eval_detail/fid_real_matched_ar{r}`
 (1 or 0) and `eval_detail/fid_real_n_ar{r}` say which, and how many.
+
+unCLIP's decoder (`model.image_conditioned`) samples from a caption and a CLIP image embedding. With a `prior` each
+caption's embedding is the prior's, drawn with the caption's own per-key seed (the full stack, caption -> prior ->
+decoder, so 2 ranks still give the 1-rank numbers); without one it is the CLIP embedding of the caption's own real
+val image (`encode_image_embeddings`): the decoder fed the true embedding, the upper bound of what a prior can give.
+`eval_detail/image_embeddings_from_prior` (1 or 0) says which. Text-only models are evaluated as before.
 """
 
 from __future__ import annotations
@@ -317,10 +323,16 @@ class Evaluator:
         return fields
 
     @torch.no_grad()
-    def run(self, model, loader: Iterable, step: int | None = None) -> dict[str, float]:
-        """Metrics for `model` (a LatentDiffusionModule, EMA weights if wanted) over this rank's share of `loader`."""
+    def run(self, model, loader: Iterable, step: int | None = None, prior=None) -> dict[str, float]:
+        """Metrics for `model` (a LatentDiffusionModule, EMA weights if wanted) over this rank's share of `loader`.
+        For unCLIP's decoder, `prior` (a DiffusionPriorModule) gives each caption's image embedding; None: the
+        CLIP embedding of the caption's own real image (the upper bound). A text-only model takes no prior."""
         cfg = self.config
         device = model.device
+        decoder = bool(getattr(model, "image_conditioned", False))
+        if prior is not None and not decoder:
+            raise ValueError("a prior was given, but the model is conditioned on text only (condition: text): only "
+                             "unCLIP's decoder samples from image embeddings")
         ars = self.aspect_ratios
         sizes = {r: sample_size(model, r) for r in ars}  # (height, width); an impossible ratio fails before any work
         self._to(device)
@@ -354,15 +366,27 @@ class Evaluator:
         for batch in _lockstep(_take(loader, cfg.num_samples), device):
             if batch is None:  # this rank is done, another is not
                 if sharded:  # the same denoiser calls as a real batch makes; the images are not used
+                    dummy = {}
+                    if decoder:  # any unit vector: the decoder only needs an embedding of the right width
+                        dim = int(model.clip.embed_dim)
+                        dummy = {"image_embeddings": torch.full((1, dim), dim ** -0.5, device=device)}
                     for g in cfg.guidance:
                         for size in size_kwargs:
                             model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
-                                         guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0, **size)
+                                         guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0, **size, **dummy)
                 continue
             captions, keys = list(batch["caption"]), list(batch["key"])
             attrs = list(batch.get("attrs") or [{}] * len(captions))
-            if need_real or need_real_ar or folders:
+            seeds = [sample_seed(k, cfg.seed) for k in keys]
+            if need_real or need_real_ar or folders or (decoder and prior is None):
                 real = ((batch["image"].to(device).float() + 1) / 2).clamp(0, 1)
+            # unCLIP's decoder: each caption's image embedding [B, E], from the prior or from its real image
+            embed = {}
+            if decoder:
+                emb = (prior.sample(captions, seed=seeds) if prior is not None
+                       else model.encode_image_embeddings(real))
+                embed = {"image_embeddings": emb.to(device)}
+            if need_real or need_real_ar or folders:
                 if folders:
                     _save_pngs(to_uint8(real), keys, folders["real"])
                 for b in need_real:
@@ -380,14 +404,13 @@ class Evaluator:
                             self.fids_ar[b][r][cfg.guidance[0]].update(square[mine], real=True)
             tokens = self.clip.tokenize(captions).to(device)
             _, text_emb = self.clip.encode_text(tokens)
-            seeds = [sample_seed(k, cfg.seed) for k in keys]
             shapes_idx = [i for i, a in enumerate(attrs) if a and a.get("objects")]
             for g in cfg.guidance:
                 if ars:
-                    self._update_aspect_ratios(model, g, sizes, captions, seeds, text_emb, attrs, shapes_idx)
+                    self._update_aspect_ratios(model, g, sizes, captions, seeds, text_emb, attrs, shapes_idx, embed)
                     continue
                 images = to_uint8(model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
-                                               guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0))
+                                               guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0, **embed))
                 if folders:  # [B, 3, H, W] uint8, as a PNG holds it
                     _save_pngs(images, keys, folders[g])
                 images = images.float() / 255
@@ -465,6 +488,8 @@ class Evaluator:
             results[f"eval_detail/fid_real_matched_ar{r}"] = float(self.real_matched_ar[r])
             if cfg.backends:
                 results[f"eval_detail/fid_real_n_ar{r}"] = float(self.real_stats_ar[(cfg.backends[0], r)].n)
+        if decoder:  # the full stack (1) or the decoder fed the true embeddings (0: the upper bound)
+            results["eval_detail/image_embeddings_from_prior"] = float(prior is not None)
         results["eval/num_samples"] = float(_all_sum(torch.tensor(n_local, device=device)))
         results["eval/seconds"] = time.perf_counter() - t0
         self.timings.append({"step": step, "seconds": results["eval/seconds"], "generate_seconds": t_gen,
@@ -474,15 +499,16 @@ class Evaluator:
         return results
 
     def _update_aspect_ratios(self, model, g: float, sizes: dict, captions: list[str], seeds: list[int],
-                              text_emb: torch.Tensor, attrs: list[dict], shapes_idx: list[int]) -> None:
-        """One batch's captions at guidance `g` at every ratio's size (the same per-key seeds as at the base size):
-        each ratio's metrics and the overall FID and CLIP score see them (overall caption counts are merged from
-        the per-ratio ones at the end)."""
+                              text_emb: torch.Tensor, attrs: list[dict], shapes_idx: list[int],
+                              embed: dict | None = None) -> None:
+        """One batch's captions at guidance `g` at every ratio's size (the same per-key seeds as at the base size,
+        and for unCLIP's decoder the same image embeddings, `embed`): each ratio's metrics and the overall FID and
+        CLIP score see them (overall caption counts are merged from the per-ratio ones at the end)."""
         cfg = self.config
-        for r, (height, width) in sizes.items():
+        for r, (height, width) in sizes.items():  # images [B, 3, height, width]
             images = to_uint8(model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
                                            guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0,
-                                           height=height, width=width)).float() / 255  # [B, 3, height, width]
+                                           height=height, width=width, **(embed or {}))).float() / 255
             square = _centre_square(images)  # FID compares centre squares: the loader's real images are those
             for b in cfg.backends:
                 self.fids[b][g].update(square, real=False)
@@ -567,21 +593,43 @@ def write_results(results: dict, out_dir: str | Path, step: int | None, backends
 
 def evaluate_checkpoint(ckpt: str | Path, data_urls, config: EvalConfig, out_dir: str | Path, name: str = "model",
                         batch_size: int = 50, num_workers: int = 0, image_size: int | None = None,
-                        device: str | None = None) -> tuple[dict[str, float], dict[str, Path], EvalConfig]:
+                        device: str | None = None, prior_ckpt: str | Path | None = None,
+                        ) -> tuple[dict[str, float], dict[str, Path], EvalConfig]:
     """Evaluate an ldm checkpoint on `data_urls` in this process (`lit-diffusion evaluate`, the pipeline);
-    returns the figures, the files written (eval JSON, plots) and the config as used."""
+    returns the figures, the files written (eval JSON, plots) and the config as used. For unCLIP's decoder,
+    `prior_ckpt` evaluates the full stack (caption -> prior -> decoder); without it the decoder is fed the true
+    image embeddings of the val images. A prior must embed with the decoder's own CLIP."""
     from lit_diffusion.data.datamodule import ImageCaptionDataModule
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LatentDiffusionModule.from_checkpoint(ckpt, map_location=device)
+    prior = load_prior_for(model, ckpt, prior_ckpt, device) if prior_ckpt is not None else None
     size = image_size or int(model.hparams.image_size)
     config = replace(config, data_id=eval_data_id(data_urls), resolution=size)
     dm = ImageCaptionDataModule(train_urls=None, val_urls=data_urls, image_size=size, batch_size=batch_size,
                                 num_workers=num_workers)
     with torch.inference_mode():
-        results = Evaluator(config, model.clip).run(model, dm.eval_dataloader(config.num_samples))
+        results = Evaluator(config, model.clip).run(model, dm.eval_dataloader(config.num_samples), prior=prior)
     paths = write_results(results, out_dir, None, config.backends, name=name)
     if config.save_images:
         paths["images"] = Path(config.save_images)
     return results, paths, config
+
+
+def load_prior_for(decoder, decoder_ckpt: str | Path, prior_ckpt: str | Path, device: str | torch.device = "cpu"):
+    """The DiffusionPriorModule of `prior_ckpt`, checked to suit `decoder` (loaded from `decoder_ckpt`): the decoder
+    must be unCLIP's (image-conditioned) and the prior's CLIP the decoder's own, or its embeddings would live in
+    another space than the ones the decoder learnt from."""
+    from lit_diffusion.stages.prior import DiffusionPriorModule
+
+    if not decoder.image_conditioned:
+        raise ValueError(f"--prior {prior_ckpt}: {decoder_ckpt} is conditioned on text only (condition: text); a "
+                         f"prior only feeds unCLIP's decoder (condition: text+image_embedding or image_embedding)")
+    prior = DiffusionPriorModule.from_checkpoint(prior_ckpt, map_location=device)
+    theirs, ours = prior.clip_hash(), decoder.encoder_hashes()["clip"]
+    if theirs != ours:
+        raise ValueError(f"the prior {prior_ckpt} was trained with CLIP weights {theirs}, but the decoder "
+                         f"{decoder_ckpt} with CLIP weights {ours}: train the prior on latents encoded with the "
+                         f"decoder's CLIP (`data encode --image-embeddings --clip` the same checkpoint)")
+    return prior
