@@ -665,26 +665,108 @@ def eval_device(cfg: dict) -> str:
     return str((cfg.get("evaluation") or {}).get("device", "cpu"))
 
 
-def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
-    """Evaluate ldm.ckpt on the val shards (one process; the in-loop callback does the same under DDP)."""
-    from lit_diffusion.evaluation.evaluator import EvalConfig, evaluate_checkpoint
+def _eval_config(cfg: dict):
+    from lit_diffusion.evaluation.evaluator import EvalConfig
 
     ev = dict(cfg.get("evaluation") or {})
     backends = ev.get("features", ["clip"])
     backends = [backends] if isinstance(backends, str) else list(backends)
-    ecfg = EvalConfig(guidance=[float(g) for g in ev.get("guidance", [1, 3, 5])],
+    return EvalConfig(guidance=[float(g) for g in ev.get("guidance", [1, 3, 5])],
                       num_samples=int(ev.get("num_samples", 200)), backends=backends,
                       inception_weights=ev.get("inception_weights"), sampler=ev.get("sampler"),
                       steps=ev.get("steps"), seed=int(ev.get("seed", 0)),
                       cache_dir=str(Path(cfg.get("root", "runs")) / ".fid_cache"),
                       aspect_ratios=list(ev["aspect_ratios"]) if ev.get("aspect_ratios") else None)
+
+
+def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
+    """Evaluate ldm.ckpt on the val shards (one process; the in-loop callback does the same under DDP). With a prior
+    (unCLIP) ldm.ckpt is its decoder: the figures are the full stack's (caption -> prior -> decoder), and
+    `evaluate_unclip` adds the decoder fed the true embeddings, the text-conditioned model to compare with,
+    diversity and variations."""
+    from lit_diffusion.evaluation.evaluator import evaluate_checkpoint
+
+    ev = dict(cfg.get("evaluation") or {})
+    ecfg = _eval_config(cfg)
+    prior = root / "prior.ckpt" if "prior" in configured_stages(cfg) else None
     results, paths, ecfg = evaluate_checkpoint(root / "ldm.ckpt", data["val_urls"], ecfg, root / "eval",
                                                name=cfg.get("name", "model"),
                                                batch_size=int(ev.get("batch_size", 100)),
-                                               device=eval_device(cfg))
-    plot = paths.get(f"plot_{backends[0]}")
-    return {"results": results, "json": str(paths["json"]), "plot": str(plot) if plot else None,
-            "config": dict(vars(ecfg))}
+                                               device=eval_device(cfg), prior_ckpt=prior)
+    plot = paths.get(f"plot_{ecfg.backends[0]}")
+    out = {"results": results, "json": str(paths["json"]), "plot": str(plot) if plot else None,
+           "config": dict(vars(ecfg))}
+    if prior is not None:
+        out["unclip"] = evaluate_unclip(cfg, root, data, results)
+    return out
+
+
+def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
+    """unCLIP beside the text-conditioned model, on the same val captions and seeds (one process):
+    - `systems`: the evaluation's figures for the stack (`stack`, given), the decoder fed each val image's true
+      CLIP embedding (the upper bound of any prior), and `evaluation.compare`, a text-conditioned ldm checkpoint
+      (the main job's), which must hold the same CLIP and VAE (skipped, and said so, when the file is absent);
+    - `diversity` (`evaluation.diversity: {captions, per_caption, guidance}`): the mean pairwise distance of the
+      CLIP image embeddings of one caption's samples, for the stack and the text model;
+    - `variations` (`evaluation.variations: {images, per_image, guidance}`): each val image's embedding -> the
+      decoder with the empty caption: kept colour, shape and size, CLIP similarity to the source, spread."""
+    from lit_diffusion.data.datamodule import ImageCaptionDataModule
+    from lit_diffusion.evaluation.evaluator import evaluate_checkpoint, load_prior_for
+    from lit_diffusion.evaluation.unclip_metrics import (
+        decoder_variations,
+        unclip_generate,
+        variation_metrics,
+        within_caption_diversity,
+    )
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    import torch
+
+    ev = dict(cfg.get("evaluation") or {})
+    device = eval_device(cfg)
+    batch_size = int(ev.get("batch_size", 100))
+    decoder_path = root / "ldm.ckpt"
+    decoder = LatentDiffusionModule.from_checkpoint(decoder_path, map_location=device)
+    prior = load_prior_for(decoder, decoder_path, root / "prior.ckpt", device)
+    systems = {"unclip": stack}
+    results, _, _ = evaluate_checkpoint(decoder_path, data["val_urls"], _eval_config(cfg), root / "eval" / "true",
+                                        name="decoder, true embeddings", batch_size=batch_size, device=device)
+    systems["decoder_true_embedding"] = results
+    compare, text = ev.get("compare"), None
+    if compare and Path(compare).is_file():
+        text = LatentDiffusionModule.from_checkpoint(compare, map_location=device)
+        theirs, ours = text.encoder_hashes(), decoder.encoder_hashes()
+        if theirs != ours:
+            raise ValueError(f"evaluation.compare: {compare} was trained with another CLIP or VAE than {decoder_path} "
+                             f"(state_dict_hash {theirs} vs {ours}): compare models of the same seed and stage "
+                             f"configs (their CLIP and VAE train identically)")
+        results, _, _ = evaluate_checkpoint(compare, data["val_urls"], _eval_config(cfg), root / "eval" / "text",
+                                            name="text-conditioned", batch_size=batch_size, device=device)
+        systems["text"] = results
+    elif compare:
+        log.warning("evaluation.compare: %s does not exist: the report has no text-conditioned model beside unCLIP "
+                    "(train it with configs/pipeline/shapes.yaml and the same seed)", compare)
+    sampler = {"sampler": ev.get("sampler"), "steps": ev.get("steps")}
+    div_spec, var_spec = dict(ev.get("diversity") or {}), dict(ev.get("variations") or {})
+    n_captions, n_images = int(div_spec.get("captions", 50)), int(var_spec.get("images", 100))
+    dm = ImageCaptionDataModule(train_urls=None, val_urls=data["val_urls"], image_size=int(decoder.hparams.image_size),
+                                batch_size=max(n_captions, n_images), num_workers=0)
+    batch = next(iter(dm.eval_dataloader(max(n_captions, n_images))))
+    captions, images = list(batch["caption"])[:n_captions], ((batch["image"][:n_images] + 1) / 2).clamp(0, 1)
+    attrs = list(batch.get("attrs") or [None] * len(batch["caption"]))[:n_images]
+    per_caption, g_div = int(div_spec.get("per_caption", 8)), float(div_spec.get("guidance", 3.0))
+    with torch.inference_mode():
+        diversity = {"unclip": within_caption_diversity(
+            unclip_generate(decoder, prior, guidance=g_div, **sampler), captions, decoder.clip, per_caption)}
+        if text is not None:
+            diversity["text"] = within_caption_diversity(
+                unclip_generate(text, None, guidance=g_div, **sampler), captions, decoder.clip, per_caption)
+        g_var = float(var_spec.get("guidance", 3.0))
+        variations = variation_metrics(decoder_variations(decoder, guidance=g_var, **sampler), images.to(device),
+                                       attrs, decoder.clip, per_image=int(var_spec.get("per_image", 4)))
+    return {"systems": systems, "compare": compare if text is not None else None,
+            "diversity": {**diversity, "guidance": g_div, "per_caption": per_caption},
+            "variations": {**variations, "guidance": g_var}}
 
 
 def sample_grid(cfg: dict, root: Path) -> str:
@@ -693,7 +775,12 @@ def sample_grid(cfg: dict, root: Path) -> str:
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     spec = cfg.get("samples") or {}
-    model = LatentDiffusionModule.from_checkpoint(root / "ldm.ckpt", map_location=eval_device(cfg))
+    if "prior" in configured_stages(cfg):  # unCLIP: the grid of the stack, caption -> prior -> decoder
+        from lit_diffusion.unclip import UnCLIP
+
+        model = UnCLIP.from_checkpoints(root / "ldm.ckpt", root / "prior.ckpt", map_location=eval_device(cfg))
+    else:
+        model = LatentDiffusionModule.from_checkpoint(root / "ldm.ckpt", map_location=eval_device(cfg))
     grid = SampleGrid(prompts=spec.get("prompts", SampleGrid().prompts), guidance=spec.get("guidance", [1, 3, 5]),
                       negative_prompt=spec.get("negative_prompt"), sampler=spec.get("sampler"),
                       steps=spec.get("steps"), seed=int(spec.get("seed", 0)),

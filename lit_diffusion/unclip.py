@@ -167,6 +167,19 @@ class UnCLIP:
         return self.decoder.sample(prompts, negative_prompts=negative_prompts, guidance=guidance, seed=seeds,
                                    image_embeddings=embeddings, **decoder_kwargs)
 
+    # the diffusion stage's sampling interface, so that what samples a text model (SampleGrid) samples the stack
+    @property
+    def hparams(self):
+        return self.decoder.hparams
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        return self.decoder.latent_shape(height, width)
+
+    def sample(self, prompts: Sequence[str], negative_prompts: Sequence[str] | str | None = None,
+               seed: int | Sequence[int] = 0, **kwargs) -> Tensor:
+        """`generate`, called as `LatentDiffusionModule.sample` is."""
+        return self.generate(prompts, negative_prompts, seed=seed, **kwargs)
+
     def variations(self, images: Tensor, per_image: int = 4, seed: int = 0, guidance: float | None = None,
                    **decoder_kwargs) -> Tensor:
         """[N, per_image, 3, H, W]: each image's CLIP embedding decoded with the empty caption, variation j from

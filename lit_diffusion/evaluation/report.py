@@ -31,6 +31,46 @@ def _phase(result: dict, keys) -> dict:
             "skipped": result["skipped"], "seconds": result["seconds"], "figures": {k: final.get(k) for k in keys}}
 
 
+SYSTEMS = {"text": "text-conditioned (the main job's)", "unclip": "unCLIP: caption -> prior -> decoder",
+           "decoder_true_embedding": "decoder fed the true image embedding (upper bound)"}
+
+
+def _unclip_lines(unclip: dict, guidance, backends) -> list[str]:
+    """The unCLIP section: the stack, the decoder with true embeddings and the text model side by side; diversity;
+    variations."""
+    lines = ["", "## unCLIP beside the text-conditioned model", "",
+             "| system | guidance | caption accuracy | one object | two objects | relation (all captions) | "
+             + " | ".join(f"FID ({b})" for b in backends) + " | CLIP score |",
+             "|" + "---|" * (7 + len(backends))]
+    for key, label in SYSTEMS.items():
+        results = unclip["systems"].get(key)
+        if results is None:
+            continue
+        for g in guidance:
+            d = f"_g{g:.1f}"
+            row = [label, f"{g:g}", _fmt(results.get(f"eval/caption_acc{d}")),
+                   _fmt(results.get(f"eval_detail/caption_one_object{d}")),
+                   _fmt(results.get(f"eval_detail/caption_two_objects{d}")),
+                   _fmt(results.get(f"eval_detail/caption_relation{d}")),
+                   *[_fmt(results.get(f"eval/fid_{b}{d}")) for b in backends], _fmt(results.get(f"eval/clip_score{d}"))]
+            lines.append("| " + " | ".join(row) + " |")
+    if unclip.get("compare") is None:
+        lines += ["", "No text-conditioned model to compare with (`evaluation.compare` names none, or no file)."]
+    div = unclip["diversity"]
+    lines += ["", f"Within-caption diversity at guidance {div['guidance']:g} (mean pairwise distance of the CLIP image "
+                  f"embeddings of {div['per_caption']} samples per caption, standard error over captions): "
+              + "; ".join(f"{SYSTEMS[k]} {_fmt(v['diversity'])} ({_fmt(v['diversity_se'])}, {v['captions']} captions)"
+                          for k, v in div.items() if isinstance(v, dict))]
+    var = unclip["variations"]
+    lines += ["", f"Variations at guidance {var['guidance']:g} ({int(var['sources'])} val images, "
+                  f"{int(var['variations'])} variations): colour kept {_fmt(var.get('acc_colors'))}, shape "
+                  f"{_fmt(var.get('acc_shapes'))}, size {_fmt(var.get('acc_sizes'))}, whole caption "
+                  f"{_fmt(var.get('acc_correct'))} (the sources themselves: {_fmt(var.get('source_acc_correct'))}); "
+                  f"CLIP image similarity to the source {_fmt(var.get('similarity'))}, spread "
+                  f"{_fmt(var.get('spread'))}."]
+    return lines
+
+
 def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, evaluation: dict, grid: str,
                  timings: dict) -> dict:
     results = evaluation["results"]
@@ -49,7 +89,8 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
                        "config": stage_configs[s], **({"phases": phases[s]} if phases[s] else {})}
                    for s in ran},
         "evaluation": {"results": results, "config": evaluation["config"], "json": evaluation["json"],
-                       "plot": evaluation["plot"]},
+                       "plot": evaluation["plot"], **({"unclip": evaluation["unclip"]} if "unclip" in evaluation
+                                                       else {})},
         "samples": grid,
         "timings_seconds": timings,
         "pipeline_config": cfg,
@@ -88,6 +129,8 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
         for g in guidance:
             lines.append(f"| {g:g} | " + " | ".join(_fmt(results.get(f"eval_detail/caption_{k}_g{g:.1f}"))
                                                     for k in detail) + " |")
+    if "unclip" in evaluation:
+        lines += _unclip_lines(evaluation["unclip"], guidance, backends)
     lines += ["", "## Timings", ""]
     lines += [f"- {k}: {_minutes(v)}" for k, v in timings.items()]
     rel = lambda p: os.path.relpath(p, root) if p else None  # noqa: E731
