@@ -118,8 +118,8 @@ def _data(latents, **kwargs):
                             batch_size=16, num_workers=0, train_batches_per_epoch=5, **kwargs)
 
 
-def _trainer(root, steps=10, **kwargs):
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+def _trainer(root, steps=10, devices=1, **kwargs):
+    return L.Trainer(accelerator="cpu", devices=devices, max_steps=steps, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      default_root_dir=str(root), **kwargs)
 
@@ -227,3 +227,22 @@ def test_bad_settings_are_named(tiny_ckpts):
         DiffusionPriorModule(clip_ckpt=str(tiny_ckpts["clip"]), objective="flow", sampler="ddim")
     with pytest.raises(ValueError, match="unknown prior option"):
         DiffusionPriorModule(clip_ckpt=str(tiny_ckpts["clip"]), prior={"layers": 3})
+
+
+@pytest.mark.slow
+def test_two_ranks_evaluate_as_one_process(trained, embedded_latents, tmp_path):
+    """Every val caption counted once across ranks, each drawn from its key's noise, gathered before the means: the
+    prior's figures on 2 processes are the 1-process ones."""
+    _, path = trained
+    module = DiffusionPriorModule.from_checkpoint(path)
+    single = _trainer(tmp_path).validate(module, datamodule=_data(embedded_latents), verbose=False)[0]
+    try:
+        ddp = _trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(
+            module, datamodule=_data(embedded_latents), verbose=False)[0]
+    except torch.multiprocessing.ProcessExitedException as e:  # gloo's rare teardown abort (tests/test_vae_stage.py)
+        if "SIGABRT" not in str(e):
+            raise
+        ddp = _trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(
+            module, datamodule=_data(embedded_latents), verbose=False)[0]
+    for key in ("val/prior_cos", "val/prior_cos_text_baseline", "val/prior_cos_unrelated"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-5), key
