@@ -26,7 +26,6 @@ from torch import Tensor
 
 from lit_diffusion.diffusion.guidance import cfg_model_fn
 from lit_diffusion.diffusion.inversion import ddim_invert, flow_invert
-from lit_diffusion.models.conditions import size_condition
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 from lit_diffusion.stages.prior import DiffusionPriorModule
 
@@ -257,21 +256,5 @@ class UnCLIP:
         d, h = self.decoder, self.decoder.hparams
         guidance = h.guidance if guidance is None else float(guidance)
         rescale = h.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
-        b = len(prompts)
-        cond = d.encode_prompts(prompts)
-        if negative_prompts is None:
-            uncond = d.null_cond(b)
-        else:
-            negative = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
-            if len(negative) not in (1, b):
-                raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
-            uncond = d.encode_prompts(negative)
-        embedding = d._image_embedding(embeddings, b, "invert")
-        cond = d._text_condition(cond).replace(image_embedding=embedding)
-        uncond = d._text_condition(uncond)
-        uncond = uncond.replace(image_embedding=torch.zeros_like(embedding[:1]).expand(uncond.batch_size, -1))
-        lh, lw = d.latent_shape(height, width)
-        if d.size_conditioning:
-            size = size_condition(b, lh * d.vae_factor, lw * d.vae_factor, d.device)
-            cond, uncond = cond.replace(size=size), uncond.replace(size=size)
+        cond, uncond, (lh, lw) = d.sampling_conditions(prompts, negative_prompts, embeddings, height, width)
         return cfg_model_fn(d.denoiser, cond, uncond, guidance, rescale=rescale), d.schedule_for(lh, lw)

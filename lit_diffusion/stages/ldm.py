@@ -507,6 +507,33 @@ class LatentDiffusionModule(Stage):
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
+    def sampling_conditions(self, prompts: Sequence[str], negative_prompts: Sequence[str] | str | None = None,
+                            image_embeddings: Tensor | None = None, height: int | None = None,
+                            width: int | None = None) -> tuple[Conditioning, Conditioning, tuple[int, int]]:
+        """What the samplers guide with: the prompts' conditions, the unconditional branch's (the empty caption, or
+        the negative prompts: one or one per prompt; no image embedding), and the latent (h, w). Both get the size
+        condition "original = target, nothing cropped" when the denoiser takes one."""
+        b = len(prompts)
+        cond = self.encode_prompts(prompts)
+        if negative_prompts is None:
+            uncond = self.null_cond(b)
+        else:
+            negative = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
+            if len(negative) not in (1, b):
+                raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
+            uncond = self.encode_prompts(negative)
+        embedding = self._image_embedding(image_embeddings, b, "sample")
+        if embedding is not None:
+            cond = self._text_condition(cond).replace(image_embedding=embedding)
+            uncond = self._text_condition(uncond).replace(image_embedding=torch.zeros_like(embedding[:1]).expand(
+                uncond.batch_size, -1))
+        lh, lw = self.latent_shape(height, width)
+        if self.size_conditioning:
+            size = size_condition(b, lh * self.vae_factor, lw * self.vae_factor, self.device)
+            cond, uncond = cond.replace(size=size), uncond.replace(size=size)
+        return cond, uncond, (lh, lw)
+
+    @torch.no_grad()
     def sample(
         self,
         prompts: Sequence[str],
@@ -551,23 +578,7 @@ class LatentDiffusionModule(Stage):
             raise ValueError("clip_x0 clips the DDPM samplers' predicted x0; the flow samplers (euler, heun) do not "
                              "take it: leave it 0 for a flow model")
         b = len(prompts)
-        cond = self.encode_prompts(prompts)
-        if negative_prompts is None:
-            uncond = self.null_cond(b)
-        else:
-            negative = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
-            if len(negative) not in (1, b):
-                raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
-            uncond = self.encode_prompts(negative)
-        embedding = self._image_embedding(image_embeddings, b, "sample")
-        if embedding is not None:
-            cond = self._text_condition(cond).replace(image_embedding=embedding)
-            uncond = self._text_condition(uncond).replace(image_embedding=torch.zeros_like(embedding[:1]).expand(
-                uncond.batch_size, -1))
-        lh, lw = self.latent_shape(height, width)
-        if self.size_conditioning:
-            size = size_condition(b, lh * self.vae_factor, lw * self.vae_factor, self.device)
-            cond, uncond = cond.replace(size=size), uncond.replace(size=size)
+        cond, uncond, (lh, lw) = self.sampling_conditions(prompts, negative_prompts, image_embeddings, height, width)
         schedule = self.schedule_for(lh, lw)
         shape = (b, self.latent_channels, lh, lw)
         if x_T is not None:
