@@ -15,7 +15,6 @@ None (sampler, steps, guidance) are the decoder checkpoint's own, as `LatentDiff
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from lit_diffusion.diffusion.guidance import cfg_model_fn
 from lit_diffusion.diffusion.inversion import ddim_invert, flow_invert
+from lit_diffusion.stages.common import eval_mode
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 from lit_diffusion.stages.prior import DiffusionPriorModule
 
@@ -89,16 +89,6 @@ def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
     if len(seeds) != n:
         raise ValueError(f"{len(seeds)} seeds for {n} samples")
     return seeds
-
-
-@contextlib.contextmanager
-def _eval(module: torch.nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 class UnCLIP:
@@ -243,7 +233,7 @@ class UnCLIP:
         steps = steps or h.sample_steps
         model_fn, schedule = self._guided_denoiser(captions, negative_prompts, embeddings, guidance,
                                                    guidance_rescale, height, width)
-        with _eval(d):
+        with eval_mode(d):
             z0 = d.encode_images(images * 2 - 1)  # [N, C, h, w], scaled latents (the posterior's mean)
             if d.objective == "flow":
                 return flow_invert(model_fn, schedule, z0, steps, refine=refine)

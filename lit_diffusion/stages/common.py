@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -42,3 +44,14 @@ def adamw_with_warmup(module: torch.nn.Module, params, lr: float, weight_decay: 
         total = int(est) if est is not None and math.isfinite(est) else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup_steps, total))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module` in eval mode inside the block (sampling), in the mode it had after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

@@ -17,7 +17,6 @@ encoder weights than the frozen ones here.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Sequence
 
@@ -36,7 +35,7 @@ from lit_diffusion.models.dit import DiT, DiTConfig
 from lit_diffusion.models.unet import UNet, UNetConfig
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.clip import CLIPModule
-from lit_diffusion.stages.common import adamw_with_warmup
+from lit_diffusion.stages.common import adamw_with_warmup, eval_mode
 from lit_diffusion.stages.vae import VAEModule
 
 log = logging.getLogger("lit_diffusion")
@@ -603,22 +602,12 @@ class LatentDiffusionModule(Stage):
                 kwargs.update(eta=eta)
             elif sampler == "ddpm" and steps >= schedule.num_timesteps:
                 kwargs.update(steps=None)  # every timestep
-        with _eval_mode(self):
+        with eval_mode(self):
             z = samplers.sample(sampler, model_fn, schedule, shape, **kwargs)
             if return_latents:
                 return z
             images = self.vae.decode(z)
         return ((images.float() + 1) / 2).clamp(0, 1)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 def _required(path: str | None, key: str, kind: str) -> str:

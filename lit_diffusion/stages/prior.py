@@ -45,7 +45,7 @@ from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.models.prior import DiffusionPrior, PriorConfig
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.clip import CLIPModule
-from lit_diffusion.stages.common import adamw_with_warmup
+from lit_diffusion.stages.common import adamw_with_warmup, eval_mode
 
 log = logging.getLogger("lit_diffusion")
 
@@ -300,12 +300,8 @@ class DiffusionPriorModule(Stage):
         noise = torch.stack([torch.randn(candidates, e, generator=torch.Generator().manual_seed(s)) for s in seeds])
         x_T = noise.transpose(0, 1).reshape(candidates * b, e).to(self.device)
         rep = lambda c: c.map(lambda t: t.repeat(candidates, *([1] * (t.ndim - 1))))  # noqa: E731
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             x0 = sample_x0(self.prior, self.schedule, rep(cond), rep(uncond), guidance, sampler, steps, x_T)
-        finally:
-            self.train(was_training)
         draws = self.to_clip_space(x0).reshape(candidates, b, e)  # [K, B, E]
         score = (draws * cond.pooled.float()[None]).sum(-1)  # [K, B] dot product with the caption's embedding
         best = score.argmax(0)  # [B]
