@@ -37,6 +37,7 @@ from lit_diffusion.data.negatives import WordSwaps
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig
 from lit_diffusion.models.clip_loss import ClipLoss
+from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.stages.base import CheckpointError, Stage, load_stage_checkpoint, stage_block
 from lit_diffusion.stages.common import adamw_with_warmup
 
@@ -227,6 +228,14 @@ class CLIPModule(Stage):
     def encode_text(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [B, L] -> (token features [B, L, W], pooled [B, E] L2-normalised)."""
         return self.model.encode_text(tokens.to(self.device))
+
+    @torch.no_grad()
+    def caption_conditions(self, captions: Sequence[str]) -> Conditioning:
+        """Captions as a denoiser or the prior is conditioned on them: token features [B, L, W], the mask of real
+        tokens [B, L] and the pooled embedding [B, E] (L2-normalised)."""
+        tokens = self.tokenize(captions)
+        features, pooled = self.encode_text(tokens)
+        return Conditioning(context=features, mask=self.tokenizer.mask(tokens), pooled=pooled)
 
     def encode_image(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] in [-1, 1] -> [B, E] L2-normalised. Images of another size are centre-cropped to a

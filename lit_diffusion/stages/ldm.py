@@ -312,10 +312,8 @@ class LatentDiffusionModule(Stage):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        tokens = self.clip.tokenize(list(prompts)).to(self.device)
-        features, pooled = self.clip.encode_text(tokens)  # [B, L, W], [B, E]
-        return Conditioning(context=features, mask=self.clip.tokenizer.mask(tokens),
-                            pooled=pooled if self.hparams.pooled_text else None)
+        cond = self.clip.caption_conditions(list(prompts))
+        return cond if self.hparams.pooled_text else cond.replace(pooled=None)
 
     def null_cond(self, batch: int) -> Conditioning:
         """The empty caption's encoding: the unconditional branch of classifier-free guidance."""

@@ -241,9 +241,7 @@ class DiffusionPriorModule(Stage):
     # ----------------------------------------------------------------------------------------- conditioning
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        tokens = self.clip.tokenize(list(prompts)).to(self.device)
-        features, pooled = self.clip.encode_text(tokens)  # [B, L, W], [B, E] L2-normalised
-        return Conditioning(context=features, mask=self.clip.tokenizer.mask(tokens), pooled=pooled)
+        return self.clip.caption_conditions(list(prompts))
 
     def null_cond(self, batch: int) -> Conditioning:
         """The empty caption's encoding: the unconditional branch of classifier-free guidance."""
