@@ -483,24 +483,170 @@ class _TrackedStream:
 
 
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as its own reader does
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: read through tarfile's decompression
+_BLOCK = 512
+_CHUNK = 1 << 16
+_REGULAR = (b"0", b"\0", b"7")  # regular files (tarfile's REGULAR_TYPES less GNU sparse, refused below)
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: their size field is ignored
+_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL = b"L", b"K", b"x", b"g"
+
+
+class _Blocks:
+    """Exact byte ranges of a stream read in 64 KB chunks (a tar's members are mostly small: one read per chunk,
+    not three per member); `offset` counts the bytes handed out."""
+
+    def __init__(self, stream):
+        self.stream, self.buf, self.pos, self.offset = stream, b"", 0, 0
+
+    def take(self, n: int) -> bytes:
+        """The next n bytes, fewer only where the stream ends."""
+        end = self.pos + n
+        if end <= len(self.buf):
+            out, self.pos = self.buf[self.pos:end], end
+        else:
+            parts, need = [self.buf[self.pos:]], n - (len(self.buf) - self.pos)
+            self.buf, self.pos = b"", 0
+            while need > 0:
+                data = self.stream.read(max(need, _CHUNK))
+                if not data:
+                    break
+                parts.append(data[:need])
+                if len(data) > need:
+                    self.buf = data[need:]
+                need -= len(data)
+            out = b"".join(parts)
+        self.offset += len(out)
+        return out
+
+    def peek(self, n: int) -> bytes:
+        """The next (up to) n bytes, without consuming them."""
+        data = self.take(n)
+        self.buf, self.pos, self.offset = data + self.buf[self.pos:], 0, self.offset - len(data)
+        return data
+
+
+def _number(field: bytes) -> int:
+    """A tar header's numeric field: octal ASCII, or GNU's base-256 (first byte 0x80 or 0xff), as tarfile reads it."""
+    if field[:1] in (b"\x80", b"\xff"):
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[:1] == b"\xff" else value
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """POSIX: the unsigned byte sum of the header with its checksum field read as spaces; some old tars summed
+    signed bytes (tarfile accepts both)."""
+    try:
+        stored = _number(header[148:156])
+    except ValueError:
+        return False
+    unsigned = sum(header) - sum(header[148:156]) + 256
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in header[:148] + header[156:] if b >= 128)
+    return stored == unsigned - 256 * high
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """A pax extended header's "LENGTH KEY=VALUE\n" records."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _plain_tar_members(blocks: _Blocks, stream: "_TrackedStream", url: str) -> Iterator[dict]:
+    """(fname, data) of an uncompressed tar's regular files, reading the headers directly: Python's tarfile spends
+    about half of a small sample's reading time parsing headers. Ustar, GNU (long names) and pax (path, size)
+    headers, as tarfile reads them; a header that fails its checksum or does not parse is a damaged archive
+    (tarfile's `ReadError`), a zero block ends the archive, a member cut short is "unexpected end of data"."""
+    long_name, pax = None, {}
+    while True:
+        at = blocks.offset
+        header = blocks.take(_BLOCK)
+        if len(header) < _BLOCK or not header.strip(b"\0"):
+            break  # the end of the archive, or a cut inside a header (`shard_samples` checks completeness)
+        if not _checksum_ok(header):
+            raise tarfile.ReadError(f"damaged tar header at byte {at}: bad checksum")
+        kind = header[156:157]
+        try:
+            size = _number(header[124:136])
+        except ValueError:
+            raise tarfile.ReadError(f"damaged tar header at byte {at}: size field {header[124:136]!r}") from None
+        if "size" in pax:
+            size = int(pax["size"])
+        if size < 0:
+            raise tarfile.ReadError(f"damaged tar header at byte {at}: negative size {size}")
+        padded = -(-size // _BLOCK) * _BLOCK
+        if kind in (_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL):
+            data = blocks.take(padded)
+            if len(data) < padded:
+                raise tarfile.ReadError("unexpected end of data")
+            if kind == _LONG_NAME:
+                long_name = _text(data[:size])
+            elif kind == _PAX:
+                pax = _pax_records(data[:size])
+            continue  # a global pax header or a long link name changes nothing that is read here
+        name = long_name if long_name is not None else pax.get("path")
+        if name is None:
+            name, prefix = _text(header[:100]), _text(header[345:500])
+            name = f"{prefix}/{name}" if prefix else name
+        long_name, pax = None, {}
+        if kind == b"S":
+            raise tarfile.ReadError(f"GNU sparse member {name!r} at byte {at}: not supported in a shard")
+        if kind in _NO_DATA or (kind == b"\0" and name.endswith("/")):
+            continue  # no data follows (an old-style directory is a "regular file" named with a slash)
+        data = blocks.take(padded)
+        if len(data) < padded:
+            raise tarfile.ReadError("unexpected end of data")
+        if kind in _REGULAR and not _META.match(name):
+            yield {"fname": name, "data": data[:size], "__url__": url}
+    stream.drain()
+    if stream.last_data > at:
+        raise tarfile.ReadError(f"damaged tar header at byte {at}: the {stream.last_data - at} bytes after it "
+                                f"cannot be read")
 
 
 def _tar_members(stream: _TrackedStream, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """(fname, data) of a tar's regular files, as webdataset's tar_file_iterator gives them, keeping the TarFile
-    to check at the end that the archive did not stop at a damaged header with data after it."""
+    """(fname, data) of a tar's regular files, as webdataset's tar_file_iterator gives them (an uncompressed tar
+    read directly, `_plain_tar_members`; a compressed one through tarfile), checking at the end that the archive
+    did not stop at a damaged header with data after it."""
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
+        blocks = _Blocks(stream)
+        if not blocks.peek(6).startswith(_COMPRESSED):
+            yield from _plain_tar_members(blocks, stream, url)
+            return
+        tar = tarfile.open(fileobj=_Replay(blocks), mode="r|*")
         for info in tar:
             if not info.isreg() or _META.match(info.name):
                 continue
             yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
             tar.members = []  # a stream of millions of members would otherwise keep every TarInfo
         stream.drain()
-        if getattr(tar.fileobj, "comptype", "tar") == "tar" and stream.last_data > tar.offset:
-            raise tarfile.ReadError(f"damaged tar header at byte {tar.offset}: the {stream.last_data - tar.offset} "
-                                    f"bytes after it cannot be read")
     except Exception as exn:  # tarfile raises ReadError, EOFError, OSError... on damaged archives
         handler(exn)
+
+
+class _Replay:
+    """A file object over `_Blocks`: what was peeked, then the rest of the stream."""
+
+    def __init__(self, blocks: _Blocks):
+        self.blocks = blocks
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            parts = [self.blocks.take(_CHUNK)]
+            while parts[-1]:
+                parts.append(self.blocks.take(_CHUNK))
+            return b"".join(parts)
+        return self.blocks.take(n)
 
 
 def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterator[dict]:
