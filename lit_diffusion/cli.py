@@ -1,7 +1,7 @@
 """The one entry point, `lit-diffusion` (also `python -m lit_diffusion`, and the script `fabric run` launches).
 
 fit | validate | test    LightningCLI on a stage config (`--config configs/clip/shapes.yaml --trainer.max_steps 10`)
-data shapes | convert   make WebDataset shards (the embedded default data, or from your images)
+data shapes | moving-shapes | convert   make WebDataset shards (the embedded image or video data, or yours)
 data encode             latent shards: every image and caption through the frozen VAE and CLIP, once
 clip query              rank images for a caption with a CLIP checkpoint
 sample                  images from a latent-diffusion checkpoint (guidance, negative prompts, samplers)
@@ -56,6 +56,14 @@ def cmd_data_shapes(args) -> None:
     summary = write_shapes(args.out, train=args.train, val=args.val, size=args.size, shard_size=args.shard_size,
                            seed=args.seed, aspect_ratios=args.aspect_ratios, multiple=args.multiple)
     _print_json(summary)
+
+
+def cmd_data_moving_shapes(args) -> None:
+    from lit_diffusion.data.moving_shapes import write_moving_shapes
+
+    _print_json(write_moving_shapes(args.out, train=args.train, val=args.val, size=args.size, frames=args.frames,
+                                    shard_size=args.shard_size, seed=args.seed,
+                                    grow_probability=args.grow_probability))
 
 
 def cmd_data_convert(args) -> None:
@@ -174,6 +182,17 @@ def add_data(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_shapes)
+    p = data.add_parser("moving-shapes", help="draw the embedded video data: captioned clips of moving shapes")
+    p.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar and tokenizer.json")
+    p.add_argument("--train", type=int, default=5000, help="training clips")
+    p.add_argument("--val", type=int, default=500, help="validation clips")
+    p.add_argument("--size", type=int, default=32, help="frame side in pixels")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip")
+    p.add_argument("--grow-probability", type=float, default=0.0,
+                   help="chance that an object also grows (small to large) or shrinks over the clip")
+    p.add_argument("--shard-size", type=int, default=1000, help="clips per shard")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_moving_shapes)
     p = data.add_parser("convert", help="an image folder with .txt captions, or a CSV/JSONL of (path, caption)")
     p.add_argument("inputs", nargs="+", help="image folder(s), .csv or .jsonl files")
     p.add_argument("--out", required=True)

@@ -159,7 +159,7 @@ def test_rendered_pixels_follow_attributes(size):
 
 def test_write_shapes_refuses_foreign_shards(tmp_path):
     (tmp_path / "train-000000.tar").write_bytes(b"not ours")
-    with pytest.raises(ValueError, match="did not write"):
+    with pytest.raises(ValueError, match="not written as shapes data"):
         write_shapes(tmp_path, train=5, val=0, size=16)
 
 

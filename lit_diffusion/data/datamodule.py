@@ -119,6 +119,8 @@ class EpochLoader:
             if not on_device and "image" in batch:
                 batch = {**batch, "image": images_to_float(batch["image"]),
                          **({"size": torch.as_tensor(batch["size"])} if batch.get("size") is not None else {})}
+            elif not on_device and "video" in batch:
+                batch = {**batch, "video": images_to_float(batch["video"])}
             yield batch
 
     def _my_positions(self, consumed: int) -> dict:

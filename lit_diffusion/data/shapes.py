@@ -267,20 +267,21 @@ def shapes_sample(index: int, attrs: dict, size: int) -> dict:
     }
 
 
-def _remove_stale_shards(out_dir: Path) -> None:
-    """Old shards of a bigger run would be picked up by globs; delete them only if we wrote this directory."""
+def _remove_stale_shards(out_dir: Path, dataset: str = "shapes") -> None:
+    """Old shards of a bigger run would be picked up by globs; delete them only if we wrote this directory (its
+    info.json names `dataset`)."""
     stale = sorted(out_dir.glob("train-*.tar")) + sorted(out_dir.glob("val-*.tar"))
     if not stale:
         return
     info = out_dir / "info.json"
     try:
-        ours = json.loads(info.read_text()).get("dataset") == "shapes"
+        ours = json.loads(info.read_text()).get("dataset") == dataset
     except (OSError, ValueError):
         ours = False
     if not ours:
         raise ValueError(
-            f"{out_dir} already holds shards ({stale[0].name}, ...) that `write_shapes` did not write "
-            f"(no shapes {info.name}); choose an empty directory"
+            f"{out_dir} already holds shards ({stale[0].name}, ...) that were not written as {dataset} data "
+            f"(no {dataset} {info.name}); choose an empty directory"
         )
     for path in stale:
         path.unlink()

@@ -50,7 +50,9 @@ SKIP_REASONS = ("shard", "missing_image", "bad_image", "missing_caption", "bad_c
                 "missing_member", "bad_array",  # these two: latent shards (a missing .npy, a wrong shape/dtype)
                 # aspect buckets: an image smaller than its bucket (skipped, or upscaled and counted: `small`), and
                 # one whose aspect ratio is outside the buckets' range (cropped into the nearest bucket and counted)
-                "small_image", "aspect_cropped")
+                "small_image", "aspect_cropped",
+                # video shards (`data.video`): no clip member, a clip that does not decode, too few frames
+                "missing_video", "bad_video", "short_clip")
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "gcs://", "ais://", "hf://")
 _MAX_LOGGED_PER_PROCESS = 50  # after this, skips are still counted but logged only every 1000th
 _MAX_CONSECUTIVE_BAD = 10_000  # a resampled stream with no good sample in this many tries is misconfigured

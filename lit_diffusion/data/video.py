@@ -1,0 +1,208 @@
+"""Video-caption shards: clips decoded to a fixed number of frames at a fixed stride, and their DataModule.
+
+A sample holds one clip (`KEY.mp4`, `.webm`, `.mkv`, `.mov`, `.avi` as video2dataset writes them, decoded with
+PyAV, the optional `video` extra; or `KEY.apng` / `.gif`, decoded with PIL: the embedded moving-shapes data is
+animated PNG, lossless), `KEY.txt` and optionally `KEY.json`.
+
+`VideoDecoder` takes frames 0, s, 2s, ..., (T - 1) s (T = `num_frames`, s = `frame_stride`) from the clip's
+start; each frame is resized and centre-cropped to `image_size` as images are. What is wrong with a clip is
+skipped, named (shard and key) and counted like a bad image: no video member (`missing_video`), a file that does
+not decode or has no frames or frames of different sizes (`bad_video`), fewer than (T - 1) s + 1 frames
+(`short_clip`, unless `short: loop`, which plays the clip again from its start until there are enough), frames
+smaller than `image_size` with `small: skip` (`small_image`; `upscale`, the default, resizes them up).
+
+`VideoDataModule` batches: {"video": float [B, T, 3, S, S] in [-1, 1], "caption", "attrs", "key"}, with every
+guarantee of `ImageCaptionDataModule` (streamed, split by rank and worker, exactly-once validation, exact
+mid-epoch resume), since it runs the same streams with this decoder. An image is a one-frame video
+(`images_as_video`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image, ImageSequence
+
+from lit_diffusion.data.datamodule import _ShardDataModule
+from lit_diffusion.data.shards import (
+    INLINE_BATCH_BYTES,
+    BadSample,
+    decode_text,
+    images_to_float,
+    to_rgb,
+)
+
+PIL_VIDEO_EXTENSIONS = ("apng", "gif")
+AV_VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
+VIDEO_EXTENSIONS = PIL_VIDEO_EXTENSIONS + AV_VIDEO_EXTENSIONS
+SHORT_POLICIES = ("skip", "loop")
+
+
+def _pyav():
+    try:
+        import av
+    except ImportError:  # a configuration error, not a bad sample: stop, saying what to install
+        raise ImportError("reading .mp4/.webm/.mkv/.mov/.avi clips needs PyAV: pip install 'lit_diffusion[video]' "
+                          "(or `av`)") from None
+    return av
+
+
+def read_frames(data: bytes, ext: str, limit: int) -> list[Image.Image]:
+    """The clip's first `limit` frames (fewer if it has fewer) as RGB images."""
+    if ext in PIL_VIDEO_EXTENSIONS:
+        frames = []
+        with Image.open(io.BytesIO(data)) as clip:
+            for frame in ImageSequence.Iterator(clip):
+                frames.append(to_rgb(frame.copy()))
+                if len(frames) == limit:
+                    break
+        return frames
+    av = _pyav()
+    frames = []
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        for frame in container.decode(container.streams.video[0]):
+            frames.append(frame.to_image())  # RGB
+            if len(frames) == limit:
+                break
+    return frames
+
+
+def _square(frame: Image.Image, size: int) -> np.ndarray:
+    """Shorter side resized to `size` (bicubic), centre crop: uint8 [size, size, 3]."""
+    w, h = frame.size
+    if (w, h) != (size, size):
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        frame = frame.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    return np.asarray(frame)
+
+
+class VideoDecoder:
+    """Raw tar sample -> {"video": uint8 [T, 3, S, S], "caption", "attrs", "key"}; raises BadSample (see the module
+    docstring). Picklable, so DataLoader workers can run it."""
+
+    def __init__(self, image_size: int, num_frames: int, frame_stride: int = 1, short: str = "skip",
+                 small: str = "upscale"):
+        if num_frames < 1 or frame_stride < 1:
+            raise ValueError(f"num_frames={num_frames} and frame_stride={frame_stride} must be >= 1")
+        if short not in SHORT_POLICIES:
+            raise ValueError(f"short={short!r}: expected one of {SHORT_POLICIES}")
+        if small not in ("upscale", "skip"):
+            raise ValueError(f"small={small!r}: expected 'upscale' or 'skip'")
+        self.image_size, self.num_frames, self.frame_stride = image_size, num_frames, frame_stride
+        self.short, self.small = short, small
+
+    @property
+    def span(self) -> int:
+        """Frames of the source a clip covers: (T - 1) s + 1."""
+        return (self.num_frames - 1) * self.frame_stride + 1
+
+    def __call__(self, sample: dict, flip: bool = False) -> dict:
+        if flip:  # a mirrored clip moves the other way: its caption would be wrong
+            raise ValueError("random_flip mirrors a clip's motion (left <-> right) and would contradict its caption")
+        ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
+        if ext is None:
+            raise BadSample("missing_video", f"no video file (.{'/.'.join(VIDEO_EXTENSIONS)})")
+        caption, attrs = decode_text(sample)
+        try:
+            frames = read_frames(sample[ext], ext, self.span)
+        except ImportError:
+            raise
+        except Exception as exc:  # PIL and PyAV raise many types on damaged files
+            raise BadSample("bad_video", f".{ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
+        if not frames:
+            raise BadSample("bad_video", f".{ext} has no frames")
+        sizes = {frame.size for frame in frames}
+        if len(sizes) > 1:
+            raise BadSample("bad_video", f".{ext} frames differ in size: {sorted(sizes)}")
+        if len(frames) < self.span:
+            if self.short == "skip":
+                raise BadSample("short_clip", f".{ext} has {len(frames)} frames; {self.num_frames} frames at stride "
+                                              f"{self.frame_stride} need {self.span}")
+            frames = (frames * math.ceil(self.span / len(frames)))[:self.span]
+        w, h = frames[0].size
+        if min(w, h) < self.image_size and self.small == "skip":
+            raise BadSample("small_image", f".{ext} frames are {w}x{h}, smaller than {self.image_size} px")
+        picked = frames[::self.frame_stride][:self.num_frames]
+        video = np.stack([_square(frame, self.image_size) for frame in picked])  # [T, S, S, 3]
+        return {"video": torch.from_numpy(np.ascontiguousarray(video.transpose(0, 3, 1, 2))), "caption": caption,
+                "attrs": attrs, "key": sample["__key__"]}
+
+
+def collate_videos(samples: list[dict], as_float: bool = True) -> dict:
+    """Decoded clips -> {"video": [B, T, 3, S, S] float in [-1, 1] (uint8 without `as_float`; a numpy array
+    when small, handed over by value as image batches are), "caption", "attrs", "key"}."""
+    video = torch.stack([s["video"] for s in samples])
+    if as_float:
+        video = images_to_float(video)
+    elif video.nbytes < INLINE_BATCH_BYTES:
+        video = video.numpy()
+    return {"video": video, "caption": [s["caption"] for s in samples], "attrs": [s["attrs"] for s in samples],
+            "key": [s["key"] for s in samples]}
+
+
+def images_as_video(batch: dict) -> dict:
+    """An image batch as a batch of one-frame videos: "image" [B, 3, H, W] -> "video" [B, 1, 3, H, W]."""
+    out = {k: v for k, v in batch.items() if k != "image"}
+    out["video"] = torch.as_tensor(batch["image"]).unsqueeze(1)
+    return out
+
+
+class VideoDataModule(_ShardDataModule):
+    """Video-caption shards with the guarantees of `ImageCaptionDataModule` (see the module docstring)."""
+
+    def __init__(
+        self,
+        train_urls: str | list[str] | None = None,
+        val_urls: str | list[str] | None = None,
+        image_size: int = 32,
+        num_frames: int = 8,
+        frame_stride: int = 1,
+        short: str = "skip",
+        small: str = "upscale",
+        batch_size: int = 32,
+        num_workers: int = 2,
+        train_batches_per_epoch: int = 100,
+        shuffle_buffer: int = 1000,
+        val_max_samples: int | None = None,
+        seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int = 4,
+    ):
+        """
+        num_frames / frame_stride: frames per clip, and the step between them in the source (frames 0, s, 2s...).
+        short: a clip with fewer than (num_frames - 1) x frame_stride + 1 frames is skipped and counted ("skip")
+            or played again from its start ("loop").
+        small: frames smaller than image_size are resized up ("upscale") or the clip is skipped ("skip").
+        The rest as ImageCaptionDataModule's (no random_flip: a mirrored clip moves the other way).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.image_size = image_size
+        self.decoder = VideoDecoder(image_size, num_frames, frame_stride, short, small)  # checks the arguments
+        self._init_common(train_urls, val_urls, batch_size, num_workers, train_batches_per_epoch, shuffle_buffer,
+                          False, val_max_samples, seed, pin_memory, persistent_workers, prefetch_factor)
+
+    @property
+    def num_frames(self) -> int:
+        return self.decoder.num_frames
+
+    def _decode(self):
+        return self.decoder
+
+    def _collate(self, train: bool):
+        return partial(collate_videos, as_float=not train)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        # the clips only: captions and attributes stay on the host (see ImageCaptionDataModule)
+        if isinstance(batch, dict) and "video" in batch:
+            video = torch.as_tensor(batch["video"]).to(device, non_blocking=True)
+            return {**batch, "video": images_to_float(video) if video.dtype == torch.uint8 else video}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
