@@ -11,6 +11,16 @@ Same call as the U-Net: forward(x [B, C, H, W], t [B], cond: Conditioning) -> [B
 divisible by the patch: the sin-cos positions are computed for the grid at hand (optionally PixArt-alpha's
 base-size scaling: positions are counted in units of a `base_grid` x `base_grid` grid, so a model trained at one
 resolution sees the same range of positions at another); the objective (eps / v / x0 / velocity) is the stage's.
+
+Video (the latents of a clip, x [B, T, C, H, W]: the frames' latents, frame by frame): spatio-temporal patches
+("tubelets" of `temporal_patch` x p x p, ViViT / Open-Sora), each a token, with 3-D sin-cos positions: the 2-D
+embedding of its row and column plus a 1-D embedding of its frame, shifted to be zero at frame 0
+(`temporal_embedding`), so a one-frame video is exactly the image model's input (Open-Sora trains images as
+one-frame videos in the same network). Attention over space and time is `attention: full` (one self-attention
+over every token of the clip) or `factorised` (Latte / STDiT: each block's self-attention within each frame,
+then a temporal self-attention across the frames at each position, pre-norm, its output projection zero at
+initialisation, so the block starts as the image block; a one-frame video skips it). Images [B, C, H, W] still
+come and go with four dimensions.
 """
 
 from __future__ import annotations
@@ -57,6 +67,8 @@ class DiTConfig:
     image_embedding_dim: int | None = None  # unCLIP's decoder: width of the CLIP image embedding (cond.image_embedding)
     image_tokens: int = 4  # the context tokens it is projected into (DALL-E 2: 4), besides the conditioning vector
     frequency_dim: int = 256  # width of the sinusoidal timestep features fed to the timestep MLP
+    temporal_patch: int = 1  # frames per token of a video latent [B, T, C, H, W] (a tubelet: temporal_patch x p x p)
+    attention: str = "full"  # video: "full" space-time self-attention, or "factorised" (spatial, then temporal)
     use_checkpoint: bool = False  # gradient checkpointing of every block (torch.utils.checkpoint) when training
 
     def __post_init__(self):
@@ -66,6 +78,13 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.joint_attention and not self.context_dim:
             raise ValueError("DiTConfig.joint_attention needs a context_dim (the text stream's input width)")
+        if self.temporal_patch < 1:
+            raise ValueError(f"DiTConfig.temporal_patch must be >= 1, got {self.temporal_patch}")
+        if self.attention not in ("full", "factorised"):
+            raise ValueError(f"DiTConfig.attention must be 'full' or 'factorised', got {self.attention!r}")
+        if self.attention == "factorised" and self.joint_attention:
+            raise ValueError("DiTConfig.attention 'factorised' is built on the cross-attention block, not "
+                             "joint_attention")
 
     @staticmethod
     def parse_strings(d: dict | None) -> dict:
@@ -117,6 +136,29 @@ def unpatchify(x: Tensor, p: int, h: int, w: int) -> Tensor:
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, -1, h * p, w * p)
 
 
+def patchify_video(x: Tensor, tp: int, p: int) -> Tensor:
+    """[B, T, C, H, W] -> [B, (T/tp)(H/p)(W/p), tp*p*p*C]: tubelets in (frame, row, column) order, each flattened as
+    (frame in tubelet, row in patch, column, channel); with tp = 1 and T = 1, `patchify` of the frame."""
+    b, t, c, h, w = x.shape
+    x = x.reshape(b, t // tp, tp, c, h // p, p, w // p, p)
+    return torch.einsum("nfschpwq->nfhwspqc", x).reshape(b, (t // tp) * (h // p) * (w // p), tp * p * p * c)
+
+
+def unpatchify_video(x: Tensor, tp: int, p: int, f: int, h: int, w: int) -> Tensor:
+    """The inverse of `patchify_video`: [B, f*h*w, tp*p*p*C] on an f x h x w grid -> [B, f*tp, C, h*p, w*p]."""
+    b = x.shape[0]
+    x = x.reshape(b, f, h, w, tp, p, p, -1)
+    return torch.einsum("nfhwspqc->nfschpwq", x).reshape(b, f * tp, -1, h * p, w * p)
+
+
+def temporal_embedding(frames: int, dim: int, device=None) -> Tensor:
+    """Sin-cos embedding of frame indices [frames, dim], minus frame 0's: zero at the first frame, so that the 3-D
+    positions of a one-frame video are the 2-D positions of an image (a constant shift of every frame's, which the
+    first layer absorbs: the differences between frames, which attention reads, are the usual sin-cos ones)."""
+    f = torch.arange(frames, device=device)
+    return timestep_embedding(f, dim) - timestep_embedding(torch.zeros_like(f), dim)
+
+
 def mlp(dim: int, ratio: float) -> nn.Sequential:
     """The transformer MLP of DiT (timm's Mlp with tanh-approximated GELU)."""
     hidden = int(dim * ratio)
@@ -162,6 +204,32 @@ class DiTBlock(nn.Module):
         # x [B, N, D] image tokens, c [B, D] conditioning, context [B, L, W] text tokens, mask [B, L]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, mask)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FactorisedDiTBlock(DiTBlock):
+    """Latte / STDiT's space-time block: the DiT block's self-attention runs within each frame, then a temporal
+    self-attention across the frames at each spatial position (pre-norm, ungated, its output projection zero at
+    initialisation: the block starts as the image block), then the cross-attention and the MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, context_dim: int | None):
+        super().__init__(dim, heads, mlp_ratio, context_dim)
+        self.norm_temporal = nn.LayerNorm(dim, eps=1e-6)
+        self.temporal_attn = Attention(dim, heads=heads, qkv_bias=True)
+
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None, mask: Tensor | None,
+                frames: int = 1) -> Tensor:
+        # x [B, f*n, D] tokens of f frames of n positions each
+        b, fn, d = x.shape
+        n = fn // frames
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift_msa, scale_msa).reshape(b * frames, n, d)  # each frame on its own
+        x = x + gate_msa[:, None] * self.attn(h).reshape(b, fn, d)
+        if frames > 1:
+            h = self.norm_temporal(x).reshape(b, frames, n, d).transpose(1, 2).reshape(b * n, frames, d)
+            x = x + self.temporal_attn(h).reshape(b, n, frames, d).transpose(1, 2).reshape(b, fn, d)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -244,7 +312,8 @@ class DiT(nn.Module):
             config = DiTConfig.from_dict(config)
         self.config = c = config
         d, p = c.hidden_size, c.patch_size
-        self.x_embedder = nn.Linear(p * p * c.in_channels, d)  # = DiT's stride-p conv on the patchified latent
+        # = DiT's stride-p conv on the patchified latent (a tubelet's temporal_patch frames: a stride-(tp, p, p) conv)
+        self.x_embedder = nn.Linear(c.temporal_patch * p * p * c.in_channels, d)
         self.t_embedder = TimestepEmbedder(d, c.frequency_dim)
         self.pooled_embedder = (nn.Sequential(nn.Linear(c.pooled_dim, d), nn.SiLU(), nn.Linear(d, d))
                                 if c.pooled_dim else None)
@@ -256,8 +325,9 @@ class DiT(nn.Module):
             self.blocks = nn.ModuleList(JointBlock(d, c.num_heads, c.mlp_ratio, pre_only=i == c.depth - 1)
                                         for i in range(c.depth))
         else:
-            self.blocks = nn.ModuleList(DiTBlock(d, c.num_heads, c.mlp_ratio, c.context_dim) for _ in range(c.depth))
-        self.final_layer = FinalLayer(d, p, c.out_channels)
+            block = FactorisedDiTBlock if c.attention == "factorised" else DiTBlock
+            self.blocks = nn.ModuleList(block(d, c.num_heads, c.mlp_ratio, c.context_dim) for _ in range(c.depth))
+        self.final_layer = FinalLayer(d, p, c.out_channels * c.temporal_patch)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -283,6 +353,8 @@ class DiT(nn.Module):
                 zero.append(block.adaLN_modulation[-1])
                 if block.cross_attn is not None:
                     zero.append(block.cross_attn.to_out[0])
+                if isinstance(block, FactorisedDiTBlock):
+                    zero.append(block.temporal_attn.to_out[0])
         for layer in zero:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -293,19 +365,30 @@ class DiT(nn.Module):
         return block(*args)
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """x [B, C, H, W] (an image's latent) or [B, T, C, H, W] (a clip's) -> the prediction, of x's shape."""
         cond = cond if cond is not None else Conditioning()
-        c, p = self.config, self.config.patch_size
-        b, ch_in, height, width = x.shape
+        c, p, tp = self.config, self.config.patch_size, self.config.temporal_patch
+        video = x.ndim == 5
+        if x.ndim not in (4, 5):
+            raise ValueError(f"DiT expects a latent [B, C, H, W] or a clip's latents [B, T, C, H, W], got "
+                             f"{tuple(x.shape)}")
+        b, frames, ch_in, height, width = x.shape if video else (x.shape[0], 1, *x.shape[1:])
         if ch_in != c.in_channels:
             raise ValueError(f"DiT expects {c.in_channels} input channels, got {ch_in}")
         if height % p or width % p:
             raise ValueError(f"DiT input {height}x{width}: height and width must be multiples of patch_size {p}")
-        h, w = height // p, width // p
+        if frames % tp:
+            raise ValueError(f"DiT input of {frames} frames: the frame count must be a multiple of temporal_patch "
+                             f"{tp}")
+        f, h, w = frames // tp, height // p, width // p
 
-        tokens = self.x_embedder(patchify(x, p))  # [B, h*w, D]
+        tokens = self.x_embedder(patchify_video(x if video else x[:, None], tp, p))  # [B, f*h*w, D]
         if c.pos_embed:
             scale = None if c.base_grid is None else (c.base_grid / h, c.base_grid / w)
-            tokens = tokens + grid_embedding(h, w, c.hidden_size, x.device, scale).to(tokens.dtype)
+            pos = grid_embedding(h, w, c.hidden_size, x.device, scale)  # [h*w, D]
+            if f > 1:
+                pos = (temporal_embedding(f, c.hidden_size, x.device)[:, None] + pos).flatten(0, 1)  # [f*h*w, D]
+            tokens = tokens + pos.to(tokens.dtype)
 
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -327,7 +410,11 @@ class DiT(nn.Module):
             text = self.context_embedder(context)  # [B, L, D]
             for block in self.blocks:
                 tokens, text = self._run(block, tokens, text, emb, context_mask)
+        elif c.attention == "factorised":
+            for block in self.blocks:
+                tokens = self._run(block, tokens, emb, context, context_mask, f)
         else:
             for block in self.blocks:
                 tokens = self._run(block, tokens, emb, context, context_mask)
-        return unpatchify(self.final_layer(tokens, emb), p, h, w)  # [B, C_out, H, W]
+        out = unpatchify_video(self.final_layer(tokens, emb), tp, p, f, h, w)  # [B, T, C_out, H, W]
+        return out if video else out[:, 0]
