@@ -135,16 +135,23 @@ class VideoDecoder:
                 "attrs": attrs, "key": sample["__key__"]}
 
 
-def collate_videos(samples: list[dict], as_float: bool = True) -> dict:
+def collate_videos(samples: list[dict], as_float: bool = True, as_images: bool = False) -> dict:
     """Decoded clips -> {"video": [B, T, 3, S, S] float in [-1, 1] (uint8 without `as_float`; a numpy array
-    when small, handed over by value as image batches are), "caption", "attrs", "key"}."""
+    when small, handed over by value as image batches are), "caption", "attrs", "key"}; `as_images`: their frames
+    as an image batch, {"image": [B * T, 3, S, S], ...}, each clip's caption, attributes and key once per frame."""
+    key = "image" if as_images else "video"
     video = torch.stack([s["video"] for s in samples])
+    frames = video.shape[1]
+    if as_images:
+        video = video.flatten(0, 1)
     if as_float:
         video = images_to_float(video)
     elif video.nbytes < INLINE_BATCH_BYTES:
         video = video.numpy()
-    return {"video": video, "caption": [s["caption"] for s in samples], "attrs": [s["attrs"] for s in samples],
-            "key": [s["key"] for s in samples]}
+    repeat = frames if as_images else 1
+    return {key: video, "caption": [s["caption"] for s in samples for _ in range(repeat)],
+            "attrs": [s["attrs"] for s in samples for _ in range(repeat)],
+            "key": [s["key"] for s in samples for _ in range(repeat)]}
 
 
 def images_as_video(batch: dict) -> dict:
@@ -175,8 +182,11 @@ class VideoDataModule(_ShardDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         prefetch_factor: int = 4,
+        as_images: bool = False,
     ):
         """
+        as_images: batches of the clips' frames as images ({"image": [batch_size * num_frames, 3, S, S], ...}), to
+            train an image model (the VAE) on the frames of the same shards.
         num_frames / frame_stride: frames per clip, and the step between them in the source (frames 0, s, 2s...).
         short: a clip with fewer than (num_frames - 1) x frame_stride + 1 frames is skipped and counted ("skip")
             or played again from its start ("loop").
@@ -187,6 +197,7 @@ class VideoDataModule(_ShardDataModule):
         self.save_hyperparameters()
         self.image_size = image_size
         self.decoder = VideoDecoder(image_size, num_frames, frame_stride, short, small)  # checks the arguments
+        self.as_images = as_images
         self._init_common(train_urls, val_urls, batch_size, num_workers, train_batches_per_epoch, shuffle_buffer,
                           False, val_max_samples, seed, pin_memory, persistent_workers, prefetch_factor)
 
@@ -198,11 +209,12 @@ class VideoDataModule(_ShardDataModule):
         return self.decoder
 
     def _collate(self, train: bool):
-        return partial(collate_videos, as_float=not train)
+        return partial(collate_videos, as_float=not train, as_images=self.as_images)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         # the clips only: captions and attributes stay on the host (see ImageCaptionDataModule)
-        if isinstance(batch, dict) and "video" in batch:
-            video = torch.as_tensor(batch["video"]).to(device, non_blocking=True)
-            return {**batch, "video": images_to_float(video) if video.dtype == torch.uint8 else video}
+        key = "image" if self.as_images else "video"
+        if isinstance(batch, dict) and key in batch:
+            video = torch.as_tensor(batch[key]).to(device, non_blocking=True)
+            return {**batch, key: images_to_float(video) if video.dtype == torch.uint8 else video}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)

@@ -52,6 +52,7 @@ class LatentDiffusionModule(Stage):
         vae_ckpt: str | None = None,
         init_from: str | None = None,
         image_size: int = 32,
+        frames: int = 1,
         unet: dict | None = None,
         dit: dict | None = None,
         pooled_text: bool = False,
@@ -86,6 +87,10 @@ class LatentDiffusionModule(Stage):
             init_from: an earlier ldm checkpoint (e.g. a phase at a lower resolution) whose denoiser weights start
                 this run; its frozen CLIP and VAE must be these. Not a hyper-parameter (see `load_denoiser`).
             image_size: pixel size of the training images; latents are image_size // VAE factor.
+            frames: a video model's clip length (frames it samples; 1: an image model). Clips (batches with
+                "video" [B, T, 3, H, W], `data.video.VideoDataModule`) go through the frozen VAE frame by frame, to
+                latents [B, T, C, h, w], and only the DiT takes them (spatio-temporal patches, `dit.temporal_patch`
+                and `dit.attention`); image batches still train it as one-frame videos.
             unet: UNetConfig fields; in/out channels and context width default to the VAE's and CLIP's.
             dit: DiTConfig fields (or `preset: B/2` and overrides) instead of `unet`: a transformer over latent
                 patches (models/dit.py). Give one of the two; neither means a default U-Net.
@@ -137,6 +142,14 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"model.init_args.condition: {condition!r} is not one of {CONDITIONS}")
         if not 0.0 <= p_uncond_image < 1.0:
             raise ValueError(f"model.init_args.p_uncond_image must be in [0, 1), got {p_uncond_image}")
+        if frames < 1:
+            raise ValueError(f"model.init_args.frames must be >= 1, got {frames}")
+        if frames > 1 and not dit:
+            raise ValueError(f"model.init_args.frames = {frames}: a video model is the DiT over spatio-temporal "
+                             f"patches (model.init_args.dit); the U-Net takes images only")
+        if frames > 1 and condition != "text":
+            raise ValueError(f"model.init_args.frames = {frames} with condition {condition!r}: video models are "
+                             f"conditioned on text only")
         try:
             samplers.check_sampler(sampler, objective)
         except ValueError as err:
@@ -409,8 +422,8 @@ class LatentDiffusionModule(Stage):
     def _check_latent_shape(self, z: Tensor, what: str) -> None:
         """Square data: the latents must be the size `image_size` says. Bucketed data (a data module with
         `buckets`): any size the denoiser takes, which it checks itself, naming the sizes it can take."""
-        if z.shape[1] != self.latent_channels:
-            raise ValueError(f"{what}: latents with {z.shape[1]} channels, the stage's VAE has {self.latent_channels}")
+        if z.shape[-3] != self.latent_channels:
+            raise ValueError(f"{what}: latents with {z.shape[-3]} channels, the stage's VAE has {self.latent_channels}")
         if not self._bucketed and tuple(z.shape[-2:]) != (self.latent_size, self.latent_size):
             raise ValueError(f"{what} gives {z.shape[-2]}x{z.shape[-1]} latents, but model.init_args.image_size="
                              f"{self.hparams.image_size} expects {self.latent_size}x{self.latent_size} (for several "
@@ -426,7 +439,15 @@ class LatentDiffusionModule(Stage):
         return torch.as_tensor(batch["size"], device=self.device).float()  # train workers hand it over as numpy
 
     def _encode_batch(self, batch: dict, sample: bool = False) -> tuple[Tensor, Conditioning]:
-        """An image batch through the frozen VAE and CLIP: latents and caption encodings."""
+        """An image batch through the frozen VAE and CLIP: latents and caption encodings; a clip batch ("video"
+        [B, T, 3, H, W]) through the VAE frame by frame, to [B, T, C, h, w]."""
+        if "video" in batch:
+            video = batch["video"]
+            if self.hparams.frames == 1:
+                raise ValueError("a batch of clips ('video'), but model.init_args.frames is 1: an image model")
+            z = self.encode_images(video.flatten(0, 1), sample=sample).unflatten(0, video.shape[:2])
+            self._check_latent_shape(z, f"data clips of {video.shape[-2]}x{video.shape[-1]} px")
+            return z, self.encode_prompts(list(batch["caption"])).replace(size=self._size_condition(batch))
         images = batch["image"]
         z = self.encode_images(images, sample=sample)
         self._check_latent_shape(z, f"data images of {images.shape[-2]}x{images.shape[-1]} px")
@@ -548,8 +569,10 @@ class LatentDiffusionModule(Stage):
         width: int | None = None,
         image_embeddings: Tensor | None = None,
         x_T: Tensor | None = None,
+        frames: int | None = None,
     ) -> Tensor:
-        """Images [B, 3, height, width] in [0, 1] for `prompts` (default: the square `image_size`).
+        """Images [B, 3, height, width] in [0, 1] for `prompts` (default: the square `image_size`); a video model's
+        clips [B, T, 3, height, width], T = `frames` (default: the model's `frames`; 1 gives images).
 
         `seed`: one int for the batch, or one per prompt; with per-prompt seeds a sample's starting noise does not
         depend on which other prompts share its batch, so deterministic samplers (ddim with eta=0, dpmpp_2m)
@@ -560,7 +583,8 @@ class LatentDiffusionModule(Stage):
         `image_embeddings` [B, E] (or one [E] for all): unCLIP's decoder's condition, CLIP image embeddings from a
         prior, an image or an interpolation (`condition` other than text); guidance's unconditional branch has none
         (the learned null embedding) beside the empty or negative caption.
-        `x_T`: the starting latents [B, C, h, w] instead of seeded noise (an inverted image, `invert`).
+        `x_T`: the starting latents [B, C, h, w] (a clip's [B, T, C, h, w]) instead of seeded noise (an inverted
+        image, `invert`).
         """
         h = self.hparams
         guidance = h.guidance if guidance is None else float(guidance)
@@ -577,7 +601,11 @@ class LatentDiffusionModule(Stage):
         b = len(prompts)
         cond, uncond, (lh, lw) = self.sampling_conditions(prompts, negative_prompts, image_embeddings, height, width)
         schedule = self.schedule_for(lh, lw)
-        shape = (b, self.latent_channels, lh, lw)
+        frames = h.frames if frames is None else int(frames)
+        if frames < 1 or (frames > 1 and h.frames == 1):
+            raise ValueError(f"frames={frames}: this is an image model (model.init_args.frames 1)" if frames > 1
+                             else f"frames={frames} must be >= 1")
+        shape = (b, self.latent_channels, lh, lw) if frames == 1 else (b, frames, self.latent_channels, lh, lw)
         if x_T is not None:
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
@@ -604,7 +632,7 @@ class LatentDiffusionModule(Stage):
             z = samplers.sample(sampler, model_fn, schedule, shape, **kwargs)
             if return_latents:
                 return z
-            images = self.vae.decode(z)
+            images = self.vae.decode(z.flatten(0, 1)).unflatten(0, z.shape[:2]) if z.ndim == 5 else self.vae.decode(z)
         return ((images.float() + 1) / 2).clamp(0, 1)
 
 

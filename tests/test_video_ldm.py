@@ -1,0 +1,88 @@
+"""The diffusion stage on clips: a DiT over spatio-temporal patches trains on VideoDataModule batches (each clip
+through the frozen image VAE frame by frame), samples clips with guidance and a negative prompt, and a checkpoint
+samples on its own; what cannot work is refused by name. The VAE trains on the clips' frames (`as_images`)."""
+
+import pytest
+import torch
+from conftest import TINY_DIT, TINY_UNET, TINY_VAE, _fit
+
+from lit_diffusion.data.moving_shapes import write_moving_shapes
+from lit_diffusion.data.video import VideoDataModule
+from lit_diffusion.stages.ldm import LatentDiffusionModule
+from lit_diffusion.stages.vae import VAEModule
+
+FRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video_ldm")
+    write_moving_shapes(root, train=48, val=8, size=16, frames=FRAMES, shard_size=24)
+    return root
+
+
+def _data(clips, **kw):
+    return VideoDataModule(train_urls=str(clips / "train-*.tar"), val_urls=str(clips / "val-*.tar"), image_size=16,
+                           num_frames=FRAMES, batch_size=4, num_workers=0, train_batches_per_epoch=3, **kw)
+
+
+def _video_ldm(tiny_ckpts, **kw):
+    torch.manual_seed(0)
+    dit = {**TINY_DIT, "temporal_patch": 2, **kw.pop("dit", {})}
+    return LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]), image_size=16,
+                                 frames=FRAMES, dit=dit, objective="flow", sampler="euler", sample_steps=3,
+                                 warmup_steps=0, **kw)
+
+
+def test_the_vae_trains_on_the_frames_of_clips(clips, tmp_path):
+    data = _data(clips, as_images=True)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (4 * FRAMES, 3, 16, 16) and len(batch["caption"]) == 4 * FRAMES
+    assert batch["key"][:FRAMES] == [batch["key"][0]] * FRAMES
+    vae = VAEModule(**TINY_VAE)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    _fit(vae, data, 2, tmp_path)
+    assert any(not torch.equal(before[k], v) for k, v in vae.state_dict().items())
+
+
+@pytest.mark.parametrize("attention", ["full", "factorised"])
+def test_a_video_dit_trains_on_clips_and_samples_clips(clips, tiny_ckpts, tmp_path, attention):
+    module = _video_ldm(tiny_ckpts, dit={"attention": attention})
+    trainer = _fit(module, _data(clips), 3, tmp_path)
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["val/loss"])
+    # a clip's latents are its frames' latents, through the image VAE one frame at a time
+    batch = next(iter(_data(clips).val_dataloader()))
+    z, _ = module._encode_batch(batch)
+    assert z.shape == (4, FRAMES, module.latent_channels, module.latent_size, module.latent_size)
+    assert torch.allclose(z[1, 2], module.encode_images(batch["video"][1, 2:3])[0], atol=1e-5)
+
+    clip = module.sample(["a small red circle moving left"], guidance=3.0, negative_prompts="a blue square",
+                         seed=[7])
+    assert clip.shape == (1, FRAMES, 3, 16, 16) and 0 <= clip.min() and clip.max() <= 1
+    latents = module.sample(["a small red circle moving left"], guidance=3.0, negative_prompts="a blue square",
+                            seed=[7], return_latents=True)
+    decoded = (module.vae.decode(latents[0]).float() + 1) / 2
+    assert torch.allclose(clip[0], decoded.clamp(0, 1), atol=1e-5)
+
+    trainer.save_checkpoint(tmp_path / "ldm.ckpt")
+    loaded = LatentDiffusionModule.from_checkpoint(tmp_path / "ldm.ckpt")
+    assert loaded.hparams.frames == FRAMES
+    again = loaded.sample(["a small red circle moving left"], guidance=3.0, negative_prompts="a blue square",
+                          seed=[7])
+    assert torch.allclose(again, clip, atol=1e-5)
+
+
+def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts):
+    with pytest.raises(ValueError, match="frames = 4: a video model is the DiT"):
+        LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]), image_size=16,
+                              frames=4, unet=TINY_UNET)
+    image_model = LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]),
+                                        image_size=16, dit=TINY_DIT, objective="flow", sampler="euler")
+    with pytest.raises(ValueError, match="frames=4: this is an image model"):
+        image_model.sample(["a red circle"], frames=4, steps=1)
+    batch = next(iter(_data(clips).val_dataloader()))
+    with pytest.raises(ValueError, match="a batch of clips .'video'., but model.init_args.frames is 1"):
+        image_model.model_step(batch, train=False)
+    video_model = _video_ldm(tiny_ckpts)
+    with pytest.raises(ValueError, match="3 frames: the frame count must be a multiple of temporal_patch 2"):
+        video_model.sample(["a red circle"], frames=3, steps=1)
