@@ -113,8 +113,10 @@ def clip_attrs(rng: random.Random | int, image_size: int = 32, frames: int = 8, 
         colors = rng.sample(list(COLORS), 2)
         for _ in range(_PLACE_TRIES):
             objects = [_object(rng, c, grow_probability) for c in colors]
-            if sum(SIZES[o["size"]] + SIZES[o.get("end_size", o["size"])] > 0.4 for o in objects) > 1:
-                continue  # two objects that are large at some time rarely fit past each other: redraw
+            if all("large" in (o["size"], o.get("end_size")) for o in objects):
+                # two objects large at some time rarely fit past each other: the second stays small
+                objects[1] = {k: v for k, v in objects[1].items() if k not in ("scale", "end_size")}
+                objects[1]["size"] = "small"
             for obj in objects:
                 _place(rng, obj)
             if _apart(*objects, frames):
