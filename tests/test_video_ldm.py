@@ -86,3 +86,28 @@ def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts):
     video_model = _video_ldm(tiny_ckpts)
     with pytest.raises(ValueError, match="3 frames: the frame count must be a multiple of temporal_patch 2"):
         video_model.sample(["a red circle"], frames=3, steps=1)
+
+
+def test_a_video_model_draws_an_animated_grid(clips, tiny_ckpts, tmp_path):
+    """SampleGrid on a video model: a PNG whose cells are the clips' frames side by side and an animated GIF with one
+    labelled grid per frame."""
+    from PIL import Image
+
+    from lit_diffusion.callbacks.sample_grid import SampleGrid
+    from lit_diffusion.evaluation.plots import frame_strip
+
+    module = _video_ldm(tiny_ckpts)
+    grid = SampleGrid(prompts=["a small red circle moving left"], guidance=[1.0, 3.0], negative_prompt="a circle",
+                      steps=2)
+    trainer = _fit(module, _data(clips), 1, tmp_path)
+    out = grid.draw(trainer, module)
+    assert out.suffix == ".png" and out.is_file()
+    gif = Image.open(out.with_suffix(".gif"))
+    assert gif.n_frames == FRAMES
+    rows, _ = grid.grid(module)
+    assert [tuple(r.shape) for r in rows] == [(2, FRAMES, 3, 16, 16)] * 2  # the prompt, then against the negative
+
+    clip = torch.rand(3, 3, 4, 5)
+    strip = frame_strip(clip, gap=1)
+    assert strip.shape == (3, 4, 3 * 5 + 2)
+    assert torch.equal(strip[:, :, 6:11], clip[1]) and torch.equal(strip[:, :, 5], torch.ones(3, 4))

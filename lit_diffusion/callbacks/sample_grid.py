@@ -1,5 +1,7 @@
 """Sample grids during training: fixed prompts (rows) x guidance scales (columns), fixed seeds, with captions;
-with `aspect_ratios`, each ratio's guidance columns side by side (one grid of mixed sizes, `plots.grid_cells`)."""
+with `aspect_ratios`, each ratio's guidance columns side by side (one grid of mixed sizes, `plots.grid_cells`).
+A video model's grid is an animated GIF beside a PNG of each clip's frames side by side (`plots.save_video_grid`),
+logged to W&B as a video."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lit_diffusion.callbacks.ema import averaged_weights
 from lit_diffusion.data.shapes import ASPECT_RATIOS, parse_aspect_ratios
 from lit_diffusion.evaluation.evaluator import AspectRatioError, sample_size
-from lit_diffusion.evaluation.plots import save_grid
+from lit_diffusion.evaluation.plots import save_grid, save_video_grid
 
 
 class SampleGrid(L.Callback):
@@ -80,11 +82,18 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return None
         out = Path(trainer.default_root_dir) / "media" / f"samples_step{trainer.global_step:07d}.png"
-        save_grid(rows, labels, out, col_titles=self.col_titles(), title=f"step {trainer.global_step}")
+        title = f"step {trainer.global_step}"
+        if isinstance(rows[0], torch.Tensor) and rows[0].ndim == 5:  # clips [n_cols, T, 3, H, W]
+            out, gif = save_video_grid(rows, labels, out, col_titles=self.col_titles(), title=title)
+        else:
+            gif = None
+            save_grid(rows, labels, out, col_titles=self.col_titles(), title=title)
         self.written.append(out)
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger):
                 lg.log_image(key="samples/grid", images=[str(out)], step=trainer.global_step)
+                if gif is not None:
+                    lg.log_video(key="samples/video", videos=[str(gif)], step=trainer.global_step)
         return out
 
     def col_titles(self) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -12,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def _save(fig, out: str | Path) -> Path:
@@ -71,6 +73,35 @@ def save_grid(rows: Sequence[torch.Tensor | Sequence[torch.Tensor]], row_labels:
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, out)
+
+
+def frame_strip(clip: torch.Tensor, gap: int = 1, pad_value: float = 1.0) -> torch.Tensor:
+    """A clip [T, 3, H, W] as one image [3, H, T * W + (T - 1) * gap]: its frames left to right."""
+    t, c, h, w = clip.shape
+    strip = torch.full((c, h, t * w + (t - 1) * gap), pad_value, dtype=clip.dtype)
+    for i in range(t):
+        strip[:, :, i * (w + gap): i * (w + gap) + w] = clip[i]
+    return strip
+
+
+def save_video_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str], out: str | Path,
+                    col_titles: Sequence[str] | None = None, title: str | None = None, fps: int = 4) -> list[Path]:
+    """rows: each [n_cols, T, 3, H, W] clips in [0, 1]. Writes `out` (a PNG: every cell the clip's frames side by
+    side, for a README or a report) and the same path with `.gif` (an animated grid, labelled as `save_grid`'s,
+    looping at `fps`); returns both paths."""
+    out = Path(out)
+    strips = [[frame_strip(clip) for clip in row] for row in rows]
+    paths = [save_grid(strips, row_labels, out, col_titles=col_titles, title=title)]
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in range(rows[0].shape[1]):
+            frame_title = f"{title}, frame {t + 1}" if title else f"frame {t + 1}"
+            path = save_grid([row[:, t] for row in rows], row_labels, Path(tmp) / f"{t}.png", col_titles=col_titles,
+                             title=frame_title)
+            frames.append(Image.open(path).convert("RGB"))
+    gif = out.with_suffix(".gif")
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0)
+    return [*paths, gif]
 
 
 def save_tradeoff(points: dict[str, list[tuple[float, float, float]]], out: str | Path,
