@@ -172,6 +172,11 @@ def _ensure_data(cfg: dict) -> dict:
                                   context_length=int(data.get("context_length", 77)))
         return {"train_urls": data["train_urls"], "val_urls": data.get("val_urls"), "tokenizer": tokenizer,
                 "made": False}
+    if data.get("dataset", "shapes") == "moving_shapes":
+        return _ensure_moving_shapes(data)
+    if data.get("dataset", "shapes") != "shapes":
+        raise ValueError(f"data.dataset: {data['dataset']!r} is not an embedded data set (shapes, moving_shapes); "
+                         f"give your own shards as data.train_urls and data.val_urls")
     out = Path(data.get("out", "data/shapes"))
     info = out / "info.json"
     from lit_diffusion.data.shapes import canvas_size, parse_aspect_ratios, write_shapes
@@ -195,6 +200,30 @@ def _ensure_data(cfg: dict) -> dict:
                  multiple=multiple)
     return {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
             "tokenizer": str(out / "tokenizer.json"), "made": True}
+
+
+def _ensure_moving_shapes(data: dict) -> dict:
+    """The embedded video data (`data: {dataset: moving_shapes, frames: 8, ...}`): drawn unless `out` holds it."""
+    from lit_diffusion.data.moving_shapes import write_moving_shapes
+
+    out = Path(data.get("out", "data/moving_shapes"))
+    wanted = {k: data.get(k, d) for k, d in (("train", 5000), ("val", 500), ("size", 32), ("seed", 0), ("frames", 8),
+                                              ("grow_probability", 0.0))}
+    urls = {"train_urls": str(out / "train-*.tar"), "val_urls": str(out / "val-*.tar"),
+            "tokenizer": str(out / "tokenizer.json")}
+    info = out / "info.json"
+    if info.is_file():
+        have = json.loads(info.read_text())
+        have = {**have.get("counts", {}), "size": have.get("image_size"),
+                **{k: have.get(k) for k in ("seed", "frames", "grow_probability")}}
+        if all(have.get(k) == v for k, v in wanted.items()):
+            log.info("data: using the moving-shapes shards in %s", out)
+            return {**urls, "made": False}
+    log.info("data: drawing %d + %d moving-shapes clips into %s", wanted["train"], wanted["val"], out)
+    write_moving_shapes(out, train=wanted["train"], val=wanted["val"], size=wanted["size"], frames=wanted["frames"],
+                        shard_size=data.get("shard_size", 1000), seed=wanted["seed"],
+                        grow_probability=wanted["grow_probability"])
+    return {**urls, "made": True}
 
 
 def place_given_checkpoints(cfg: dict, root: Path) -> None:
@@ -771,7 +800,9 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
 
 def sample_grid(cfg: dict, root: Path) -> str:
     from lit_diffusion.callbacks.sample_grid import SampleGrid
-    from lit_diffusion.evaluation.plots import save_grid
+    import torch
+
+    from lit_diffusion.evaluation.plots import save_grid, save_video_grid
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     spec = cfg.get("samples") or {}
@@ -786,5 +817,10 @@ def sample_grid(cfg: dict, root: Path) -> str:
                       steps=spec.get("steps"), seed=int(spec.get("seed", 0)),
                       aspect_ratios=spec.get("aspect_ratios", ("1:1",)))
     rows, labels = grid.grid(model)
-    out = save_grid(rows, labels, root / "samples.png", col_titles=grid.col_titles(), title="lit_diffusion samples")
+    if isinstance(rows[0], torch.Tensor) and rows[0].ndim == 5:  # a video model's clips: samples.png and .gif
+        out = save_video_grid(rows, labels, root / "samples.png", col_titles=grid.col_titles(),
+                              title="lit_diffusion samples")[0]
+    else:
+        out = save_grid(rows, labels, root / "samples.png", col_titles=grid.col_titles(),
+                        title="lit_diffusion samples")
     return str(out)

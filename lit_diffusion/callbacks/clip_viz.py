@@ -1,5 +1,8 @@
 """CLIP figures after each validation: the image-caption similarity matrix of a fixed val batch, and a retrieval
-grid (query captions, top-k images of a fixed val gallery). PNGs go to `<run dir>/media`; W&B gets them too."""
+grid (query captions, top-k images of a fixed val gallery). PNGs go to `<run dir>/media`; W&B gets them too.
+
+A video CLIP's val batches hold clips ("video" [B, T, 3, H, W]): they are embedded whole, and drawn as their first,
+middle and last frames side by side (one frame would not show which way anything moves)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,15 @@ from lit_diffusion.evaluation.plots import plt, save_grid
 
 def _run_dir(trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def still(x: torch.Tensor) -> torch.Tensor:
+    """An image [3, H, W] as it is; a clip [T, 3, H, W] as its first, middle and last frames side by side
+    [3, H, 3W] (fewer when it has fewer frames)."""
+    if x.dim() == 3:
+        return x
+    picks = sorted({0, (x.shape[0] - 1) // 2, x.shape[0] - 1})
+    return torch.cat([x[i] for i in picks], dim=-1)
 
 
 class CLIPVisualization(L.Callback):
@@ -41,7 +53,8 @@ class CLIPVisualization(L.Callback):
         # keep the first val images once: the val order is fixed, so every figure shows the same items
         if trainer.is_global_zero and dataloader_idx == 0 and self._collected() < self.gallery_size:
             need = self.gallery_size - self._collected()
-            self._images.append(batch["image"][:need].detach().float().cpu())
+            pixels = batch["video"] if "video" in batch else batch["image"]  # clips [B, T, 3, H, W] or images
+            self._images.append(pixels[:need].detach().float().cpu())
             self._captions.extend(list(batch["caption"][:need]))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -51,7 +64,7 @@ class CLIPVisualization(L.Callback):
             return
         # the bare module, not the DDP wrapper: no collective runs here, so rank zero alone is safe
         with torch.no_grad():
-            images = torch.cat(self._images)  # [G, 3, H, W] in [-1, 1]
+            images = torch.cat(self._images)  # [G, 3, H, W] (or clips [G, T, 3, H, W]) in [-1, 1]
             image_emb = torch.cat([pl_module.encode_image(images[i:i + 64]).float().cpu()
                                    for i in range(0, len(images), 64)])  # [G, E]
             n = min(self.num_images, len(images))
@@ -60,11 +73,12 @@ class CLIPVisualization(L.Callback):
             query_emb = pl_module.encode_text(pl_module.tokenize(queries))[1].float().cpu()  # [Q, E]
         step = trainer.global_step
         out = Path(self.out_dir) if self.out_dir else _run_dir(trainer) / "media"
-        sim_path = self.similarity_figure(image_emb[:n] @ text_emb.T, images[:n], self._captions[:n],
+        shown = torch.stack([still(x) for x in images])  # [G, 3, H, W'] what the figures draw
+        sim_path = self.similarity_figure(image_emb[:n] @ text_emb.T, shown[:n], self._captions[:n],
                                           out / f"clip_similarity_step{step:07d}.png", step)
         sims = query_emb @ image_emb.T  # [Q, G]
         top = sims.topk(min(self.top_k, len(images)), dim=1)
-        rows = [((images[idx] + 1) / 2).clamp(0, 1) for idx in top.indices]
+        rows = [((shown[idx] + 1) / 2).clamp(0, 1) for idx in top.indices]
         labels = [f"{q}\n(hits: {sum(self._captions[i] == q for i in idx.tolist())}/{len(idx)})"
                   for q, idx in zip(queries, top.indices)]
         grid_path = save_grid(rows, labels, out / f"clip_retrieval_step{step:07d}.png",
@@ -88,9 +102,11 @@ class CLIPVisualization(L.Callback):
         im = ax.imshow(sims.numpy(), cmap="viridis", vmin=-1, vmax=1)
         ax.set_xticks(range(n), [c for c in captions], rotation=60, ha="right", fontsize=6)
         ax.set_yticks(range(n), [""] * n)
+        zoom = 0.6
+        shift = -(images.shape[-1] * zoom / 2 + 4.4)  # the thumbnail's right edge just left of the matrix
         for i in range(n):
-            thumb = OffsetImage(((images[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy(), zoom=0.6)
-            ax.add_artist(AnnotationBbox(thumb, (0, i), xybox=(-14, 0), xycoords=("axes fraction", "data"),
+            thumb = OffsetImage(((images[i] + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy(), zoom=zoom)
+            ax.add_artist(AnnotationBbox(thumb, (0, i), xybox=(shift, 0), xycoords=("axes fraction", "data"),
                                          boxcoords="offset points", frameon=False, annotation_clip=False))
         for i in range(n):
             ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1))

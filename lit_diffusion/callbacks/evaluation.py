@@ -1,4 +1,6 @@
-"""In-loop evaluation of the diffusion stage: FID, CLIP score and caption accuracy every N steps and at the end.
+"""In-loop evaluation of the diffusion stage: FID, CLIP score and caption accuracy every N steps and at the end (a
+video model's: motion caption accuracy, CLIP score, per-frame FID and the clips' Frechet distance,
+`evaluation.video`).
 
 It runs on every rank (each generates for its share of the val stream) with the EMA weights when a
 `WeightAveraging` callback is present; the metrics are reduced across ranks, and only rank zero logs and writes.
@@ -19,6 +21,7 @@ import lightning as L
 
 from lit_diffusion.callbacks.ema import averaged_weights
 from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, eval_data_id, write_results
+from lit_diffusion.evaluation.video import VideoEvaluator
 
 log = logging.getLogger("lit_diffusion")
 
@@ -84,7 +87,9 @@ class DiffusionEvaluation(L.Callback):
             own = float(pl_module.hparams.guidance)
             if own not in self.config.guidance:
                 self.config.guidance = sorted([*self.config.guidance, own])
-            self.evaluator = Evaluator(self.config, pl_module.clip)
+            frames = int(getattr(pl_module.hparams, "frames", 1))
+            self.evaluator = (VideoEvaluator(self.config, pl_module.clip, frames) if frames > 1
+                              else Evaluator(self.config, pl_module.clip))
         with averaged_weights(trainer, pl_module) as model:
             results = self.evaluator.run(model, self._loader(), step=step)
         # the figures at the model's own sampling guidance, unsuffixed: what sweeps over `guidance` optimise

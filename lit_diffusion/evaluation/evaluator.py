@@ -607,10 +607,21 @@ def evaluate_checkpoint(ckpt: str | Path, data_urls, config: EvalConfig, out_dir
     prior = load_prior_for(model, ckpt, prior_ckpt, device) if prior_ckpt is not None else None
     size = image_size or int(model.hparams.image_size)
     config = replace(config, data_id=eval_data_id(data_urls), resolution=size)
-    dm = ImageCaptionDataModule(train_urls=None, val_urls=data_urls, image_size=size, batch_size=batch_size,
-                                num_workers=num_workers)
+    frames = int(getattr(model.hparams, "frames", 1))
+    if frames > 1:  # a video model: its val clips, the video metrics (`evaluation.video`)
+        from lit_diffusion.data.video import VideoDataModule
+        from lit_diffusion.evaluation.video import VideoEvaluator
+
+        dm = VideoDataModule(train_urls=None, val_urls=data_urls, image_size=size, num_frames=frames,
+                             batch_size=batch_size, num_workers=num_workers)
+        evaluator = VideoEvaluator(config, model.clip, frames)
+    else:
+        dm = ImageCaptionDataModule(train_urls=None, val_urls=data_urls, image_size=size, batch_size=batch_size,
+                                    num_workers=num_workers)
+        evaluator = Evaluator(config, model.clip)
     with torch.inference_mode():
-        results = Evaluator(config, model.clip).run(model, dm.eval_dataloader(config.num_samples), prior=prior)
+        loader = dm.eval_dataloader(config.num_samples)
+        results = evaluator.run(model, loader, prior=prior) if frames == 1 else evaluator.run(model, loader)
     paths = write_results(results, out_dir, None, config.backends, name=name)
     if config.save_images:
         paths["images"] = Path(config.save_images)

@@ -71,6 +71,24 @@ def _unclip_lines(unclip: dict, guidance, backends) -> list[str]:
     return lines
 
 
+def _video_lines(results: dict, guidance) -> list[str]:
+    """A video model's table: motion caption accuracy overall and by attribute and caption kind, CLIP score, FID
+    of single frames and the Frechet distance of the clips' video-CLIP embeddings."""
+    from lit_diffusion.metrics.motion_accuracy import ATTRIBUTES as MOTION
+
+    detail = (*KINDS, *MOTION)
+    header = ["guidance", "motion caption accuracy", *(k.replace("_", " ") for k in detail), "CLIP score",
+              "FID (frames)", "Frechet clip distance"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for g in guidance:
+        row = [f"{g:g}", _fmt(results.get(f"eval/motion_acc_g{g:.1f}")),
+               *(_fmt(results.get(f"eval_detail/motion_{k}_g{g:.1f}")) for k in detail),
+               _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/fid_frames_g{g:.1f}")),
+               _fmt(results.get(f"eval/fcd_g{g:.1f}"))]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, evaluation: dict, grid: str,
                  timings: dict) -> dict:
     results = evaluation["results"]
@@ -115,12 +133,15 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
     lines += ["", f"## Evaluation ({int(results.get('eval/num_samples', 0))} val captions, "
                   f"sampler {evaluation['config']['sampler'] or 'model default'}, "
                   f"{evaluation['config']['steps'] or 'default'} steps)", ""]
-    header = ["guidance", *[f"FID ({b})" for b in backends], "CLIP score", "caption accuracy"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for g in guidance:
-        row = [f"{g:g}", *[_fmt(results.get(f"eval/fid_{b}_g{g:.1f}")) for b in backends],
-               _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/caption_acc_g{g:.1f}"))]
-        lines.append("| " + " | ".join(row) + " |")
+    if any(f"eval/fcd_g{g:.1f}" in results for g in guidance):  # a video model (`evaluation.video`)
+        lines += _video_lines(results, guidance)
+    else:
+        header = ["guidance", *[f"FID ({b})" for b in backends], "CLIP score", "caption accuracy"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for g in guidance:
+            row = [f"{g:g}", *[_fmt(results.get(f"eval/fid_{b}_g{g:.1f}")) for b in backends],
+                   _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/caption_acc_g{g:.1f}"))]
+            lines.append("| " + " | ".join(row) + " |")
     detail = (*KINDS, *ATTRIBUTES)
     if any(f"eval_detail/caption_{k}_g{g:.1f}" in results for k in detail for g in guidance):
         lines += ["", "Caption accuracy by caption kind, and of each attribute over all captions:", "",

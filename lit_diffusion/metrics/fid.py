@@ -116,8 +116,9 @@ class FID(Metric):
         return self._extractor
 
     def _features(self, images: Tensor) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"FID.update expects images [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        if images.dim() not in (4, 5) or images.shape[-3] != 3:  # 5: clips [B, T, 3, H, W] for a clip extractor
+            raise ValueError(f"FID.update expects images [B, 3, H, W] (or clips [B, T, 3, H, W]) in [0, 1], got shape "
+                             f"{tuple(images.shape)}")
         param = next(iter(self._extractor.parameters()), None) if hasattr(self._extractor, "parameters") else None
         if param is not None and param.device != images.device:
             self._extractor.to(images.device)

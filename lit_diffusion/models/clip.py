@@ -2,6 +2,15 @@
 
 Images are [B, 3, H, W] in [-1, 1]; tokens [B, L] long ([sot, ..., eot, pad...]). Both encoders end in a linear
 projection to `embed_dim`; the `CLIP` module returns L2-normalised embeddings and the learnt logit scale.
+
+A video tower (`VisionConfig.frames` > 1) reads clips [B, T, 3, H, W] as spatio-temporal patches, ViViT's
+"tubelet embedding" (Arnab et al. 2021): `conv1` becomes a Conv3d whose kernel and stride are (tubelet, p, p), so
+a clip gives (T / tubelet) x (H / p) x (W / p) tokens, ordered time-major, which attend to each other jointly.
+Positions are factorised: `positional_embedding` is the image tower's (class token + spatial grid, same name and
+shape) and `temporal_embedding` [T / tubelet, W] is added to every token of a time step. So an image tower's
+weights inflate into a video tower's (`inflate_image_weights`) and frames == 1 is exactly the image model.
+An image given to a video tower is a still clip (its frame repeated T times); a one-frame clip given to either
+tower is an image.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ class VisionConfig:
     # None: the [-1, 1] images go in as they are (our own CLIP)
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
+    frames: int = 1  # frames per clip; 1: an image tower (the image model, unchanged), > 1: a video tower
+    tubelet: int = 1  # frames per patch token (ViViT tubelet: t x patch x patch); frames must be a multiple
 
     def __post_init__(self):
         if (self.image_mean is None) != (self.image_std is None):
@@ -49,6 +60,15 @@ class VisionConfig:
             raise ValueError(f"vision.pool must be one of {POOLING}, got {self.pool!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.frames < 1 or self.tubelet < 1:
+            raise ValueError(f"vision.frames ({self.frames}) and vision.tubelet ({self.tubelet}) must be >= 1")
+        if self.frames % self.tubelet:
+            raise ValueError(f"vision.frames {self.frames} is not a multiple of vision.tubelet {self.tubelet}")
+
+    @property
+    def time_steps(self) -> int:
+        """Tubelets along time: frames / tubelet (1 for an image tower)."""
+        return self.frames // self.tubelet
 
 
 @dataclass
@@ -68,33 +88,84 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
-        width, scale = cfg.width, cfg.width ** -0.5
-        self.conv1 = nn.Conv2d(3, width, cfg.patch_size, stride=cfg.patch_size, bias=False)
-        n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + (cfg.pool == "cls")
+        width, scale, p = cfg.width, cfg.width ** -0.5, cfg.patch_size
+        if cfg.frames == 1:  # an image tower: CLIP's layout, so published weights load
+            self.conv1 = nn.Conv2d(3, width, p, stride=p, bias=False)  # weight [W, 3, p, p]
+        else:  # one token per tubelet of t x p x p pixels
+            t = cfg.tubelet
+            self.conv1 = nn.Conv3d(3, width, (t, p, p), stride=(t, p, p), bias=False)  # weight [W, 3, t, p, p]
+        n_tokens = (cfg.image_size // p) ** 2 + (cfg.pool == "cls")  # class token + spatial grid
         self.class_embedding = nn.Parameter(scale * torch.randn(width)) if cfg.pool == "cls" else None
         self.positional_embedding = nn.Parameter(scale * torch.randn(n_tokens, width))
+        # factorised positions: a clip's token at (time i, place j) gets temporal[i] + spatial[j]
+        self.temporal_embedding = (nn.Parameter(scale * torch.randn(cfg.time_steps, width)) if cfg.frames > 1
+                                   else None)
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.quick_gelu)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 
-    def forward(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> unnormalised embeddings [B, E]."""
-        size = self.cfg.image_size
+    def _pixels(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] or clips [B, T, 3, H, W] -> what `conv1` reads: [B, 3, H, W] for an image tower,
+        [B, 3, frames, H, W] for a video tower (an image becomes a still clip of `frames` copies)."""
+        frames, size = self.cfg.frames, self.cfg.image_size
+        if images.dim() == 5 and images.shape[1] == 1:
+            images = images[:, 0]  # a one-frame clip is an image
+        if images.dim() not in (4, 5) or images.shape[-3] != 3:
+            raise ValueError(f"CLIP vision encoder expects images [B, 3, H, W] or clips [B, T, 3, H, W], "
+                             f"got {tuple(images.shape)}")
         if images.shape[-2:] != (size, size):
             raise ValueError(f"CLIP vision encoder expects {size}x{size} images, got {tuple(images.shape[-2:])}")
+        if images.dim() == 5 and images.shape[1] != frames:
+            what = "an image tower (vision.frames=1) reads images" if frames == 1 else f"it reads {frames}-frame clips"
+            raise ValueError(f"CLIP vision encoder got {images.shape[1]}-frame clips, but {what}")
         if self.cfg.image_mean is not None:
             mean = images.new_tensor(self.cfg.image_mean)[:, None, None]  # [3, 1, 1]
             std = images.new_tensor(self.cfg.image_std)[:, None, None]
             images = ((images + 1) / 2 - mean) / std
-        x = self.conv1(images).flatten(2).transpose(1, 2)  # [B, N, W]
+        if frames == 1:
+            return images  # [B, 3, H, W]
+        if images.dim() == 4:
+            images = images[:, None].expand(-1, frames, -1, -1, -1)  # a still clip [B, T, 3, H, W]
+        return images.transpose(1, 2)  # [B, 3, T, H, W], as Conv3d reads
+
+    def positions(self) -> Tensor:
+        """[1 + N, W] with a class token, else [N, W]: the image tower's positions, or for a video tower the class
+        token's and temporal[i] + spatial[j] for the N = time_steps x grid tokens, time-major (as `conv1` flattens)."""
+        pos = self.positional_embedding
+        if self.temporal_embedding is None:
+            return pos
+        n_cls = int(self.class_embedding is not None)
+        grid = (self.temporal_embedding[:, None] + pos[None, n_cls:]).flatten(0, 1)  # [T' * h * w, W]
+        return torch.cat([pos[:n_cls], grid])
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] or clips [B, T, 3, H, W] in [-1, 1] -> unnormalised embeddings [B, E]."""
+        x = self.conv1(self._pixels(images))  # [B, W, h, w] or [B, W, T', h, w]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, W]
         if self.class_embedding is not None:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # [B, 1, W]
             x = torch.cat([cls, x], dim=1)  # [B, 1 + N, W]
-        x = self.ln_pre(x + self.positional_embedding.to(x.dtype))
+        x = self.ln_pre(x + self.positions().to(x.dtype))
         x = self.transformer(x)
         pooled = x[:, 0] if self.class_embedding is not None else x.mean(dim=1)  # [B, W]
         return self.ln_post(pooled) @ self.proj.to(x.dtype)  # [B, E]
+
+
+def inflate_image_weights(state: dict[str, Tensor], cfg: VisionConfig, prefix: str = "") -> dict[str, Tensor]:
+    """An image tower's weights (keys `prefix` + VisionTransformer's, e.g. prefix "model.visual." in a CLIP stage
+    checkpoint) -> a video tower's for `cfg`, as I3D inflates 2D filters: `conv1` [W, 3, p, p] repeated over the
+    tubelet's t frames and divided by t, so a still clip's tubelets embed as the image's patches; temporal
+    positions zero, so every time step starts with the image's positions. The rest is shared as it is."""
+    if cfg.frames == 1:
+        return dict(state)
+    out = dict(state)
+    weight = state[prefix + "conv1.weight"]  # [W, 3, p, p]
+    if weight.dim() != 4:
+        raise ValueError(f"{prefix}conv1.weight has shape {tuple(weight.shape)}: not an image tower's")
+    out[prefix + "conv1.weight"] = weight[:, :, None].repeat(1, 1, cfg.tubelet, 1, 1) / cfg.tubelet
+    out[prefix + "temporal_embedding"] = weight.new_zeros(cfg.time_steps, weight.shape[0])
+    return out
 
 
 class TextTransformer(nn.Module):
@@ -143,6 +214,7 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
     def encode_image(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] or clips [B, T, 3, H, W] in [-1, 1] -> [B, E] L2-normalised (see VisionTransformer)."""
         if self.visual is None:
             raise ValueError("this CLIP is a text encoder alone (imported without its image tower): it embeds no "
                              "images, so it cannot give CLIP features, CLIP scores or a contrastive loss")

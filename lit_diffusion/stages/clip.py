@@ -1,5 +1,10 @@
 """Stage 1: CLIP, trained contrastively on image-caption pairs; its text encoder later conditions the diffusion U-Net.
 
+With a video tower (`vision.frames` > 1, see `models.clip`) it trains on clip-caption pairs: a batch's "video"
+[B, T, 3, H, W] (VideoDataModule) is read when present, else its "image"; everything below is the same for both.
+With motion words as hard negatives ({left: right, up: down}) `val/negative_acc` is the motion accuracy: how often
+a clip scores its caption above the one moving the other way, which no single frame can tell.
+
 Validation embeds the whole val set, gathers it from every rank (uneven per-rank counts are fine) and reports:
 - retrieval recall@1/@5 in both directions (`val/i2t_r*`: image -> caption, `val/t2i_r*`: caption -> image).
   Captions repeat (the shapes data has only a few hundred distinct captions), so an exact-index match would be
@@ -210,6 +215,7 @@ class CLIPModule(Stage):
         self.model = CLIP(vision, text, embed_dim)
         self.embed_dim, self.text_width = int(embed_dim), text.width
         self.image_size = None if vision is None else vision.image_size
+        self.frames = None if vision is None else vision.frames  # 1: an image tower
         self.train_loss_fn = ClipLoss()  # replaced in setup() with this rank's place in the world
         self.local_loss_fn = ClipLoss()  # validation: rank-local (ranks may see different numbers of batches)
         self.val_loss = MeanMetric()
@@ -238,9 +244,10 @@ class CLIPModule(Stage):
         return Conditioning(context=features, mask=self.tokenizer.mask(tokens), pooled=pooled)
 
     def encode_image(self, images: Tensor) -> Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> [B, E] L2-normalised. Images of another size are centre-cropped to a
-        square and resized to the tower's (antialiased bicubic, CLIP's preprocessing): a 256 px diffusion model's
-        samples meet a 224 px CLIP in FID-with-CLIP-features and CLIP score."""
+        """images [B, 3, H, W] or clips [B, T, 3, H, W] in [-1, 1] -> [B, E] L2-normalised. Images of another size
+        are centre-cropped to a square and resized to the tower's (antialiased bicubic, CLIP's preprocessing): a
+        256 px diffusion model's samples meet a 224 px CLIP in FID-with-CLIP-features and CLIP score. A video tower
+        embeds an image as a still clip; an image tower refuses clips of more than one frame."""
         size = self.image_size
         if size is None:
             return self.model.encode_image(images)  # raises: no image tower
@@ -248,8 +255,9 @@ class CLIPModule(Stage):
             h, w = images.shape[-2:]
             side = min(h, w)
             top, left = (h - side) // 2, (w - side) // 2
-            images = F.interpolate(images[..., top:top + side, left:left + side].float(), size=(size, size),
-                                   mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+            frames = images[..., top:top + side, left:left + side].float().flatten(0, -4)  # [B (* T), 3, s, s]
+            resized = F.interpolate(frames, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            images = resized.clamp(-1, 1).reshape(*images.shape[:-2], size, size)
         return self.model.encode_image(images.to(self.device, self.model.visual.conv1.weight.dtype))
 
     @classmethod
@@ -285,8 +293,11 @@ class CLIPModule(Stage):
         return negatives, mask
 
     def model_step(self, batch: dict, loss_fn: ClipLoss) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple | None]:
-        """-> (loss, image embeddings [B, E], text embeddings [B, E], logit scale, hard negatives or None)."""
-        image, text, scale = self.model(batch["image"], self._text_tokens(batch["caption"]))
+        """-> (loss, image embeddings [B, E], text embeddings [B, E], logit scale, hard negatives or None).
+
+        The pixels are the batch's "video" [B, T, 3, H, W] when it has one (VideoDataModule), else its "image"."""
+        pixels = batch["video"] if "video" in batch else batch["image"]
+        image, text, scale = self.model(pixels, self._text_tokens(batch["caption"]))
         negatives = self.negative_embeddings(batch["caption"])
         return loss_fn(image, text, scale, *(negatives or ())), image, text, scale, negatives
 

@@ -1,0 +1,120 @@
+"""Evaluation of a video model (a diffusion stage with `frames` > 1) on its val clips, in the loop or offline.
+
+For each guidance scale, every val caption is generated as a clip (the same per-key seed on every rank, as for
+images) and measured against the real clips of the val stream, each of which is seen by exactly one rank; every
+metric's state is summed over ranks before it is computed:
+- `eval/motion_acc_g{g}` and `eval_detail/motion_{attribute}_g{g}`: the motion caption judge
+  (`metrics.motion_accuracy`) on the clips whose attributes describe moving shapes;
+- `eval/clip_score_g{g}`: CLIP score (100 x cosine, floored at 0) between the video CLIP's clip and caption
+  embeddings;
+- `eval/fid_frames_g{g}`: FID over single frames, each frame's features its own embedding by the video CLIP as a
+  still clip (the frame repeated over the clip's length): how good the frames look, whatever they do;
+- `eval/fcd_g{g}`: the Frechet distance between the video CLIP's embeddings of real and generated clips. Ours, not
+  FVD: FVD uses an I3D network trained on Kinetics, which is neither available offline nor meaningful for these
+  clips; this one uses the stage-1 video CLIP, which has learnt exactly the motions the captions name.
+The real statistics are computed in the first evaluation (reduced over ranks) and kept for the later ones.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from lit_diffusion.evaluation.evaluator import EvalConfig, _all_sum, _lockstep, _take, sample_seed
+from lit_diffusion.metrics.clip_score import CLIPScore
+from lit_diffusion.metrics.features import to_uint8
+from lit_diffusion.metrics.fid import FID
+from lit_diffusion.metrics.motion_accuracy import MotionAccuracy
+
+
+class ClipFeatures(nn.Module):
+    """Clips [B, T, 3, H, W] in [0, 1] -> the video CLIP's clip embeddings [B, E]; with `still_frames`, frames
+    [N, 3, H, W] -> each frame's embedding as a still clip of `frames` copies of it."""
+
+    def __init__(self, clip_module, frames: int, still_frames: bool = False):
+        super().__init__()
+        self.clip, self.frames, self.still_frames = clip_module, frames, still_frames
+        self.num_features = int(clip_module.embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.still_frames:
+            x = x[:, None].expand(-1, self.frames, -1, -1, -1)
+        return self.clip.encode_image(x * 2 - 1).float()
+
+
+class VideoEvaluator:
+    """The metrics of the module docstring, per guidance scale, kept between evaluations (the real statistics)."""
+
+    def __init__(self, config: EvalConfig, clip_module, frames: int):
+        if config.aspect_ratios:
+            raise ValueError("evaluation aspect_ratios: video models are evaluated at their own size")
+        self.config, self.clip, self.frames = config, clip_module, frames
+        self.frame_features = ClipFeatures(clip_module, frames, still_frames=True)
+        self.clip_features = ClipFeatures(clip_module, frames)
+        guidance = config.guidance
+        self.fid_frames = {g: FID(self.frame_features, keep_real=True) for g in guidance}
+        self.fcd = {g: FID(self.clip_features, keep_real=True) for g in guidance}
+        self.clip_scores = {g: CLIPScore() for g in guidance}
+        self.motion = {g: MotionAccuracy() for g in guidance}
+        self.real_stats: dict | None = None  # "frames" / "clips" -> RealStats, after the first evaluation
+        self.timings: list[dict] = []
+
+    def _metrics(self) -> Iterable:
+        for by_g in (self.fid_frames, self.fcd, self.clip_scores, self.motion):
+            yield from by_g.values()
+
+    @torch.no_grad()
+    def run(self, model, loader: Iterable, step: int | None = None) -> dict[str, float]:
+        cfg, device = self.config, model.device
+        for metric in self._metrics():
+            metric.to(device)
+            metric.reset()
+        need_real, g0 = self.real_stats is None, cfg.guidance[0]
+        t0, n_local, n_judged = time.perf_counter(), 0, 0
+        for batch in _lockstep(_take(loader, cfg.num_samples), device):
+            if batch is None:  # this rank is done, another is not (DDP: it waits in the reductions below)
+                continue
+            captions, keys = list(batch["caption"]), list(batch["key"])
+            attrs = list(batch.get("attrs") or [{}] * len(captions))
+            seeds = [sample_seed(k, cfg.seed) for k in keys]
+            if need_real:
+                real = ((batch["video"].to(device).float() + 1) / 2).clamp(0, 1)  # [B, T, 3, H, W]
+                self.fid_frames[g0].update(real.flatten(0, 1), real=True)
+                self.fcd[g0].update(real, real=True)
+            _, text_emb = self.clip.encode_text(self.clip.tokenize(captions).to(device))
+            judged = [i for i, a in enumerate(attrs) if a and a.get("objects") and "frames" in a]
+            for g in cfg.guidance:
+                clips = model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
+                                     guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
+                clips = to_uint8(clips.flatten(0, 1)).float().div(255).unflatten(0, clips.shape[:2])  # as stored
+                self.fid_frames[g].update(clips.flatten(0, 1), real=False)
+                self.fcd[g].update(clips, real=False)
+                self.clip_scores[g].update(self.clip.encode_image(clips * 2 - 1), text_emb)
+                if judged:
+                    self.motion[g].update(clips[judged].cpu(), [attrs[i] for i in judged])
+            n_local += len(captions)
+            n_judged += len(judged)
+        if need_real:
+            self.real_stats = {"frames": self.fid_frames[g0].real_stats(), "clips": self.fcd[g0].real_stats()}
+        for g in cfg.guidance:
+            for fid, which in ((self.fid_frames[g], "frames"), (self.fcd[g], "clips")):
+                if not fid.real_injected:  # g0's accumulated real images are replaced by their gathered statistics
+                    fid.set_real_stats(*self.real_stats[which])
+        judged_total = int(_all_sum(torch.tensor(n_judged, device=device)))
+        results: dict[str, float] = {}
+        for g in cfg.guidance:
+            if judged_total:
+                acc = self.motion[g].attribute_accuracy()
+                results[f"eval/motion_acc_g{g:.1f}"] = acc["correct"]
+                results.update({f"eval_detail/motion_{k}_g{g:.1f}": v for k, v in acc.items() if k != "correct"})
+            results[f"eval/clip_score_g{g:.1f}"] = float(self.clip_scores[g].compute())
+            results[f"eval/fid_frames_g{g:.1f}"] = float(self.fid_frames[g].compute())
+            results[f"eval/fcd_g{g:.1f}"] = float(self.fcd[g].compute())
+        results["eval/num_samples"] = float(_all_sum(torch.tensor(n_local, device=device)))
+        results["eval/seconds"] = time.perf_counter() - t0
+        self.timings.append({"step": step, "seconds": results["eval/seconds"], "real_stats": "computed" if need_real
+                             else "memory"})
+        return results
