@@ -1,0 +1,62 @@
+"""configs/pipeline/moving_shapes.yaml end to end at a tiny size: the clips are drawn, the video CLIP, the VAE on the
+frames and the video DiT train, and the report holds the video figures, a PNG of frame strips and an animated GIF."""
+
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from lit_diffusion.pipeline import load_config, run_pipeline
+
+FRAMES = 4
+
+
+def tiny_video_pipeline(tmp_path) -> dict:
+    cfg = load_config("configs/pipeline/moving_shapes.yaml")
+    trainer = {"trainer.max_steps": 4, "trainer.check_val_every_n_epoch": 1, "trainer.log_every_n_steps": 1,
+               "trainer.enable_progress_bar": False}
+    data = {"data.init_args.image_size": 16, "data.init_args.num_frames": FRAMES, "data.init_args.num_workers": 0,
+            "data.init_args.train_batches_per_epoch": 2, "data.init_args.batch_size": 4}
+    cfg.update(name="tiny_video", root=str(tmp_path / "runs"))
+    cfg["data"].update(out=str(tmp_path / "data"), train=48, val=16, size=16, frames=FRAMES, shard_size=24)
+    cfg["stages"]["clip"]["args"] = {**data, **trainer, "model.init_args.embed_dim": 32,
+                                     "model.init_args.vision": {"image_size": 16, "patch_size": 8, "width": 32,
+                                                                "layers": 1, "heads": 2, "frames": FRAMES,
+                                                                "tubelet": 2},
+                                     "model.init_args.text": {"width": 32, "layers": 1, "heads": 2}}
+    cfg["stages"]["vae"]["args"] = {**data, **trainer,
+                                    "model.init_args.arch": {"base_channels": 8, "ch_mult": [1, 2, 2],
+                                                             "num_res_blocks": 1, "z_channels": 4,
+                                                             "mid_attention": False, "norm_groups": 4}}
+    cfg["stages"]["ldm"]["args"] = {**data, **trainer, "data.init_args.val_max_samples": 8,
+                                    "model.init_args.image_size": 16, "model.init_args.frames": FRAMES,
+                                    "model.init_args.sample_steps": 2, "model.init_args.warmup_steps": 0,
+                                    "model.init_args.dit": {"patch_size": 2, "temporal_patch": 2, "hidden_size": 32,
+                                                            "depth": 1, "num_heads": 2}}
+    cfg["evaluation"].update(guidance=[1, 3], num_samples=8, steps=2)
+    cfg["samples"].update(guidance=[1, 3], steps=2)
+    return cfg
+
+
+@pytest.mark.slow
+def test_the_video_pipeline_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_video_pipeline(tmp_path)))
+    run_pipeline(path)
+    root = tmp_path / "runs" / "tiny_video"
+    report = json.loads((root / "report.json").read_text())
+    results = report["evaluation"]["results"]
+    for g in ("1.0", "3.0"):
+        for key in ("motion_acc", "clip_score", "fid_frames", "fcd"):
+            assert results[f"eval/{key}_g{g}"] is not None, key
+    assert results["eval/num_samples"] == 8
+    assert 0 <= report["stages"]["clip"]["figures"]["val/negative_acc"] <= 1  # the motion swap accuracy
+    md = (root / "report.md").read_text()
+    assert "motion caption accuracy" in md and f"| 3 | {results['eval/motion_acc_g3.0']:.4g} |" in md
+    assert (root / "samples.png").is_file()
+    assert Image.open(root / "samples.gif").n_frames == FRAMES
+    ldm_rows = [json.loads(x) for x in (root / "ldm" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/motion_acc_g3.0" in r for r in ldm_rows)  # the in-loop evaluation ran
+    assert list((root / "ldm" / "media").glob("samples_step*.gif"))
