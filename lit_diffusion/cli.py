@@ -272,7 +272,7 @@ def cmd_sample(args) -> None:
     import torch
 
     from lit_diffusion.evaluation.evaluator import AspectRatioError, sample_size
-    from lit_diffusion.evaluation.plots import save_grid
+    from lit_diffusion.evaluation.plots import save_grid, save_video_grid
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     if args.aspect is not None and (args.height is not None or args.width is not None):
@@ -309,6 +309,11 @@ def cmd_sample(args) -> None:
         return
     if not args.prompt:
         raise ValueError("--prompt is required: a caption (repeat for more rows)")
+    video = int(getattr(model.hparams, "frames", 1)) > 1
+    if args.frames is not None and not video:
+        raise ValueError(f"--frames {args.frames}: {args.ckpt} is an image model (model.init_args.frames 1); "
+                         f"--frames sets a video model's clip length, or --interpolate's frame count")
+    frames = {"frames": args.frames} if video and args.frames is not None else {}
     guidance = model.hparams.guidance if args.guidance is None else args.guidance
     rows, labels = [], []
     for i, prompt in enumerate(args.prompt):
@@ -316,13 +321,16 @@ def cmd_sample(args) -> None:
         images = model.sample([prompt] * args.num, negative_prompts=args.negative_prompt, guidance=guidance,
                               sampler=args.sampler, steps=args.steps, seed=seeds, eta=args.eta,
                               guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, progress=True,
-                              height=height, width=width)
+                              height=height, width=width, **frames)
         rows.append(images.cpu())
         labels.append(prompt + (f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""))
-    out = save_grid(rows, labels, args.out, col_titles=[f"seed {args.seed + j}" for j in range(args.num)],
-                    title=f"{args.sampler or model.hparams.sampler}, {args.steps or model.hparams.sample_steps} steps, "
-                          f"guidance {guidance:g}{size_note}")
-    print(out)
+    titles = [f"seed {args.seed + j}" for j in range(args.num)]
+    title = (f"{args.sampler or model.hparams.sampler}, {args.steps or model.hparams.sample_steps} steps, "
+             f"guidance {guidance:g}{size_note}")
+    if video:  # OUT (each clip's frames side by side) and OUT with .gif (animated)
+        print("\n".join(map(str, save_video_grid(rows, labels, args.out, col_titles=titles, title=title))))
+        return
+    print(save_grid(rows, labels, args.out, col_titles=titles, title=title))
 
 
 UNCLIP_SOURCES = ("--prior PRIOR.ckpt with --prompt, --image PATH [PATH ...] (variations), --interpolate A B, or "
@@ -470,7 +478,9 @@ def add_sample(sub) -> None:
                              "--edit, the image to edit. Read as RGB, resized and centre-cropped to the sample size")
     unclip.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"),
                         help="slerp between the CLIP embeddings of images A and B, the same noise in every frame")
-    unclip.add_argument("--frames", type=int, default=None, help="--interpolate: frames from A to B (default 5)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="a video checkpoint: frames per clip (default: its own; writes OUT and OUT.gif); "
+                        "--interpolate: frames from A to B (default 5)")
     unclip.add_argument("--edit", default=None, metavar="NEW",
                         help="text diff: move --image's embedding towards CLIP's text(NEW) - text(OLD), decoded "
                              "from the image's inverted latent (needs --from)")

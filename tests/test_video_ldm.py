@@ -111,3 +111,37 @@ def test_a_video_model_draws_an_animated_grid(clips, tiny_ckpts, tmp_path):
     strip = frame_strip(clip, gap=1)
     assert strip.shape == (3, 4, 3 * 5 + 2)
     assert torch.equal(strip[:, :, 6:11], clip[1]) and torch.equal(strip[:, :, 5], torch.ones(3, 4))
+
+
+def test_sample_cli_writes_clips_of_the_asked_length(clips, tiny_ckpts, tmp_path, capsys):
+    """`lit-diffusion sample --frames N` on a video checkpoint: the frame-strip PNG and a GIF of N frames; on an image
+    checkpoint --frames (without --interpolate) is refused by name."""
+    from PIL import Image
+
+    from lit_diffusion.cli import main
+
+    module = _video_ldm(tiny_ckpts)
+    trainer = _fit(module, _data(clips), 1, tmp_path)
+    trainer.save_checkpoint(tmp_path / "video.ckpt")
+    out = tmp_path / "clips.png"
+    main(["sample", "--ckpt", str(tmp_path / "video.ckpt"), "--prompt", "a red circle moving up", "--num", "2",
+          "--frames", "6", "--steps", "2", "--out", str(out), "--device", "cpu"])
+    assert out.is_file() and Image.open(out.with_suffix(".gif")).n_frames == 6
+
+    image_model = LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]),
+                                        image_size=16, dit=TINY_DIT, objective="flow", sampler="euler")
+    trainer = _fit(image_model, _image_data(tiny_ckpts), 1, tmp_path / "img")
+    trainer.save_checkpoint(tmp_path / "image.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--ckpt", str(tmp_path / "image.ckpt"), "--prompt", "a red circle", "--frames", "6",
+              "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--frames 6:" in err and "is an image model (model.init_args.frames 1)" in err
+
+
+def _image_data(tiny_ckpts):
+    from conftest import tiny_datamodule
+
+    return tiny_datamodule(tiny_ckpts["data"])
