@@ -9,6 +9,7 @@ medians, so a busy machine slows both sides alike; both absolute numbers are rep
   eval      second in-loop evaluation (real statistics cached) vs the first (bench.evaluation)   target <= 0.6
   memory    peak RSS of training on 10x the shards vs 1x, same steps (streaming, not loading)  target <= 1.10
   latents   LDM steps/s from latent shards vs online encoding; their loader vs raw webdataset; 10x RSS; bytes
+  video     VideoDataModule clips/s vs a raw webdataset + PyAV loop on mp4 shards; 10x RSS          target >= 0.9
 bench.common holds what they share (settings, rows, the table, stage building); bench.flops counts model FLOPs per
 training step (FlopCounterMode), for MFU on a GPU. This module runs the sections and holds the CLI.
 
@@ -34,7 +35,7 @@ from lit_diffusion.bench.memory import bench_memory
 from lit_diffusion.bench.sampling import bench_sampling
 from lit_diffusion.bench.train import bench_train
 
-SECTIONS = ("data", "train", "sampling", "eval", "memory", "latents")
+SECTIONS = ("data", "train", "sampling", "eval", "memory", "latents", "video")
 
 
 def run_bench(what: str = "all", quick: bool = False, json_out: str | None = None, device: str | None = None,
@@ -80,7 +81,7 @@ def _run_sections(report: dict, sections, settings: Settings, work: Path, device
                   data_dir: str | None, clip_ckpt: str | None, vae_ckpt: str | None, inception_weights: str | None,
                   peak_tflops: float | None) -> None:
     shapes_dir = Path(data_dir) if data_dir else None
-    if shapes_dir is None and set(sections) - {"memory"}:
+    if shapes_dir is None and set(sections) - {"memory", "video"}:
         shapes_dir = make_shapes(work / "shapes", settings)
     peak = peak_tflops * 1e12 if peak_tflops else peak_flops_for(report["machine"].get("gpu"))
     ldm = None
@@ -114,6 +115,10 @@ def _run_sections(report: dict, sections, settings: Settings, work: Path, device
             from lit_diffusion.bench.latents import bench_latents
 
             rows, details = bench_latents(shapes_dir, work, device, settings)
+        elif section == "video":
+            from lit_diffusion.bench.video import bench_video
+
+            rows, details = bench_video(work, settings)
         else:
             rows, details = bench_memory(work, settings)
         details["bench_seconds"] = time.perf_counter() - start

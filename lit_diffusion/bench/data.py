@@ -79,7 +79,7 @@ def _raw_bucketed_batches(urls: list[str], buckets: BucketConfig, batch_size: in
 def _time(batches) -> tuple[int, float]:
     start, n = time.perf_counter(), 0
     for batch in batches:
-        n += batch["image"].shape[0]
+        n += len(batch["key"])
     return n, time.perf_counter() - start
 
 
