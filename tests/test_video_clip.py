@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_diffusion.callbacks.clip_viz import CLIPVisualization
+from lit_diffusion.callbacks.clip_viz import CLIPVisualization, still
 from lit_diffusion.data.moving_shapes import clip_attrs, render_clip, write_moving_shapes
 from lit_diffusion.data.video import VideoDataModule
 from lit_diffusion.models.clip import VisionConfig, VisionTransformer, inflate_image_weights
@@ -159,8 +159,13 @@ def test_clip_stage_trains_on_video_batches_and_scores_the_motion_swap(trained):
     m = trained["metrics"]
     assert {"train/loss", "val/loss", "val/i2t_r1", "val/t2i_r1", "val/negative_acc"} <= set(m), sorted(m)
     assert 0.0 <= m["val/negative_acc"] <= 1.0 and np.isfinite(m["train/loss"])
-    names = {p.name.split("_step")[0] for p in trained["viz"].written}  # the figures draw clips as frame strips
+    names = {p.name.split("_step")[0] for p in trained["viz"].written}
     assert names == {"clip_similarity", "clip_retrieval"}
+    # the figures draw a clip as its first, middle and last frames, 2 grey columns apart; an image as it is
+    clip = _clip(size=32)
+    strip = still(clip)
+    assert strip.shape == (3, 32, 3 * 32 + 2 * 2) and torch.equal(strip[..., -32:], clip[-1])
+    assert torch.equal(still(clip[0]), clip[0])
 
 
 def test_video_checkpoint_loads_back_with_the_same_embeddings(trained):

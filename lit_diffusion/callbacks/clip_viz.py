@@ -20,13 +20,15 @@ def _run_dir(trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def still(x: torch.Tensor) -> torch.Tensor:
-    """An image [3, H, W] as it is; a clip [T, 3, H, W] as its first, middle and last frames side by side
-    [3, H, 3W] (fewer when it has fewer frames)."""
+def still(x: torch.Tensor, gap: int = 2) -> torch.Tensor:
+    """An image [3, H, W] as it is; a clip [T, 3, H, W] as its first, middle and last frames side by side with
+    `gap` grey columns between them, [3, H, 3W + 2 gap] (fewer frames when it has fewer)."""
     if x.dim() == 3:
         return x
     picks = sorted({0, (x.shape[0] - 1) // 2, x.shape[0] - 1})
-    return torch.cat([x[i] for i in picks], dim=-1)
+    grey = x.new_zeros(3, x.shape[-2], gap)  # 0 is mid-grey in [-1, 1]
+    parts = [part for i in picks for part in (grey, x[i])][1:]
+    return torch.cat(parts, dim=-1)
 
 
 class CLIPVisualization(L.Callback):

@@ -1,8 +1,9 @@
 """Video-caption shards: clips decoded to a fixed number of frames at a fixed stride, and their DataModule.
 
 A sample holds one clip (`KEY.mp4`, `.webm`, `.mkv`, `.mov`, `.avi` as video2dataset writes them, decoded with
-PyAV, the optional `video` extra; or `KEY.apng` / `.gif`, decoded with PIL: the embedded moving-shapes data is
-animated PNG, lossless), `KEY.txt` and optionally `KEY.json`.
+PyAV, the optional `video` extra; or `KEY.apng` / `.gif`, decoded with PIL at their frame rate, a frame held for
+n frame durations counted n times: the embedded moving-shapes data is animated PNG, lossless), `KEY.txt` and
+optionally `KEY.json`.
 
 `VideoDecoder` takes frames 0, s, 2s, ..., (T - 1) s (T = `num_frames`, s = `frame_stride`) from the clip's
 start; each frame is resized and centre-cropped to `image_size` as images are. What is wrong with a clip is
@@ -54,13 +55,20 @@ def _pyav():
 def read_frames(data: bytes, ext: str, limit: int) -> list[Image.Image]:
     """The clip's first `limit` frames (fewer if it has fewer) as RGB images."""
     if ext in PIL_VIDEO_EXTENSIONS:
+        # at the clip's frame rate: a frame shown n times as long as the shortest counts n times (PIL, writing an
+        # animated PNG, merges identical consecutive frames into one of twice the duration)
         frames = []
         with Image.open(io.BytesIO(data)) as clip:
+            durations = []
             for frame in ImageSequence.Iterator(clip):
                 frames.append(to_rgb(frame.copy()))
+                durations.append(frame.info.get("duration") or 0)
                 if len(frames) == limit:
                     break
-        return frames
+        base = min((d for d in durations if d > 0), default=0)
+        if base:
+            frames = [f for f, d in zip(frames, durations) for _ in range(max(1, round(d / base)))]
+        return frames[:limit]
     av = _pyav()
     frames = []
     with av.open(io.BytesIO(data)) as container:

@@ -27,13 +27,12 @@ val image (`encode_image_embeddings`): the decoder fed the true embedding, the u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -43,6 +42,7 @@ import torch.distributed as dist
 
 from lit_diffusion.data.buckets import nearest_bucket
 from lit_diffusion.data.shapes import parse_aspect_ratios
+from lit_diffusion.evaluation.loop import EvalConfig, _all_min, _all_sum, _lockstep, _rank, _take, sample_seed
 from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import make_extractor, to_uint8
@@ -52,24 +52,6 @@ from lit_diffusion.metrics.stats_cache import data_identity, load_stats, save_st
 log = logging.getLogger("lit_diffusion")
 
 
-@dataclass
-class EvalConfig:
-    guidance: Sequence[float] = (1.0, 3.0, 5.0)  # one set of metrics per scale
-    num_samples: int = 500  # the first N samples of the evaluation stream (over all ranks)
-    backends: Sequence[str] = ("clip",)  # FID feature backends: clip (stage-1 CLIP) and/or inception
-    inception_weights: str | None = None  # local pt_inception-2015-12-05 file for the inception backend
-    sampler: str | None = None  # defaults to the model's
-    steps: int | None = None
-    guidance_rescale: float | None = None  # 0..1, Lin et al. 2024's rescale of the guided output; None: the model's
-    clip_x0: float | None = None  # clamp of the predicted x0 at each step (0 = off); None: the model's
-    seed: int = 0
-    caption_accuracy: bool = True  # only counted for samples whose attrs describe shapes objects
-    cache_dir: str | None = None  # where real statistics are cached (None: kept in memory only)
-    save_images: str | None = None  # write the evaluated images as DIR/g{guidance}/KEY.png and DIR/real/KEY.png
-    data_id: str | None = ""  # content identity of the evaluation shards (`eval_data_id`), part of the real-statistics
-    # cache key; empty or None (remote shards): real statistics are not cached on disk
-    resolution: int | None = None  # pixel size the features see; part of the cache key
-    aspect_ratios: Sequence[str] | None = None  # W:H ("1:1", "2:1", ...): every caption generated at each, at the
     # model's base area (`aspect_size`), every figure overall and per ratio (keys + `_ar{W:H}`); None: base size only
 
 
@@ -180,15 +162,6 @@ def describe_fid_reals(results: dict) -> dict[str, str]:
     return out
 
 
-def sample_seed(key: str, seed: int) -> int:
-    """A per-sample seed from the sample's key: independent of batch composition and rank."""
-    return (int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) + seed) % (2**31 - 1)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -252,29 +225,6 @@ def _save_pngs(images: torch.Tensor, keys: Sequence[str], folder: Path) -> None:
                 Image.fromarray(image.permute(1, 2, 0).numpy()).save(f, format="PNG")
         except FileExistsError:
             raise ValueError(f"--save-images: {path} exists: sample key {key!r} occurs twice") from None
-
-
-def _take(loader: Iterable, limit: int):
-    """Batches from the loader until this rank has yielded its share of the first `limit` samples. The val stream
-    applies `limit` before splitting across ranks when configured (`val_max_samples`); here we only guard."""
-    seen = 0
-    for batch in loader:
-        yield batch
-        seen += len(batch["caption"])
-        if seen >= limit:
-            break
-
-
-def _lockstep(batches: Iterable, device) -> Iterator[dict | None]:
-    """This rank's batches, then None until every rank has run out of its own. A denoiser sharded by FSDP all-gathers
-    its weights in every call, so all ranks must make the same calls: one whose share of the samples is shorter
-    keeps stepping, on a dummy batch, while another still generates (under DDP it simply waits)."""
-    it = iter(batches)
-    while True:
-        batch = next(it, None)
-        if _all_max(torch.tensor(int(batch is not None), device=device)) == 0:
-            return
-        yield batch
 
 
 class Evaluator:
@@ -518,28 +468,6 @@ class Evaluator:
             self.clip_scores_ar[r][g].update(image_emb, text_emb)
             if cfg.caption_accuracy and shapes_idx:
                 self.caption_acc_ar[r][g].update(images[shapes_idx].cpu(), [attrs[i] for i in shapes_idx])
-
-
-def _all_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
-def _all_min(x: torch.Tensor) -> int:
-    return _all_reduce_int(x, "MIN")
-
-
-def _all_max(x: torch.Tensor) -> int:
-    return _all_reduce_int(x, "MAX")
-
-
-def _all_reduce_int(x: torch.Tensor, op: str) -> int:
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
-    return int(x)
 
 
 def tradeoff_points(results: dict[str, float], backend: str,

@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from lit_diffusion.evaluation.evaluator import EvalConfig, _all_sum, _lockstep, _take, sample_seed
+from lit_diffusion.evaluation.loop import EvalConfig, _all_sum, _lockstep, _take, sample_seed
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import to_uint8
 from lit_diffusion.metrics.fid import FID

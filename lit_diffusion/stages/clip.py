@@ -157,7 +157,8 @@ class CLIPModule(Stage):
         """CLIP training stage.
 
         vision / text: `VisionConfig` / `TextConfig` fields (plain dicts accepted; checkpoints store dicts). The
-            text vocabulary size, context length and end-of-text id come from the tokenizer.
+            text vocabulary size, context length and end-of-text id come from the tokenizer. `vision.frames` > 1
+            (with `vision.tubelet`): a video tower, which trains on the batches' "video" clips.
         tokenizer_path: tokenizer.json (`lit-diffusion data shapes` writes one); its JSON travels in every
             checkpoint, so the file is not needed to load one.
         weight_decay: AdamW decay on matrices only (not biases, norms, class token or logit scale).
