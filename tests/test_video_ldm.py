@@ -145,3 +145,33 @@ def _image_data(tiny_ckpts):
     from conftest import tiny_datamodule
 
     return tiny_datamodule(tiny_ckpts["data"])
+
+
+def test_joint_training_on_clips_and_images(clips, tiny_ckpts, tmp_path):
+    """Image shards listed beside the video shards (`images: true`): every batch holds clips or one-frame videos,
+    never both; a resumed loader continues exactly; a video DiT with temporal_patch 1 trains on the mix."""
+    shapes = tiny_ckpts["data"]
+    urls = [str(clips / "train-*.tar"), str(shapes / "train-*.tar")]
+
+    def data():
+        return VideoDataModule(train_urls=urls, image_size=16, num_frames=FRAMES, images=True, batch_size=4,
+                               num_workers=0, train_batches_per_epoch=8, shuffle_buffer=8, seed=1)
+
+    loader = data().train_dataloader()
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    rest = list(it)
+    frames = {b["video"].shape[1] for b in head + rest}
+    assert frames == {1, FRAMES}
+    still = next(b for b in head + rest if b["video"].shape[1] == 1)
+    assert all(" moving " not in c for c in still["caption"])  # the shapes data's captions
+    resumed = data().train_dataloader()
+    resumed.load_state_dict(state)
+    assert [b["key"] for b in resumed] == [b["key"] for b in rest]
+
+    module = _video_ldm(tiny_ckpts, dit={"temporal_patch": 1})
+    trainer = _fit(module, data(), 4, tmp_path)
+    assert trainer.global_step == 4
+    with pytest.raises(ValueError, match="1 frames: the frame count must be a multiple of temporal_patch 2"):
+        _video_ldm(tiny_ckpts).model_step(still, train=False)

@@ -30,8 +30,10 @@ from PIL import Image, ImageSequence
 
 from lit_diffusion.data.datamodule import _ShardDataModule
 from lit_diffusion.data.shards import (
+    IMAGE_EXTENSIONS,
     INLINE_BATCH_BYTES,
     BadSample,
+    _open_rgb,
     decode_text,
     images_to_float,
     to_rgb,
@@ -96,7 +98,7 @@ class VideoDecoder:
     docstring). Picklable, so DataLoader workers can run it."""
 
     def __init__(self, image_size: int, num_frames: int, frame_stride: int = 1, short: str = "skip",
-                 small: str = "upscale"):
+                 small: str = "upscale", images: bool = False):
         if num_frames < 1 or frame_stride < 1:
             raise ValueError(f"num_frames={num_frames} and frame_stride={frame_stride} must be >= 1")
         if short not in SHORT_POLICIES:
@@ -104,7 +106,7 @@ class VideoDecoder:
         if small not in ("upscale", "skip"):
             raise ValueError(f"small={small!r}: expected 'upscale' or 'skip'")
         self.image_size, self.num_frames, self.frame_stride = image_size, num_frames, frame_stride
-        self.short, self.small = short, small
+        self.short, self.small, self.images = short, small, images
 
     @property
     def span(self) -> int:
@@ -115,6 +117,8 @@ class VideoDecoder:
         if flip:  # a mirrored clip moves the other way: its caption would be wrong
             raise ValueError("random_flip mirrors a clip's motion (left <-> right) and would contradict its caption")
         ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
+        if ext is None and self.images:
+            return self._still(sample)
         if ext is None:
             raise BadSample("missing_video", f"no video file (.{'/.'.join(VIDEO_EXTENSIONS)})")
         caption, attrs = decode_text(sample)
@@ -141,6 +145,26 @@ class VideoDecoder:
         video = np.stack([_square(frame, self.image_size) for frame in picked])  # [T, S, S, 3]
         return {"video": torch.from_numpy(np.ascontiguousarray(video.transpose(0, 3, 1, 2))), "caption": caption,
                 "attrs": attrs, "key": sample["__key__"]}
+
+
+    def _still(self, sample: dict) -> dict:
+        """An image sample as a one-frame video [1, 3, S, S] (joint image and video training)."""
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            raise BadSample("missing_video", f"no video or image file (.{'/.'.join(VIDEO_EXTENSIONS)}, "
+                                             f".{'/.'.join(IMAGE_EXTENSIONS[:4])}/...)")
+        caption, attrs = decode_text(sample)
+        try:
+            image, _ = _open_rgb(sample[ext], self.image_size)
+        except Exception as exc:
+            raise BadSample("bad_image", f".{ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
+        frame = torch.from_numpy(np.ascontiguousarray(_square(image, self.image_size).transpose(2, 0, 1)))
+        return {"video": frame[None], "caption": caption, "attrs": attrs, "key": sample["__key__"]}
+
+
+def frame_count(sample: dict) -> int:
+    """What groups a mix of clips and still images into batches: the frame count (every batch one of them)."""
+    return sample["video"].shape[0]
 
 
 def collate_videos(samples: list[dict], as_float: bool = True, as_images: bool = False) -> dict:
@@ -191,8 +215,13 @@ class VideoDataModule(_ShardDataModule):
         persistent_workers: bool | None = None,
         prefetch_factor: int = 4,
         as_images: bool = False,
+        images: bool = False,
     ):
         """
+        images: image samples (`KEY.png`/`.jpg`/... without a clip) in the shards are one-frame videos, and every
+            batch holds clips or images, not both (Open-Sora's joint training: list image shards beside the video
+            shards in train_urls; shards are drawn uniformly, so listing one twice doubles its share). The video
+            DiT takes both with `temporal_patch: 1`.
         as_images: batches of the clips' frames as images ({"image": [batch_size * num_frames, 3, S, S], ...}), to
             train an image model (the VAE) on the frames of the same shards.
         num_frames / frame_stride: frames per clip, and the step between them in the source (frames 0, s, 2s...).
@@ -204,7 +233,7 @@ class VideoDataModule(_ShardDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.image_size = image_size
-        self.decoder = VideoDecoder(image_size, num_frames, frame_stride, short, small)  # checks the arguments
+        self.decoder = VideoDecoder(image_size, num_frames, frame_stride, short, small, images)  # checks them
         self.as_images = as_images
         self._init_common(train_urls, val_urls, batch_size, num_workers, train_batches_per_epoch, shuffle_buffer,
                           False, val_max_samples, seed, pin_memory, persistent_workers, prefetch_factor)
@@ -215,6 +244,9 @@ class VideoDataModule(_ShardDataModule):
 
     def _decode(self):
         return self.decoder
+
+    def _bucket_key(self):
+        return frame_count if self.decoder.images else None  # batches of clips or of images, never mixed
 
     def _collate(self, train: bool):
         return partial(collate_videos, as_float=not train, as_images=self.as_images)
