@@ -159,7 +159,7 @@ def cmd_data_encode(args) -> None:
                              latent_scale={"scale_factor": scale, "latent_mean": float(vae.latent_mean)},
                              dtype=args.dtype, flips=args.flips, std=args.std, batch_size=args.batch_size,
                              buckets=buckets, image_embeddings=args.image_embeddings, embed_images=embed_images,
-                             clip_image_size=clip.image_size)
+                             clip_image_size=clip.image_size, frames=args.frames)
     if manifest is not None:
         _print_json({k: manifest[k] for k in ("samples", "skipped", "dtype", "shapes", "clip_hash", "vae_hash")}
                     | {"shards": len(manifest["shards"]), "out": str(args.out)})
@@ -227,6 +227,9 @@ def add_data(sub) -> None:
     p.add_argument("--buckets", default=None, help='aspect buckets as JSON, e.g. \'{"step": 8}\' or '
                                                    '\'{"sizes": [[32, 32], [24, 48]], "step": 8}\' (data.buckets.'
                                                    'BucketConfig fields): each image encoded at its bucket\'s size')
+    p.add_argument("--frames", type=int, default=None,
+                   help="video-caption shards: each clip's first N frames through the VAE frame by frame, latents "
+                        "[N, C, h, w] (the video diffusion stage's model.init_args.frames)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
     p.set_defaults(func=cmd_data_encode)
 

@@ -2,6 +2,8 @@
 through the frozen image VAE frame by frame), samples clips with guidance and a negative prompt, and a checkpoint
 samples on its own; what cannot work is refused by name. The VAE trains on the clips' frames (`as_images`)."""
 
+import json
+
 import pytest
 import torch
 from conftest import TINY_DIT, TINY_UNET, TINY_VAE, _fit
@@ -175,3 +177,45 @@ def test_joint_training_on_clips_and_images(clips, tiny_ckpts, tmp_path):
     assert trainer.global_step == 4
     with pytest.raises(ValueError, match="1 frames: the frame count must be a multiple of temporal_patch 2"):
         _video_ldm(tiny_ckpts).model_step(still, train=False)
+
+
+def test_training_from_clip_latent_shards_equals_encoding_online(clips, tiny_ckpts, tmp_path, monkeypatch):
+    """`data encode --frames 4` writes each clip's latents [T, C, h, w] (the VAE frame by frame, the manifest says
+    so); the video DiT trained from them sees the same clips in the same batches and ends with the weights of
+    encoding online; the in-loop evaluation reads the real clips the latents came from."""
+    import lightning as L
+
+    from lit_diffusion.callbacks.evaluation import real_images
+    from lit_diffusion.cli import main
+    from lit_diffusion.data.datamodule import LatentDataModule
+
+    out = tmp_path / "latents"
+    main(["data", "encode", "--clip", str(tiny_ckpts["clip"]), "--vae", str(tiny_ckpts["vae"]), "--train",
+          str(clips / "train-*.tar"), "--val", str(clips / "val-*.tar"), "--out", str(out), "--frames", str(FRAMES),
+          "--dtype", "float32", "--batch-size", "4", "--device", "cpu", "--image-size", "16"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frames"] == FRAMES and manifest["samples"] == 56
+    assert manifest["shapes"]["latent"][:2] == [FRAMES, 4]
+
+    def run(data, root):
+        L.seed_everything(0)
+        module, keys = _video_ldm(tiny_ckpts), []
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, default_root_dir=str(root),
+                            callbacks=[L.pytorch.callbacks.LambdaCallback(
+                                on_train_batch_end=lambda t, m, o, b, i: keys.append(list(b["key"])))])
+        trainer.fit(module, datamodule=data)
+        return module, keys
+
+    online, online_keys = run(_data(clips), tmp_path / "online")
+    latents = LatentDataModule(train_urls=str(out / "train" / "*.tar"), val_urls=str(out / "val" / "*.tar"),
+                               batch_size=4, num_workers=0, train_batches_per_epoch=3)
+    monkeypatch.setattr(LatentDiffusionModule, "encode_images", lambda *a, **k: pytest.fail("the VAE encoder ran"))
+    from_shards, keys = run(latents, tmp_path / "shards")
+    assert keys == online_keys and len(keys) == 3
+    for name, value in online.dit.state_dict().items():
+        torch.testing.assert_close(from_shards.dit.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    real = real_images(latents)
+    assert isinstance(real, VideoDataModule) and real.num_frames == FRAMES
+    assert next(iter(real.eval_dataloader(4)))["video"].shape == (4, FRAMES, 3, 16, 16)

@@ -132,6 +132,12 @@ def real_images(dm):
     if missing:
         raise ValueError(f"{manifest['path']} names no source image shard for the latent val shard {missing[0]}: "
                          f"in-loop FID needs the real images")
+    if manifest.get("frames"):  # latents of clips: the real clips
+        from lit_diffusion.data.video import VideoDataModule
+
+        return VideoDataModule(val_urls=[e["source"] for e in entries], image_size=int(manifest["image_size"]),
+                               num_frames=int(manifest["frames"]), batch_size=dm.batch_size,
+                               num_workers=dm.num_workers, val_max_samples=dm.val_max_samples, seed=dm.seed)
     # latents encoded at aspect buckets: the real images at the same buckets, centre-cropped
     buckets = {"sizes": manifest["buckets"], "step": 1, "crop": "center"} if manifest.get("buckets") else None
     return ImageCaptionDataModule(val_urls=[e["source"] for e in entries], image_size=int(manifest["image_size"]),

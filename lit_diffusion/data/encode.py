@@ -163,11 +163,16 @@ def _embedding_stats(shards: list[dict], splits: dict[str, list[str]] | None) ->
 
 def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool,
                   std: bool, embed_images: ImageEmbedder | None = None) -> list[dict]:
-    images = images_to_float(torch.stack([s["image"] for s in samples]))  # [B, 3, S, S] in [-1, 1]
+    images = images_to_float(torch.stack([s["image"] for s in samples]))  # [B, 3, S, S] (clips [B, T, 3, S, S])
     arrays: dict[str, torch.Tensor] = {}
     views = [("latent", images)] + ([("latent_flip", images.flip(-1))] if flips else [])
     for name, view in views:
-        out = encode_images(view)
+        if view.ndim == 5:  # clips: the image VAE frame by frame, latents [B, T, C, h, w]
+            out = encode_images(view.flatten(0, 1))
+            unflat = (lambda a: a.unflatten(0, view.shape[:2]))
+            out = tuple(map(unflat, out)) if isinstance(out, (tuple, list)) else unflat(out)
+        else:
+            out = encode_images(view)
         if std:
             if not isinstance(out, (tuple, list)) or len(out) != 2:
                 raise ValueError("with std, encode_images must return (mean, std)")
@@ -195,7 +200,8 @@ def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_capti
 def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, batch_size: int,
                       encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool, std: bool,
                       counter: SkipCounter, bar, buckets: BucketConfig | None = None,
-                      embed_images: ImageEmbedder | None = None, clip_image_size: int | None = None) -> None:
+                      embed_images: ImageEmbedder | None = None, clip_image_size: int | None = None,
+                      frames: int | None = None) -> None:
     """One input shard -> one output shard. With buckets, each image at its bucket's size (crops drawn from a
     generator seeded by the output shard's name, so a redone shard is the same), encoded in batches of one
     bucket; a bucket's samples are written when its batch fills, the partial ones at the shard's end. With
@@ -224,7 +230,13 @@ def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, bat
                         counter.add(note)
                     if plan is None:
                         continue
-                sample = decode_sample(raw, image_size, plan=plan)
+                if frames:  # a clip: its frames, as the video data module decodes them
+                    from lit_diffusion.data.video import VideoDecoder
+
+                    clip = VideoDecoder(image_size, frames)(raw)
+                    sample = {"image": clip["video"], "size": None, "caption": clip["caption"], "key": clip["key"]}
+                else:
+                    sample = decode_sample(raw, image_size, plan=plan)
                 if embed_images is not None:
                     # CLIP's own preprocessing (its data module's decode at its size): the source's centre square,
                     # not the bucket's crop; a second decode unless the latent's image is that already
@@ -281,14 +293,19 @@ def encode_shards(
     image_embeddings: bool = False,
     embed_images: ImageEmbedder | None = None,
     clip_image_size: int | None = None,
+    frames: int | None = None,
 ) -> dict | None:
     """Encode every sample of `urls` into latent shards under `out`; returns the manifest on rank 0 (None on the
     others). `urls`: one set of shards, or {"train": urls, "val": urls} (outputs `SPLIT/NNNNNN.tar`). `buckets`:
     encode each image at its aspect bucket's size (`image_size` is then the buckets' base size). Rank and world size come from torch.distributed when it is initialised (all ranks must call this;
     it ends with collectives), or from the arguments. `latent_scale`: the VAE's scale (and mean), recorded.
     `image_embeddings`: also each sample's CLIP image embedding (`embed_images` at `clip_image_size`, CLIP's image
-    size), float32, with their train-split mean and std in the manifest (unCLIP's prior)."""
+    size), float32, with their train-split mean and std in the manifest (unCLIP's prior).
+    `frames`: the inputs are video-caption shards (`data.video`): each clip's first `frames` frames through
+    `encode_images` frame by frame, latents [T, C, h, w] (no flips, buckets or image embeddings)."""
     rank, world_size = _rank_and_world(rank, world_size)
+    if frames and (flips or buckets is not None or image_embeddings):
+        raise ValueError("frames (clips): flips, buckets and image_embeddings are for images; leave them off")
     if image_embeddings and (embed_images is None or clip_image_size is None):
         raise ValueError("image_embeddings needs embed_images and clip_image_size (a CLIP with an image tower)")
     if batch_size < 1:
@@ -307,7 +324,8 @@ def encode_shards(
                           **({"buckets": dataclasses.asdict(buckets)} if buckets else {}),
                           # only when on: a folder written before the flag existed resumes as it did
                           **({"image_embeddings": True, "clip_image_size": clip_image_size}
-                             if image_embeddings else {})}, rank)
+                             if image_embeddings else {}),
+                          **({"frames": frames} if frames else {})}, rank)
     counter = SkipCounter()
     done: list[dict] = []
     with tqdm(desc=f"encode (rank {rank})", unit="sample", unit_scale=True, disable=not progress or rank != 0,
@@ -321,7 +339,7 @@ def encode_shards(
                 before = counter.counts()
                 _encode_one_shard(url, path, image_size, dtype, batch_size, encode_images, encode_captions,
                                   flips, std, counter, bar, buckets,
-                                  embed_images if image_embeddings else None, clip_image_size)
+                                  embed_images if image_embeddings else None, clip_image_size, frames)
                 after = counter.counts()
                 log.info("encoded %s -> %s (skipped %s)", url, path,
                          {r: after[r] - before[r] for r in SKIP_REASONS if after[r] != before[r]})
@@ -346,6 +364,7 @@ def encode_shards(
             "clip_hash": clip_hash, "vae_hash": vae_hash, "latent_scale": latent_scale,
             "dtype": dtype, "flips": flips, "std": std, "image_embeddings": image_embeddings,
             "image_size": image_size,
+            **({"frames": frames} if frames else {}),
             **({"image_embedding": _embedding_stats(shards, splits)} if image_embeddings else {}),
             "shapes": {"latent": shapes["latent"] if buckets is None else [shapes["latent"][0], None, None],
                        "context": [None, shapes["context"][1]], "pooled": shapes["pooled"]},

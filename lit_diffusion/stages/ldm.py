@@ -409,6 +409,8 @@ class LatentDiffusionModule(Stage):
         # encoded at aspect buckets: latents of several sizes, of this base size's area, channels as the VAE's
         latent = ([self.latent_channels, None, None] if manifest.get("buckets")
                   else [self.latent_channels, self.latent_size, self.latent_size])
+        if self.hparams.frames > 1 or manifest.get("frames"):  # clips: [T, C, h, w], T the model's
+            latent = [self.hparams.frames, *latent]
         if list(manifest["shapes"]["latent"]) != latent or manifest.get("image_size") != self.hparams.image_size:
             raise ValueError(f"{where}: latents {manifest['shapes']['latent']} of {manifest.get('image_size')} px "
                              f"images, but model.init_args.image_size={self.hparams.image_size} and the VAE give "
@@ -457,7 +459,7 @@ class LatentDiffusionModule(Stage):
 
     def _from_latents(self, batch: dict, sample: bool = False) -> tuple[Tensor, Conditioning]:
         """A latent-shard batch (`LatentDataModule`): the encoders' outputs are in it, so neither runs."""
-        z = batch["latent"]  # [B, C, h, w], scaled as `encode_images` gives
+        z = batch["latent"]  # [B, C, h, w] (clips: [B, T, C, h, w]), scaled as `encode_images` gives
         if sample:
             if batch.get("latent_std") is None:
                 raise ValueError("model.init_args.sample_posterior: true needs the posterior's std in the latent "
