@@ -64,6 +64,20 @@ def tiny_ckpts(shapes_data, tmp_path_factory):
     return {"clip": root / "clip.ckpt", "vae": root / "vae.ckpt", "data": shapes_data}
 
 
+@pytest.fixture(scope="session")
+def embedded_latents(tiny_ckpts, tmp_path_factory):
+    """The tiny shapes data (train and val) encoded by the tiny CLIP and VAE into latent shards with each image's CLIP
+    image embedding (`data encode --image-embeddings`): unCLIP's prior and decoder train from them. Read only."""
+    from lit_diffusion.cli import main
+
+    out = tmp_path_factory.mktemp("embedded") / "latents"
+    data = tiny_ckpts["data"]
+    main(["data", "encode", "--clip", str(tiny_ckpts["clip"]), "--vae", str(tiny_ckpts["vae"]),
+          "--train", str(data / "train-*.tar"), "--val", str(data / "val-*.tar"), "--out", str(out),
+          "--image-size", "16", "--batch-size", "64", "--device", "cpu", "--image-embeddings"])
+    return out
+
+
 def randomise_unet(model) -> None:
     """A trained-looking U-Net: its zero-initialised output layers would make the text condition invisible."""
     with torch.no_grad():

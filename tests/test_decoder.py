@@ -17,18 +17,6 @@ from lit_diffusion.models.unet import UNet
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 
 
-@pytest.fixture(scope="module")
-def embedded_latents(tiny_ckpts, tmp_path_factory):
-    from lit_diffusion.cli import main
-
-    out = tmp_path_factory.mktemp("decoder") / "latents"
-    data = tiny_ckpts["data"]
-    main(["data", "encode", "--clip", str(tiny_ckpts["clip"]), "--vae", str(tiny_ckpts["vae"]),
-          "--train", str(data / "train-*.tar"), "--val", str(data / "val-*.tar"), "--out", str(out),
-          "--image-size", "16", "--batch-size", "64", "--device", "cpu", "--image-embeddings"])
-    return out
-
-
 def _data(latents, batches=4):
     return LatentDataModule(train_urls=str(latents / "train" / "*.tar"), val_urls=str(latents / "val" / "*.tar"),
                             batch_size=64, num_workers=0, train_batches_per_epoch=batches)

@@ -2,7 +2,6 @@
 true embeddings and the text-conditioned model side by side, diversity and variations, a grid of the stack; a
 text model with another CLIP is refused. Tiny real checkpoints, a few steps each."""
 
-import shutil
 
 import lightning as L
 import pytest

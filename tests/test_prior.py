@@ -100,19 +100,6 @@ def test_a_trained_prior_reproduces_gaussian_data(objective, sampler, steps):
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-@pytest.fixture(scope="module")
-def embedded_latents(tiny_ckpts, tmp_path_factory):
-    """The tiny shapes data encoded by the tiny CLIP and VAE, with image embeddings."""
-    from lit_diffusion.cli import main
-
-    out = tmp_path_factory.mktemp("prior") / "latents"
-    data = tiny_ckpts["data"]
-    main(["data", "encode", "--clip", str(tiny_ckpts["clip"]), "--vae", str(tiny_ckpts["vae"]),
-          "--train", str(data / "train-*.tar"), "--val", str(data / "val-*.tar"), "--out", str(out),
-          "--image-size", "16", "--batch-size", "64", "--device", "cpu", "--image-embeddings"])
-    return out
-
-
 def _data(latents, **kwargs):
     return LatentDataModule(train_urls=str(latents / "train" / "*.tar"), val_urls=str(latents / "val" / "*.tar"),
                             batch_size=16, num_workers=0, train_batches_per_epoch=5, **kwargs)

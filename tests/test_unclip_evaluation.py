@@ -38,18 +38,6 @@ TINY_PRIOR = dict(width=32, depth=2, heads=2)
 
 # ------------------------------------------------------------------- a tiny decoder and prior (tests/test_decoder.py,
 # tests/test_prior.py)
-@pytest.fixture(scope="module")
-def embedded_latents(tiny_ckpts, tmp_path_factory):
-    from lit_diffusion.cli import main
-
-    out = tmp_path_factory.mktemp("unclip_eval") / "latents"
-    data = tiny_ckpts["data"]
-    main(["data", "encode", "--clip", str(tiny_ckpts["clip"]), "--vae", str(tiny_ckpts["vae"]),
-          "--train", str(data / "train-*.tar"), "--val", str(data / "val-*.tar"), "--out", str(out),
-          "--image-size", "16", "--batch-size", "64", "--device", "cpu", "--image-embeddings"])
-    return out
-
-
 def _data(latents, batches=4, batch_size=64):
     return LatentDataModule(train_urls=str(latents / "train" / "*.tar"), val_urls=str(latents / "val" / "*.tar"),
                             batch_size=batch_size, num_workers=0, train_batches_per_epoch=batches)

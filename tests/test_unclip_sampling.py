@@ -160,18 +160,12 @@ def test_ddim_inversion_visits_the_samplers_timesteps_in_reverse():
 
 # ------------------------------------------------------------------------------------------------- the stack
 @pytest.fixture(scope="module")
-def stack(tiny_ckpts, tmp_path_factory):
+def stack(tiny_ckpts, embedded_latents, tmp_path_factory):
     """Checkpoint files: a tiny prior, two tiny unCLIP decoders (ddpm and flow), a text-only model and a prior with
     another CLIP, all from the session's tiny CLIP and VAE. The decoders' zero-initialised output layers are
     randomised, so that the image embedding and the caption change what they draw."""
-    from lit_diffusion.cli import main
-
     root = tmp_path_factory.mktemp("unclip")
-    data = tiny_ckpts["data"]
-    latents = root / "latents"
-    main(["data", "encode", "--clip", str(tiny_ckpts["clip"]), "--vae", str(tiny_ckpts["vae"]),
-          "--train", str(data / "train-*.tar"), "--val", str(data / "val-*.tar"), "--out", str(latents),
-          "--image-size", "16", "--batch-size", "64", "--device", "cpu", "--image-embeddings"])
+    data, latents = tiny_ckpts["data"], embedded_latents
     torch.manual_seed(0)
     prior = DiffusionPriorModule(clip_ckpt=str(tiny_ckpts["clip"]), prior=TINY_PRIOR, sample_steps=4,
                                  warmup_steps=0, lr=1e-3, candidates=2)
