@@ -181,3 +181,24 @@ def test_video_checkpoint_loads_back_with_the_same_embeddings(trained):
         bigger = F.interpolate(clips.flatten(0, 1), size=48, mode="nearest").reshape(2, 4, 3, 48, 48)
         assert loaded.encode_image(bigger).shape == (2, 16)
         assert loaded.encode_image(clips[:, 0]).shape == (2, 16)  # an image: a still clip
+
+
+def test_an_image_clip_starts_a_video_clip_through_init_from(tiny_ckpts):
+    """`init_from` an image CLIP with `vision: {frames: 4, tubelet: 2}`: the tower is inflated (I3D), so a still clip's
+    tubelets embed as the image's patches at every time step and its clip embedding starts next to the image's (not
+    equal: the class token attends over two copies of each patch); the text tower comes over unchanged."""
+    from lit_diffusion.stages.clip import CLIPModule
+
+    image_clip = CLIPModule.from_checkpoint(tiny_ckpts["clip"]).eval()
+    video_clip = CLIPModule(init_from=str(tiny_ckpts["clip"]), vision={"frames": 4, "tubelet": 2}).eval()
+    assert video_clip.frames == 4 and video_clip.model.visual.conv1.weight.dim() == 5
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    clips = images[:, None].expand(-1, 4, -1, -1, -1)
+    with torch.no_grad():
+        tubelets = video_clip.model.visual.conv1(video_clip.model.visual._pixels(clips))  # [B, W, 2, h, w]
+        for i in range(2):
+            torch.testing.assert_close(tubelets[:, :, i], image_clip.model.visual.conv1(images))
+        cosine = (video_clip.encode_image(clips) * image_clip.encode_image(images)).sum(-1)
+        assert (cosine > 0.95).all(), cosine
+        tokens = image_clip.tokenize(["a red circle moving left"])
+        torch.testing.assert_close(video_clip.encode_text(tokens)[1], image_clip.encode_text(tokens)[1])

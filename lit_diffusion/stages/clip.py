@@ -40,7 +40,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lit_diffusion.data.negatives import WordSwaps
 from lit_diffusion.data.tokenizer import Tokenizer
-from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig
+from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig, inflate_image_weights
 from lit_diffusion.models.clip_loss import ClipLoss
 from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.stages.base import CheckpointError, Stage, load_stage_checkpoint, stage_block
@@ -174,13 +174,21 @@ class CLIPModule(Stage):
         init_from: a CLIP stage checkpoint (trained, or written by `lit-diffusion import clip`) to fine-tune: its
             architecture, tokenizer and weights replace vision / text / embed_dim / tokenizer_path. Not a
             hyper-parameter: this module's own checkpoints hold those weights, and rebuilding one needs no file.
+            An image CLIP with `vision: {frames: T, tubelet: t}` given here starts a video CLIP: its patch
+            embedding inflated over the tubelet and its temporal positions zero (`models.clip.inflate_image_weights`),
+            so a still clip's tubelets embed as its image's patches.
         """
         super().__init__()
-        init = None
+        init, inflate = None, False
         if init_from:
             init = load_stage_checkpoint(init_from, "clip")
             config = init["lit_diffusion"].get("config") or {}
+            asked = asdict(vision) if isinstance(vision, VisionConfig) else dict(vision or {})
             vision, text = config.get("vision"), config.get("text")
+            # an image CLIP started as a video CLIP: `vision.frames` (and `tubelet`) given here inflate its tower
+            inflate = bool(vision) and int(vision.get("frames", 1)) == 1 and int(asked.get("frames", 1)) > 1
+            if inflate:
+                vision = {**vision, "frames": int(asked["frames"]), "tubelet": int(asked.get("tubelet", 1))}
             embed_dim, text_only = config.get("embed_dim", embed_dim), bool(config.get("text_only", False))
             tokenizer_json, tokenizer_path = init["lit_diffusion"].get("tokenizer"), None
             if tokenizer_json is None:
@@ -222,7 +230,10 @@ class CLIPModule(Stage):
         self.val_loss = MeanMetric()
         self._val: dict[str, list[Tensor]] = {}
         if init is not None:  # every weight, or an error naming what does not match
-            missing, unexpected = self.load_state_dict(init.get("state_dict") or {}, strict=False)
+            state = init.get("state_dict") or {}
+            if inflate:
+                state = inflate_image_weights(state, vision, prefix="model.visual.")
+            missing, unexpected = self.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("val_loss")]
             if missing or unexpected:
                 raise CheckpointError(f"{init_from}: CLIP weights do not match its config (missing {missing[:5]}, "
