@@ -106,6 +106,10 @@ def test_a_video_model_draws_an_animated_grid(clips, tiny_ckpts, tmp_path):
     assert out.suffix == ".png" and out.is_file()
     gif = Image.open(out.with_suffix(".gif"))
     assert gif.n_frames == FRAMES
+    import av
+
+    with av.open(str(out.with_suffix(".mp4"))) as mp4:
+        assert sum(1 for _ in mp4.decode(video=0)) == FRAMES
     rows, _ = grid.grid(module)
     assert [tuple(r.shape) for r in rows] == [(2, FRAMES, 3, 16, 16)] * 2  # the prompt, then against the negative
 

@@ -84,7 +84,7 @@ class SampleGrid(L.Callback):
         out = Path(trainer.default_root_dir) / "media" / f"samples_step{trainer.global_step:07d}.png"
         title = f"step {trainer.global_step}"
         if isinstance(rows[0], torch.Tensor) and rows[0].ndim == 5:  # clips [n_cols, T, 3, H, W]
-            out, gif = save_video_grid(rows, labels, out, col_titles=self.col_titles(), title=title)
+            out, gif = save_video_grid(rows, labels, out, col_titles=self.col_titles(), title=title)[:2]
         else:
             gif = None
             save_grid(rows, labels, out, col_titles=self.col_titles(), title=title)

@@ -87,8 +87,8 @@ def frame_strip(clip: torch.Tensor, gap: int = 1, pad_value: float = 1.0) -> tor
 def save_video_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str], out: str | Path,
                     col_titles: Sequence[str] | None = None, title: str | None = None, fps: int = 4) -> list[Path]:
     """rows: each [n_cols, T, 3, H, W] clips in [0, 1]. Writes `out` (a PNG: every cell the clip's frames side by
-    side, for a README or a report) and the same path with `.gif` (an animated grid, labelled as `save_grid`'s,
-    looping at `fps`); returns both paths."""
+    side, for a README or a report), the same path with `.gif` (an animated grid, labelled as `save_grid`'s,
+    looping at `fps`) and, where PyAV is installed, with `.mp4` (H.264); returns the paths."""
     out = Path(out)
     strips = [[frame_strip(clip) for clip in row] for row in rows]
     paths = [save_grid(strips, row_labels, out, col_titles=col_titles, title=title)]
@@ -101,7 +101,22 @@ def save_video_grid(rows: Sequence[torch.Tensor], row_labels: Sequence[str], out
             frames.append(Image.open(path).convert("RGB"))
     gif = out.with_suffix(".gif")
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0)
-    return [*paths, gif]
+    paths.append(gif)
+    try:  # an MP4 too where PyAV is installed (the `video` extra)
+        import av
+    except ImportError:
+        return paths
+    mp4 = out.with_suffix(".mp4")
+    w, h = frames[0].size
+    with av.open(str(mp4), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"  # H.264 wants even sides
+        for frame in frames:
+            even = Image.new("RGB", (stream.width, stream.height), (255, 255, 255))
+            even.paste(frame)
+            container.mux(stream.encode(av.VideoFrame.from_image(even)))
+        container.mux(stream.encode())
+    return [*paths, mp4]
 
 
 def save_tradeoff(points: dict[str, list[tuple[float, float, float]]], out: str | Path,
