@@ -109,9 +109,7 @@ def cmd_data_encode(args) -> None:
     import torch.distributed as dist
 
     from lit_diffusion.data.encode import encode_shards
-    from lit_diffusion.data.latents import state_dict_hash
-    from lit_diffusion.stages.clip import CLIPModule
-    from lit_diffusion.stages.vae import VAEModule
+    from lit_diffusion.stages.encoders import frozen_encoders
 
     device = _distributed_from_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     image_size = args.image_size
@@ -120,26 +118,7 @@ def cmd_data_encode(args) -> None:
         image_size = (ckpt.get("datamodule_hyper_parameters") or {}).get("image_size")
         if image_size is None:
             raise ValueError(f"{args.vae} does not say what image size the VAE was trained at: pass --image-size")
-    clip = CLIPModule.from_checkpoint(args.clip, map_location=device)
-    vae = VAEModule.from_checkpoint(args.vae, map_location=device)
-    # hashes of the weights as loaded, before any cast: the diffusion stage hashes its frozen copies alike
-    clip_hash, vae_hash = state_dict_hash(clip.state_dict()), state_dict_hash(vae.state_dict())
-    scale = float(vae.scale_factor)
-
-    def encode_images(images):
-        latents = vae.encode(images.to(device))  # [B, C, h, w]: what the diffusion stage encodes online
-        if not args.std:
-            return latents
-        std = vae.vae.encode(vae._to_weights(images)).std * vae.scale_factor.float()  # scaled as the mean is
-        return latents, std
-
-    def encode_captions(captions):
-        tokens = clip.tokenize(captions)  # [B, L]
-        features, pooled = clip.encode_text(tokens)  # [B, L, W], [B, E]
-        return features, tokens != clip.tokenizer.pad_id, pooled
-
-    def embed_images(images):
-        return clip.encode_image(images.to(device))  # [B, E] L2-normalised
+    encoders = frozen_encoders(args.clip, args.vae, device, std=args.std)
 
     if (args.data is None) == (args.train is None):
         raise ValueError("data encode: give --data (one set of shards) or --train [--val] (splits), not both")
@@ -154,12 +133,12 @@ def cmd_data_encode(args) -> None:
             buckets = BucketConfig(**{"base_size": image_size, **json.loads(args.buckets)})
         except (TypeError, ValueError) as err:
             raise ValueError(f"--buckets {args.buckets}: {err}") from None
-    manifest = encode_shards(urls, args.out, encode_images, encode_captions, image_size=image_size,
-                             clip_hash=clip_hash, vae_hash=vae_hash,
-                             latent_scale={"scale_factor": scale, "latent_mean": float(vae.latent_mean)},
-                             dtype=args.dtype, flips=args.flips, std=args.std, batch_size=args.batch_size,
-                             buckets=buckets, image_embeddings=args.image_embeddings, embed_images=embed_images,
-                             clip_image_size=clip.image_size, frames=args.frames)
+    manifest = encode_shards(urls, args.out, encoders.encode_images, encoders.encode_captions,
+                             image_size=image_size, clip_hash=encoders.clip_hash, vae_hash=encoders.vae_hash,
+                             latent_scale=encoders.latent_scale, dtype=args.dtype, flips=args.flips, std=args.std,
+                             batch_size=args.batch_size, buckets=buckets, image_embeddings=args.image_embeddings,
+                             embed_images=encoders.embed_images, clip_image_size=encoders.clip_image_size,
+                             frames=args.frames)
     if manifest is not None:
         _print_json({k: manifest[k] for k in ("samples", "skipped", "dtype", "shapes", "clip_hash", "vae_hash")}
                     | {"shards": len(manifest["shards"]), "out": str(args.out)})

@@ -4,7 +4,7 @@
   `evaluation/`, `pipeline` or `cli` (torchmetrics is fine in `metrics/`);
 - `data/` imports no model code (`models/`, `stages/`);
 - `stages/` never import `callbacks/`, `evaluation/`, `pipeline` or `cli`;
-- no two modules import each other, lazily or not.
+- no two modules import each other, lazily or not, and no longer circle of imports does either.
 """
 
 from __future__ import annotations
@@ -88,7 +88,56 @@ def check_import_rules(root: str | Path, package: str | None = None) -> list[str
             back = edges.get(b, {}).get(a)
             if back and a < b:
                 problems.append(f"{where} and {back} (import each other)")
+    for cycle in _longer_cycles(edges):  # a -> b -> c -> a: none of them can be read without the others
+        problems.append(" -> ".join(edges[a][b] for a, b in zip(cycle, cycle[1:] + cycle[:1])) + " (a circle)")
     return sorted(set(problems))
+
+
+def _longer_cycles(edges: dict[str, dict[str, str]]) -> list[list[str]]:
+    """One cycle of three or more modules through each group of modules that all reach each other (Tarjan's strongly
+    connected components), found by a breadth-first search from the group's first module back to itself."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 2 or (len(group) == 2 and not all(b in edges.get(a, {}) and a in edges.get(b, {})
+                                                               for a, b in [tuple(group)])):
+                groups.append(group)
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    cycles = []
+    for group in groups:
+        start = min(group)
+        paths, seen = [[start]], {start}
+        while paths:
+            path = paths.pop(0)
+            nexts = [w for w in sorted(edges.get(path[-1], {})) if w in group]
+            if start in nexts and len(path) > 2:
+                cycles.append(path)
+                break
+            for w in nexts:
+                if w not in seen:
+                    seen.add(w)
+                    paths.append(path + [w])
+    return cycles
 
 
 def test_the_package_keeps_the_import_rules():
@@ -114,6 +163,9 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "callbacks/grid.py": "def draw():\n    import fakepkg.evaluation.report\n",
         "evaluation/__init__.py": "",
         "evaluation/report.py": "from fakepkg.callbacks.grid import draw\n",
+        "cli.py": "def main():\n    from fakepkg.bench import run\n",
+        "bench/__init__.py": "def run():\n    from fakepkg.bench.latents import encode\n",
+        "bench/latents.py": "def encode():\n    from fakepkg.cli import main\n",
     }
     for name, text in files.items():
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
@@ -126,5 +178,7 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "fakepkg.stages.clip:1: from fakepkg import evaluation (stages/ must not import fakepkg.evaluation)",
         "fakepkg.callbacks.grid:2: import fakepkg.evaluation.report and fakepkg.evaluation.report:1: "
         "from fakepkg.callbacks.grid import draw (import each other)",
+        "fakepkg.bench:2: from fakepkg.bench.latents import encode -> fakepkg.bench.latents:2: from fakepkg.cli "
+        "import main -> fakepkg.cli:2: from fakepkg.bench import run (a circle)",
     ]
     assert problems == sorted(expected)  # torchmetrics in metrics/ and stages -> diffusion are allowed

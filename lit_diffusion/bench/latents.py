@@ -45,13 +45,17 @@ BASE_SMALL_LDM = dict(image_size=64, unet=dict(model_channels=32, channel_mult=[
 
 
 def encode(clip_ckpt: str, vae_ckpt: str, urls: str, out: Path, image_size: int, dtype: str = "float16") -> dict:
-    """`lit-diffusion data encode` in this process; -> its manifest, with `seconds` and `samples_per_s`."""
-    from lit_diffusion.cli import main
+    """What `lit-diffusion data encode` does, in this process; -> its manifest, with `seconds` and `samples_per_s`
+    (checkpoint loading included)."""
+    from lit_diffusion.data.encode import encode_shards
+    from lit_diffusion.stages.encoders import frozen_encoders
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    main(["data", "encode", "--clip", clip_ckpt, "--vae", vae_ckpt, "--data", urls, "--out", str(out),
-          "--dtype", dtype, "--image-size", str(image_size), "--batch-size", "64", "--device", "cpu"])
+    encoders = frozen_encoders(clip_ckpt, vae_ckpt, "cpu")
+    encode_shards(urls, out, encoders.encode_images, encoders.encode_captions, image_size=image_size,
+                  clip_hash=encoders.clip_hash, vae_hash=encoders.vae_hash, latent_scale=encoders.latent_scale,
+                  dtype=dtype, batch_size=64, progress=False)
     seconds = time.perf_counter() - start
     manifest = json.loads((out / "manifest.json").read_text())
     return {**manifest, "seconds": seconds, "samples_per_s": manifest["samples"] / seconds}
