@@ -1,4 +1,5 @@
 import lightning as L
+import pytest
 import torch
 from conftest import randomise_unet, tiny_datamodule
 from PIL import Image
@@ -33,3 +34,27 @@ def test_callback_writes_a_grid_every_n_steps_and_at_the_end(tiny_ckpts, tmp_pat
     names = sorted(p.name for p in (tmp_path / "media").glob("samples_step*.png"))
     assert names == ["samples_step0000002.png", "samples_step0000003.png"]
     assert Image.open(tmp_path / "media" / names[-1]).size[0] > 2 * 16
+
+
+@pytest.mark.parametrize("n_rows,n_cols", [(1, 1), (1, 4), (2, 3), (5, 8)])
+def test_grid_texts_never_overlap(n_rows, n_cols):
+    """The title, the column titles and the row labels of a grid, as drawn: no two text boxes intersect (one prompt
+    and four seeds used to put the sampler's title over the seed labels)."""
+    import matplotlib.pyplot as plt
+
+    from lit_diffusion.evaluation.plots import grid_figure
+
+    rows = [torch.rand(n_cols, 3, 16, 16) for _ in range(n_rows)]
+    labels = [f"a small blue square above a large red circle, row {i}\n(negative: a purple square)"
+              for i in range(n_rows)]
+    fig = grid_figure(rows, labels, col_titles=[f"seed {j}" for j in range(n_cols)],
+                      title="heun, 13 steps, guidance 3, 32x32 px")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(plt.Text) if t.get_text() and t.get_visible()]
+    assert len(texts) == 1 + n_cols + n_rows
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for a in range(len(boxes)):
+        for b in range(a + 1, len(boxes)):
+            assert not boxes[a].overlaps(boxes[b]), (texts[a].get_text(), texts[b].get_text())
+    plt.close(fig)

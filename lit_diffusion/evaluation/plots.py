@@ -53,12 +53,19 @@ def save_grid(rows: Sequence[torch.Tensor | Sequence[torch.Tensor]], row_labels:
     """rows: each [n_cols, 3, H, W] in [0, 1], or a list of [3, H, W] images of any sizes (e.g. several aspect
     ratios); a label to the left of each row, titles above the columns. Images of several sizes are laid out by
     `grid_cells`: every cell the largest height x the largest width, each image centred on a `pad_value` grey."""
+    return _save(grid_figure(rows, row_labels, col_titles, title, pad_value), out)
+
+
+def grid_figure(rows: Sequence[torch.Tensor | Sequence[torch.Tensor]], row_labels: Sequence[str],
+                col_titles: Sequence[str] | None = None, title: str | None = None, pad_value: float = 0.5):
+    """`save_grid`'s figure. Matplotlib's constrained layout places the title, the column titles and the row labels
+    so that none overlaps another, whatever the numbers of rows and columns (tested on the drawn text boxes)."""
     rows = grid_cells(rows, pad_value)
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     ch, cw = next(image.shape[-2:] for row in rows for image in row)
     aspect = math.sqrt(cw / ch)  # a cell's shape follows its images' at a square cell's area (1.0: as always)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * aspect * n_cols + 2.2, 1.6 / aspect * n_rows + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * aspect * n_cols + 2.2, 1.6 / aspect * n_rows + 0.6),
+                             squeeze=False, layout="constrained")
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -72,7 +79,7 @@ def save_grid(rows: Sequence[torch.Tensor | Sequence[torch.Tensor]], row_labels:
                 ax.set_title(col_titles[j], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save(fig, out)
+    return fig
 
 
 def frame_strip(clip: torch.Tensor, gap: int = 1, pad_value: float = 1.0) -> torch.Tensor:
