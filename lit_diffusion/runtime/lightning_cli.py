@@ -125,5 +125,34 @@ def _resumable_run(root: str, fresh_name: str) -> str:
     return name
 
 
+# What Lightning says on every run that is not news here, each silenced where it is said (and why):
+KNOWN_WARNINGS = (
+    # the frozen CLIP and VAE inside the diffusion stage and the prior are in eval mode on purpose
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # the data modules move only the tensors (their captions stay on the host); the stage's own override serves
+    # plain dataloaders
+    r"You have overridden `transfer_batch_to_device` in both `LightningModule` and `LightningDataModule`",
+    # Lightning 2.6 calling torch's deprecated pytree API
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+class _NoLitLoggerTip(logging.Filter):
+    """Lightning advertises its cloud logger on every `fit`; W&B (offline without an account) is ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_known_warnings() -> None:
+    import warnings
+
+    for pattern in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoLitLoggerTip())
+
+
 def run_lightning_cli(argv: list[str]) -> LitDiffusionCLI:
+    quiet_known_warnings()
     return LitDiffusionCLI(args=argv)

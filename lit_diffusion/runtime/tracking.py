@@ -258,6 +258,8 @@ class SafeWandbLogger(WandbLogger):
     def __init__(self, *args: Any, **kwargs: Any):
         self.failed: str | None = None
         super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # Lightning passes None, which W&B warns has no effect
+            self._wandb_init.pop("anonymous", None)
 
     def _disable(self, where: str, err: Exception) -> None:
         self.failed = f"{where}: {type(err).__name__}: {err}"

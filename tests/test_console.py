@@ -1,0 +1,38 @@
+"""What a newcomer reads: a stage's console output, written to a file as a launcher or a job scheduler does, holds
+no warning that the README does not explain and no progress-bar redraws."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY_CLIP
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_a_stage_run_logged_to_a_file_is_short_and_warns_only_of_what_the_readme_explains(shapes_data, tmp_path):
+    vision = TINY_CLIP["vision"]
+    argv = [sys.executable, "-m", "lit_diffusion", "fit", "--config", "configs/clip/shapes.yaml",
+            "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2", "--run.root", str(tmp_path / "runs"),
+            "--data.init_args.train_urls", str(shapes_data / "train-*.tar"),
+            "--data.init_args.val_urls", str(shapes_data / "val-*.tar"), "--data.init_args.image_size", "16",
+            "--data.init_args.num_workers", "0", "--data.init_args.train_batches_per_epoch", "3",
+            "--model.init_args.tokenizer_path", str(shapes_data / "tokenizer.json"),
+            "--model.init_args.embed_dim", "32",
+            "--model.init_args.vision", str({**vision, "image_size": 16}).replace("'", '"'),
+            "--model.init_args.text", str(TINY_CLIP["text"]).replace("'", '"')]
+    log = tmp_path / "console.txt"
+    with open(log, "w") as out:
+        proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
+                              env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    lines = text.replace("\r", "\n").splitlines()
+    assert len(lines) < 150 and len(text) < 20_000, f"{len(lines)} lines, {len(text)} bytes"
+    warnings = [line for line in lines if re.search(r"warn|deprecat|tip:", line, re.IGNORECASE)]
+    explained = {"W&B logs offline (WANDB_MODE=offline)": "wandb sync"}  # what the README says of each
+    for line in warnings:
+        known = [k for k in explained if k in line]
+        assert known and explained[known[0]] in README, f"unexplained warning: {line}"
