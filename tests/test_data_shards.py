@@ -320,3 +320,59 @@ def test_tar_reader_refuses_a_damaged_header(tmp_path, where):
     ours, errors = _our_members(tmp_path / "s.tar")
     assert [n for n, _ in ours] == ([] if where == "first" else [n for n, _ in _good("a")])
     assert len(errors) == 1 and f"damaged tar header at byte {at}" in str(errors[0])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("length", [b"000", b"-06", b"999"])
+def test_a_damaged_pax_record_is_reported_not_looped_on(tmp_path, length):
+    """A pax record whose length is 0 (never moving on), negative or past the header: a damaged shard, reported,
+    in bounded time; the member before it is kept."""
+    path = tmp_path / "p.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("a.txt", b"first"), ("b" * 120 + ".txt", b"second")):  # the long name needs pax
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = bytearray(path.read_bytes())
+    at = data.index(b" path=")
+    digits = at - data[:at][::-1].index(b"\n") if b"\n" in data[:at] else at - 3
+    data[digits:at] = length[-(at - digits):].rjust(at - digits, b"0")
+    path.write_bytes(bytes(data))
+    ours, errors = _our_members(path)
+    assert [n for n, _ in ours] == ["a.txt"] and len(errors) == 1
+    assert "damaged pax record" in str(errors[0])
+
+
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_compressed_shards_read_whole_and_count_only_real_damage(tmp_path, compression):
+    """An intact compressed shard gives its samples and no skip (its end is checked on the decompressed tar); the
+    same shard cut in half keeps the samples before the cut and is counted once."""
+    import bz2
+    import gzip
+    import lzma
+
+    url = _tar(tmp_path / "plain.tar", [m for i in range(4) for m in _good(f"k{i}", i)])
+    packed = tmp_path / f"s.tar.{compression}"
+    raw = open(url, "rb").read()
+    packed.write_bytes({"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[compression](raw))
+    keys, counter = _read([str(packed)])
+    assert keys == ["k0", "k1", "k2", "k3"] and counter.total == 0
+    (tmp_path / f"cut.tar.{compression}").write_bytes(packed.read_bytes()[: len(packed.read_bytes()) // 2])
+    keys, counter = _read([str(tmp_path / f"cut.tar.{compression}")])
+    assert keys == [f"k{i}" for i in range(len(keys))] and len(keys) < 4
+    assert counter.counts()["shard"] == 1 and counter.total == 1
+
+
+def test_sparse_pax_members_are_refused():
+    from lit_diffusion.data.shards import _Blocks, _plain_tar_members, _TrackedStream
+
+    records = b"22 GNU.sparse.major=1\n"  # the length counts its own digits, the space and the newline
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(records)
+    member = tarfile.TarInfo("k.bin")
+    member.size = 4
+    blob = (header.tobuf(tarfile.USTAR_FORMAT) + records.ljust(512, b"\0") + member.tobuf(tarfile.USTAR_FORMAT)
+            + b"data".ljust(512, b"\0") + b"\0" * 1024)
+    stream = _TrackedStream(io.BytesIO(blob))
+    with pytest.raises(tarfile.ReadError, match="sparse member"):
+        list(_plain_tar_members(_Blocks(stream), stream, "x"))

@@ -485,12 +485,13 @@ class _TrackedStream:
 
 
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as its own reader does
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: read through tarfile's decompression
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "lzma"}  # magic -> the module that reads it
 _BLOCK = 512
 _CHUNK = 1 << 16
 _REGULAR = (b"0", b"\0", b"7")  # regular files (tarfile's REGULAR_TYPES less GNU sparse, refused below)
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, FIFOs: their size field is ignored
-_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL = b"L", b"K", b"x", b"g"
+_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL, _PAX_SOLARIS = b"L", b"K", b"x", b"g", b"X"
+_PAX_LENGTH = re.compile(rb"(\d{1,18}) ")
 
 
 class _Blocks:
@@ -554,13 +555,19 @@ def _checksum_ok(header: bytes) -> bool:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """A pax extended header's "LENGTH KEY=VALUE\n" records."""
+    """A pax extended header's "LENGTH KEY=VALUE\n" records; a record whose length does not reach past its digits,
+    runs off the header or does not end in a newline is a damaged header (a length of 0 would never move on)."""
     records, pos = {}, 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
-        length = int(data[pos:data.index(b" ", pos)])
-        key, _, value = data[data.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+    while pos < len(data) and data[pos] != 0:
+        match = _PAX_LENGTH.match(data, pos)
+        end = pos + int(match[1]) if match else -1
+        if not match or end <= match.end() or end > len(data) or data[end - 1] != 0x0A:
+            raise tarfile.ReadError(f"damaged pax record at byte {pos} of its header")
+        key, equals, value = data[match.end():end - 1].partition(b"=")
+        if not equals:
+            raise tarfile.ReadError(f"damaged pax record at byte {pos} of its header: no '='")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
+        pos = end
     return records
 
 
@@ -587,15 +594,21 @@ def _plain_tar_members(blocks: _Blocks, stream: "_TrackedStream", url: str) -> I
         if size < 0:
             raise tarfile.ReadError(f"damaged tar header at byte {at}: negative size {size}")
         padded = -(-size // _BLOCK) * _BLOCK
-        if kind in (_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL):
+        if kind in (_LONG_NAME, _LONG_LINK, _PAX, _PAX_GLOBAL, _PAX_SOLARIS):
             data = blocks.take(padded)
             if len(data) < padded:
                 raise tarfile.ReadError("unexpected end of data")
             if kind == _LONG_NAME:
                 long_name = _text(data[:size])
-            elif kind == _PAX:
+            elif kind in (_PAX, _PAX_SOLARIS):
                 pax = _pax_records(data[:size])
-            continue  # a global pax header or a long link name changes nothing that is read here
+                if any(k.startswith("GNU.sparse.") for k in pax):
+                    raise tarfile.ReadError(f"sparse member (pax GNU.sparse records) at byte {at}: not supported in "
+                                            f"a shard")
+            elif kind == _PAX_GLOBAL and {"path", "size"} & set(_pax_records(data[:size])):
+                raise tarfile.ReadError(f"global pax header at byte {at} sets path or size for every later member: "
+                                        f"not supported in a shard")
+            continue  # a long link name, or a global pax header of comments, changes nothing that is read here
         name = long_name if long_name is not None else pax.get("path")
         if name is None:
             name, prefix = _text(header[:100]), _text(header[345:500])
@@ -617,22 +630,30 @@ def _plain_tar_members(blocks: _Blocks, stream: "_TrackedStream", url: str) -> I
 
 
 def _tar_members(stream: _TrackedStream, url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """(fname, data) of a tar's regular files, as webdataset's tar_file_iterator gives them (an uncompressed tar
-    read directly, `_plain_tar_members`; a compressed one through tarfile), checking at the end that the archive
-    did not stop at a damaged header with data after it."""
+    """(fname, data) of a tar's regular files, as webdataset's tar_file_iterator gives them, read directly
+    (`_plain_tar_members`); a gzip, bzip2 or xz tar through its decompressor, the decompressed stream tracked as
+    `stream.inner`, whose end `shard_samples` checks (the compressed bytes never end in zero blocks)."""
     try:
         blocks = _Blocks(stream)
-        if not blocks.peek(6).startswith(_COMPRESSED):
-            yield from _plain_tar_members(blocks, stream, url)
-            return
-        tar = tarfile.open(fileobj=_Replay(blocks), mode="r|*")
-        for info in tar:
-            if not info.isreg() or _META.match(info.name):
-                continue
-            yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-            tar.members = []  # a stream of millions of members would otherwise keep every TarInfo
-        stream.drain()
-    except Exception as exn:  # tarfile raises ReadError, EOFError, OSError... on damaged archives
+        head = blocks.peek(6)
+        module = next((m for magic, m in _COMPRESSED.items() if head.startswith(magic)), None)
+        if module is not None:
+            if module == "gzip":
+                import gzip
+
+                decompressed = gzip.GzipFile(fileobj=_Replay(blocks))
+            elif module == "bz2":
+                import bz2
+
+                decompressed = bz2.BZ2File(_Replay(blocks))
+            else:
+                import lzma
+
+                decompressed = lzma.LZMAFile(_Replay(blocks))
+            stream.inner = _TrackedStream(decompressed)
+            blocks, stream = _Blocks(stream.inner), stream.inner
+        yield from _plain_tar_members(blocks, stream, url)
+    except Exception as exn:  # damaged archives raise ReadError, EOFError, OSError, ValueError...
         handler(exn)
 
 
@@ -649,6 +670,12 @@ class _Replay:
                 parts.append(self.blocks.take(_CHUNK))
             return b"".join(parts)
         return self.blocks.take(n)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
 
 
 def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterator[dict]:
@@ -669,16 +696,23 @@ def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterat
             tracked.append(_TrackedStream(source["stream"]))
             yield from _tar_members(tracked[-1], url, handler)
 
-    yield from group_by_keys(members(), handler=handler)
-    for stream in tracked:
-        try:
-            if not failed:
-                stream.drain()
-                if not stream.complete():
-                    handler(EOFError(f"truncated tar: ends after {stream.size} bytes without an end-of-archive block"))
-            stream.close()  # a pipe: command reports its exit status here
-        except Exception as exn:
-            handler(exn)
+    finished = False
+    try:
+        yield from group_by_keys(members(), handler=handler)
+        finished = True
+    finally:  # also when the reader stops early (then unchecked): the shard is closed now, not when collected
+        for stream in tracked:
+            try:
+                tar = getattr(stream, "inner", stream)  # a compressed shard's end is its decompressed stream's
+                if finished and not failed:
+                    tar.drain()
+                    if not tar.complete():
+                        handler(EOFError(f"truncated tar: ends after {tar.size} bytes without an end-of-archive "
+                                         f"block"))
+                stream.close()  # a pipe: command reports its exit status here
+            except Exception as exn:
+                if finished:
+                    handler(exn)
 
 
 Decode = Callable[..., dict]  # decode(raw_sample, flip=bool) -> decoded sample; raises BadSample
