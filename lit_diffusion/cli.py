@@ -11,6 +11,7 @@ sweep | compare         offline W&B sweeps and the comparison of their runs
 pipeline                the main job: CLIP -> VAE -> latent diffusion -> evaluation -> report
 import vae | clip       a stage checkpoint from published weights (diffusers / SD VAE; OpenAI, open_clip, HF CLIP)
 bench                   benchmarks against plain baselines
+export                  a checkpoint to diffusers (VAE), transformers or open_clip (CLIP)
 """
 
 from __future__ import annotations
@@ -666,3 +667,36 @@ def add_bench(sub) -> None:
 
 
 _EXTRA_COMMANDS += [add_bench]
+
+
+# ---------------------------------------------------------------------------------------------------- export
+EXPORT_TARGETS = ("diffusers", "transformers", "open_clip")
+
+
+def cmd_export(args) -> None:
+    try:
+        if args.to == "diffusers":
+            from lit_diffusion.export.vae import export_vae_checkpoint
+
+            summary = export_vae_checkpoint(args.ckpt, args.out)
+        else:
+            from lit_diffusion.export.clip import export_clip_checkpoint
+
+            summary = export_clip_checkpoint(args.ckpt, args.to, args.out)
+    except ImportError as err:  # the optional extra is missing: its message says what to install
+        raise ValueError(str(err)) from None
+    _print_json({"ckpt": str(args.ckpt), **summary})
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="a stage checkpoint in a published format (diffusers VAE; transformers or "
+                                      "open_clip CLIP), the inverse of `import`")
+    p.add_argument("--ckpt", required=True, help="vae.ckpt for --to diffusers; clip.ckpt for transformers / open_clip")
+    p.add_argument("--to", required=True, choices=EXPORT_TARGETS,
+                   help="diffusers: an AutoencoderKL folder; transformers: a CLIPModel folder with its tokenizer; "
+                        "open_clip: a checkpoint with its model config (and tokenizer files)")
+    p.add_argument("--out", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_export)
+
+
+_EXTRA_COMMANDS += [add_export]
