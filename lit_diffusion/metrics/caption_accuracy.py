@@ -125,28 +125,31 @@ def caption_kind(attrs: dict) -> str:
 
 class CaptionAccuracy(Metric):
     """Fraction of images whose every caption attribute checks out; `attribute_accuracy()` breaks it down by
-    attribute and by caption kind."""
+    attribute and by caption kind. A subclass judges other samples by setting what they are (`samples`, their
+    dimensions `sample_dims`), what is checked (`attributes`) and the check (`check`): `MotionAccuracy`'s clips."""
 
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    attributes = ATTRIBUTES
+    check = staticmethod(check_image)
+    samples, sample_dims = "images [B, 3, H, W]", 4
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        for key in (*ATTRIBUTES, "correct", "cut"):
+        for key in (*self.attributes, "correct", "cut"):
             self.add_state(f"{key}_sum", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         for kind in KINDS:
             self.add_state(f"{kind}_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
             self.add_state(f"{kind}_count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, images: Tensor, attrs: list[dict]) -> None:
-        if images.dim() != 4 or len(attrs) != images.shape[0]:
-            raise ValueError(
-                f"CaptionAccuracy.update: images {tuple(images.shape)} and {len(attrs)} attrs do not match"
-            )
-        results = [check_image(image, a) for image, a in zip(images.detach().cpu(), attrs)]
-        for key in (*ATTRIBUTES, "correct", "cut"):
+    def update(self, samples: Tensor, attrs: list[dict]) -> None:
+        if samples.dim() != self.sample_dims or len(attrs) != samples.shape[0]:
+            raise ValueError(f"{type(self).__name__}.update: {self.samples.split()[0]} {tuple(samples.shape)} "
+                             f"(expected {self.samples.split(' ', 1)[1]}) and {len(attrs)} attrs do not match")
+        results = [self.check(sample, a) for sample, a in zip(samples.detach().cpu(), attrs)]
+        for key in (*self.attributes, "correct", "cut"):
             setattr(self, f"{key}_sum", getattr(self, f"{key}_sum") + sum(int(r[key]) for r in results))
         self.count = self.count + len(results)
         for kind in KINDS:
@@ -156,16 +159,16 @@ class CaptionAccuracy(Metric):
 
     def compute(self) -> Tensor:
         if int(self.count) == 0:
-            raise ValueError("CaptionAccuracy.compute() before any update()")
+            raise ValueError(f"{type(self).__name__}.compute() before any update()")
         return self.correct_sum.double() / self.count
 
     def attribute_accuracy(self) -> dict[str, float]:
         """Accuracy of each attribute, overall (`correct`) and of each caption kind present (`one_object`,
-        `two_objects`), and the fraction of images with an object at the border (`cut`), gathered over all ranks."""
+        `two_objects`), and the fraction of samples with an object at the border (`cut`), gathered over all ranks."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
                                should_unsync=self._should_unsync):
             n = max(int(self.count), 1)
-            out = {key: int(getattr(self, f"{key}_sum")) / n for key in (*ATTRIBUTES, "correct", "cut")}
+            out = {key: int(getattr(self, f"{key}_sum")) / n for key in (*self.attributes, "correct", "cut")}
             for kind in KINDS:
                 if int(getattr(self, f"{kind}_count")):
                     out[kind] = int(getattr(self, f"{kind}_correct")) / int(getattr(self, f"{kind}_count"))

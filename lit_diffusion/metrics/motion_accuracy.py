@@ -33,9 +33,8 @@ from collections import Counter
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from lit_diffusion.metrics.caption_accuracy import KINDS, caption_kind, detect_objects
+from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy, detect_objects
 
 ATTRIBUTES = ("count", "colors", "shapes", "sizes", "direction")
 _COLOR_FRAME_SHARE = 7 / 8  # frames that must show exactly the expected colours
@@ -107,51 +106,10 @@ def check_clip(video: Tensor | np.ndarray, attrs: dict) -> dict:
     return result
 
 
-class MotionAccuracy(Metric):
+class MotionAccuracy(CaptionAccuracy):
     """Fraction of clips whose every caption attribute checks out; `attribute_accuracy()` breaks it down by
-    attribute and by caption kind (one object or two)."""
+    attribute and by caption kind (one object or two). `CaptionAccuracy`'s counting, `check_clip`'s judging."""
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        for key in (*ATTRIBUTES, "correct", "cut"):
-            self.add_state(f"{key}_sum", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        for kind in KINDS:
-            self.add_state(f"{kind}_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-            self.add_state(f"{kind}_count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, videos: Tensor, attrs: list[dict]) -> None:
-        if videos.dim() != 5 or len(attrs) != videos.shape[0]:
-            raise ValueError(
-                f"MotionAccuracy.update: videos {tuple(videos.shape)} (expected [B, T, 3, H, W]) and {len(attrs)} "
-                f"attrs do not match"
-            )
-        results = [check_clip(video, a) for video, a in zip(videos.detach().cpu(), attrs)]
-        for key in (*ATTRIBUTES, "correct", "cut"):
-            setattr(self, f"{key}_sum", getattr(self, f"{key}_sum") + sum(int(r[key]) for r in results))
-        self.count = self.count + len(results)
-        for kind in KINDS:
-            mine = [r for r, a in zip(results, attrs) if caption_kind(a) == kind]
-            setattr(self, f"{kind}_correct", getattr(self, f"{kind}_correct") + sum(int(r["correct"]) for r in mine))
-            setattr(self, f"{kind}_count", getattr(self, f"{kind}_count") + len(mine))
-
-    def compute(self) -> Tensor:
-        if int(self.count) == 0:
-            raise ValueError("MotionAccuracy.compute() before any update()")
-        return self.correct_sum.double() / self.count
-
-    def attribute_accuracy(self) -> dict[str, float]:
-        """Accuracy of each attribute, overall (`correct`) and of each caption kind present (`one_object`,
-        `two_objects`), and the fraction of clips with an object at the border (`cut`), gathered over all ranks."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
-                               should_unsync=self._should_unsync):
-            n = max(int(self.count), 1)
-            out = {key: int(getattr(self, f"{key}_sum")) / n for key in (*ATTRIBUTES, "correct", "cut")}
-            for kind in KINDS:
-                if int(getattr(self, f"{kind}_count")):
-                    out[kind] = int(getattr(self, f"{kind}_correct")) / int(getattr(self, f"{kind}_count"))
-            return out
+    attributes = ATTRIBUTES
+    check = staticmethod(check_clip)
+    samples, sample_dims = "videos [B, T, 3, H, W]", 5
