@@ -32,7 +32,7 @@ from pathlib import Path
 from PIL import Image
 from webdataset import ShardWriter
 
-from lit_diffusion.data.shapes import COLORS, SHAPES, SIZES, _remove_stale_shards, render
+from lit_diffusion.data.shapes import COLORS, SHAPES, SIZES, _remove_stale_shards, render, split_urls
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,9 @@ def write_moving_shapes(out_dir: str | Path, train: int = 5000, val: int = 500, 
                         shard_size: int = 1000, seed: int = 0, grow_probability: float = 0.0,
                         vocab_size: int = 1000, context_length: int = 32) -> dict:
     """Write `train-%06d.tar` / `val-%06d.tar` shards of moving-shapes clips, `tokenizer.json` and `info.json` to
-    `out_dir`; the same arguments give byte-identical files. Returns info.json's content plus timing."""
+    `out_dir`; the same arguments give byte-identical shards (not always the same tokenizer.json: the BPE trainer
+    breaks ties between equally frequent pairs in hash-map order, see `Tokenizer.train`). Returns info.json's
+    content plus timing."""
     from lit_diffusion.data.tokenizer import Tokenizer
 
     if size < 16:
@@ -196,11 +198,6 @@ def write_moving_shapes(out_dir: str | Path, train: int = 5000, val: int = 500, 
     Tokenizer.train(tokenizer_captions, vocab_size=vocab_size, context_length=context_length).save(
         out_dir / "tokenizer.json")
 
-    def brace(names: list[str], split: str) -> str | None:
-        if not names:
-            return None
-        return str(out_dir / (f"{split}-{{000000..{len(names) - 1:06d}}}.tar" if len(names) > 1 else names[0]))
-
     info = {
         "dataset": "moving_shapes",
         "seed": seed,
@@ -211,7 +208,7 @@ def write_moving_shapes(out_dir: str | Path, train: int = 5000, val: int = 500, 
         "shard_size": shard_size,
         "counts": {"train": train, "val": val},
         "shards": shards,
-        "urls": {split: brace(shards[split], split) for split in shards},
+        "urls": {split: split_urls(out_dir, shards[split], split) for split in shards},
         "tokenizer": "tokenizer.json",
         "colors": {k: list(v) for k, v in COLORS.items()},
         "shapes": list(SHAPES),

@@ -287,6 +287,13 @@ def _remove_stale_shards(out_dir: Path, dataset: str = "shapes") -> None:
         path.unlink()
 
 
+def split_urls(out_dir: Path, shards: list[str], split: str) -> str | None:
+    """The brace pattern of a split's shards written as `SPLIT-%06d.tar` (one shard: its path; none: None)."""
+    if not shards:
+        return None
+    return str(out_dir / (f"{split}-{{000000..{len(shards) - 1:06d}}}.tar" if len(shards) > 1 else shards[0]))
+
+
 def _write_split(out_dir: Path, split: str, count: int, size: int, shard_size: int, seed: int,
                  aspect_ratios: tuple[str, ...] = ASPECT_RATIOS, multiple: int = 2) -> tuple[list, list]:
     rng = random.Random(f"lit_diffusion-shapes-{seed}-{split}")  # str seeds hash deterministically
@@ -341,11 +348,6 @@ def write_shapes(
         out_dir / "tokenizer.json"
     )
 
-    def brace(shards: list[str], split: str) -> str | None:
-        if not shards:
-            return None
-        return str(out_dir / (f"{split}-{{000000..{len(shards) - 1:06d}}}.tar" if len(shards) > 1 else shards[0]))
-
     info = {
         "dataset": "shapes",
         "seed": seed,
@@ -354,7 +356,7 @@ def write_shapes(
         "shard_size": shard_size,
         "counts": {"train": train, "val": val},
         "shards": {"train": train_shards, "val": val_shards},
-        "urls": {"train": brace(train_shards, "train"), "val": brace(val_shards, "val")},
+        "urls": {"train": split_urls(out_dir, train_shards, "train"), "val": split_urls(out_dir, val_shards, "val")},
         "tokenizer": "tokenizer.json",
         "colors": {k: list(v) for k, v in COLORS.items()},
         "shapes": list(SHAPES),

@@ -28,7 +28,7 @@ def _canonical_ids(tok: _HFTokenizer) -> _HFTokenizer:
     The BPE trainer numbers base symbols in hash-map order, so the same captions would give different ids
     (and checkpoints that disagree on them) from run to run. Its merges are deterministic unless two pairs tie in
     frequency, which it breaks by those ids: on a handful of captions (6 moving-shapes captions: 5 different
-    results in 10 runs) the merges differ too; on tens of captions or more they did not (40 and 200: 1 in 10)."""
+    results in 10 runs) the merges differ too, and on 40 they did in one test run of many."""
     blob = json.loads(tok.to_str())
     model = blob["model"]
     specials = {t["content"]: t["id"] for t in blob["added_tokens"]}
