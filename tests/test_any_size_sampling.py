@@ -10,7 +10,6 @@ from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -130,39 +129,34 @@ def test_a_real_images_ratio_comes_from_its_json_else_its_own_size():
 
 
 # ----------------------------------------------------------------------------------------------------------- grids
-def _old_save_grid(rows, row_labels, out, col_titles=None, title=None):
-    """save_grid as it was before images of several sizes (commit 670eaef): the default grid must keep its bytes."""
-    import matplotlib.pyplot as plt
-
-    from lit_diffusion.evaluation.plots import _save
-
-    n_rows, n_cols = len(rows), max(r.shape[0] for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols + 2.2, 1.6 * n_rows + 0.4), squeeze=False)
-    for i, row in enumerate(rows):
-        for j in range(n_cols):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < row.shape[0]:
-                ax.imshow(row[j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            if j == 0:
-                ax.set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=7, wrap=True)
-            if i == 0 and col_titles:
-                ax.set_title(col_titles[j], fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _save(fig, out)
+def _boxes(png: Path, colours) -> list[tuple[int, int, int, int]]:
+    """The bounding box (top, left, bottom, right) of each colour's pixels in a drawn PNG."""
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    boxes = []
+    for colour in colours:
+        ys, xs = np.nonzero((np.abs(pixels - np.array(colour)) <= 1).all(-1))
+        assert len(ys), f"colour {colour} is not drawn"
+        boxes.append((ys.min(), xs.min(), ys.max() + 1, xs.max() + 1))
+    return boxes
 
 
-def test_a_grid_of_one_size_keeps_its_bytes(tmp_path):
-    assert matplotlib.get_backend().lower() == "agg"
-    torch.manual_seed(0)
-    rows = [torch.rand(3, 3, 16, 16), torch.rand(2, 3, 16, 16)]
-    args = (["a large red circle", "a small blue square\n(negative: x)"],)
-    kwargs = dict(col_titles=["guidance 1", "guidance 3", "guidance 5"], title="step 7")
-    new = save_grid(rows, *args, tmp_path / "new.png", **kwargs).read_bytes()
-    old = _old_save_grid(rows, *args, tmp_path / "old.png", **kwargs).read_bytes()
-    assert new == old
+def test_a_grid_of_one_size_draws_each_image_whole_in_its_cell_in_order(tmp_path):
+    """Each image one flat colour: each colour fills one equal, square, solid box, in row-major order."""
+    colours = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+    images = [torch.tensor(c, dtype=torch.float32).div(255).view(3, 1, 1).expand(3, 16, 16) for c in colours]
+    rows = [torch.stack(images[:3]), torch.stack(images[3:])]
+    out = save_grid(rows, ["a large red circle", "a small blue square\n(negative: x)"], tmp_path / "g.png",
+                    col_titles=["guidance 1", "guidance 3", "guidance 5"], title="step 7")
+    boxes = _boxes(out, colours)
+    sides = {(b - t, r - l) for t, l, b, r in boxes}
+    assert len({s for side in sides for s in side}) <= 2 and all(abs(h - w) <= 1 for h, w in sides), sides
+    pixels = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    for (t, l, b, r), colour in zip(boxes, colours):  # solid: the box holds only its colour
+        assert (np.abs(pixels[t:b, l:r] - np.array(colour)) <= 1).all()
+    (r0, r1, r2), (s0, s1) = boxes[:3], boxes[3:]
+    assert r0[3] <= r1[1] and r1[3] <= r2[1] and s0[3] <= s1[1]  # columns left to right
+    assert max(b[2] for b in boxes[:3]) <= min(b[0] for b in boxes[3:])  # the second row below the first
+    assert abs(r0[1] - s0[1]) <= 1 and abs(r1[1] - s1[1]) <= 1  # columns aligned across rows
 
 
 def test_images_of_several_sizes_are_centred_in_cells_of_the_largest_height_and_width(tmp_path):
