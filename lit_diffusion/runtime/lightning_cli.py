@@ -132,6 +132,8 @@ KNOWN_WARNINGS = (
     # the data modules move only the tensors (their captions stay on the host); the stage's own override serves
     # plain dataloaders
     r"You have overridden `transfer_batch_to_device` in both `LightningModule` and `LightningDataModule`",
+    # `lit-diffusion fit ...` hands LightningCLI the arguments it parsed from sys.argv: both name the same run
+    r"LightningCLI's args parameter is intended to run from within Python",
     # Lightning 2.6 calling torch's deprecated pytree API
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
