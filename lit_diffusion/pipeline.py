@@ -51,7 +51,8 @@ IMPORTABLE = ("clip", "vae")  # stages that `checkpoint:` can supply instead of 
 # `encode:` keys -> `lit-diffusion data encode` options (out: default runs/NAME/latents)
 ENCODE_OPTIONS = {"out": None, "dtype": "--dtype", "flips": "--flips", "std": "--std", "batch_size": "--batch-size",
                   "device": "--device", "buckets": "--buckets", "image_size": "--image-size",
-                  "image_embeddings": "--image-embeddings", "frames": "--frames"}
+                  "image_embeddings": "--image-embeddings", "frames": "--frames",
+                  "patch_features": "--patch-features"}
 LATENT_DATA = "lit_diffusion.data.datamodule.LatentDataModule"
 INIT_FROM = "model.init_args.init_from"  # the override that starts a phase from the previous one's checkpoint
 RESERVED = (*STAGES, "eval", "latents")  # names under runs/NAME that a phase's run directory must not take

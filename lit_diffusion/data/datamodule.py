@@ -375,7 +375,7 @@ class ImageCaptionDataModule(_ShardDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
 
-LATENT_TENSORS = ("latent", "latent_std", "context", "mask", "pooled", "size", "image_embedding")
+LATENT_TENSORS = ("latent", "latent_std", "context", "mask", "pooled", "size", "image_embedding", "patch_features")
 
 
 def _layout(manifest: dict) -> tuple:

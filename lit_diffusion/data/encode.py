@@ -13,6 +13,8 @@ The encoders come from the caller (this package imports no model code):
     encode_captions(captions list[str]) -> (token features [B,L,W], mask [B,L] bool of real tokens, pooled [B,E])
     embed_images(images float [B,3,S',S'] in [-1,1] at CLIP's size S') -> CLIP image embeddings [B,E] (with
         `image_embeddings`: unCLIP's prior target; the images are the sources' centre squares, as CLIP sees them)
+    encode_patches(images float [B,3,S,S] in [-1,1], the latents' images) -> CLIP patch-token maps [B,W,h_c,w_c]
+        (with `patch_features`: REPA's target; the flipped image's too with `flips`)
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 ImageEncoder = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 CaptionEncoder = Callable[[list], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 ImageEmbedder = Callable[[torch.Tensor], torch.Tensor]
+PatchEncoder = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -162,7 +165,8 @@ def _embedding_stats(shards: list[dict], splits: dict[str, list[str]] | None) ->
 
 
 def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool,
-                  std: bool, embed_images: ImageEmbedder | None = None) -> list[dict]:
+                  std: bool, embed_images: ImageEmbedder | None = None,
+                  encode_patches: PatchEncoder | None = None) -> list[dict]:
     images = images_to_float(torch.stack([s["image"] for s in samples]))  # [B, 3, S, S] (clips [B, T, 3, S, S])
     arrays: dict[str, torch.Tensor] = {}
     views = [("latent", images)] + ([("latent_flip", images.flip(-1))] if flips else [])
@@ -179,6 +183,9 @@ def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_capti
             arrays[name], arrays[f"{name}_std"] = out
         else:
             arrays[name] = out[0] if isinstance(out, (tuple, list)) else out
+        if encode_patches is not None:  # of the image each latent was encoded from: REPA aligns to it
+            suffix = name[len("latent"):]  # "" or "_flip"
+            arrays[f"patch_features{suffix}"] = encode_patches(view).permute(0, 2, 3, 1)  # [B, h_c, w_c, W]
     context, mask, pooled = encode_captions([s["caption"] for s in samples])  # [B, L, W], [B, L], [B, E]
     if embed_images is not None:
         # of the unflipped image alone, with --flips too: the prior learns the caption's embedding of the image as
@@ -201,7 +208,7 @@ def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, bat
                       encode_images: ImageEncoder, encode_captions: CaptionEncoder, flips: bool, std: bool,
                       counter: SkipCounter, bar, buckets: BucketConfig | None = None,
                       embed_images: ImageEmbedder | None = None, clip_image_size: int | None = None,
-                      frames: int | None = None) -> None:
+                      frames: int | None = None, encode_patches: PatchEncoder | None = None) -> None:
     """One input shard -> one output shard. With buckets, each image at its bucket's size (crops drawn from a
     generator seeded by the output shard's name, so a redone shard is the same), encoded in batches of one
     bucket; a bucket's samples are written when its batch fills, the partial ones at the shard's end. With
@@ -214,11 +221,14 @@ def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, bat
         def flush(key) -> None:
             samples = pending.pop(key)
             with torch.no_grad():
-                for e in _encode_batch(samples, encode_images, encode_captions, flips, std, embed_images):
+                for e in _encode_batch(samples, encode_images, encode_captions, flips, std, embed_images,
+                                       encode_patches):
                     writer.write(e["key"], e["latent"], e["context"], e["pooled"], e["caption"], e["attrs_json"],
                                  latent_std=e.get("latent_std"), latent_flip=e.get("latent_flip"),
                                  latent_flip_std=e.get("latent_flip_std"), size=e["size"],
-                                 image_embedding=e.get("image_embedding"))
+                                 image_embedding=e.get("image_embedding"),
+                                 patch_features=e.get("patch_features"),
+                                 patch_features_flip=e.get("patch_features_flip"))
             bar.update(len(samples))
 
         for raw in shard_samples(url, counter):
@@ -294,6 +304,8 @@ def encode_shards(
     embed_images: ImageEmbedder | None = None,
     clip_image_size: int | None = None,
     frames: int | None = None,
+    patch_features: bool = False,
+    encode_patches: PatchEncoder | None = None,
 ) -> dict | None:
     """Encode every sample of `urls` into latent shards under `out`; returns the manifest on rank 0 (None on the
     others). `urls`: one set of shards, or {"train": urls, "val": urls} (outputs `SPLIT/NNNNNN.tar`). `buckets`:
@@ -302,10 +314,16 @@ def encode_shards(
     `image_embeddings`: also each sample's CLIP image embedding (`embed_images` at `clip_image_size`, CLIP's image
     size), float32, with their train-split mean and std in the manifest (unCLIP's prior).
     `frames`: the inputs are video-caption shards (`data.video`): each clip's first `frames` frames through
-    `encode_images` frame by frame, latents [T, C, h, w] (no flips, buckets or image embeddings)."""
+    `encode_images` frame by frame, latents [T, C, h, w] (no flips, buckets or image embeddings).
+    `patch_features`: also the CLIP patch tokens of each latent's image (`encode_patches`; REPA's target), in
+    `dtype`, their grid and width in the manifest (`patch_features`)."""
     rank, world_size = _rank_and_world(rank, world_size)
     if frames and (flips or buckets is not None or image_embeddings):
         raise ValueError("frames (clips): flips, buckets and image_embeddings are for images; leave them off")
+    if frames and patch_features:
+        raise ValueError("frames (clips): patch_features are for images (REPA aligns image models); leave it off")
+    if patch_features and encode_patches is None:
+        raise ValueError("patch_features needs encode_patches (a CLIP with an image tower)")
     if image_embeddings and (embed_images is None or clip_image_size is None):
         raise ValueError("image_embeddings needs embed_images and clip_image_size (a CLIP with an image tower)")
     if batch_size < 1:
@@ -325,7 +343,8 @@ def encode_shards(
                           # only when on: a folder written before the flag existed resumes as it did
                           **({"image_embeddings": True, "clip_image_size": clip_image_size}
                              if image_embeddings else {}),
-                          **({"frames": frames} if frames else {})}, rank)
+                          **({"frames": frames} if frames else {}),
+                          **({"patch_features": True} if patch_features else {})}, rank)
     counter = SkipCounter()
     done: list[dict] = []
     with tqdm(desc=f"encode (rank {rank})", unit="sample", unit_scale=True, disable=not progress or rank != 0,
@@ -339,7 +358,8 @@ def encode_shards(
                 before = counter.counts()
                 _encode_one_shard(url, path, image_size, dtype, batch_size, encode_images, encode_captions,
                                   flips, std, counter, bar, buckets,
-                                  embed_images if image_embeddings else None, clip_image_size, frames)
+                                  embed_images if image_embeddings else None, clip_image_size, frames,
+                                  encode_patches if patch_features else None)
                 after = counter.counts()
                 log.info("encoded %s -> %s (skipped %s)", url, path,
                          {r: after[r] - before[r] for r in SKIP_REASONS if after[r] != before[r]})
@@ -366,6 +386,8 @@ def encode_shards(
             "image_size": image_size,
             **({"frames": frames} if frames else {}),
             **({"image_embedding": _embedding_stats(shards, splits)} if image_embeddings else {}),
+            **({"patch_features": {"grid": shapes["patch_features"][:2], "dim": shapes["patch_features"][2],
+                                   "dtype": dtype}} if patch_features else {}),
             "shapes": {"latent": shapes["latent"] if buckets is None else [shapes["latent"][0], None, None],
                        "context": [None, shapes["context"][1]], "pooled": shapes["pooled"]},
             **({"buckets": [list(b) for b in buckets.buckets],

@@ -11,14 +11,20 @@ Per sample (WebDataset members of one tar, KEY without dots):
                             (h, w), crop (top, left), target (h, w) in pixels                 [6]
     KEY.image_embedding.npy CLIP's L2-normalised embedding of the image's centre square, float32 whatever
                             the dtype (with `image_embeddings`; unCLIP's prior target)        [E]
+    KEY.patch_features.npy  CLIP's patch tokens of the whole image, in the shards' dtype (float16 by default;
+                            REPA's target, `models.repa.clip_patch_features`; with `patch_features`)
+                                                                                              [h_c, w_c, W]
+    KEY.patch_features_flip.npy  the same of the flipped image (with `flips` and `patch_features`)
     KEY.txt, KEY.json       the caption and the source sample's attributes (json as it was)
 Arrays are float16, float32 or bfloat16; npy has no bfloat16, so those are stored as the same 16 bits viewed
 as uint16, and `manifest.json` says which. The manifest beside the shards names the encoders by the hashes of
 their weights (`state_dict_hash`), the latent scale, shapes and dtype, counts per shard and in all, and the
 source shards; with aspect buckets, the buckets (image pixels) and every latent shape in the shards
 (`latent_shapes`; `shapes.latent` then gives only the channels: [C, null, null]); with image embeddings,
-`image_embedding`: {"dim": E, "mean": [E], "std": [E]} over the train split's (`require_image_embeddings`). Shards are written deterministically (fixed tar headers) under a temporary name and renamed
-when complete, so a shard under its final name is always whole.
+`image_embedding`: {"dim": E, "mean": [E], "std": [E]} over the train split's (`require_image_embeddings`); with
+patch features, `patch_features`: {"grid": [h_c, w_c], "dim": W, "dtype": the shards' dtype}. Shards are written
+deterministically (fixed tar headers) under a temporary name and renamed when complete, so a shard under its final
+name is always whole.
 """
 
 from __future__ import annotations
@@ -108,14 +114,16 @@ class LatentShardWriter:
     def write(self, key: str, latent: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor, caption: str,
               attrs_json: bytes | None = None, latent_std: torch.Tensor | None = None,
               latent_flip: torch.Tensor | None = None, latent_flip_std: torch.Tensor | None = None,
-              size: torch.Tensor | None = None, image_embedding: torch.Tensor | None = None) -> None:
+              size: torch.Tensor | None = None, image_embedding: torch.Tensor | None = None,
+              patch_features: torch.Tensor | None = None, patch_features_flip: torch.Tensor | None = None) -> None:
         """One sample: latent [C,h,w], context [n,W] (real tokens only), pooled [E], size [6], image_embedding [E];
         the optional arrays alike."""
         if "." in key:
             raise ValueError(f"sample key {key!r} contains a dot: WebDataset would split it into key and members")
         sample = {"__key__": key, "txt": caption.encode("utf-8")}
         arrays = {"latent.npy": latent, "context.npy": context, "pooled.npy": pooled, "latent_std.npy": latent_std,
-                  "latent_flip.npy": latent_flip, "latent_flip_std.npy": latent_flip_std}
+                  "latent_flip.npy": latent_flip, "latent_flip_std.npy": latent_flip_std,
+                  "patch_features.npy": patch_features, "patch_features_flip.npy": patch_features_flip}
         sample.update({name: encode_array(a, self.dtype) for name, a in arrays.items() if a is not None})
         if size is not None:
             sample["size.npy"] = encode_array(size.float(), "float32")  # pixel counts: exact in float32
@@ -239,16 +247,19 @@ class LatentDecoder:
     context_length: int | None = None
     latent_shapes: tuple[tuple[int, ...], ...] | None = None
     image_embedding_dim: int | None = None  # E when the shards hold image embeddings
+    patch_features_shape: tuple[int, ...] | None = None  # (h_c, w_c, W) when the shards hold CLIP patch features
 
     @classmethod
     def from_manifest(cls, manifest: dict, context_length: int | None = None) -> LatentDecoder:
         shapes = manifest["shapes"]
         several = manifest.get("latent_shapes")
         embedding = manifest.get("image_embedding")
+        patches = manifest.get("patch_features")
         return cls(tuple(shapes["latent"]), int(shapes["context"][1]), int(shapes["pooled"][0]), manifest["dtype"],
                    bool(manifest["flips"]), bool(manifest["std"]), context_length,
                    tuple(tuple(s) for s in several) if several else None,
-                   int(embedding["dim"]) if embedding else None)
+                   int(embedding["dim"]) if embedding else None,
+                   (*patches["grid"], int(patches["dim"])) if patches else None)
 
     def _array(self, sample: dict, member: str) -> torch.Tensor:
         if member not in sample:
@@ -297,6 +308,13 @@ class LatentDecoder:
                 raise BadSample("bad_array", f".image_embedding.npy has shape {list(embedding.shape)}, expected "
                                              f"[{self.image_embedding_dim}]")
             out["image_embedding"] = embedding
+        if self.patch_features_shape is not None:  # the flipped image's with `flip`: CLIP sees the flipped image
+            member = "patch_features_flip.npy" if flip else "patch_features.npy"
+            features = self._array(sample, member)
+            if tuple(features.shape) != tuple(self.patch_features_shape):
+                raise BadSample("bad_array", f".{member} has shape {list(features.shape)}, expected "
+                                             f"{list(self.patch_features_shape)}")
+            out["patch_features"] = features
         caption, attrs = decode_text(sample)
         return {**out, "context": context, "pooled": pooled, "caption": caption, "attrs": attrs,
                 "key": sample["__key__"]}
@@ -325,6 +343,8 @@ def collate_latents(samples: list[dict], context_length: int | None = None) -> d
         batch["latent_std"] = torch.stack([s["latent_std"] for s in samples])
     if "image_embedding" in samples[0]:
         batch["image_embedding"] = torch.stack([s["image_embedding"] for s in samples])  # [B, E]
+    if "patch_features" in samples[0]:
+        batch["patch_features"] = torch.stack([s["patch_features"] for s in samples])  # [B, h_c, w_c, W]
     if all("size" in s for s in samples):
         batch["size"] = torch.stack([s["size"] for s in samples])  # [B, 6]
     return batch

@@ -17,10 +17,12 @@ from scipy import ndimage
 from torch import Tensor
 from torchmetrics import Metric
 
-from lit_diffusion.data.shapes import BACKGROUND, COLORS, SIZES
+from lit_diffusion.data.shapes import BACKGROUND, COLORS, RELATIONS, SIZES
 
 ATTRIBUTES = ("count", "colors", "shapes", "sizes", "relation")
 KINDS = ("one_object", "two_objects")  # GenEval-style split: a caption with one object, or two and a relation
+# two-object captions by their relation word: key suffix ("left of" -> "left_of") -> the word
+RELATION_WORDS = {r.replace(" ", "_"): r for r in RELATIONS}
 _PALETTE = np.array([*COLORS.values(), BACKGROUND], dtype=np.float32)  # [K + 1, 3]
 _NAMES = [*COLORS, "background"]
 # (fill of the bounding box, share of pixels in its top half) of each shape as rendered
@@ -126,7 +128,11 @@ def caption_kind(attrs: dict) -> str:
 class CaptionAccuracy(Metric):
     """Fraction of images whose every caption attribute checks out; `attribute_accuracy()` breaks it down by
     attribute and by caption kind. A subclass judges other samples by setting what they are (`samples`, their
-    dimensions `sample_dims`), what is checked (`attributes`) and the check (`check`): `MotionAccuracy`'s clips."""
+    dimensions `sample_dims`), what is checked (`attributes`) and the check (`check`): `MotionAccuracy`'s clips.
+
+    Two-object captions are also counted by their relation word (`RELATION_WORDS`: above, below, left of, right
+    of): per word, how many such captions there were, how many were wholly correct and how many had the relation
+    right, as sums that reduce exactly across ranks."""
 
     is_differentiable = False
     higher_is_better = True
@@ -143,6 +149,9 @@ class CaptionAccuracy(Metric):
         for kind in KINDS:
             self.add_state(f"{kind}_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
             self.add_state(f"{kind}_count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        for word in RELATION_WORDS:
+            for what in ("count", "correct", "placed"):
+                self.add_state(f"relation_{word}_{what}", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, samples: Tensor, attrs: list[dict]) -> None:
         if samples.dim() != self.sample_dims or len(attrs) != samples.shape[0]:
@@ -156,6 +165,11 @@ class CaptionAccuracy(Metric):
             mine = [r for r, a in zip(results, attrs) if caption_kind(a) == kind]
             setattr(self, f"{kind}_correct", getattr(self, f"{kind}_correct") + sum(int(r["correct"]) for r in mine))
             setattr(self, f"{kind}_count", getattr(self, f"{kind}_count") + len(mine))
+        for word, relation in RELATION_WORDS.items():
+            mine = [r for r, a in zip(results, attrs) if a.get("relation") == relation]
+            for what, n in (("count", len(mine)), ("correct", sum(int(r["correct"]) for r in mine)),
+                            ("placed", sum(int(r.get("relation", False)) for r in mine))):
+                setattr(self, f"relation_{word}_{what}", getattr(self, f"relation_{word}_{what}") + n)
 
     def compute(self) -> Tensor:
         if int(self.count) == 0:
@@ -164,7 +178,9 @@ class CaptionAccuracy(Metric):
 
     def attribute_accuracy(self) -> dict[str, float]:
         """Accuracy of each attribute, overall (`correct`) and of each caption kind present (`one_object`,
-        `two_objects`), and the fraction of samples with an object at the border (`cut`), gathered over all ranks."""
+        `two_objects`), and the fraction of samples with an object at the border (`cut`), gathered over all ranks;
+        for each relation word present (`RELATION_WORDS`), `relation_{word}`: the accuracy of its captions, and
+        `relation_{word}_placed`: how often its relation held."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
                                should_unsync=self._should_unsync):
             n = max(int(self.count), 1)
@@ -172,4 +188,9 @@ class CaptionAccuracy(Metric):
             for kind in KINDS:
                 if int(getattr(self, f"{kind}_count")):
                     out[kind] = int(getattr(self, f"{kind}_correct")) / int(getattr(self, f"{kind}_count"))
+            for word in RELATION_WORDS:
+                count = int(getattr(self, f"relation_{word}_count"))
+                if count:
+                    out[f"relation_{word}"] = int(getattr(self, f"relation_{word}_correct")) / count
+                    out[f"relation_{word}_placed"] = int(getattr(self, f"relation_{word}_placed")) / count
             return out

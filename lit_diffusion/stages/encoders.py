@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from lit_diffusion.data.latents import state_dict_hash
+from lit_diffusion.models.repa import clip_patch_features
 from lit_diffusion.stages.clip import CLIPModule
 from lit_diffusion.stages.vae import VAEModule
 
@@ -22,6 +23,8 @@ class FrozenEncoders:
     vae_hash: str
     latent_scale: dict  # {"scale_factor", "latent_mean"} of the VAE
     clip_image_size: int | None
+    # images [B, 3, S, S] in [-1, 1] -> CLIP's patch-token map [B, W, h_c, w_c] (REPA's target, models/repa.py)
+    patch_features: Callable | None = None
 
 
 def frozen_encoders(clip_ckpt: str, vae_ckpt: str, device: str | torch.device = "cpu",
@@ -45,7 +48,12 @@ def frozen_encoders(clip_ckpt: str, vae_ckpt: str, device: str | torch.device = 
     def embed_images(images):
         return clip.encode_image(images.to(device))  # [B, E] L2-normalised
 
+    def patch_features(images):
+        if clip.model.visual is None:
+            raise ValueError(f"{clip_ckpt}: this CLIP has no image tower, so it gives no patch features")
+        return clip_patch_features(clip.model.visual, images.to(device))  # [B, W, h_c, w_c]
+
     return FrozenEncoders(encode_images, encode_captions, embed_images, state_dict_hash(clip.state_dict()),
                           state_dict_hash(vae.state_dict()),
                           {"scale_factor": float(vae.scale_factor), "latent_mean": float(vae.latent_mean)},
-                          clip.image_size)
+                          clip.image_size, patch_features)

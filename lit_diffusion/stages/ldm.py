@@ -17,6 +17,7 @@ encoder weights than the frozen ones here.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Sequence
 
@@ -32,6 +33,14 @@ from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning, dr
 from lit_diffusion.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTIONS, NoiseSchedule
 from lit_diffusion.models.conditions import Conditioning, size_condition
 from lit_diffusion.models.dit import DiT, DiTConfig
+from lit_diffusion.models.repa import (
+    Projector,
+    RepaConfig,
+    capture_hidden,
+    clip_patch_features,
+    hidden_block,
+    repa_loss,
+)
 from lit_diffusion.models.unet import UNet, UNetConfig
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.clip import CLIPModule
@@ -80,6 +89,7 @@ class LatentDiffusionModule(Stage):
         channels_last: bool = False,
         compile: bool = False,
         frozen: dict | None = None,
+        repa: dict | None = None,
     ):
         """
         Args:
@@ -124,6 +134,11 @@ class LatentDiffusionModule(Stage):
                 and recompute eps from it (ADM's clipped sampling). 0 = no clipping.
             channels_last, compile: GPU speed switches for the U-Net.
             frozen: filled in by `from_checkpoint`: the embedded CLIP/VAE checkpoints (not for configs).
+            repa: REPA (models/repa.py): {layer: K, weight: 0.5, projector: mlp|conv, features: clip_patches,
+                until_step: null, hidden: null}: align block K's output (1-based) with the frozen CLIP image tower's
+                patch tokens of the clean image through a training-only projector; null (default) = off. Images
+                only (frames 1), not under FSDP; from latent shards the features must be in them
+                (`data encode --patch-features`).
         """
         super().__init__()
         # parsed before save_hyperparameters, so checkpoints keep the parsed values
@@ -155,6 +170,14 @@ class LatentDiffusionModule(Stage):
         except ValueError as err:
             raise ValueError(f"model.init_args.sampler: {err}") from None
         _check_guidance_rescale_and_clip_x0(guidance_rescale, clip_x0, "model.init_args.")
+        if repa:
+            try:
+                repa = vars(RepaConfig.from_dict(dict(repa)))  # parsed and checked before save_hyperparameters
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"model.init_args.{err}" if str(err).startswith("repa") else
+                                 f"model.init_args.repa: {err}") from None
+            if frames > 1:
+                raise ValueError("model.init_args.repa aligns image models' features (model.init_args.frames 1)")
         self.save_hyperparameters(ignore=["frozen", "init_from"])  # init_from: this run's checkpoints hold them
 
         # each stage file is read once: the same dict rebuilds the frozen stage and travels inside ldm.ckpt
@@ -200,6 +223,10 @@ class LatentDiffusionModule(Stage):
         self._bucketed = False  # set in `setup` from the data module: batches of several sizes are expected
         self._null_cond: Conditioning | None = None
         self._encoder_hashes: dict[str, str] | None = None
+        self.repa_config = RepaConfig(**repa) if repa else None
+        projector = self._build_repa_projector() if repa else None
+        if projector is not None:  # else no attribute at all: a non-REPA stage's module tree is as it was
+            self.repa_projector = projector
         if init_from:  # in __init__, so a resumed run's checkpoint (restored after it) wins
             self.load_denoiser(init_from)
 
@@ -254,6 +281,13 @@ class LatentDiffusionModule(Stage):
         self.network.load_state_dict(weights, strict=True)
         log.info("ldm: the %s starts from %s", self._net_name, path)
 
+    def load_weights(self, state: dict, source: str) -> None:
+        """As `Stage.load_weights`; a REPA checkpoint's projector (training-only) is left out when this stage has
+        none: rebuilt around a CLIP without its image tower, which sampling does not need."""
+        if self._projector() is None:
+            state = {k: v for k, v in state.items() if not k.startswith("repa_projector.")}
+        super().load_weights(state, source)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lit_diffusion"] = stage_block(
             "ldm", frozen=self._frozen_blocks, latent_size=self.latent_size, latent_channels=self.latent_channels,
@@ -282,6 +316,9 @@ class LatentDiffusionModule(Stage):
             setattr(self, self._net_name, wrap(self.network, use_orig_params=True))  # the groups need them
         if self.hparams.compile and self._compiled_net is None:
             self._compiled_net = torch.compile(self.network)
+        if self.repa_config is not None and self.sharded:
+            raise ValueError("model.init_args.repa is not supported under FSDP yet (its projector would not be "
+                             "sharded nor its gradients reduced): train it with DDP, or set repa: null")
 
     def denoiser(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         net = self._compiled_net if self._compiled_net is not None else self.network
@@ -415,6 +452,8 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"{where}: latents {manifest['shapes']['latent']} of {manifest.get('image_size')} px "
                              f"images, but model.init_args.image_size={self.hparams.image_size} and the VAE give "
                              f"{latent}")
+        if self.repa_config is not None:
+            self._check_patch_features(manifest)
         text = [int(self.clip.text_width), int(self.clip.embed_dim)]
         have = [manifest["shapes"]["context"][1], manifest["shapes"]["pooled"][0]]
         if have != text:
@@ -500,6 +539,8 @@ class LatentDiffusionModule(Stage):
         return losses.mean()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if self.repa_config is not None:
+            return self._repa_training_step(batch)
         loss = self.model_step(batch, train=True)  # a NaN/inf loss is stopped or skipped by safety.NonFiniteGuard
         # not on the progress bar: Lightning turns bar values into Python numbers after every step, whether or not a
         # bar is drawn, and on a GPU that `.item()` waits for the step to finish instead of queueing the next one.
@@ -516,7 +557,10 @@ class LatentDiffusionModule(Stage):
 
     def configure_optimizers(self):
         h = self.hparams
-        return adamw_with_warmup(self, self.network.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
+        params = self.network.parameters()
+        if self._projector() is not None:  # REPA's projector trains with the denoiser (training-only)
+            params = itertools.chain(params, self._projector().parameters())
+        return adamw_with_warmup(self, params, h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps,
                                  decay_ids=self._decay_ids if self.sharded else None)
 
     def train(self, mode: bool = True):
@@ -524,6 +568,87 @@ class LatentDiffusionModule(Stage):
         self.clip.eval()
         self.vae.eval()  # frozen: dropout and norms stay in inference mode
         return self
+
+    # ------------------------------------------------------------------------------------------------- REPA
+    def _projector(self) -> Projector | None:
+        """REPA's projector, when this stage trains one (a submodule only then)."""
+        return self._modules.get("repa_projector")
+
+    def _repa_target_dim(self) -> int | None:
+        visual = self.clip.model.visual
+        return None if visual is None else int(visual.cfg.width)
+
+    def _build_repa_projector(self) -> Projector | None:
+        """The projector from the hidden block's width to CLIP's token width; None when the frozen CLIP has no image
+        tower (a checkpoint rebuilt to sample: the projector is training-only). Built with the global RNG forked,
+        so a REPA run draws the same noise and timesteps as the same run without it."""
+        cfg = self.repa_config
+        _, width = hidden_block(getattr(self.network, "module", self.network), int(cfg.layer))
+        target_dim = self._repa_target_dim()
+        if target_dim is None:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            return Projector(cfg.projector, width, target_dim, cfg.hidden)
+
+    def _check_patch_features(self, manifest: dict) -> None:
+        where = manifest.get("path", "the latent manifest")
+        stats = manifest.get("patch_features")
+        if not stats:
+            raise ValueError(f"model.init_args.repa needs the CLIP patch features of every image, but the latent "
+                             f"shards of {where} have none: encode the data again with `lit-diffusion data encode "
+                             f"--patch-features`, or train from images, or set repa: null")
+        if self._repa_target_dim() is not None and int(stats["dim"]) != self._repa_target_dim():
+            raise ValueError(f"{where}: patch features of width {stats['dim']}, the stage's CLIP image tower gives "
+                             f"{self._repa_target_dim()}")
+
+    @torch.no_grad()
+    def encode_patch_features(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> the frozen CLIP's patch-token map [B, W, h_c, w_c] (models/repa.py)."""
+        if self.clip.model.visual is None:
+            raise ValueError("model.init_args.repa: the frozen CLIP has no image tower to give patch features")
+        return clip_patch_features(self.clip.model.visual, images.to(self.device))
+
+    def repa_targets(self, batch: dict) -> Tensor:
+        """The batch's target map [B, W, h_c, w_c]: from latent shards (`--patch-features`, stored [h_c, w_c, W]) or
+        from its clean images through the frozen CLIP."""
+        if "latent" in batch:
+            features = batch.get("patch_features")
+            if features is None:
+                raise ValueError("model.init_args.repa needs the CLIP patch features of every image, but the latent "
+                                 "batches have none: encode the data again with `lit-diffusion data encode "
+                                 "--patch-features`, or set repa: null")
+            return torch.as_tensor(features, device=self.device).float().permute(0, 3, 1, 2)
+        return self.encode_patch_features(batch["image"])
+
+    def _repa_training_step(self, batch: dict) -> Tensor:
+        """The training step with REPA: the diffusion loss as without it, plus weight * the alignment loss of the
+        same forward's hidden state while `repa.active(step)`. Logged: `train/loss` (the diffusion loss, comparable
+        with runs without REPA) and `train/repa_loss` (the unweighted alignment loss)."""
+        cfg, projector = self.repa_config, self._projector()
+        if projector is None:
+            raise ValueError("model.init_args.repa: the frozen CLIP has no image tower, so there is no projector "
+                             "to train")
+        batch_size = len(batch["caption"])
+        if not cfg.active(self.global_step):
+            loss = self.model_step(batch, train=True)
+            self.log("train/loss", loss, batch_size=batch_size)
+            # every projector weight still gets a (zero) gradient, so DDP's reducer, which expects one from every
+            # parameter, needs no find_unused_parameters; x + 0.0 is x, bit for bit
+            return loss + 0.0 * sum(p.sum() for p in projector.parameters())
+        net = getattr(self.network, "module", self.network)
+        block, _ = hidden_block(net, int(cfg.layer))
+        with capture_hidden(net, block) as seen:
+            loss = self.model_step(batch, train=True)
+        hidden = seen["hidden"]
+        if hidden.ndim == 4:  # the U-Net's map [B, C, h, w]
+            grid = tuple(hidden.shape[-2:])
+        else:  # the DiT's tokens [B, h*w, D] of x_t [B, C, H, W]
+            p = int(net.config.patch_size)
+            grid = (seen["input"].shape[-2] // p, seen["input"].shape[-1] // p)
+        align = repa_loss(projector, hidden, grid, self.repa_targets(batch))
+        self.log("train/loss", loss, batch_size=batch_size)
+        self.log("train/repa_loss", align, batch_size=batch_size)
+        return loss + float(cfg.weight) * align
 
     # ----------------------------------------------------------------------------------------------- sampling
     @torch.no_grad()
