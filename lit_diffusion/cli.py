@@ -139,7 +139,8 @@ def cmd_data_encode(args) -> None:
                              latent_scale=encoders.latent_scale, dtype=args.dtype, flips=args.flips, std=args.std,
                              batch_size=args.batch_size, buckets=buckets, image_embeddings=args.image_embeddings,
                              embed_images=encoders.embed_images, clip_image_size=encoders.clip_image_size,
-                             frames=args.frames)
+                             frames=args.frames, patch_features=args.patch_features,
+                             encode_patches=encoders.patch_features)
     if manifest is not None:
         _print_json({k: manifest[k] for k in ("samples", "skipped", "dtype", "shapes", "clip_hash", "vae_hash")}
                     | {"shards": len(manifest["shards"]), "out": str(args.out)})
@@ -200,6 +201,9 @@ def add_data(sub) -> None:
     p.add_argument("--std", action="store_true", help="also the posterior std (training can sample the posterior)")
     p.add_argument("--image-embeddings", action="store_true",
                    help="also each image's CLIP image embedding and their train mean/std (unCLIP's prior)")
+    p.add_argument("--patch-features", action="store_true",
+                   help="also each image's CLIP patch tokens (after the last block and ln_post), in --dtype: REPA's "
+                        "target (model.init_args.repa) when training from latent shards")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=None, help="pixels (default: the size the VAE trained at); "
@@ -674,28 +678,48 @@ EXPORT_TARGETS = ("diffusers", "transformers", "open_clip")
 
 
 def cmd_export(args) -> None:
-    try:
-        if args.to == "diffusers":
-            from lit_diffusion.export.vae import export_vae_checkpoint
+    from pathlib import Path
 
-            summary = export_vae_checkpoint(args.ckpt, args.out)
+    try:
+        if args.to == "diffusers":  # an ldm.ckpt becomes a whole pipeline, a vae.ckpt an AutoencoderKL
+            from lit_diffusion.export.pipeline import export_diffusers_checkpoint
+
+            summary = export_diffusers_checkpoint(args.ckpt, args.out)
         else:
             from lit_diffusion.export.clip import export_clip_checkpoint
 
             summary = export_clip_checkpoint(args.ckpt, args.to, args.out)
+        if summary.get("kind") == "pipeline":
+            from lit_diffusion.export.card import write_model_card
+
+            run_dir = Path(args.run_dir) if args.run_dir else None
+            summary["card"] = str(write_model_card(Path(args.out), Path(args.ckpt), run_dir))
+        if args.push_to_hub:
+            from lit_diffusion.export.card import push_to_hub
+
+            summary["pushed"] = {"repo": args.push_to_hub, "files": push_to_hub(Path(args.out), args.push_to_hub,
+                                                                                 private=args.private)}
     except ImportError as err:  # the optional extra is missing: its message says what to install
         raise ValueError(str(err)) from None
     _print_json({"ckpt": str(args.ckpt), **summary})
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="a stage checkpoint in a published format (diffusers VAE; transformers or "
-                                      "open_clip CLIP), the inverse of `import`")
-    p.add_argument("--ckpt", required=True, help="vae.ckpt for --to diffusers; clip.ckpt for transformers / open_clip")
+    p = sub.add_parser("export", help="a stage checkpoint in a published format (diffusers pipeline or VAE; "
+                                      "transformers or open_clip CLIP), the inverse of `import`")
+    p.add_argument("--ckpt", required=True, help="ldm.ckpt (a pipeline) or vae.ckpt for --to diffusers; clip.ckpt "
+                                                 "for transformers / open_clip")
     p.add_argument("--to", required=True, choices=EXPORT_TARGETS,
-                   help="diffusers: an AutoencoderKL folder; transformers: a CLIPModel folder with its tokenizer; "
-                        "open_clip: a checkpoint with its model config (and tokenizer files)")
+                   help="diffusers: a pipeline folder with its model card (from ldm.ckpt; load it with "
+                        "DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)) or an AutoencoderKL folder "
+                        "(from vae.ckpt); transformers: a CLIPModel folder with its tokenizer; open_clip: a "
+                        "checkpoint with its model config (and tokenizer files)")
     p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--run-dir", default=None, help="the training run whose report.json, data and samples the model "
+                                                   "card describes (default: the checkpoint's folder, if it has one)")
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="then upload the folder to this Hugging Face Hub repo (owner/name; created if missing)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p.set_defaults(func=cmd_export)
 
 
