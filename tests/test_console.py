@@ -1,13 +1,19 @@
 """What a newcomer reads: a stage's console output, written to a file as a launcher or a job scheduler does, holds
 no warning that the README does not explain and no progress-bar redraws."""
 
+import io
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
+import pytest
 from conftest import TINY_CLIP
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from lit_diffusion.runtime.progress import LineProgress
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -22,7 +28,8 @@ def test_a_stage_run_logged_to_a_file_is_short_and_warns_only_of_what_the_readme
             "--model.init_args.tokenizer_path", str(shapes_data / "tokenizer.json"),
             "--model.init_args.embed_dim", "32",
             "--model.init_args.vision", str({**vision, "image_size": 16}).replace("'", '"'),
-            "--model.init_args.text", str(TINY_CLIP["text"]).replace("'", '"')]
+            "--model.init_args.text", str(TINY_CLIP["text"]).replace("'", '"'), "--run.name", "clip",
+            "--run.progress_every", "2"]
     log = tmp_path / "console.txt"
     with open(log, "w") as out:
         proc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
@@ -37,3 +44,29 @@ def test_a_stage_run_logged_to_a_file_is_short_and_warns_only_of_what_the_readme
     for line in warnings:
         known = [k for k in explained if k in line]
         assert known and explained[known[0]] in README, f"unexplained warning: {line}"
+    # instead of a bar's redraws, one line every run.progress_every steps and at the last one
+    progress = [line for line in lines if line.startswith("[clip] step ")]
+    assert [line.split()[2] for line in progress] == ["2/6", "4/6", "6/6"], progress
+    assert all(re.search(r"train/loss \d", line) and " it/s " in line for line in progress), progress
+    assert progress[-1].endswith("ETA 0:00")
+    assert not [line for line in lines if line.startswith("Epoch ")]  # no bar
+
+
+class _Steps(BoringModel):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        self.log("train/loss", float(self.global_step + 1))  # a known value per step
+        return out
+
+
+def test_line_progress_prints_every_n_steps_and_the_last():
+    stream = io.StringIO()
+    trainer = L.Trainer(max_steps=7, callbacks=[LineProgress(3, name="t", stream=stream)], logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(_Steps())
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[:3] for line in lines] == [["[t]", "step", f"{n}/7"] for n in (3, 6, 7)], lines
+    # the loss logged at step n (global_step n - 1 during that batch) is n
+    assert [float(re.search(r"train/loss (\S+)", line).group(1)) for line in lines] == [3.0, 6.0, 7.0]
+    with pytest.raises(ValueError, match="every_n_steps"):
+        LineProgress(0)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks.progress import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -17,6 +19,7 @@ from lit_diffusion.runtime import safety, tracking
 
 log = logging.getLogger("lit_diffusion")
 from lit_diffusion.runtime.batch_info import BatchInfo
+from lit_diffusion.runtime.progress import LineProgress
 from lit_diffusion.runtime.launch import shared_run_name
 
 
@@ -68,6 +71,9 @@ class LitDiffusionCLI(LightningCLI):
                                  "global batch = data batch_size x devices x nodes x accumulate_grad_batches")
         parser.add_argument("--run.reference_batch_size", type=int | None, default=None,
                             help="the global batch the configured lr was tuned for (default: data batch_size, one device)")
+        parser.add_argument("--run.progress_every", type=int, default=100,
+                            help="when the output is not a terminal (a log file), one progress line every N optimizer "
+                                 "steps instead of a progress bar (runtime/progress.py); on a terminal the bar stays")
 
     def _run_settings(self) -> dict:
         cfg = self.config.get(str(self.subcommand), self.config)
@@ -99,6 +105,9 @@ class LitDiffusionCLI(LightningCLI):
             every_n_steps=int(run.get("checkpoint_every", 500)), on_nonfinite=run.get("on_nonfinite", "stop"))]
         if not any(isinstance(c, BatchInfo) for c in user_callbacks):  # logs per-device and global batch size
             callbacks.append(BatchInfo(bool(run.get("scale_lr")), run.get("reference_batch_size")))
+        if (not sys.stdout.isatty() and config.get("enable_progress_bar") is not False
+                and not any(isinstance(c, ProgressBar) for c in user_callbacks)):  # a log file: lines, not redraws
+            callbacks.append(LineProgress(int(run.get("progress_every") or 100), name=run["name"]))
         if not safety.has_checkpoint_io(config.get("plugins")):
             plugins = config.get("plugins")
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] if plugins else []
