@@ -363,6 +363,7 @@ def test_impossible_pair_is_refused():
         _place_pair(random.Random(0), {"size": "large"}, {"size": "large"}, "left of")
 
 
+@pytest.mark.slow  # 30 s: draws and checks shards at three aspect ratios
 def test_cli_aspect_ratios(tmp_path, capsys):
     main(["data", "shapes", "--out", str(tmp_path / "ok"), "--train", "20", "--val", "10", "--size", "32",
           "--aspect-ratios", "3:2,1:2", "--seed", "1"])

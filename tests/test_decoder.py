@@ -96,7 +96,7 @@ def test_caption_and_embedding_are_dropped_at_their_own_rates_independently(tiny
     assert abs((text * image).mean() - 0.05) < 4 * se(0.05)  # independent draws: both dropped 5% of the time
 
 
-@pytest.mark.parametrize("net", ["unet", "dit"])
+@pytest.mark.parametrize("net", ["unet", pytest.param("dit", marks=pytest.mark.slow)])  # the DiT: 36 s, slow
 def test_the_decoder_trains_and_samples_alone_with_guidance_against_the_null_embedding(tiny_ckpts, embedded_latents,
                                                                                        tmp_path, net):
     root = tmp_path

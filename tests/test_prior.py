@@ -67,7 +67,8 @@ _L = torch.tensor([[1.2, 0.0, 0.0], [0.5, 0.6, 0.0], [-0.3, 0.4, 0.3]])
 SIGMA = _L @ _L.T
 
 
-@pytest.mark.parametrize("objective,sampler,steps", [("ddpm", "ddim", 50), ("flow", "heun", 13)])
+@pytest.mark.parametrize("objective,sampler,steps", [pytest.param("ddpm", "ddim", 50, marks=pytest.mark.slow),
+                                                     ("flow", "heun", 13)])  # ddpm: 24 s, slow
 def test_a_trained_prior_reproduces_gaussian_data(objective, sampler, steps):
     """x0 ~ N(MU, SIGMA), one constant caption: the prior's samples have that mean and covariance, up to what
     600 steps of a 2-block prior learn (its error is several times the 4000 samples' Monte-Carlo error of ~0.02)."""

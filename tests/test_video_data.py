@@ -246,6 +246,7 @@ def test_resumed_loader_continues_exactly(clips, tmp_path, num_workers):
     assert len(head) + len(rest) == 8
 
 
+@pytest.mark.slow  # 21 s
 def test_the_video_bench_compares_equal_work(tmp_path):
     """`bench video`'s raw webdataset + PyAV loop and VideoDataModule decode the same mp4 shards to the same clips
     (so the throughput ratio compares equal work), and the lossless mp4s hold the rendered frames."""
