@@ -25,11 +25,15 @@ def tiny_video_pipeline(tmp_path) -> dict:
                                                                 "layers": 1, "heads": 2, "frames": FRAMES,
                                                                 "tubelet": 2},
                                      "model.init_args.text": {"width": 32, "layers": 1, "heads": 2}}
-    cfg["stages"]["vae"]["args"] = {**data, **trainer,
+    # the VAE reads each clip's first and last frame (the config's frame_stride 7 of 8 frames; here 3 of 4)
+    cfg["stages"]["vae"]["args"] = {**data, **trainer, "data.init_args.num_frames": 2,
+                                    "data.init_args.frame_stride": FRAMES - 1,
                                     "model.init_args.arch": {"base_channels": 8, "ch_mult": [1, 2, 2],
                                                              "num_res_blocks": 1, "z_channels": 4,
                                                              "mid_attention": False, "norm_groups": 4}}
-    cfg["stages"]["ldm"]["args"] = {**data, **trainer, "data.init_args.val_max_samples": 8,
+    latents = {k: v for k, v in data.items() if k not in ("data.init_args.image_size", "data.init_args.num_frames")}
+    cfg["encode"].update(frames=FRAMES, image_size=16, batch_size=8)  # the DiT reads the clips' latent shards
+    cfg["stages"]["ldm"]["args"] = {**latents, **trainer, "data.init_args.val_max_samples": 8,
                                     "model.init_args.image_size": 16, "model.init_args.frames": FRAMES,
                                     "model.init_args.sample_steps": 2, "model.init_args.warmup_steps": 0,
                                     "model.init_args.dit": {"patch_size": 2, "temporal_patch": 2, "hidden_size": 32,
@@ -60,3 +64,5 @@ def test_the_video_pipeline_end_to_end(tmp_path, monkeypatch):
     ldm_rows = [json.loads(x) for x in (root / "ldm" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/motion_acc_g3.0" in r for r in ldm_rows)  # the in-loop evaluation ran
     assert list((root / "ldm" / "media").glob("samples_step*.gif"))
+    manifest = json.loads((root / "latents" / "manifest.json").read_text())
+    assert manifest["frames"] == FRAMES and manifest["shapes"]["latent"][:2] == [FRAMES, 4]
