@@ -76,7 +76,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = write_shapes(tmp_path / "b", train=40, val=10, size=24, shard_size=16, seed=7)
     c = write_shapes(tmp_path / "c", train=40, val=10, size=24, shard_size=16, seed=8)
     assert a["shards"] == b["shards"]
-    for name in a["shards"]["train"] + a["shards"]["val"] + ["tokenizer.json"]:
+    # the shards, not tokenizer.json: HF's BPE trainer breaks ties between equally frequent pairs in hash-map order,
+    # so its merges can differ between processes (tokenizer._canonical_ids)
+    for name in a["shards"]["train"] + a["shards"]["val"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert (tmp_path / "a" / "train-000000.tar").read_bytes() != (tmp_path / "c" / "train-000000.tar").read_bytes()
     assert a["urls"]["train"].endswith("train-{000000..000002}.tar")
