@@ -207,6 +207,14 @@ def test_card_from_a_run_folder(run_dir, tmp_path):
     assert "`unet/diffusion_pytorch_model.safetensors`" in text and "Not available" not in text
 
 
+def test_card_says_when_the_scheduler_is_the_default_samplers_twin(run_dir, tmp_path):
+    folder = exported(tmp_path)  # the checkpoint samples with heun, which export ships as its own scheduler
+    (folder / "model_index.json").write_text(json.dumps({"scheduler": ["scheduler", "LitDiffusionFlowHeunScheduler"]}))
+    text = write_model_card(folder, run_dir / "ldm.ckpt").read_text()
+    assert "Its scheduler, `LitDiffusionFlowHeunScheduler`, steps as the checkpoint's default sampler `heun`" in text
+    assert "does not reproduce" not in text
+
+
 def test_card_with_an_explicit_run_folder_notes_another_checkpoint(run_dir, tmp_path):
     other = tiny_ldm_checkpoint(tmp_path / "last.ckpt", run_dir)
     text = write_model_card(exported(tmp_path), other, run_dir=run_dir).read_text()

@@ -439,7 +439,8 @@ def _samples_section(folder: Path, run_dir: Path | None, report: dict | None) ->
 
 
 # our sampler -> the diffusers scheduler that steps exactly as it (export/pipeline.py `scheduler_for`)
-EXACT_SCHEDULERS = {("flow", "euler"): "FlowMatchEulerDiscreteScheduler", ("ddpm", "ddim"): "DDIMScheduler"}
+EXACT_SCHEDULERS = {("flow", "euler"): "FlowMatchEulerDiscreteScheduler", ("ddpm", "ddim"): "DDIMScheduler",
+                    ("flow", "heun"): "LitDiffusionFlowHeunScheduler", ("ddpm", "dpmpp_2m"): "DPMSolverMultistepScheduler"}
 
 
 def _scheduler_note(folder: Path, info: dict) -> str:
@@ -480,8 +481,8 @@ def _usage_section(folder: Path, folder_type: str, info: dict, report: dict | No
                 "    generator=torch.Generator().manual_seed(0),",
                 ").images[0]",
                 'image.save("sample.png")']
-        note = ("`trust_remote_code=True` runs the pipeline and denoiser code shipped in this folder: read it "
-                "first. The guidance scale and steps above are the checkpoint's own sampling defaults.")
+        note = ("`trust_remote_code=True` runs the pipeline, denoiser and scheduler code shipped in this folder: "
+                "read it first. The guidance scale and steps above are the checkpoint's own sampling defaults.")
         note += " " + _scheduler_note(folder, info)
     elif folder_type == "diffusers":
         code = ["from diffusers import AutoencoderKL", "", f"model_id = {local}  {LOCAL_MARK}",

@@ -6,25 +6,39 @@ travel inside ldm.ckpt:
   text_encoder/        transformers CLIPTextModelWithProjection: our text tower (export/clip.py's key map)
   tokenizer/           a fast tokenizer giving our token ids, padded to the context length (export/clip.py)
   unet/ | transformer/ our U-Net or DiT as remote code (`export/remote`): LitDiffusionUNet / LitDiffusionDiT
-  scheduler/           FlowMatchEulerDiscreteScheduler (flow: our shift; `base_latent`: exponential dynamic
-                       shifting, mu = log(shift)) or DDIMScheduler (ddpm: our betas, prediction type, trailing
+  scheduler/           the scheduler stepping as the checkpoint's default sampler (`sampler`) where one does:
+                       flow euler: FlowMatchEulerDiscreteScheduler (our shift; `base_latent`: exponential dynamic
+                       shifting, mu = log(shift)); flow heun: LitDiffusionFlowHeunScheduler, remote code
+                       (scheduler/lit_diffusion_scheduler.py, export/remote); ddpm dpmpp_2m:
+                       DPMSolverMultistepScheduler; else DDIMScheduler (ddpm: our betas, prediction type, trailing
                        timesteps, alpha 1 after the last step)
   lit_diffusion_pipeline.py + model_index.json   the LitDiffusionPipeline (remote code) and its defaults
 
 Which of our samplers the exported scheduler reproduces (same initial noise, same guidance: equal to float
 rounding, tests/test_export_pipeline.py):
   flow  euler                     = FlowMatchEulerDiscreteScheduler with sigmas linspace(1, 1/n, n), shifted
+  flow  heun                      = LitDiffusionFlowHeunScheduler (ours, bit for bit: the same float64 grid and
+                                    update order). Not diffusers' FlowMatchHeunDiscreteScheduler: its step is the
+                                    same method (Karras Algorithm 1, the last step Euler to t = 0, 2 n - 1 calls; with
+                                    our grid forced in, 5e-7 from ours), but its set_timesteps takes no sigmas and no
+                                    mu, and its own grid is shift(linspace(1, shift(1 / 1000), n)) where ours is
+                                    shift(linspace(1, 1 / n, n)), e.g. last time 0.0089 vs 0.2 at shift 3, 13 steps
   ddpm  ddim, eta 0, trailing     = DDIMScheduler, when num_timesteps is a multiple of the steps (DDIM steps to
                                     t - T // n; our trailing grid rounds T - i T / n, the same timesteps only then;
                                     the pipeline warns otherwise). Betas: diffusers' named schedule where it
                                     computes ours (linear, scaled_linear, cosine as squaredcos_cap_v2), else ours as
                                     trained_betas (zero terminal SNR included: diffusers' own rescaling ends at
                                     abar 2^-24, ours at 0)
-and which have no exact twin here:
-  flow  heun                      second order (Karras Algorithm 1); diffusers' Euler is first order
+  ddpm  dpmpp_2m                  = DPMSolverMultistepScheduler (dpmsolver++, solver_order 2, midpoint, trailing:
+                                    the same timesteps for every step count, final_sigmas_type "zero": first-order
+                                    first and last steps, as ours), betas as for DDIM; to float32 rounding of its
+                                    float32 alphas_cumprod (relative ~1e-6)
+and which have no exact twin here (the export writes DDIMScheduler and warns):
   ddpm  ddim with eta > 0, ddpm   the same updates, but each step's fresh noise is drawn in another order
-  ddpm  dpmpp_2m                  DPMSolverMultistepScheduler is the same method, not checked step for step
-  ddpm  clip_x0                   DDIM's clip_sample with use_clipped_model_output: same maths, not tested
+  ddpm  dpmpp_2m, zero terminal   DPMSolverMultistepScheduler cannot start at abar 0 (sigma = inf: NaN); with
+        SNR                       rescale_betas_zero_snr it starts at abar 2^-24 instead, ~1e-3 from ours
+  ddpm  dpmpp_2m with clip_x0     DPMSolverMultistepScheduler has dynamic thresholding only, no clipping of x0
+  ddpm  clip_x0 (ddim)            DDIM's clip_sample with use_clipped_model_output: same maths, not tested
 Refused, naming the field: a video model (`frames` > 1), an unCLIP decoder (`condition` with an image embedding,
 which needs a prior or an image), a flow `time_scale` that is not a whole number of training timesteps, and
 whatever the VAE or text-encoder exports refuse.
@@ -53,7 +67,16 @@ from lit_diffusion.export.clip import (
     pad_is_special,
     write_hf_tokenizer,
 )
-from lit_diffusion.export.remote import DENOISERS, PIPELINE_CLASS, PIPELINE_FILE, PIPELINE_MODULE, denoiser_source
+from lit_diffusion.export.remote import (
+    DENOISERS,
+    PIPELINE_CLASS,
+    PIPELINE_FILE,
+    PIPELINE_MODULE,
+    SCHEDULER_CLASS,
+    SCHEDULER_FILE,
+    SCHEDULER_MODULE,
+    denoiser_source,
+)
 from lit_diffusion.export.vae import WEIGHTS_NAME, check_exportable as check_vae_exportable, export_vae
 from lit_diffusion.stages.base import CheckpointError
 from lit_diffusion.stages.clip import CLIPModule
@@ -104,7 +127,11 @@ def check_exportable(module: LatentDiffusionModule) -> None:
         if scale != int(scale):
             raise ExportError(f"model.init_args.flow.time_scale = {scale}: FlowMatchEulerDiscreteScheduler calls "
                               f"the network with t * num_train_timesteps, a whole number")
-    elif h.sampler != "ddim" or h.eta:
+    elif h.sampler == "dpmpp_2m" and ddpm_twin(module) != "DPMSolverMultistepScheduler":
+        why = "zero terminal SNR" if module.schedule.config["zero_terminal_snr"] else f"clip_x0 = {h.clip_x0}"
+        log.warning("the checkpoint samples with dpmpp_2m by default; with %s DPMSolverMultistepScheduler does not "
+                    "step as ours, so the exported pipeline steps with DDIMScheduler (our ddim, eta 0)", why)
+    elif h.sampler not in ("ddim", "dpmpp_2m") or h.eta:
         log.warning("the checkpoint samples with %s (eta %s) by default; the exported pipeline steps with "
                     "DDIMScheduler (eta 0 unless given)", h.sampler, h.eta)
     check_text_encoder_exportable(module.clip)
@@ -196,21 +223,46 @@ def import_denoiser(folder: str | Path) -> nn.Module:
 
 
 # -------------------------------------------------------------------------------------------------- scheduler
+def ddpm_twin(module: LatentDiffusionModule) -> str:
+    """The diffusers scheduler class exported for a DDPM model: DPMSolverMultistepScheduler where the checkpoint's
+    default sampler is dpmpp_2m and it steps exactly as ours, else DDIMScheduler (our ddim, eta 0)."""
+    h, cfg = module.hparams, module.schedule.config
+    if h.sampler == "dpmpp_2m" and not cfg["zero_terminal_snr"] and not h.clip_x0:
+        return "DPMSolverMultistepScheduler"
+    return "DDIMScheduler"
+
+
 def scheduler_for(module: LatentDiffusionModule):
-    """The diffusers scheduler that steps as our matching sampler (flow: euler; ddpm: ddim, eta 0, trailing)."""
+    """The scheduler that steps as the checkpoint's default sampler (`sampler` hparam) where one does exactly:
+    flow euler -> FlowMatchEulerDiscreteScheduler, flow heun -> our LitDiffusionFlowHeunScheduler (remote code),
+    ddpm dpmpp_2m -> DPMSolverMultistepScheduler (not with zero terminal SNR or clip_x0); else DDIMScheduler, our
+    ddim (eta 0, trailing)."""
     from lit_diffusion.pretrained import require
 
     diffusers = require("diffusers", "exporting a pipeline to diffusers")
     if module.objective == "flow":
         fs = module.schedule
-        return diffusers.FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=int(fs.time_scale), shift=float(fs.shift),
-            use_dynamic_shifting=fs.base_latent is not None, time_shift_type="exponential")
+        flow = dict(num_train_timesteps=int(fs.time_scale), shift=float(fs.shift),
+                    use_dynamic_shifting=fs.base_latent is not None, time_shift_type="exponential")
+        if module.hparams.sampler == "heun":
+            from lit_diffusion.export.remote.lit_diffusion_scheduler import LitDiffusionFlowHeunScheduler
+
+            return LitDiffusionFlowHeunScheduler(**flow)
+        return diffusers.FlowMatchEulerDiscreteScheduler(**flow)
     ns = module.schedule
     cfg = ns.config
-    common = dict(num_train_timesteps=ns.num_timesteps, prediction_type=DDIM_PREDICTIONS[module.prediction],
-                  clip_sample=bool(module.hparams.clip_x0), clip_sample_range=float(module.hparams.clip_x0 or 1.0),
-                  set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing", thresholding=False)
+    prediction = DDIM_PREDICTIONS[module.prediction]
+    if ddpm_twin(module) == "DPMSolverMultistepScheduler":
+        cls = diffusers.DPMSolverMultistepScheduler  # DPM-Solver++(2M), midpoint; first-order first and last step
+        common = dict(num_train_timesteps=ns.num_timesteps, prediction_type=prediction, algorithm_type="dpmsolver++",
+                      solver_order=2, solver_type="midpoint", timestep_spacing="trailing", steps_offset=0,
+                      lower_order_final=True, euler_at_final=False, final_sigmas_type="zero", thresholding=False,
+                      use_karras_sigmas=False, use_lu_lambdas=False, lambda_min_clipped=-float("inf"))
+    else:
+        cls = diffusers.DDIMScheduler
+        common = dict(num_train_timesteps=ns.num_timesteps, prediction_type=prediction,
+                      clip_sample=bool(module.hparams.clip_x0), clip_sample_range=float(module.hparams.clip_x0 or 1.0),
+                      set_alpha_to_one=True, steps_offset=0, timestep_spacing="trailing", thresholding=False)
     betas = _betas64(cfg)
     name, start, end = DIFFUSERS_BETAS.get(cfg["schedule"], (None, None, None))
     # zero terminal SNR: our rescaled betas as they are (diffusers' own rescaling puts abar_T at 2^-24, not 0)
@@ -219,10 +271,10 @@ def scheduler_for(module: LatentDiffusionModule):
         named = {"beta_schedule": name}
         if start is not None:
             named.update(beta_start=(cfg["beta_start"] or start) * rescale, beta_end=(cfg["beta_end"] or end) * rescale)
-        scheduler = diffusers.DDIMScheduler(**common, **named)
+        scheduler = cls(**common, **named)
         if torch.allclose(scheduler.betas.double(), betas, rtol=1e-6, atol=0):
             return scheduler
-    return diffusers.DDIMScheduler(**common, trained_betas=betas.tolist())  # no named schedule computes ours
+    return cls(**common, trained_betas=betas.tolist())  # no named schedule computes ours
 
 
 def _betas64(cfg: dict) -> Tensor:
@@ -260,6 +312,11 @@ def export_pipeline(module: LatentDiffusionModule, out: str | Path) -> dict:
     scheduler = scheduler_for(module)
     scheduler.save_pretrained(str(out / "scheduler"))
     files.append("scheduler/scheduler_config.json")
+    scheduler_entry = ["diffusers", type(scheduler).__name__]
+    if type(scheduler).__name__ == SCHEDULER_CLASS:  # our own Heun: its module travels in scheduler/
+        shutil.copyfile(SCHEDULER_FILE, out / "scheduler" / f"{SCHEDULER_MODULE}.py")
+        files.append(f"scheduler/{SCHEDULER_MODULE}.py")
+        scheduler_entry = [SCHEDULER_MODULE, SCHEDULER_CLASS]
     shutil.copyfile(PIPELINE_FILE, out / f"{PIPELINE_MODULE}.py")
     files.append(f"{PIPELINE_MODULE}.py")
     stem, wrapper, folder, _ = DENOISERS[module._net_name]
@@ -267,7 +324,7 @@ def export_pipeline(module: LatentDiffusionModule, out: str | Path) -> dict:
     index = {"_class_name": [PIPELINE_MODULE, PIPELINE_CLASS], "_diffusers_version": _diffusers_version(),
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-             "scheduler": ["diffusers", type(scheduler).__name__], folder: [stem, wrapper], other: [None, None],
+             "scheduler": scheduler_entry, folder: [stem, wrapper], other: [None, None],
              **pipeline_config(module)}
     write_json(index, out / "model_index.json")
     files.append("model_index.json")

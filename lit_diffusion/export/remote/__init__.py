@@ -2,6 +2,8 @@
 which `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` imports without lit_diffusion installed.
 
 - `lit_diffusion_pipeline.py` (this folder): the `LitDiffusionPipeline`, copied as it is into the folder's root.
+- `lit_diffusion_scheduler.py` (this folder): `LitDiffusionFlowHeunScheduler`, our flow `heun` sampler, copied as it
+  is into scheduler/ when that is the checkpoint's default sampler.
 - `denoiser_source(kind)`: the denoiser's module, `unet/lit_diffusion_unet.py` or
   `transformer/lit_diffusion_dit.py`: our own network source (models/conditions, attention, transformer, layers,
   unet or dit), concatenated with its `lit_diffusion` imports removed, so the exported network runs the very code
@@ -30,6 +32,10 @@ import lit_diffusion.models as _models
 
 PIPELINE_FILE = Path(__file__).with_name("lit_diffusion_pipeline.py")
 PIPELINE_MODULE, PIPELINE_CLASS = "lit_diffusion_pipeline", "LitDiffusionPipeline"
+# our flow `heun` sampler as a scheduler (diffusers' FlowMatchHeunDiscreteScheduler cannot take our time grid),
+# copied as it is into the folder's scheduler/
+SCHEDULER_FILE = Path(__file__).with_name("lit_diffusion_scheduler.py")
+SCHEDULER_MODULE, SCHEDULER_CLASS = "lit_diffusion_scheduler", "LitDiffusionFlowHeunScheduler"
 # our network: (module file stem in the exported folder, wrapper class, the folder, attribute / state-dict prefix)
 DENOISERS = {
     "unet": ("lit_diffusion_unet", "LitDiffusionUNet", "unet", ("conditions", "attention", "transformer", "layers",

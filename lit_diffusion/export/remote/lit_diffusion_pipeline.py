@@ -4,11 +4,13 @@ code (`DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`); needs t
 Components: `vae` (AutoencoderKL; latents are (z - shift_factor) * scaling_factor), `text_encoder`
 (CLIPTextModelWithProjection: token features after the final LayerNorm, and the projected end-of-text feature,
 L2-normalised, as the pooled text), `tokenizer` (a fast tokenizer giving lit_diffusion's ids, padded to the
-context length), `scheduler` (FlowMatchEulerDiscreteScheduler for a rectified-flow model, DDIMScheduler for a DDPM
-one) and the denoiser, `unet` or `transformer` (remote code too), called with the caption's token features, the
-mask of its real tokens (up to and including the first end-of-text token: the padding is hidden from attention),
-the pooled text (`pooled_text` models) and SDXL's size condition (`size_conditioning` models: "original = target,
-nothing cropped").
+context length), `scheduler` (the one stepping as the checkpoint's default sampler: with a rectified-flow model
+FlowMatchEulerDiscreteScheduler for `euler` or LitDiffusionFlowHeunScheduler, remote code in scheduler/, for `heun`;
+with a DDPM one DPMSolverMultistepScheduler for `dpmpp_2m`, else DDIMScheduler; a second-order scheduler is stepped
+once per entry of its `timesteps`, which repeat) and the denoiser, `unet` or `transformer` (remote code too),
+called with the caption's token features, the mask of its real tokens (up to and including the first end-of-text
+token: the padding is hidden from attention), the pooled text (`pooled_text` models) and SDXL's size condition
+(`size_conditioning` models: "original = target, nothing cropped").
 
 Classifier-free guidance is lit_diffusion's: one batched call on [uncond; cond], the unconditional branch being the
 empty caption or the negative prompt(s), guided = uncond + scale (cond - uncond) on the raw output, then optionally
@@ -17,9 +19,9 @@ rescaled (`guidance_rescale`, Lin et al. 2024); scale 1 calls the conditional br
 
 from __future__ import annotations
 
+import inspect
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -89,12 +91,26 @@ class LitDiffusionPipeline(DiffusionPipeline):
     def _set_timesteps(self, steps: int, latent_height: int, latent_width: int, device) -> None:
         if self.config.objective != "flow":
             total = self.scheduler.config.num_train_timesteps
-            if total % steps:
+            if (self.scheduler.config.get("timestep_spacing") == "trailing"
+                    and "timesteps" in inspect.signature(self.scheduler.set_timesteps).parameters):
+                # lit_diffusion's trailing grid, round(T - i T / n) - 1: diffusers' own, np.arange(T, 0, -T / n)
+                # rounded, differs for some counts (T = 1000: 48, 61, 96, ...; 61 gives 62 timesteps, the last -1)
+                grid = [round(total - i * total / steps) - 1 for i in range(steps)]
+                self.scheduler.set_timesteps(timesteps=grid, device=device)
+                return
+            if type(self.scheduler).__name__ == "DDIMScheduler" and total % steps:
                 logger.warning(f"{steps} steps do not divide {total} timesteps: DDIMScheduler steps from t to "
                                f"t - {total // steps}, which is not lit_diffusion's trailing grid for this count")
             self.scheduler.set_timesteps(steps, device=device)
             return
-        sigmas = np.linspace(1.0, 1.0 / steps, steps)  # t = 1 .. 1/steps, then 0: shifted by the scheduler
+        if "sigmas" not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            # e.g. diffusers' FlowMatchHeunDiscreteScheduler: its own grid, not lit_diffusion's, and no mu
+            logger.warning(f"{type(self.scheduler).__name__}.set_timesteps takes no sigmas: it steps on its own time "
+                           f"grid, not lit_diffusion's (and without the per-resolution shift)")
+            self.scheduler.set_timesteps(steps, device=device)
+            return
+        # t = 1 .. 1/steps (then 0), as lit_diffusion's sampling_times: shifted by the scheduler
+        sigmas = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1].numpy()
         kwargs = {}
         if self.config.base_latent:  # the shift grows with sqrt(latent positions) (SD3 sec. 5.3.2)
             shift = self.scheduler.config.shift * math.sqrt(latent_height * latent_width) / self.config.base_latent
@@ -146,10 +162,12 @@ class LitDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         latents = latents.to(device, torch.float32) * getattr(self.scheduler, "init_noise_sigma", 1.0)  # DDIM: 1
         self._set_timesteps(steps, lh, lw, device)
-        step_kwargs = {}
-        if self.config.objective != "flow":
-            step_kwargs = dict(eta=eta, generator=generator,
-                               use_clipped_model_output=bool(self.scheduler.config.clip_sample))
+        takes = inspect.signature(self.scheduler.step).parameters  # DDIM: eta, clipping; DPM-Solver: generator
+        step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator), ("use_clipped_model_output", bool(
+            self.scheduler.config.get("clip_sample", False)))) if k in takes and self.config.objective != "flow"}
+        if eta and "eta" not in takes:
+            raise ValueError(f"eta={eta}: {type(self.scheduler).__name__} is deterministic (DDIMScheduler takes eta)")
+        # a second-order scheduler (order 2: Heun) lists each inner time twice, one network call per entry
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self._guided(latents, t, cond, uncond, scale, rescale)
             latents = self.scheduler.step(out, t, latents, return_dict=False, **step_kwargs)[0]
