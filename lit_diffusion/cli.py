@@ -684,8 +684,10 @@ def cmd_export(args) -> None:
         if args.to == "diffusers":  # an ldm.ckpt becomes a whole pipeline, a vae.ckpt an AutoencoderKL
             from lit_diffusion.export.pipeline import export_diffusers_checkpoint
 
-            summary = export_diffusers_checkpoint(args.ckpt, args.out)
+            summary = export_diffusers_checkpoint(args.ckpt, args.out, prior=args.prior)
         else:
+            if args.prior:
+                raise ValueError(f"--prior goes with --to diffusers (an unCLIP decoder's pipeline), not --to {args.to}")
             from lit_diffusion.export.clip import export_clip_checkpoint
 
             summary = export_clip_checkpoint(args.ckpt, args.to, args.out)
@@ -715,6 +717,10 @@ def add_export(sub) -> None:
                         "(from vae.ckpt); transformers: a CLIPModel folder with its tokenizer; open_clip: a "
                         "checkpoint with its model config (and tokenizer files)")
     p.add_argument("--out", required=True, help="the folder to write")
+    p.add_argument("--prior", default=None, metavar="PRIOR_CKPT",
+                   help="with --to diffusers and an unCLIP decoder's ldm.ckpt: also export this prior (prior.ckpt, the "
+                        "decoder's CLIP), so the pipeline turns captions into image embeddings itself (else it takes "
+                        "image_embeds or an image)")
     p.add_argument("--run-dir", default=None, help="the training run whose report.json, data and samples the model "
                                                    "card describes (default: the checkpoint's folder, if it has one)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO",

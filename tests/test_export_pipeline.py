@@ -11,6 +11,9 @@ The exported scheduler is the one stepping as the checkpoint's default sampler, 
   ddpm: our `ddim` (eta 0, trailing)  <->  DDIMScheduler (trailing, set_alpha_to_one), 1000 timesteps / 4 steps
   ddpm: our `dpmpp_2m`  <->  DPMSolverMultistepScheduler (dpmsolver++, order 2, trailing, final sigma 0); with zero
         terminal SNR it does not step as ours and the export falls back to DDIMScheduler (our ddim)
+Video models (clips [B, T, C, h, w], `num_frames`) and unCLIP decoders (`image_embeds`, or `image` through the
+exported image tower, the null embedding in guidance's unconditional branch) give our `sample(frames=...)` and
+`sample(image_embeddings=...)` too.
 """
 
 import json
@@ -249,14 +252,117 @@ def test_the_remote_code_runs_without_lit_diffusion(exported, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), ours, **TOL)
 
 
+# ------------------------------------------------------------------------------------------ video and unCLIP
+FRAMES = 4
+VIDEO_CASES = {  # name -> LatentDiffusionModule arguments of a video DiT (tubelets of 2 frames)
+    "video_flow_full": dict(unet=None, dit={**TINY_DIT, "temporal_patch": 2}, **FLOW, frames=FRAMES),
+    "video_eps_factorised": dict(unet=None, dit={**TINY_DIT, "attention": "factorised"}, frames=FRAMES),  # ddim
+}
+DECODER_CASES = {  # name -> LatentDiffusionModule arguments of an unCLIP decoder
+    "decoder_unet_flow": dict(**FLOW, condition="text+image_embedding"),
+    "decoder_dit_eps_image_only": dict(unet=None, dit=TINY_DIT, condition="image_embedding"),  # ddim
+}
+
+
+@pytest.fixture(scope="module")
+def exported_more(tiny_ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines_more")
+    out = {}
+    for name, kwargs in {**VIDEO_CASES, **DECODER_CASES}.items():
+        model = make_model(tiny_ckpts, **kwargs)
+        summary = export_pipeline(model, root / name)
+        out[name] = (model, root / name, summary)
+    return out
+
+
+def _embeddings(model, n, seed):
+    e = torch.randn(n, int(model.clip.embed_dim), generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.normalize(e, dim=-1)
+
+
+@pytest.mark.parametrize("case", VIDEO_CASES)
+def test_a_video_model_exports_and_samples_our_clips(exported_more, case):
+    model, folder, summary = exported_more[case]
+    assert summary["frames"] == FRAMES
+    pipe = load(folder)
+    assert pipe.config.frames == FRAMES and type(pipe.transformer).__name__ == "LitDiffusionDiT"
+    lh, lw = model.latent_shape()
+    noise = torch.randn(len(PROMPTS), FRAMES, model.latent_channels, lh, lw, generator=torch.Generator().manual_seed(3))
+    sampler = model.hparams.sampler
+    results = {}
+    for guidance, negative in ((1.0, None), (3.0, NEGATIVE)):
+        ours = model.sample(PROMPTS, negative_prompts=negative, guidance=guidance, sampler=sampler, steps=STEPS,
+                            x_T=noise.clone(), frames=FRAMES)
+        out = pipe(PROMPTS, negative_prompt=negative, guidance_scale=guidance, num_inference_steps=STEPS,
+                   latents=noise.clone(), output_type="pt", decode_chunk_size=3)
+        assert out.frames is out.images
+        assert out.frames.shape == ours.shape == (len(PROMPTS), FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE)
+        torch.testing.assert_close(out.frames, ours, **TOL)
+        results[guidance] = ours
+    assert (results[1.0][0] - results[1.0][1]).abs().max() > 1e-3
+    assert (results[3.0] - results[1.0]).abs().max() > 1e-3
+    assert (results[1.0][:, 0] - results[1.0][:, -1]).abs().max() > 1e-3  # the frames differ
+    if case == "video_flow_full":  # the default clip length from a generator; "np" and "pil" clips
+        clips = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(7), output_type="np").frames
+        ours = model.sample(PROMPTS[:1], seed=7)
+        assert clips.shape == (1, FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3)
+        torch.testing.assert_close(torch.from_numpy(clips).permute(0, 1, 4, 2, 3), ours, **TOL)
+        pil = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(7)).frames
+        assert len(pil) == 1 and len(pil[0]) == FRAMES and pil[0][0].size == (IMAGE_SIZE, IMAGE_SIZE)
+        # a shorter clip (a multiple of the tubelet), and the latents
+        short = torch.randn(1, 2, model.latent_channels, lh, lw, generator=torch.Generator().manual_seed(5))
+        latents = pipe(PROMPTS[:1], num_frames=2, guidance_scale=3.0, num_inference_steps=STEPS, latents=short,
+                       output_type="latent").frames
+        torch.testing.assert_close(latents, model.sample(PROMPTS[:1], guidance=3.0, steps=STEPS, x_T=short, frames=2,
+                                                         return_latents=True), atol=1e-4, rtol=1e-5)
+        with pytest.raises(ValueError, match=r"latents have shape \(1, 2, "):
+            pipe(PROMPTS[:1], latents=short, output_type="latent")  # num_frames defaults to the checkpoint's 4
+
+
+@pytest.mark.parametrize("case", DECODER_CASES)
+def test_an_unclip_decoder_exports_and_samples_our_images_from_image_embeddings(exported_more, case):
+    model, folder, summary = exported_more[case]
+    assert summary["condition"] == model.hparams.condition
+    assert summary["image_encoder"] == "CLIPVisionModelWithProjection"
+    pipe = load(folder)
+    lh, lw = model.latent_shape()
+    noise = torch.randn(len(PROMPTS), model.latent_channels, lh, lw, generator=torch.Generator().manual_seed(3))
+    embeds = _embeddings(model, len(PROMPTS), 11)
+    sampler = model.hparams.sampler
+    results = {}
+    for guidance, negative in ((1.0, None), (3.0, NEGATIVE)):
+        ours = model.sample(PROMPTS, negative_prompts=negative, guidance=guidance, sampler=sampler, steps=STEPS,
+                            x_T=noise.clone(), image_embeddings=embeds)
+        theirs = pipe(PROMPTS, negative_prompt=negative, guidance_scale=guidance, num_inference_steps=STEPS,
+                      latents=noise.clone(), output_type="pt", image_embeds=embeds).images
+        assert theirs.shape == ours.shape == (len(PROMPTS), 3, IMAGE_SIZE, IMAGE_SIZE)
+        torch.testing.assert_close(theirs, ours, **TOL)
+        results[guidance] = ours
+    assert (results[3.0] - results[1.0]).abs().max() > 1e-3
+    same_text = model.sample(PROMPTS[:1] * 2, guidance=1.0, sampler=sampler, steps=STEPS, x_T=noise.clone(),
+                             image_embeddings=embeds)
+    assert (same_text[0] - same_text[1]).abs().max() > 1e-3  # the embedding reaches the images
+    if model.hparams.condition == "image_embedding":  # the caption is never shown: no prompt needed
+        theirs = pipe(guidance_scale=3.0, num_inference_steps=STEPS, latents=noise.clone(), output_type="pt",
+                      image_embeds=embeds).images
+        torch.testing.assert_close(theirs, results[3.0], **TOL)
+    # variations: an image's embedding through the exported image tower is our CLIP's
+    images = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(2))
+    ours_e = model.encode_image_embeddings(images)
+    torch.testing.assert_close(pipe.encode_image(images), ours_e, atol=1e-5, rtol=0)
+    varied = pipe(PROMPTS[:1], guidance_scale=3.0, num_inference_steps=STEPS, latents=noise[:1].clone(),
+                  output_type="pt", image=images[:1]).images
+    torch.testing.assert_close(varied, model.sample(PROMPTS[:1], guidance=3.0, sampler=sampler, steps=STEPS,
+                                                    x_T=noise[:1].clone(), image_embeddings=ours_e[:1]), **TOL)
+    with pytest.raises(ValueError, match="needs CLIP image embeddings"):
+        pipe(PROMPTS[:1], num_inference_steps=STEPS, output_type="latent")
+
+
 def test_export_refuses_what_the_pipeline_cannot_hold(tiny_ckpts, tmp_path):
-    video = make_model(tiny_ckpts, unet=None, dit=TINY_DIT, **FLOW, frames=2)
-    with pytest.raises(ExportError, match=r"model\.init_args\.frames = 2: a video model"):
-        export_pipeline(video, tmp_path / "video")
-    decoder = make_model(tiny_ckpts, condition="text+image_embedding")
-    with pytest.raises(ExportError, match=r"model\.init_args\.condition = 'text\+image_embedding': unCLIP's decoder"):
-        export_pipeline(decoder, tmp_path / "decoder")
-    assert not (tmp_path / "video").exists() and not (tmp_path / "decoder").exists()  # refused before writing
+    model = make_model(tiny_ckpts, **FLOW, flow={"time_scale": 999.5})
+    with pytest.raises(ExportError, match=r"model\.init_args\.flow\.time_scale = 999\.5"):
+        export_pipeline(model, tmp_path / "scale")
+    assert not (tmp_path / "scale").exists()  # refused before writing
 
 
 def test_cli_exports_a_diffusion_checkpoint_as_a_pipeline_with_its_card(tiny_ckpts, tmp_path, capsys, monkeypatch):
@@ -280,3 +386,107 @@ def test_cli_exports_a_diffusion_checkpoint_as_a_pipeline_with_its_card(tiny_ckp
             "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "text_encoder/model.safetensors",
             "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"} <= names
     assert import_denoiser(out).state_dict().keys() == model.unet.state_dict().keys()
+
+
+def test_cli_exports_video_and_decoder_checkpoints(tiny_ckpts, tmp_path, capsys):
+    """Through `lit-diffusion export` (model card included): a video checkpoint, and an unCLIP decoder's with its
+    prior (`--prior`), whose folder holds the image tower and the prior."""
+    save_checkpoint(make_prior(tiny_ckpts), tmp_path / "prior.ckpt")
+    for name, kwargs in (("video", VIDEO_CASES["video_flow_full"]), ("decoder", DECODER_CASES["decoder_unet_flow"])):
+        save_checkpoint(make_model(tiny_ckpts, **kwargs), tmp_path / f"{name}.ckpt")
+        out = tmp_path / name
+        prior = ["--prior", str(tmp_path / "prior.ckpt")] if name == "decoder" else []
+        cli_main(["export", "--ckpt", str(tmp_path / f"{name}.ckpt"), "--to", "diffusers", "--out", str(out), *prior])
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["kind"] == "pipeline" and (out / "README.md").is_file()
+        index = json.loads((out / "model_index.json").read_text())
+        assert (index["frames"], index["condition"]) == (kwargs.get("frames", 1), kwargs.get("condition", "text"))
+        if name == "decoder":
+            assert index["image_encoder"] == ["transformers", "CLIPVisionModelWithProjection"]
+            assert {"image_encoder/config.json", "image_encoder/model.safetensors"} <= set(summary["files"])
+            assert index["prior"] == ["lit_diffusion_prior", "LitDiffusionPrior"] and index["prior_candidates"] == 2
+            assert index["prior_scheduler"] == ["diffusers", "DDIMScheduler"]
+        else:
+            assert index["image_encoder"] == index["prior"] == [None, None] and not (out / "image_encoder").exists()
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--ckpt", str(tmp_path / "video.ckpt"), "--to", "diffusers", "--out",
+                  str(tmp_path / "refused"), "--prior", str(tmp_path / "prior.ckpt")])
+    assert "--prior with a model conditioned on text only" in capsys.readouterr().err
+
+
+PRIOR_CASES = {  # name -> (decoder case, DiffusionPriorModule arguments, the prior scheduler): each of our prior
+    "prior_ddpm_ddim": ("decoder_unet_flow", dict(), DDIM_S),  # samplers; an x0 model: DDPM's prediction "sample"
+    "prior_flow_euler": ("decoder_dit_eps_image_only", dict(objective="flow", sampler="euler"), EULER_S),
+    "prior_ddpm_dpmpp_2m": ("decoder_unet_flow", dict(sampler="dpmpp_2m"), DPM_S),
+    "prior_flow_heun": ("decoder_unet_flow", dict(objective="flow", sampler="heun"), HEUN_S),  # in prior_scheduler/
+}
+
+
+def make_prior(ckpts, **kwargs):
+    from lit_diffusion.stages.prior import DiffusionPriorModule
+
+    torch.manual_seed(1)
+    prior = DiffusionPriorModule(clip_ckpt=str(ckpts["clip"]), prior=dict(width=32, depth=2, heads=2),
+                                 sample_steps=STEPS, warmup_steps=0, candidates=2, guidance=2.0, **kwargs).eval()
+    with torch.no_grad():  # a trained-looking standardisation, so that to_clip_space does something
+        prior.embedding_mean.normal_(std=0.05)
+        prior.embedding_std.uniform_(0.5, 1.5)
+    return prior
+
+
+@pytest.fixture(scope="module")
+def exported_prior(exported_more, tiny_ckpts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines_prior")
+    out = {}
+    for name, (decoder, kwargs, _) in PRIOR_CASES.items():
+        model = exported_more[decoder][0]
+        prior = make_prior(tiny_ckpts, **kwargs)
+        summary = export_pipeline(model, root / name, prior=prior)
+        out[name] = (model, prior, root / name, summary)
+    return out
+
+
+@pytest.mark.parametrize("case", PRIOR_CASES)
+def test_with_its_prior_the_decoder_pipeline_generates_as_unclip(exported_prior, case):
+    """`export --prior`: captions -> the prior's embeddings -> the decoder, as `UnCLIP.generate` from the same
+    seeds' noise (the prior's draws and the decoder's latents)."""
+    from lit_diffusion.unclip import UnCLIP
+
+    model, prior, folder, summary = exported_prior[case]
+    assert summary["prior"] == "LitDiffusionPrior"
+    pipe = load(folder)
+    assert type(pipe.prior).__name__ == "LitDiffusionPrior"
+    assert type(pipe.prior_scheduler).__name__ == PRIOR_CASES[case][2]
+    unclip = UnCLIP(prior, model)
+    seeds, k, e = [5, 6], prior.hparams.candidates, prior.prior.config.embed_dim
+    prior_noise = torch.stack([torch.randn(k, e, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    lh, lw = model.latent_shape()
+    noise = torch.stack([torch.randn(model.latent_channels, lh, lw, generator=torch.Generator().manual_seed(s))
+                         for s in seeds])
+    for guidance, prior_guidance, negative in ((1.0, 1.0, None), (3.0, 2.0, NEGATIVE)):
+        ours_e = prior.sample(PROMPTS, negative, seed=seeds, guidance=prior_guidance)
+        theirs_e = pipe.sample_prior(PROMPTS, negative, guidance_scale=prior_guidance, latents=prior_noise.clone())
+        torch.testing.assert_close(theirs_e, ours_e, atol=1e-5, rtol=0)
+        ours = unclip.generate(PROMPTS, negative, seed=seeds, guidance=guidance, prior_guidance=prior_guidance,
+                               steps=STEPS)
+        theirs = pipe(PROMPTS, negative_prompt=negative, guidance_scale=guidance, num_inference_steps=STEPS,
+                      latents=noise.clone(), prior_latents=prior_noise.clone(), prior_guidance_scale=prior_guidance,
+                      output_type="pt").images
+        torch.testing.assert_close(theirs, ours, **TOL)
+    assert pipe.config.prior_candidates == 2 and pipe.config.prior_guidance_scale == 2.0  # the prior's defaults
+    first = pipe.sample_prior(PROMPTS, candidates=1, latents=prior_noise[:, :1].clone())  # its first draws only
+    torch.testing.assert_close(first, prior.sample(PROMPTS, seed=seeds, candidates=1), atol=1e-5, rtol=0)
+    kept = pipe.sample_prior(PROMPTS, latents=prior_noise.clone())
+    assert (kept - first).abs().max() > 1e-3  # some caption kept its second draw: the scoring was exercised
+
+
+def test_a_prior_is_refused_beside_a_text_model_or_another_clip(exported_more, tiny_ckpts, tmp_path):
+    prior = make_prior(tiny_ckpts)
+    text_model = make_model(tiny_ckpts, **FLOW)
+    with pytest.raises(ExportError, match=r"--prior with a model conditioned on text only"):
+        export_pipeline(text_model, tmp_path / "text", prior=prior)
+    decoder = exported_more["decoder_unet_flow"][0]
+    prior._clip_hash = "0" * 64  # as a prior trained on another CLIP's shards
+    with pytest.raises(ExportError, match="the prior and the decoder hold different CLIPs"):
+        export_pipeline(decoder, tmp_path / "other", prior=prior)
+    assert not (tmp_path / "text").exists() and not (tmp_path / "other").exists()

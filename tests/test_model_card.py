@@ -215,6 +215,29 @@ def test_card_says_when_the_scheduler_is_the_default_samplers_twin(run_dir, tmp_
     assert "does not reproduce" not in text
 
 
+@pytest.mark.parametrize("change, extra, wanted, unwanted", [
+    ({"frames": 8}, (), ["num_frames=8,", "clip = out.frames[0]", 'clip[0].save("sample.gif"'], ["out.images[0]"]),
+    ({"condition": "text+image_embedding"}, ("image_encoder/config.json",),
+     ['image=Image.open("photo.png")', "prompt='a large red circle'", 'out.images[0].save("sample.png")'],
+     ["image_embeds="]),
+    ({"condition": "image_embedding"}, (), ["image_embeds=embeddings"], ["prompt="]),
+    ({"condition": "text+image_embedding"}, ("prior/config.json",), ["prompt='a large red circle'"],
+     ["image=", "image_embeds="]),
+])
+def test_the_loading_example_fits_video_and_decoder_checkpoints(run_dir, tmp_path, change, extra, wanted, unwanted):
+    ckpt = torch.load(run_dir / "ldm.ckpt", weights_only=True)
+    ckpt["hyper_parameters"].update(change)
+    torch.save(ckpt, run_dir / "ldm.ckpt")
+    folder = exported(tmp_path, ("model_index.json", "unet/config.json", *extra))
+    text = write_model_card(folder, run_dir / "ldm.ckpt").read_text()
+    example = text[text.index("```python"):]
+    example = example[:example.index("```", 3)]
+    for piece in wanted:
+        assert piece in example, (piece, example)
+    for piece in unwanted:
+        assert piece not in example, (piece, example)
+
+
 def test_card_with_an_explicit_run_folder_notes_another_checkpoint(run_dir, tmp_path):
     other = tiny_ldm_checkpoint(tmp_path / "last.ckpt", run_dir)
     text = write_model_card(exported(tmp_path), other, run_dir=run_dir).read_text()

@@ -470,17 +470,32 @@ def _usage_section(folder: Path, folder_type: str, info: dict, report: dict | No
         spec = ((report or {}).get("pipeline_config") or {}).get("samples") or {}
         prompt = (spec.get("prompts") or ["a caption like the training captions"])[0]
         negative = spec.get("negative_prompt")
-        code = ["import torch", "from diffusers import DiffusionPipeline", "",
-                f"model_id = {local}  {LOCAL_MARK}",
-                "pipe = DiffusionPipeline.from_pretrained(model_id, trust_remote_code=True)",
-                "image = pipe(",
-                f"    prompt={prompt!r},",
-                f"    negative_prompt={negative!r}," if negative else "    negative_prompt=None,",
-                f"    guidance_scale={float(hp.get('guidance', 3.0))},",
-                f"    num_inference_steps={int(hp.get('sample_steps', 50))},",
-                "    generator=torch.Generator().manual_seed(0),",
-                ").images[0]",
-                'image.save("sample.png")']
+        frames = int(hp.get("frames") or 1)
+        decoder = "image_embedding" in str(hp.get("condition") or "")
+        text = not decoder or "text" in str(hp.get("condition"))
+        # a decoder samples from a caption through the exported prior, else varies an image (or takes embeddings)
+        variation = decoder and not (folder / "prior").is_dir()
+        code = ["import torch", "from diffusers import DiffusionPipeline"]
+        code += ["from PIL import Image"] if variation else []
+        code += ["", f"model_id = {local}  {LOCAL_MARK}",
+                 "pipe = DiffusionPipeline.from_pretrained(model_id, trust_remote_code=True)",
+                 "out = pipe("]
+        if variation and (folder / "image_encoder").is_dir():
+            code.append('    image=Image.open("photo.png"),  # variations of this image (its CLIP image embedding)')
+        elif variation:
+            code.append("    image_embeds=embeddings,  # [B, E] CLIP image embeddings, L2-normalised")
+        if text:
+            code.append(f"    prompt={prompt!r},")
+            code.append(f"    negative_prompt={negative!r}," if negative else "    negative_prompt=None,")
+        code += [f"    guidance_scale={float(hp.get('guidance', 3.0))},",
+                 f"    num_inference_steps={int(hp.get('sample_steps', 50))},"]
+        code += [f"    num_frames={frames},"] if frames > 1 else []
+        code += ["    generator=torch.Generator().manual_seed(0),", ")"]
+        if frames > 1:  # a clip: a list of frames, saved as an animated GIF
+            code += ["clip = out.frames[0]",
+                     'clip[0].save("sample.gif", save_all=True, append_images=clip[1:], duration=125, loop=0)']
+        else:
+            code += ['out.images[0].save("sample.png")']
         note = ("`trust_remote_code=True` runs the pipeline, denoiser and scheduler code shipped in this folder: "
                 "read it first. The guidance scale and steps above are the checkpoint's own sampling defaults.")
         note += " " + _scheduler_note(folder, info)

@@ -12,7 +12,30 @@ travel inside ldm.ckpt:
                        (scheduler/lit_diffusion_scheduler.py, export/remote); ddpm dpmpp_2m:
                        DPMSolverMultistepScheduler; else DDIMScheduler (ddpm: our betas, prediction type, trailing
                        timesteps, alpha 1 after the last step)
+  image_encoder/       unCLIP decoders only: transformers CLIPVisionModelWithProjection, the frozen CLIP's image
+                       tower (export/clip.py's key map), for `pipe(image=...)` variations; not written (a warning)
+                       where transformers cannot compute it as ours (a text-only, video or pooled-without-class-token
+                       tower): `image_embeds` only then
   lit_diffusion_pipeline.py + model_index.json   the LitDiffusionPipeline (remote code) and its defaults
+
+What the pipeline samples, as `LatentDiffusionModule.sample` does (tests/test_export_pipeline.py):
+  images                a text-to-image model: latents [B, C, h, w]
+  clips                 a video model (`frames` > 1, the DiT over spatio-temporal patches): latents [B, T, C, h, w],
+                        T = `num_frames` (default the checkpoint's `frames`, as `sample(frames=...)`), the VAE decoding
+                        frame by frame; output_type "pt" [B, T, 3, H, W], "np" [B, T, H, W, 3], "pil" a list of
+                        clips, each a list of frames (the output's `frames`, also `images`)
+  unCLIP decoder        `condition` text+image_embedding or image_embedding: `image_embeds` [B, E] (CLIP image
+                        embeddings: from our prior, `DiffusionPriorModule.sample_embeddings` / `UnCLIP`, an
+                        interpolation, or `pipe.encode_image(image)`; `pipe(image=...)` gives variations);
+                        guidance's unconditional branch has the null embedding (a zero row: the denoiser's learned
+                        one) beside the empty or negative caption, as `sample(image_embeddings=...)`; with
+                        image_embedding the caption is never shown (`prompt` may be left out)
+  + unCLIP prior        `export --prior prior.ckpt` (the decoder's CLIP): prior/ (LitDiffusionPrior, remote code: our
+                        DiffusionPrior and the embedding standardisation) and prior_scheduler/ (as for the denoiser,
+                        an x0-predicting model: DDIMScheduler prediction "sample", DPMSolverMultistepScheduler, or the
+                        flow schedulers fed the velocity (x_t - x0) / t); given prompts and no embeddings the
+                        pipeline samples them (`sample_prior`: candidates, guidance on x0, the best dot product with
+                        the caption's embedding kept) as `UnCLIP.generate`, the negative prompt going to both
 
 Which of our samplers the exported scheduler reproduces (same initial noise, same guidance: equal to float
 rounding, tests/test_export_pipeline.py):
@@ -39,9 +62,10 @@ and which have no exact twin here (the export writes DDIMScheduler and warns):
         SNR                       rescale_betas_zero_snr it starts at abar 2^-24 instead, ~1e-3 from ours
   ddpm  dpmpp_2m with clip_x0     DPMSolverMultistepScheduler has dynamic thresholding only, no clipping of x0
   ddpm  clip_x0 (ddim)            DDIM's clip_sample with use_clipped_model_output: same maths, not tested
-Refused, naming the field: a video model (`frames` > 1), an unCLIP decoder (`condition` with an image embedding,
-which needs a prior or an image), a flow `time_scale` that is not a whole number of training timesteps, and
-whatever the VAE or text-encoder exports refuse.
+Refused, naming the field: a flow `time_scale` that is not a whole number of training timesteps, and whatever the
+VAE or text-encoder exports refuse (export/vae.py, `check_text_encoder_exportable`). Video models and unCLIP decoders
+export (earlier versions refused them), a decoder with its prior where `--prior` names one; refused by name: a
+prior beside a text-only model, or one embedding another CLIP than the decoder's.
 """
 
 from __future__ import annotations
@@ -53,6 +77,7 @@ import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -72,10 +97,12 @@ from lit_diffusion.export.remote import (
     PIPELINE_CLASS,
     PIPELINE_FILE,
     PIPELINE_MODULE,
+    PRIOR,
     SCHEDULER_CLASS,
     SCHEDULER_FILE,
     SCHEDULER_MODULE,
     denoiser_source,
+    prior_source,
 )
 from lit_diffusion.export.vae import WEIGHTS_NAME, check_exportable as check_vae_exportable, export_vae
 from lit_diffusion.stages.base import CheckpointError
@@ -114,14 +141,10 @@ def check_text_encoder_exportable(clip: CLIPModule) -> None:
 
 
 def check_exportable(module: LatentDiffusionModule) -> None:
-    """Refuse, naming the field, a diffusion stage the exported pipeline would not sample as ours does."""
+    """Refuse, naming the field, a diffusion stage the exported pipeline would not sample as ours does. Video models
+    (`frames` > 1: latents [B, T, C, h, w], decoded frame by frame) and unCLIP decoders (`condition` with an image
+    embedding: the pipeline takes `image_embeds`, or an `image` through the exported image tower) export."""
     h = module.hparams
-    if h.frames > 1:
-        raise ExportError(f"model.init_args.frames = {h.frames}: a video model; the exported pipeline samples "
-                          f"images (latents [B, C, h, w]), not clips")
-    if module.image_conditioned:
-        raise ExportError(f"model.init_args.condition = {h.condition!r}: unCLIP's decoder needs CLIP image "
-                          f"embeddings (from a prior or an image) that a text-to-image pipeline has none of")
     if module.objective == "flow":
         scale = module.schedule.time_scale
         if scale != int(scale):
@@ -179,6 +202,55 @@ def export_text_encoder(clip: CLIPModule, out: Path) -> list[str]:
     return ["text_encoder/config.json", f"text_encoder/{TEXT_WEIGHTS}", *(f"tokenizer/{f}" for f in files)]
 
 
+def image_encoder_refusal(clip: CLIPModule) -> str | None:
+    """Why transformers' CLIPVisionModelWithProjection cannot compute our image tower's embeddings (None: it can)."""
+    if clip.model.visual is None:
+        return "the CLIP has no image tower (text_only)"
+    vision = clip.model.visual.cfg
+    if vision.frames > 1:
+        return f"vision.frames = {vision.frames}: a video CLIP tower"
+    if vision.pool != "cls":
+        return f"vision.pool = {vision.pool!r}: transformers' CLIP vision tower always pools a class token"
+    return None
+
+
+def image_encoder_config(clip: CLIPModule):
+    """transformers' CLIPVisionConfig of our image tower (projection to the CLIP embedding width included)."""
+    from lit_diffusion.pretrained import require
+
+    transformers = require("transformers", "exporting an image encoder to transformers")
+    vision = clip.model.visual.cfg
+    config = transformers.CLIPVisionConfig(
+        hidden_size=vision.width, intermediate_size=int(vision.width * vision.mlp_ratio),
+        num_hidden_layers=vision.layers, num_attention_heads=vision.heads, image_size=vision.image_size,
+        patch_size=vision.patch_size, num_channels=3, hidden_act=_act(vision.quick_gelu),
+        layer_norm_eps=LAYER_NORM_EPS, attention_dropout=vision.dropout, projection_dim=clip.model.embed_dim)
+    config.architectures = ["CLIPVisionModelWithProjection"]
+    return config
+
+
+def image_encoder_state_dict(clip: CLIPModule) -> dict[str, Tensor]:
+    """Our image tower's weights -> CLIPVisionModelWithProjection's names (export/clip.py's map, image side)."""
+    state = _split_qkv({f"visual.{k}": v for k, v in clip.model.visual.state_dict().items()})
+    out = {"visual_projection.weight": state.pop("visual.proj").T}
+    for key, value in state.items():
+        for pattern, repl in _TO_HF:
+            key = re.sub(pattern, repl, key)
+        if not key.startswith("vision_model."):
+            raise ExportError(f"no transformers CLIPVisionModel weight for our {key}")
+        out[key] = value
+    return out
+
+
+def export_image_encoder(clip: CLIPModule, out: Path) -> list[str]:
+    """image_encoder/ (config + weights) in the pipeline folder `out`: the frozen CLIP's image tower, which turns an
+    `image` into the decoder's `image_embeds` (variations)."""
+    (out / "image_encoder").mkdir(exist_ok=True)
+    image_encoder_config(clip).save_pretrained(str(out / "image_encoder"))
+    save_safetensors(image_encoder_state_dict(clip), out / "image_encoder" / TEXT_WEIGHTS)
+    return ["image_encoder/config.json", f"image_encoder/{TEXT_WEIGHTS}"]
+
+
 # --------------------------------------------------------------------------------------------------- denoiser
 def denoiser_config(module: LatentDiffusionModule) -> dict:
     """config.json of the remote denoiser: its wrapper class and our UNetConfig / DiTConfig fields."""
@@ -220,6 +292,62 @@ def import_denoiser(folder: str | Path) -> nn.Module:
                 return net.eval()
     raise ExportError(f"{folder} holds no exported lit_diffusion denoiser (unet/ or transformer/ with a "
                       f"{' or '.join(w for _, w, _, _ in DENOISERS.values())} config.json)")
+
+
+# ------------------------------------------------------------------------------------------------------ prior
+def check_prior_exportable(prior, module: LatentDiffusionModule) -> None:
+    """Refuse, naming what is wrong, a prior (`export --prior`) that cannot feed this decoder in the pipeline."""
+    if not module.image_conditioned:
+        raise ExportError(f"--prior with a model conditioned on text only (model.init_args.condition = "
+                          f"{module.hparams.condition!r}): a prior feeds unCLIP's decoder (condition "
+                          f"text+image_embedding or image_embedding)")
+    theirs, ours = prior.clip_hash(), module.encoder_hashes()["clip"]
+    if theirs != ours:
+        raise ExportError(f"the prior and the decoder hold different CLIPs (state_dict_hash {theirs[:16]} and "
+                          f"{ours[:16]}): the prior's embeddings would be in another space than the decoder reads")
+    if prior.objective == "flow":
+        scale = prior.schedule.time_scale
+        if scale != int(scale):
+            raise ExportError(f"the prior's model.init_args.flow.time_scale = {scale}: the scheduler calls the "
+                              f"network with t * num_train_timesteps, a whole number")
+    elif prior.hparams.sampler not in ("ddim", "dpmpp_2m"):
+        log.warning("the prior samples with %s by default; the exported pipeline's prior steps with DDIMScheduler "
+                    "(our ddim, eta 0)", prior.hparams.sampler)
+
+
+def _prior_spec(prior) -> SimpleNamespace:
+    """The prior as `scheduler_for` reads a diffusion stage: an x0-predicting model, no x0 clipping; a flow prior
+    has no per-resolution shift (an embedding has no resolution)."""
+    schedule = prior.schedule
+    if prior.objective == "flow":
+        schedule = SimpleNamespace(time_scale=schedule.time_scale, shift=schedule.shift, base_latent=None)
+    return SimpleNamespace(objective=prior.objective, schedule=schedule, prediction="x0",
+                           hparams=SimpleNamespace(sampler=prior.hparams.sampler, clip_x0=0.0, eta=0.0))
+
+
+def export_prior(prior, out: Path) -> tuple[list[str], list[str], list[str]]:
+    """prior/ (remote module, config.json, the `prior.*` weights and the embedding standardisation) and
+    prior_scheduler/ in the pipeline folder `out`; returns (files, prior entry, scheduler entry) for model_index."""
+    stem, wrapper, folder, _ = PRIOR
+    where = out / folder
+    where.mkdir(exist_ok=True)
+    (where / f"{stem}.py").write_text(prior_source())
+    write_json({"_class_name": wrapper, "_diffusers_version": _diffusers_version(), **asdict(prior.prior.config)},
+               where / "config.json")
+    state = {f"prior.{k}": v for k, v in prior.prior.state_dict().items()}
+    state.update(embedding_mean=prior.embedding_mean.detach().float(),
+                 embedding_std=prior.embedding_std.detach().float())
+    save_safetensors(state, where / WEIGHTS_NAME)
+    files = [f"{folder}/{stem}.py", f"{folder}/config.json", f"{folder}/{WEIGHTS_NAME}"]
+    scheduler = scheduler_for(_prior_spec(prior))
+    scheduler.save_pretrained(str(out / "prior_scheduler"))
+    files.append("prior_scheduler/scheduler_config.json")
+    entry = ["diffusers", type(scheduler).__name__]
+    if type(scheduler).__name__ == SCHEDULER_CLASS:
+        shutil.copyfile(SCHEDULER_FILE, out / "prior_scheduler" / f"{SCHEDULER_MODULE}.py")
+        files.append(f"prior_scheduler/{SCHEDULER_MODULE}.py")
+        entry = [SCHEDULER_MODULE, SCHEDULER_CLASS]
+    return files, [stem, wrapper], entry
 
 
 # -------------------------------------------------------------------------------------------------- scheduler
@@ -290,25 +418,50 @@ def _betas64(cfg: dict) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
-def pipeline_config(module: LatentDiffusionModule) -> dict:
-    """The LitDiffusionPipeline's own settings in model_index.json: conditioning it wires and sampling defaults."""
+def pipeline_config(module: LatentDiffusionModule, prior=None) -> dict:
+    """The LitDiffusionPipeline's own settings in model_index.json: conditioning it wires, sampling defaults, the
+    clip length (`frames`), the decoder's `condition` and the image tower's pixel statistics (None: [-1, 1])."""
     h = module.hparams
+    vision = module.clip.model.visual.cfg if module.clip.model.visual is not None else None
     return {"objective": module.objective, "pooled_text": bool(h.pooled_text),
             "size_conditioning": bool(module.size_conditioning), "image_size": int(h.image_size),
             "base_latent": module.schedule.base_latent if module.objective == "flow" else None,
             "guidance_scale": float(h.guidance), "num_inference_steps": int(h.sample_steps),
-            "guidance_rescale": float(h.guidance_rescale)}
+            "guidance_rescale": float(h.guidance_rescale), "frames": int(h.frames), "condition": str(h.condition),
+            "image_mean": list(vision.image_mean) if vision is not None and vision.image_mean is not None else None,
+            "image_std": list(vision.image_std) if vision is not None and vision.image_std is not None else None,
+            "prior_objective": None if prior is None else prior.objective,
+            "prior_guidance_scale": None if prior is None else float(prior.hparams.guidance),
+            "prior_num_inference_steps": None if prior is None else int(prior.hparams.sample_steps),
+            "prior_candidates": None if prior is None else int(prior.hparams.candidates)}
 
 
-def export_pipeline(module: LatentDiffusionModule, out: str | Path) -> dict:
-    """Write `module` (a diffusion stage) as a diffusers pipeline folder `out`; returns a summary."""
+def export_pipeline(module: LatentDiffusionModule, out: str | Path, prior=None) -> dict:
+    """Write `module` (a diffusion stage) as a diffusers pipeline folder `out`; returns a summary. `prior`: an unCLIP
+    prior stage (`DiffusionPriorModule`) for a decoder `module`, exported beside it (prior/, prior_scheduler/): the
+    pipeline then turns captions into image embeddings itself, as `UnCLIP.generate`."""
     check_exportable(module)
+    if prior is not None:
+        check_prior_exportable(prior, module)
     out = prepare_folder(out)
     files = []
     export_vae(module.vae, out / "vae")
     files += ["vae/config.json", f"vae/{WEIGHTS_NAME}"]
     files += export_text_encoder(module.clip, out)
     files += export_denoiser(module, out)
+    image_encoder = [None, None]
+    if module.image_conditioned:
+        why = image_encoder_refusal(module.clip)
+        if why is None:
+            files += export_image_encoder(module.clip, out)
+            image_encoder = ["transformers", "CLIPVisionModelWithProjection"]
+        else:
+            log.warning("%s: no image_encoder/ exported; the pipeline takes `image_embeds` (CLIP image embeddings), "
+                        "not `image`", why)
+    prior_entry = prior_scheduler_entry = [None, None]
+    if prior is not None:
+        more, prior_entry, prior_scheduler_entry = export_prior(prior, out)
+        files += more
     scheduler = scheduler_for(module)
     scheduler.save_pretrained(str(out / "scheduler"))
     files.append("scheduler/scheduler_config.json")
@@ -325,27 +478,43 @@ def export_pipeline(module: LatentDiffusionModule, out: str | Path) -> dict:
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
              "scheduler": scheduler_entry, folder: [stem, wrapper], other: [None, None],
-             **pipeline_config(module)}
+             "image_encoder": image_encoder, "prior": prior_entry, "prior_scheduler": prior_scheduler_entry,
+             **pipeline_config(module, prior)}
     write_json(index, out / "model_index.json")
     files.append("model_index.json")
     return {"out": str(out), "to": "diffusers", "kind": "pipeline", "denoiser": f"{folder}/{wrapper}",
-            "scheduler": type(scheduler).__name__, "files": files,
+            "scheduler": type(scheduler).__name__, "frames": int(module.hparams.frames),
+            "condition": str(module.hparams.condition), "image_encoder": image_encoder[1],
+            "prior": prior_entry[1], "files": files,
             "load": f"diffusers.DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)"}
 
 
-def export_pipeline_checkpoint(ckpt: str | Path, out: str | Path) -> dict:
-    """`export_pipeline` of the diffusion stage checkpoint `ckpt` (ldm.ckpt)."""
+def load_prior_checkpoint(prior: str | Path | None):
+    """The unCLIP prior stage of `--prior prior.ckpt` (None: none)."""
+    if prior is None:
+        return None
+    from lit_diffusion.stages.prior import DiffusionPriorModule
+
+    try:
+        return DiffusionPriorModule.from_checkpoint(prior)
+    except CheckpointError as err:
+        raise ExportError(f"{err} (--prior takes the unCLIP prior stage's checkpoint, prior.ckpt)") from err
+
+
+def export_pipeline_checkpoint(ckpt: str | Path, out: str | Path, prior: str | Path | None = None) -> dict:
+    """`export_pipeline` of the diffusion stage checkpoint `ckpt` (ldm.ckpt), with the prior checkpoint `prior`."""
     try:
         module = LatentDiffusionModule.from_checkpoint(ckpt)
     except CheckpointError as err:
         raise ExportError(f"{err} (a diffusers pipeline is exported from a diffusion stage checkpoint, ldm.ckpt)") \
             from err
-    return export_pipeline(module, out)
+    return export_pipeline(module, out, prior=load_prior_checkpoint(prior))
 
 
-def export_diffusers_checkpoint(ckpt: str | Path, out: str | Path) -> dict:
-    """`--to diffusers`: a diffusion checkpoint (ldm.ckpt) becomes a pipeline folder; anything else goes to the VAE
-    export (`export/vae.py`), which takes vae.ckpt and names what any other file is."""
+def export_diffusers_checkpoint(ckpt: str | Path, out: str | Path, prior: str | Path | None = None) -> dict:
+    """`--to diffusers`: a diffusion checkpoint (ldm.ckpt) becomes a pipeline folder (with the unCLIP prior of
+    `prior`, prior.ckpt, for a decoder); anything else goes to the VAE export (`export/vae.py`), which takes vae.ckpt
+    and names what any other file is."""
     from lit_diffusion.export.vae import export_vae_checkpoint
 
     data = None
@@ -360,5 +529,7 @@ def export_diffusers_checkpoint(ckpt: str | Path, out: str | Path) -> dict:
             module = LatentDiffusionModule.from_checkpoint_dict(data, source=str(ckpt))
         except CheckpointError as err:
             raise ExportError(str(err)) from err
-        return export_pipeline(module, out)
+        return export_pipeline(module, out, prior=load_prior_checkpoint(prior))
+    if prior is not None:
+        raise ExportError(f"--prior {prior}: a prior is exported beside an unCLIP decoder's ldm.ckpt, not with {ckpt}")
     return export_vae_checkpoint(ckpt, out)

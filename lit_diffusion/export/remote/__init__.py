@@ -1,7 +1,10 @@
 """The remote code of an exported pipeline (`export/pipeline.py`): source files written into the diffusers folder,
 which `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` imports without lit_diffusion installed.
 
-- `lit_diffusion_pipeline.py` (this folder): the `LitDiffusionPipeline`, copied as it is into the folder's root.
+- `lit_diffusion_pipeline.py` (this folder): the `LitDiffusionPipeline`, copied as it is into the folder's root:
+  images, a video model's clips (`num_frames`), an unCLIP decoder's images from `image_embeds` (or `image`).
+- `prior_source()`: with `export --prior`, `prior/lit_diffusion_prior.py`: our unCLIP prior (models/conditions,
+  attention, transformer, layers, prior) and a `LitDiffusionPrior` wrapper holding the embedding standardisation.
 - `lit_diffusion_scheduler.py` (this folder): `LitDiffusionFlowHeunScheduler`, our flow `heun` sampler, copied as it
   is into scheduler/ when that is the checkpoint's default sampler.
 - `denoiser_source(kind)`: the denoiser's module, `unet/lit_diffusion_unet.py` or
@@ -43,6 +46,9 @@ DENOISERS = {
     "dit": ("lit_diffusion_dit", "LitDiffusionDiT", "transformer", ("conditions", "attention", "layers", "dit")),
 }
 _NETWORKS = {"unet": ("UNet", "UNetConfig"), "dit": ("DiT", "DiTConfig")}
+# unCLIP's prior (`export --prior`): (module file stem, wrapper class, folder, our modules it is built from)
+PRIOR = ("lit_diffusion_prior", "LitDiffusionPrior", "prior", ("conditions", "attention", "transformer", "layers",
+                                                               "prior"))
 
 WHY = """Why remote code: diffusers' UNet2DConditionModel could hold exactly only a U-Net with scale_shift_norm,
 context_layers 0, pos_embed off, widths divisible by norm_groups, no size_conditioning or image_embedding_dim
@@ -85,6 +91,48 @@ class {wrapper}(ModelMixin, ConfigMixin):
                             size=added_cond_size, image_embedding=image_embeds)
         out = self.{attr}(sample, timestep, cond)
         return LitDiffusionDenoiserOutput(sample=out) if return_dict else (out,)
+'''
+
+
+_PRIOR_WRAPPER = '''
+
+# ---------------------------------------------------------------------------------------------- diffusers wrapper
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: E402
+from diffusers.models.modeling_utils import ModelMixin  # noqa: E402
+from diffusers.utils import BaseOutput  # noqa: E402
+
+
+@dataclass
+class LitDiffusionPriorOutput(BaseOutput):
+    sample: Tensor  # the predicted clean (standardised) CLIP image embedding [B, E]
+
+
+class {wrapper}(ModelMixin, ConfigMixin):
+    """lit_diffusion's unCLIP prior (DiffusionPrior) as a diffusers model: the config keys are PriorConfig's fields,
+    the weights live under `prior.` exactly as in prior.ckpt, beside the standardisation of CLIP image embeddings
+    (`embedding_mean`, `embedding_std`): the prior samples standardised embeddings, `to_clip_space` maps them back."""
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(self, {signature}):
+        super().__init__()
+        self.prior = DiffusionPrior(PriorConfig({arguments}))
+        self.register_buffer("embedding_mean", torch.zeros(embed_dim))
+        self.register_buffer("embedding_std", torch.ones(embed_dim))
+
+    def to_clip_space(self, x: Tensor) -> Tensor:
+        """A standardised sample [B, E] back into CLIP's space: de-standardised and L2-normalised."""
+        return F.normalize(x.float() * self.embedding_std + self.embedding_mean, dim=-1)
+
+    def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor | None = None,
+                encoder_attention_mask: Tensor | None = None, pooled_projections: Tensor | None = None,
+                return_dict: bool = True):
+        """sample [B, E] (standardised), timestep [B] (DDPM's index, or the flow time t * 1000), the caption's token
+        features [B, L, W], their mask [B, L] and its pooled embedding [B, E] (L2-normalised) -> x0 [B, E]."""
+        cond = Conditioning(context=encoder_hidden_states, mask=encoder_attention_mask, pooled=pooled_projections)
+        out = self.prior(sample, timestep, cond)
+        return LitDiffusionPriorOutput(sample=out) if return_dict else (out,)
 '''
 
 
@@ -131,4 +179,30 @@ def denoiser_source(kind: str) -> str:
     source = header + "\n".join(imports) + "\n\n\n" + "\n\n".join(bodies) + _WRAPPER.format(
         wrapper=wrapper, net=net, config=config, attr=kind, signature=signature, arguments=arguments)
     compile(source, f"{stem}.py", "exec")  # a broken generation fails here, not in the user's from_pretrained
+    return source
+
+
+def prior_source() -> str:
+    """The self-contained module file of our unCLIP prior (`models/prior.py` and what it is built from) and its
+    diffusers wrapper, for an exported pipeline's prior/ folder."""
+    from lit_diffusion.models.prior import PriorConfig
+
+    stem, wrapper, _, parts = PRIOR
+    imports, bodies = [], []
+    for part in parts:
+        found, body = _module_body(part)
+        imports += [i for i in found if i not in imports]
+        bodies.append(body)
+    for needed in ("import torch.nn.functional as F", "import torch"):
+        if needed not in imports:
+            imports.append(needed)
+    params = [(f.name, f.default) for f in dataclasses.fields(PriorConfig)]
+    signature = ", ".join(f"{name}={default!r}" for name, default in params)
+    arguments = ", ".join(f"{name}={name}" for name, _ in params)
+    header = ('"""lit_diffusion\'s unCLIP prior (DiffusionPrior) as diffusers remote code (LitDiffusionPrior), '
+              'generated by\n`lit-diffusion export --prior` from the lit_diffusion source that trained it; needs '
+              'torch and diffusers only."""\n\nfrom __future__ import annotations\n\n')
+    source = header + "\n".join(imports) + "\n\n\n" + "\n\n".join(bodies) + _PRIOR_WRAPPER.format(
+        wrapper=wrapper, signature=signature, arguments=arguments)
+    compile(source, f"{stem}.py", "exec")
     return source
