@@ -230,6 +230,17 @@ def test_open_clip_export_imports_back_bit_for_bit(exported):
         "image_size", "patch_size", "width", "layers", "heads", "mlp_ratio", "pool", "quick_gelu")}
 
 
+def test_open_clip_export_imports_back_with_our_tokenizer(exported):
+    """`import clip` of the exported open_clip file: our weights bit for bit, and our token ids (from the folder's
+    tokenizer files, not OpenAI's vocabulary)."""
+    ours = CLIPModule.from_checkpoint(exported["clip"])
+    back = load_pretrained_clip(exported["open_clip"] / "open_clip_model.safetensors")
+    assert_same_weights(ours.state_dict(), back.state_dict())
+    captions = ["a large red circle", "a small blue square left of a green triangle", "an unseen word: zebra!"]
+    assert torch.equal(back.tokenizer(captions), ours.tokenizer(captions))
+    assert back.tokenizer.pad_id == ours.tokenizer.pad_id
+
+
 def test_clip_with_openai_tokenizer_goes_to_open_clip_and_back_but_not_to_transformers(tmp_path):
     """A CLIP imported from open_clip keeps OpenAI's tokenizer, which pads with "!" (id 0): open_clip's own
     tokenizer gives its ids; a transformers tokenizer cannot pad with an ordinary token."""

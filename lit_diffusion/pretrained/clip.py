@@ -311,7 +311,11 @@ def load_pretrained_clip(source: str | Path, quick_gelu: bool | None = None, tex
         if vision_heads is None and vision_cfg.get("head_width"):
             vision_heads = int(vision_cfg["width"]) // int(vision_cfg["head_width"])
         cfg, state = convert_open_clip(state, str(source), bool(quick_gelu), text_heads, vision_heads)
-        tokenizer = open_clip_tokenizer(cfg["text"]["context_length"])
+        # the tokenizer open_clip itself would use: the folder's own files where the config names a Hugging Face
+        # tokenizer (`export --to open_clip` of a CLIP with our vocabulary), else OpenAI's
+        own = bool((model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"))
+        tokenizer = (hf_tokenizer(source.parent, cfg["text"]["context_length"]) if own
+                     else open_clip_tokenizer(cfg["text"]["context_length"]))
         label = str(source)
     # the tokenizer fills in the vocabulary size, context length and end-of-text id; a tower of another size
     # then fails load_exactly's shape check, naming its embedding
