@@ -70,3 +70,36 @@ def test_line_progress_prints_every_n_steps_and_the_last():
     assert [float(re.search(r"train/loss (\S+)", line).group(1)) for line in lines] == [3.0, 6.0, 7.0]
     with pytest.raises(ValueError, match="every_n_steps"):
         LineProgress(0)
+
+
+@pytest.mark.slow
+def test_the_pipelines_console_in_a_file_is_short_and_warns_only_of_what_the_readme_explains(tmp_path):
+    """`lit-diffusion pipeline` as a job scheduler runs it (stdout to a file): each stage's progress as lines, no
+    unexplained warning, and a log a person can read."""
+    import yaml
+    from test_pipeline import tiny_pipeline
+
+    cfg = tiny_pipeline(tmp_path)
+    for stage in cfg["stages"].values():  # the bars on, as a user's configs have them
+        stage["args"].pop("trainer.enable_progress_bar")
+        stage["args"]["run.progress_every"] = 3
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "console.txt"
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", "lit_diffusion", "pipeline", "--config", str(path)], stdout=out,
+                              stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent,
+                              env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}, timeout=1200)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    lines = text.replace("\r", "\n").splitlines()
+    assert len(lines) < 400 and len(text) < 60_000, f"{len(lines)} lines, {len(text)} bytes"
+    for stage in ("clip", "vae", "ldm"):
+        steps = [line.split()[2] for line in lines if line.startswith(f"[{stage}] step ")]
+        assert steps == ["3/6", "6/6"], (stage, steps)
+    assert not [line for line in lines if line.startswith("Epoch ")]  # no bar
+    warnings = [line for line in lines if re.search(r"warn|deprecat|tip:|\.py:\d+: ", line, re.IGNORECASE)]
+    explained = {"W&B logs offline (WANDB_MODE=offline)": "wandb sync"}
+    for line in warnings:
+        known = [k for k in explained if k in line]
+        assert known and explained[known[0]] in README, f"unexplained warning: {line}"

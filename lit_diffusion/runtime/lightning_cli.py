@@ -143,6 +143,9 @@ KNOWN_WARNINGS = (
     r"You have overridden `transfer_batch_to_device` in both `LightningModule` and `LightningDataModule`",
     # `lit-diffusion fit ...` hands LightningCLI the arguments it parsed from sys.argv: both name the same run
     r"LightningCLI's args parameter is intended to run from within Python",
+    # the diffusion stage's configure_model shards only under FSDP, where its configs have no EMA (README, "Many
+    # machines"); with DDP or one device the EMA copy is the whole model, as Lightning's WeightAveraging expects
+    r"You're using the WeightAveraging callback with a model that overrides the configure_model callback",
     # Lightning 2.6 calling torch's deprecated pytree API
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 )
