@@ -739,7 +739,9 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     - `diversity` (`evaluation.diversity: {captions, per_caption, guidance}`): the mean pairwise distance of the
       CLIP image embeddings of one caption's samples, for the stack and the text model;
     - `variations` (`evaluation.variations: {images, per_image, guidance}`): each val image's embedding -> the
-      decoder with the empty caption: kept colour, shape and size, CLIP similarity to the source, spread."""
+      decoder with the empty caption: kept colour, shape and size, CLIP similarity to the source, spread;
+    - `edits` (only with `evaluation.edits: {images, guidance}`): text-diff edits of one-object val images, one per
+      attribute (colour, shape, size), judged against the new caption (`evaluation/edits.py`)."""
     from lit_diffusion.data.datamodule import ImageCaptionDataModule
     from lit_diffusion.evaluation.evaluator import evaluate_checkpoint, load_prior_for
     from lit_diffusion.evaluation.unclip_metrics import (
@@ -779,9 +781,12 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     sampler = {"sampler": ev.get("sampler"), "steps": ev.get("steps")}
     div_spec, var_spec = dict(ev.get("diversity") or {}), dict(ev.get("variations") or {})
     n_captions, n_images = int(div_spec.get("captions", 50)), int(var_spec.get("images", 100))
+    edit_spec = dict(ev.get("edits") or {})
+    n_edits = int(edit_spec.get("images", 50)) if edit_spec else 0
+    n_read = max(n_captions, n_images, 4 * n_edits)  # about half the val images hold one object
     dm = ImageCaptionDataModule(train_urls=None, val_urls=data["val_urls"], image_size=int(decoder.hparams.image_size),
-                                batch_size=max(n_captions, n_images), num_workers=0)
-    batch = next(iter(dm.eval_dataloader(max(n_captions, n_images))))
+                                batch_size=n_read, num_workers=0)
+    batch = next(iter(dm.eval_dataloader(n_read)))
     captions, images = list(batch["caption"])[:n_captions], ((batch["image"][:n_images] + 1) / 2).clamp(0, 1)
     attrs = list(batch.get("attrs") or [None] * len(batch["caption"]))[:n_images]
     per_caption, g_div = int(div_spec.get("per_caption", 8)), float(div_spec.get("guidance", 3.0))
@@ -794,9 +799,20 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
         g_var = float(var_spec.get("guidance", 3.0))
         variations = variation_metrics(decoder_variations(decoder, guidance=g_var, **sampler), images.to(device),
                                        attrs, decoder.clip, per_image=int(var_spec.get("per_image", 4)))
+        edits = None
+        if n_edits:
+            from lit_diffusion.evaluation.edits import edit_accuracy, unclip_edit
+            from lit_diffusion.unclip import EDIT_THETAS, UnCLIP
+
+            g_edit = float(edit_spec.get("guidance", 3.0))
+            all_attrs = list(batch.get("attrs") or [None] * len(batch["caption"]))
+            edits = edit_accuracy(unclip_edit(UnCLIP(prior, decoder, decoder_source=str(decoder_path)), g_edit),
+                                  ((batch["image"] + 1) / 2).clamp(0, 1), all_attrs, list(batch["key"]),
+                                  decoder.clip, images_limit=n_edits, thetas=EDIT_THETAS)
+            edits = {**{k: v for k, v in edits.items() if k != "records"}, "guidance": g_edit}
     return {"systems": systems, "compare": compare if text is not None else None,
             "diversity": {**diversity, "guidance": g_div, "per_caption": per_caption},
-            "variations": {**variations, "guidance": g_var}}
+            "variations": {**variations, "guidance": g_var}, **({"edits": edits} if edits else {})}
 
 
 def sample_grid(cfg: dict, root: Path) -> str:

@@ -68,6 +68,13 @@ def _unclip_lines(unclip: dict, guidance, backends) -> list[str]:
                   f"{_fmt(var.get('acc_correct'))} (the sources themselves: {_fmt(var.get('source_acc_correct'))}); "
                   f"CLIP image similarity to the source {_fmt(var.get('similarity'))}, spread "
                   f"{_fmt(var.get('spread'))}."]
+    if unclip.get("edits"):
+        ed = unclip["edits"]
+        lines += ["", f"Text-diff edits at guidance {ed['guidance']:g}, theta {ed['theta']:g} ({ed['images']} "
+                      f"one-object val images, {ed['edits']} edits): "
+                  + "; ".join(f"{a} success {_fmt(s['success'])}, kept {_fmt(s['kept'])}, correct "
+                              f"{_fmt(s['correct'])}, placed {_fmt(s['placed'])}, similarity {_fmt(s['similarity'])}"
+                              for a, s in [*ed["attributes"].items(), ("overall", ed["overall"])]) + "."]
     return lines
 
 
