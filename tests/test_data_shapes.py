@@ -74,7 +74,7 @@ def test_shard_round_trip_is_exact(shapes_dir):
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     a = write_shapes(tmp_path / "a", train=40, val=10, size=24, shard_size=16, seed=7)
     b = write_shapes(tmp_path / "b", train=40, val=10, size=24, shard_size=16, seed=7)
-    c = write_shapes(tmp_path / "c", train=40, val=10, size=24, shard_size=16, seed=8)
+    write_shapes(tmp_path / "c", train=40, val=10, size=24, shard_size=16, seed=8)
     assert a["shards"] == b["shards"]
     # the shards, not tokenizer.json: HF's BPE trainer breaks ties between equally frequent pairs in hash-map order,
     # so its merges can differ between processes (tokenizer._canonical_ids)
