@@ -24,6 +24,7 @@ import shlex
 import shutil
 from pathlib import Path
 
+from lit_diffusion.evaluation.report import _fmt  # a figure as report.md writes it (4 significant digits)
 from lit_diffusion.export import ExportError
 
 log = logging.getLogger("lit_diffusion")
@@ -139,15 +140,6 @@ def _manifest(run_dir: Path, report: dict, stage: str) -> tuple[dict | None, str
 
 
 # ---------------------------------------------------------------------------------------------------- formatting
-def _fmt(value) -> str:
-    """A figure as report.md writes it (4 significant digits)."""
-    if value is None:
-        return "missing"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _count(n: int | None) -> str:
     if n is None:
         return "?"

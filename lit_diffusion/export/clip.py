@@ -221,19 +221,25 @@ def to_open_clip_state_dict(module: CLIPModule) -> dict[str, Tensor]:
     return out
 
 
+def hf_names(state: dict[str, Tensor], out: dict[str, Tensor], towers: tuple[str, ...], what: str) -> dict:
+    """`state` (our names, q/k/v split) renamed into transformers' and added to `out`; a name outside `towers`
+    (e.g. "text_model.") is refused naming `what` (the transformers class)."""
+    for key, value in state.items():
+        for pattern, repl in _TO_HF:
+            key = re.sub(pattern, repl, key)
+        if not key.startswith(towers):
+            raise ExportError(f"no transformers {what} weight for our {key}")
+        out[key] = value
+    return out
+
+
 def to_hf_state_dict(module: CLIPModule) -> dict[str, Tensor]:
     """Our CLIP's weights -> transformers' `CLIPModel` names; projections transposed into Linear weights [E, W]."""
     state = _split_qkv(_model_state(module))
     out = {"text_projection.weight": state.pop("text.text_projection").T,
            "visual_projection.weight": state.pop("visual.proj").T,
            "logit_scale": state.pop("logit_scale")}
-    for key, value in state.items():
-        for pattern, repl in _TO_HF:
-            key = re.sub(pattern, repl, key)
-        if not key.startswith(("text_model.", "vision_model.")):
-            raise ExportError(f"no transformers CLIPModel weight for our {key}")
-        out[key] = value
-    return out
+    return hf_names(state, out, ("text_model.", "vision_model."), "CLIPModel")
 
 
 # ---------------------------------------------------------------------------------------------------- configs

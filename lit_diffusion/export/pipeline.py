@@ -73,7 +73,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -85,10 +84,10 @@ from torch import Tensor, nn
 from lit_diffusion.export import ExportError, prepare_folder, save_safetensors, write_json
 from lit_diffusion.export.clip import (
     LAYER_NORM_EPS,
-    _TO_HF,
     _act,
     _backend,
     _split_qkv,
+    hf_names,
     pad_is_special,
     write_hf_tokenizer,
 )
@@ -182,13 +181,7 @@ def text_encoder_state_dict(clip: CLIPModule) -> dict[str, Tensor]:
     """Our text tower's weights -> CLIPTextModelWithProjection's names (export/clip.py's map, text side only)."""
     state = _split_qkv({f"text.{k}": v for k, v in clip.model.text.state_dict().items()})
     out = {"text_projection.weight": state.pop("text.text_projection").T}
-    for key, value in state.items():
-        for pattern, repl in _TO_HF:
-            key = re.sub(pattern, repl, key)
-        if not key.startswith("text_model."):
-            raise ExportError(f"no transformers CLIPTextModel weight for our {key}")
-        out[key] = value
-    return out
+    return hf_names(state, out, ("text_model.",), "CLIPTextModel")
 
 
 def export_text_encoder(clip: CLIPModule, out: Path) -> list[str]:
@@ -233,13 +226,7 @@ def image_encoder_state_dict(clip: CLIPModule) -> dict[str, Tensor]:
     """Our image tower's weights -> CLIPVisionModelWithProjection's names (export/clip.py's map, image side)."""
     state = _split_qkv({f"visual.{k}": v for k, v in clip.model.visual.state_dict().items()})
     out = {"visual_projection.weight": state.pop("visual.proj").T}
-    for key, value in state.items():
-        for pattern, repl in _TO_HF:
-            key = re.sub(pattern, repl, key)
-        if not key.startswith("vision_model."):
-            raise ExportError(f"no transformers CLIPVisionModel weight for our {key}")
-        out[key] = value
-    return out
+    return hf_names(state, out, ("vision_model.",), "CLIPVisionModel")
 
 
 def export_image_encoder(clip: CLIPModule, out: Path) -> list[str]:

@@ -63,6 +63,15 @@ class LitDiffusionVideoPipelineOutput(BaseOutput):
         return self.frames
 
 
+def _negatives(negative_prompt: str | list[str] | None, b: int) -> list[str]:
+    """Guidance's unconditional captions for `b` prompts: the empty caption, one negative prompt, or one each."""
+    negative = [""] if negative_prompt is None else (
+        [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt))
+    if len(negative) not in (1, b):
+        raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
+    return negative
+
+
 class LitDiffusionPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "image_encoder->text_encoder->prior->unet->transformer->vae"
     _optional_components = ["unet", "transformer", "image_encoder", "prior", "prior_scheduler"]
@@ -226,10 +235,7 @@ class LitDiffusionPipeline(DiffusionPipeline):
         cond = self.encode_prompt(prompts, device, pooled=True)
         uncond = None
         if scale != 1.0:
-            negative = [""] if negative_prompt is None else (
-                [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt))
-            if len(negative) not in (1, b):
-                raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
+            negative = _negatives(negative_prompt, b)
             uncond = {key: v.expand(b, *v.shape[1:]) for key, v in self.encode_prompt(negative, device, True).items()}
         if latents is None:
             latents = randn_tensor((b, k, e), generator=generator, device=device, dtype=torch.float32)
@@ -328,10 +334,7 @@ class LitDiffusionPipeline(DiffusionPipeline):
             cond = self.encode_prompt(prompts, device)
         uncond = None
         if scale != 1.0:
-            negative = [""] if negative_prompt is None else (
-                [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt))
-            if len(negative) not in (1, b):
-                raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
+            negative = _negatives(negative_prompt, b)
             if self.config.condition == "image_embedding":
                 negative = [""]
             uncond = {k: v.expand(b, *v.shape[1:]) for k, v in self.encode_prompt(negative, device).items()}
