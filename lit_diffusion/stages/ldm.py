@@ -52,6 +52,12 @@ log = logging.getLogger("lit_diffusion")
 CONDITIONS = ("text", "text+image_embedding", "image_embedding")
 
 
+def _no_patch_features(what: str, also: str = "") -> str:
+    """REPA from latent shards that lack its targets: what to do (the same words at setup and per batch)."""
+    return (f"model.init_args.repa needs the CLIP patch features of every image, but {what} have none: encode the "
+            f"data again with `lit-diffusion data encode --patch-features`, or {also}set repa: null")
+
+
 class LatentDiffusionModule(Stage):
     stage_kind = "ldm"
 
@@ -594,9 +600,7 @@ class LatentDiffusionModule(Stage):
         where = manifest.get("path", "the latent manifest")
         stats = manifest.get("patch_features")
         if not stats:
-            raise ValueError(f"model.init_args.repa needs the CLIP patch features of every image, but the latent "
-                             f"shards of {where} have none: encode the data again with `lit-diffusion data encode "
-                             f"--patch-features`, or train from images, or set repa: null")
+            raise ValueError(_no_patch_features(f"the latent shards of {where}", "train from images, or "))
         if self._repa_target_dim() is not None and int(stats["dim"]) != self._repa_target_dim():
             raise ValueError(f"{where}: patch features of width {stats['dim']}, the stage's CLIP image tower gives "
                              f"{self._repa_target_dim()}")
@@ -614,9 +618,7 @@ class LatentDiffusionModule(Stage):
         if "latent" in batch:
             features = batch.get("patch_features")
             if features is None:
-                raise ValueError("model.init_args.repa needs the CLIP patch features of every image, but the latent "
-                                 "batches have none: encode the data again with `lit-diffusion data encode "
-                                 "--patch-features`, or set repa: null")
+                raise ValueError(_no_patch_features("the latent batches"))
             return torch.as_tensor(features, device=self.device).float().permute(0, 3, 1, 2)
         return self.encode_patch_features(batch["image"])
 
