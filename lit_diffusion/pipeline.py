@@ -728,6 +728,86 @@ def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
            "config": dict(vars(ecfg))}
     if prior is not None:
         out["unclip"] = evaluate_unclip(cfg, root, data, results)
+    elif ev.get("compare") or ev.get("diversity"):
+        out["compare"] = evaluate_compare(cfg, root, data)
+    return out
+
+
+def _load_compare(cfg: dict, model, model_path: Path, device: str):
+    """`evaluation.compare`'s model (an ldm checkpoint holding the same CLIP and VAE as `model`), or None (and a
+    warning) when it names no file."""
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    compare = (cfg.get("evaluation") or {}).get("compare")
+    if not compare:
+        return None
+    if not Path(compare).is_file():
+        log.warning("evaluation.compare: %s does not exist: the report has no model to compare with (train it with "
+                    "configs/pipeline/shapes.yaml and the same seed)", compare)
+        return None
+    other = LatentDiffusionModule.from_checkpoint(compare, map_location=device)
+    theirs, ours = other.encoder_hashes(), model.encoder_hashes()
+    if theirs != ours:
+        raise ValueError(f"evaluation.compare: {compare} was trained with another CLIP or VAE than {model_path} "
+                         f"(state_dict_hash {theirs} vs {ours}): compare models of the same seed and stage configs "
+                         f"(their CLIP and VAE train identically)")
+    return other
+
+
+def _val_batch(data: dict, image_size: int, n: int) -> dict:
+    """The first n val samples in one batch (images in [-1, 1], captions, attrs, keys)."""
+    from lit_diffusion.data.datamodule import ImageCaptionDataModule
+
+    dm = ImageCaptionDataModule(train_urls=None, val_urls=data["val_urls"], image_size=image_size, batch_size=n,
+                                num_workers=0)
+    return next(iter(dm.eval_dataloader(n)))
+
+
+def evaluate_compare(cfg: dict, root: Path, data: dict) -> dict:
+    """A text-conditioned model beside another trained on the same CLIP and VAE (REPA against the main job, say),
+    on the same val captions and seeds (one process):
+    - `results`: `evaluation.compare`'s evaluation (the same figures as ldm.ckpt's), when it names a checkpoint;
+    - `diversity` (`evaluation.diversity: {captions, per_caption, guidance}`): for each model, the mean pairwise CLIP
+      distance of one caption's samples and the within-caption spread of its objects' positions
+      (`evaluation/diversity.py`), with the data's own position spread as the reference."""
+    from lit_diffusion.evaluation.diversity import data_position_spread, position_spread
+    from lit_diffusion.evaluation.evaluator import evaluate_checkpoint
+    from lit_diffusion.evaluation.unclip_metrics import cached, unclip_generate, within_caption_diversity
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    import torch
+
+    ev = dict(cfg.get("evaluation") or {})
+    device = eval_device(cfg)
+    model_path = root / "ldm.ckpt"
+    model = LatentDiffusionModule.from_checkpoint(model_path, map_location=device)
+    other = _load_compare(cfg, model, model_path, device)
+    out: dict = {"ckpt": ev.get("compare") if other is not None else None}
+    if other is not None:
+        out["results"], _, _ = evaluate_checkpoint(ev["compare"], data["val_urls"], _eval_config(cfg),
+                                                   root / "eval" / "compare", name="compared",
+                                                   batch_size=int(ev.get("batch_size", 100)), device=device)
+    spec = ev.get("diversity")
+    if spec:
+        spec = {} if spec is True else dict(spec)
+        n, per_caption, g = int(spec.get("captions", 50)), int(spec.get("per_caption", 8)), float(spec.get("guidance", 3))
+        batch = _val_batch(data, int(model.hparams.image_size), n)
+        captions = list(batch["caption"])
+        # positions need the shapes judge: only captions with shapes attributes (all of them on the shapes data)
+        shapes = [a for a in (batch.get("attrs") or []) if a and a.get("objects")]
+        sampler = {"sampler": ev.get("sampler"), "steps": ev.get("steps")}
+        diversity = {"guidance": g, "per_caption": per_caption}
+        if shapes:
+            diversity["data"] = data_position_spread(shapes, per_caption)
+        with torch.inference_mode():
+            for key, m in (("model", model), ("compare", other)):
+                if m is None:
+                    continue
+                generate = cached(unclip_generate(m, None, guidance=g, **sampler))
+                diversity[key] = within_caption_diversity(generate, captions, model.clip, per_caption)
+                if shapes:
+                    diversity[key]["positions"] = position_spread(generate, shapes, per_caption)
+        out["diversity"] = diversity
     return out
 
 
@@ -742,9 +822,10 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
       decoder with the empty caption: kept colour, shape and size, CLIP similarity to the source, spread;
     - `edits` (only with `evaluation.edits: {images, guidance}`): text-diff edits of one-object val images, one per
       attribute (colour, shape, size), judged against the new caption (`evaluation/edits.py`)."""
-    from lit_diffusion.data.datamodule import ImageCaptionDataModule
+    from lit_diffusion.evaluation.diversity import data_position_spread, position_spread
     from lit_diffusion.evaluation.evaluator import evaluate_checkpoint, load_prior_for
     from lit_diffusion.evaluation.unclip_metrics import (
+        cached,
         decoder_variations,
         unclip_generate,
         variation_metrics,
@@ -764,38 +845,33 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     results, _, _ = evaluate_checkpoint(decoder_path, data["val_urls"], _eval_config(cfg), root / "eval" / "true",
                                         name="decoder, true embeddings", batch_size=batch_size, device=device)
     systems["decoder_true_embedding"] = results
-    compare, text = ev.get("compare"), None
-    if compare and Path(compare).is_file():
-        text = LatentDiffusionModule.from_checkpoint(compare, map_location=device)
-        theirs, ours = text.encoder_hashes(), decoder.encoder_hashes()
-        if theirs != ours:
-            raise ValueError(f"evaluation.compare: {compare} was trained with another CLIP or VAE than {decoder_path} "
-                             f"(state_dict_hash {theirs} vs {ours}): compare models of the same seed and stage "
-                             f"configs (their CLIP and VAE train identically)")
+    compare = ev.get("compare")
+    text = _load_compare(cfg, decoder, decoder_path, device)
+    if text is not None:
         results, _, _ = evaluate_checkpoint(compare, data["val_urls"], _eval_config(cfg), root / "eval" / "text",
                                             name="text-conditioned", batch_size=batch_size, device=device)
         systems["text"] = results
-    elif compare:
-        log.warning("evaluation.compare: %s does not exist: the report has no text-conditioned model beside unCLIP "
-                    "(train it with configs/pipeline/shapes.yaml and the same seed)", compare)
     sampler = {"sampler": ev.get("sampler"), "steps": ev.get("steps")}
     div_spec, var_spec = dict(ev.get("diversity") or {}), dict(ev.get("variations") or {})
     n_captions, n_images = int(div_spec.get("captions", 50)), int(var_spec.get("images", 100))
     edit_spec = dict(ev.get("edits") or {})
     n_edits = int(edit_spec.get("images", 50)) if edit_spec else 0
     n_read = max(n_captions, n_images, 4 * n_edits)  # about half the val images hold one object
-    dm = ImageCaptionDataModule(train_urls=None, val_urls=data["val_urls"], image_size=int(decoder.hparams.image_size),
-                                batch_size=n_read, num_workers=0)
-    batch = next(iter(dm.eval_dataloader(n_read)))
+    batch = _val_batch(data, int(decoder.hparams.image_size), n_read)
     captions, images = list(batch["caption"])[:n_captions], ((batch["image"][:n_images] + 1) / 2).clamp(0, 1)
     attrs = list(batch.get("attrs") or [None] * len(batch["caption"]))[:n_images]
     per_caption, g_div = int(div_spec.get("per_caption", 8)), float(div_spec.get("guidance", 3.0))
+    shapes = [a for a in (batch.get("attrs") or [])[:n_captions] if a and a.get("objects")]
+    diversity: dict = {"data": data_position_spread(shapes, per_caption)} if shapes else {}
     with torch.inference_mode():
-        diversity = {"unclip": within_caption_diversity(
-            unclip_generate(decoder, prior, guidance=g_div, **sampler), captions, decoder.clip, per_caption)}
-        if text is not None:
-            diversity["text"] = within_caption_diversity(
-                unclip_generate(text, None, guidance=g_div, **sampler), captions, decoder.clip, per_caption)
+        for key, generate in (("unclip", unclip_generate(decoder, prior, guidance=g_div, **sampler)),
+                              ("text", unclip_generate(text, None, guidance=g_div, **sampler) if text else None)):
+            if generate is None:
+                continue
+            generate = cached(generate)
+            diversity[key] = within_caption_diversity(generate, captions, decoder.clip, per_caption)
+            if shapes:
+                diversity[key]["positions"] = position_spread(generate, shapes, per_caption)
         g_var = float(var_spec.get("guidance", 3.0))
         variations = variation_metrics(decoder_variations(decoder, guidance=g_var, **sampler), images.to(device),
                                        attrs, decoder.clip, per_image=int(var_spec.get("per_image", 4)))

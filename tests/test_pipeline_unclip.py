@@ -63,6 +63,8 @@ def test_the_report_sets_the_stack_beside_the_decoder_and_the_text_model(unclip_
     fids = {k: v["eval/fid_clip_g3.0"] for k, v in unclip["systems"].items()}
     assert len(set(fids.values())) == 3, fids
     assert unclip["diversity"]["unclip"]["captions"] == 3 and unclip["diversity"]["text"]["captions"] == 3
+    # positions of the same samples, and the data's own spread of the same captions as the reference
+    assert unclip["diversity"]["unclip"]["positions"]["captions"] == 3 and unclip["diversity"]["data"]["found"] == 1.0
     assert unclip["variations"]["sources"] == 3 and unclip["variations"]["variations"] == 6
     lines = "\n".join(_unclip_lines(unclip, [1.0, 3.0], ["clip"]))
     for key, label in (("text", "text-conditioned"), ("unclip", "caption -> prior -> decoder"),

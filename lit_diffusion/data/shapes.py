@@ -209,6 +209,25 @@ def sample_attrs(rng: random.Random | int, image_size: int = 32,
     return attrs
 
 
+def replace_objects(attrs: dict, rng: random.Random | int) -> dict:
+    """A copy of attributes with the same objects (shape, colour, size), relation, caption and canvas, placed anew
+    by the rule that drew them: another image the data set could hold for the same caption."""
+    if not isinstance(rng, random.Random):
+        rng = random.Random(rng)
+    width, height = canvas_of(attrs)
+    short = min(width, height)
+    kx, ky = short / width, short / height
+    objects = [{k: obj[k] for k in ("shape", "color", "size")} for obj in attrs["objects"]]
+    if attrs.get("relation") is not None:
+        if len(objects) != 2:
+            raise ValueError(f"a relation needs two objects, got {len(objects)} in {attrs.get('caption')!r}")
+        _place_pair(rng, objects[0], objects[1], attrs["relation"], kx, ky)
+    else:
+        for obj in objects:
+            _place_single(rng, obj, kx, ky)
+    return {**attrs, "objects": objects}
+
+
 def _pixel_box(obj: dict, width: int, height: int | None = None) -> tuple[int, int, int, int]:
     # Inclusive pixel bounds; rounding keeps the shape within its box (half-extent r * S) up to half a pixel,
     # which the 1-px-or-more margin and gap absorb.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from lit_diffusion.metrics.caption_accuracy import ATTRIBUTES, KINDS
+from lit_diffusion.metrics.caption_accuracy import ATTRIBUTES, KINDS, RELATION_WORDS
 from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
 
 
@@ -56,11 +56,7 @@ def _unclip_lines(unclip: dict, guidance, backends) -> list[str]:
             lines.append("| " + " | ".join(row) + " |")
     if unclip.get("compare") is None:
         lines += ["", "No text-conditioned model to compare with (`evaluation.compare` names none, or no file)."]
-    div = unclip["diversity"]
-    lines += ["", f"Within-caption diversity at guidance {div['guidance']:g} (mean pairwise distance of the CLIP image "
-                  f"embeddings of {div['per_caption']} samples per caption, standard error over captions): "
-              + "; ".join(f"{SYSTEMS[k]} {_fmt(v['diversity'])} ({_fmt(v['diversity_se'])}, {v['captions']} captions)"
-                          for k, v in div.items() if isinstance(v, dict))]
+    lines += _diversity_lines(unclip["diversity"], SYSTEMS)
     var = unclip["variations"]
     lines += ["", f"Variations at guidance {var['guidance']:g} ({int(var['sources'])} val images, "
                   f"{int(var['variations'])} variations): colour kept {_fmt(var.get('acc_colors'))}, shape "
@@ -75,6 +71,62 @@ def _unclip_lines(unclip: dict, guidance, backends) -> list[str]:
                   + "; ".join(f"{a} success {_fmt(s['success'])}, kept {_fmt(s['kept'])}, correct "
                               f"{_fmt(s['correct'])}, placed {_fmt(s['placed'])}, similarity {_fmt(s['similarity'])}"
                               for a, s in [*ed["attributes"].items(), ("overall", ed["overall"])]) + "."]
+    return lines
+
+
+def _diversity_lines(div: dict, labels: dict) -> list[str]:
+    """Within-caption diversity: CLIP's (mean pairwise distance of the image embeddings of one caption's samples)
+    and of positions (`evaluation/diversity.py`), per system, the data's position spread as the reference."""
+    systems = [(labels[k], v) for k, v in div.items() if k in labels and isinstance(v, dict)]
+    lines = ["", f"Within-caption diversity at guidance {div['guidance']:g}, {div['per_caption']} samples per caption "
+                 "(standard error over captions): CLIP, the mean pairwise distance of their CLIP image embeddings; "
+                 "positions, the mean pairwise distance of each object's centroid (units of the image's shorter side)"
+                 + (f"; the data places the same captions' objects {_fmt(div['data']['spread'])} apart "
+                    f"(one object {_fmt(div['data'].get('spread_one_object'))}, two "
+                    f"{_fmt(div['data'].get('spread_two_objects'))})" if div.get("data") else "") + ".", "",
+             "| system | captions | CLIP | positions | one object | two objects | objects found |", "|---|---|---|---|---|---|---|"]
+    for label, v in systems:
+        pos = v.get("positions") or {}
+        lines.append(f"| {label} | {v['captions']} | {_fmt(v['diversity'])} ({_fmt(v['diversity_se'])}) | "
+                     f"{_fmt(pos.get('spread'))} ({_fmt(pos.get('spread_se'))}) | {_fmt(pos.get('spread_one_object'))} "
+                     f"| {_fmt(pos.get('spread_two_objects'))} | {_fmt(pos.get('found'))} |")
+    return lines
+
+
+def _relation_word_lines(results: dict, guidance) -> list[str]:
+    """Two-object captions by relation word: the caption right, and the two objects in that relation."""
+    if not any(f"eval_detail/caption_relation_{w}_g{g:.1f}" in results for w in RELATION_WORDS for g in guidance):
+        return []
+    lines = ["", "Two-object captions by relation word, the caption right / the two objects in that relation:", "",
+             "| guidance | " + " | ".join(RELATION_WORDS.values()) + " |", "|" + "---|" * (len(RELATION_WORDS) + 1)]
+    for g in guidance:
+        lines.append(f"| {g:g} | " + " | ".join(
+            f"{_fmt(results.get(f'eval_detail/caption_relation_{w}_g{g:.1f}'))} / "
+            f"{_fmt(results.get(f'eval_detail/caption_relation_{w}_placed_g{g:.1f}'))}" for w in RELATION_WORDS) + " |")
+    return lines
+
+
+def _compare_lines(compare: dict, results: dict, guidance, backends) -> list[str]:
+    """This model beside `evaluation.compare`'s, and their diversity."""
+    lines = []
+    if compare.get("results") is not None:
+        other = compare["results"]
+        lines += ["", f"## Beside `{compare['ckpt']}`", "",
+                  "| model | guidance | caption accuracy | one object | two objects | "
+                  + " | ".join(f"{w} placed" for w in RELATION_WORDS.values()) + " | "
+                  + " | ".join(f"FID ({b})" for b in backends) + " | CLIP score |",
+                  "|" + "---|" * (6 + len(RELATION_WORDS) + len(backends))]
+        for label, res in (("this run", results), ("compared", other)):
+            for g in guidance:
+                d = f"_g{g:.1f}"
+                row = [label, f"{g:g}", _fmt(res.get(f"eval/caption_acc{d}")),
+                       _fmt(res.get(f"eval_detail/caption_one_object{d}")),
+                       _fmt(res.get(f"eval_detail/caption_two_objects{d}")),
+                       *[_fmt(res.get(f"eval_detail/caption_relation_{w}_placed{d}")) for w in RELATION_WORDS],
+                       *[_fmt(res.get(f"eval/fid_{b}{d}")) for b in backends], _fmt(res.get(f"eval/clip_score{d}"))]
+                lines.append("| " + " | ".join(row) + " |")
+    if compare.get("diversity"):
+        lines += _diversity_lines(compare["diversity"], {"model": "this run", "compare": "compared"})
     return lines
 
 
@@ -114,8 +166,8 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
                        "config": stage_configs[s], **({"phases": phases[s]} if phases[s] else {})}
                    for s in ran},
         "evaluation": {"results": results, "config": evaluation["config"], "json": evaluation["json"],
-                       "plot": evaluation["plot"], **({"unclip": evaluation["unclip"]} if "unclip" in evaluation
-                                                       else {})},
+                       "plot": evaluation["plot"],
+                       **{k: evaluation[k] for k in ("unclip", "compare") if k in evaluation}},
         "samples": grid,
         "timings_seconds": timings,
         "pipeline_config": cfg,
@@ -157,8 +209,11 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
         for g in guidance:
             lines.append(f"| {g:g} | " + " | ".join(_fmt(results.get(f"eval_detail/caption_{k}_g{g:.1f}"))
                                                     for k in detail) + " |")
+    lines += _relation_word_lines(results, guidance)
     if "unclip" in evaluation:
         lines += _unclip_lines(evaluation["unclip"], guidance, backends)
+    if "compare" in evaluation:
+        lines += _compare_lines(evaluation["compare"], results, guidance, backends)
     lines += ["", "## Timings", ""]
     lines += [f"- {k}: {_minutes(v)}" for k, v in timings.items()]
     rel = lambda p: os.path.relpath(p, root) if p else None  # noqa: E731

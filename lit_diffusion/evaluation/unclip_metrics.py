@@ -132,6 +132,20 @@ def variation_metrics(make_variations: MakeVariations, images: Tensor, attrs: Se
     return out
 
 
+def cached(generate: Generate) -> Generate:
+    """`generate` remembering its images by (captions, seeds), so that two metrics of the same captions and seeds
+    (CLIP diversity and position spread) sample once."""
+    memo: dict[tuple, Tensor] = {}
+
+    def remembered(captions: list[str], seeds: list[int]) -> Tensor:
+        key = (tuple(captions), tuple(seeds))
+        if key not in memo:
+            memo[key] = generate(captions, seeds)
+        return memo[key]
+
+    return remembered
+
+
 # ------------------------------------------------------------------------------------ unCLIP's two generators
 def unclip_generate(decoder, prior=None, **sample_kwargs) -> Generate:
     """`generate` for `within_caption_diversity`: caption -> prior -> decoder with the same per-sample seed for both
