@@ -445,3 +445,29 @@ def test_caption_accuracy_per_relation_word():
     single = CaptionAccuracy()
     single.update(batch[-1:], attrs[-1:])
     assert not any(k.startswith("relation_") for k in single.attribute_accuracy())  # absent words: no key
+
+
+# ------------------------------------------------------------------------------------------------ the configs
+@pytest.mark.parametrize("base,repa", [("shapes", "shapes_repa"), ("shapes_dit", "shapes_dit_repa")])
+def test_each_repa_config_is_its_base_with_the_term_the_targets_and_the_comparison(base, repa):
+    """configs/pipeline/{repa}.yaml and its ldm config differ from the base run only by REPA: the same data, CLIP,
+    VAE, steps, samplers and evaluation, plus the patch features, the `repa` block, the base run compared beside."""
+    import yaml
+
+    from lit_diffusion import pipeline
+
+    ours, theirs = pipeline.load_config(f"configs/pipeline/{repa}.yaml"), pipeline.load_config(f"configs/pipeline/{base}.yaml")
+    assert ours["name"] == repa and theirs["name"] == base
+    for key in ("root", "seed", "wandb", "data", "samples"):
+        assert ours[key] == theirs[key], key
+    assert ours["encode"] == {**theirs["encode"], "patch_features": True}
+    assert {k: v for k, v in ours["stages"].items() if k != "ldm"} == {k: v for k, v in theirs["stages"].items()
+                                                                        if k != "ldm"}
+    extra = {"compare": f"runs/{base}/ldm.ckpt", "diversity": {"captions": 50, "per_caption": 8, "guidance": 3}}
+    assert ours["evaluation"] == {**theirs["evaluation"], **extra}
+    stage, base_stage = (yaml.safe_load(open(c["stages"]["ldm"]["config"])) for c in (ours, theirs))
+    repa_block = stage["model"]["init_args"].pop("repa")
+    assert stage["model"] == base_stage["model"] and stage["trainer"] == base_stage["trainer"]
+    assert stage["data"]["init_args"]["train_urls"] == f"runs/{repa}/latents/train/*.tar"
+    RepaConfig(**repa_block)  # a valid block
+    assert repa_block["weight"] == 0.5 and repa_block["until_step"] is None
