@@ -713,7 +713,8 @@ def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
     """Evaluate ldm.ckpt on the val shards (one process; the in-loop callback does the same under DDP). With a prior
     (unCLIP) ldm.ckpt is its decoder: the figures are the full stack's (caption -> prior -> decoder), and
     `evaluate_unclip` adds the decoder fed the true embeddings, the text-conditioned model to compare with,
-    diversity and variations."""
+    diversity and variations. Without one, `evaluation.compare` and `evaluation.diversity` add another model of the
+    same CLIP and VAE beside this one, and within-caption diversity (`evaluate_compare`)."""
     from lit_diffusion.evaluation.evaluator import evaluate_checkpoint
 
     ev = dict(cfg.get("evaluation") or {})
@@ -733,25 +734,29 @@ def evaluate_final(cfg: dict, root: Path, data: dict) -> dict:
     return out
 
 
-def _load_compare(cfg: dict, model, model_path: Path, device: str):
-    """`evaluation.compare`'s model (an ldm checkpoint holding the same CLIP and VAE as `model`), or None (and a
-    warning) when it names no file."""
+def _load_compare(cfg: dict, model, model_path: Path, device: str) -> tuple[object, str | None]:
+    """(`evaluation.compare`'s model, None), or (None, why not): it names no file, or a checkpoint trained with
+    another CLIP or VAE than `model` (then figures side by side would compare encoders too). Said in the log and
+    the report; the run's own evaluation and report are kept either way."""
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     compare = (cfg.get("evaluation") or {}).get("compare")
     if not compare:
-        return None
+        return None, None
     if not Path(compare).is_file():
-        log.warning("evaluation.compare: %s does not exist: the report has no model to compare with (train it with "
-                    "configs/pipeline/shapes.yaml and the same seed)", compare)
-        return None
+        note = (f"evaluation.compare: {compare} does not exist: no model beside this one (run the pipeline that "
+                f"writes it, with the same seed)")
+        log.warning(note)
+        return None, note
     other = LatentDiffusionModule.from_checkpoint(compare, map_location=device)
     theirs, ours = other.encoder_hashes(), model.encoder_hashes()
     if theirs != ours:
-        raise ValueError(f"evaluation.compare: {compare} was trained with another CLIP or VAE than {model_path} "
-                         f"(state_dict_hash {theirs} vs {ours}): compare models of the same seed and stage configs "
-                         f"(their CLIP and VAE train identically)")
-    return other
+        note = (f"evaluation.compare: {compare} was trained with another CLIP or VAE than {model_path} "
+                f"(state_dict_hash {theirs} vs {ours}): compare models of the same seed and stage configs (their CLIP "
+                f"and VAE train identically)")
+        log.error(note)
+        return None, note
+    return other, None
 
 
 def _val_batch(data: dict, image_size: int, n: int) -> dict:
@@ -763,26 +768,51 @@ def _val_batch(data: dict, image_size: int, n: int) -> dict:
     return next(iter(dm.eval_dataloader(n)))
 
 
+def _distinct_captions(batch: dict, n: int) -> tuple[list[str], list[dict]]:
+    """The distinct captions among a val batch's first n (a repeated caption would be sampled with the same
+    seeds: the same images counted again), and the shapes attributes of those that have them."""
+    first = {}
+    for caption, a in zip(batch["caption"][:n], list(batch.get("attrs") or [None] * n)[:n]):
+        first.setdefault(caption, a)
+    return list(first), [a for a in first.values() if a and a.get("objects")]
+
+
+def _diversity(generators: dict, captions: list[str], shapes: list[dict], clip, per_caption: int) -> dict:
+    """For each system's `generate`: CLIP's within-caption diversity over `captions` and, with shapes attributes,
+    the spread of positions beside the data's (`evaluation/diversity.py`), from the same samples."""
+    from lit_diffusion.evaluation.diversity import position_spread
+    from lit_diffusion.evaluation.unclip_metrics import cached, within_caption_diversity
+
+    import torch
+
+    out = {}
+    with torch.inference_mode():
+        for key, generate in generators.items():
+            generate = cached(generate)
+            out[key] = within_caption_diversity(generate, captions, clip, per_caption)
+            if shapes:
+                out[key]["positions"] = position_spread(generate, shapes, per_caption)
+    return out
+
+
 def evaluate_compare(cfg: dict, root: Path, data: dict) -> dict:
     """A text-conditioned model beside another trained on the same CLIP and VAE (REPA against the main job, say),
     on the same val captions and seeds (one process):
-    - `results`: `evaluation.compare`'s evaluation (the same figures as ldm.ckpt's), when it names a checkpoint;
+    - `results`: `evaluation.compare`'s evaluation (the same figures as ldm.ckpt's), when it names a checkpoint of
+      the same CLIP and VAE (else `note` says why there is none);
     - `diversity` (`evaluation.diversity: {captions, per_caption, guidance}`): for each model, the mean pairwise CLIP
-      distance of one caption's samples and the within-caption spread of its objects' positions
-      (`evaluation/diversity.py`), with the data's own position spread as the reference."""
-    from lit_diffusion.evaluation.diversity import data_position_spread, position_spread
+      distance of one caption's samples and the within-caption spread of its objects' positions beside the data's
+      (`evaluation/diversity.py`), over the distinct captions among the first `captions` val ones."""
     from lit_diffusion.evaluation.evaluator import evaluate_checkpoint
-    from lit_diffusion.evaluation.unclip_metrics import cached, unclip_generate, within_caption_diversity
+    from lit_diffusion.evaluation.unclip_metrics import unclip_generate
     from lit_diffusion.stages.ldm import LatentDiffusionModule
-
-    import torch
 
     ev = dict(cfg.get("evaluation") or {})
     device = eval_device(cfg)
     model_path = root / "ldm.ckpt"
     model = LatentDiffusionModule.from_checkpoint(model_path, map_location=device)
-    other = _load_compare(cfg, model, model_path, device)
-    out: dict = {"ckpt": ev.get("compare") if other is not None else None}
+    other, note = _load_compare(cfg, model, model_path, device)
+    out: dict = {"ckpt": ev.get("compare") if other is not None else None, "note": note}
     if other is not None:
         out["results"], _, _ = evaluate_checkpoint(ev["compare"], data["val_urls"], _eval_config(cfg),
                                                    root / "eval" / "compare", name="compared",
@@ -790,24 +820,14 @@ def evaluate_compare(cfg: dict, root: Path, data: dict) -> dict:
     spec = ev.get("diversity")
     if spec:
         spec = {} if spec is True else dict(spec)
-        n, per_caption, g = int(spec.get("captions", 50)), int(spec.get("per_caption", 8)), float(spec.get("guidance", 3))
-        batch = _val_batch(data, int(model.hparams.image_size), n)
-        captions = list(batch["caption"])
-        # positions need the shapes judge: only captions with shapes attributes (all of them on the shapes data)
-        shapes = [a for a in (batch.get("attrs") or []) if a and a.get("objects")]
+        n, per_caption = int(spec.get("captions", 50)), int(spec.get("per_caption", 8))
+        g = float(spec.get("guidance", 3))
+        captions, shapes = _distinct_captions(_val_batch(data, int(model.hparams.image_size), n), n)
         sampler = {"sampler": ev.get("sampler"), "steps": ev.get("steps")}
-        diversity = {"guidance": g, "per_caption": per_caption}
-        if shapes:
-            diversity["data"] = data_position_spread(shapes, per_caption)
-        with torch.inference_mode():
-            for key, m in (("model", model), ("compare", other)):
-                if m is None:
-                    continue
-                generate = cached(unclip_generate(m, None, guidance=g, **sampler))
-                diversity[key] = within_caption_diversity(generate, captions, model.clip, per_caption)
-                if shapes:
-                    diversity[key]["positions"] = position_spread(generate, shapes, per_caption)
-        out["diversity"] = diversity
+        generators = {key: unclip_generate(m, None, guidance=g, **sampler)
+                      for key, m in (("model", model), ("compare", other)) if m is not None}
+        out["diversity"] = {"guidance": g, "per_caption": per_caption,
+                            **_diversity(generators, captions, shapes, model.clip, per_caption)}
     return out
 
 
@@ -815,22 +835,16 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     """unCLIP beside the text-conditioned model, on the same val captions and seeds (one process):
     - `systems`: the evaluation's figures for the stack (`stack`, given), the decoder fed each val image's true
       CLIP embedding (the upper bound of any prior), and `evaluation.compare`, a text-conditioned ldm checkpoint
-      (the main job's), which must hold the same CLIP and VAE (skipped, and said so, when the file is absent);
+      (the main job's), which must hold the same CLIP and VAE (else left out, and `note` says why);
     - `diversity` (`evaluation.diversity: {captions, per_caption, guidance}`): the mean pairwise distance of the
-      CLIP image embeddings of one caption's samples, for the stack and the text model;
+      CLIP image embeddings of one caption's samples, and the spread of its objects' positions beside the data's,
+      for the stack and the text model, over the distinct captions among the first `captions` val ones;
     - `variations` (`evaluation.variations: {images, per_image, guidance}`): each val image's embedding -> the
       decoder with the empty caption: kept colour, shape and size, CLIP similarity to the source, spread;
     - `edits` (only with `evaluation.edits: {images, guidance}`): text-diff edits of one-object val images, one per
       attribute (colour, shape, size), judged against the new caption (`evaluation/edits.py`)."""
-    from lit_diffusion.evaluation.diversity import data_position_spread, position_spread
     from lit_diffusion.evaluation.evaluator import evaluate_checkpoint, load_prior_for
-    from lit_diffusion.evaluation.unclip_metrics import (
-        cached,
-        decoder_variations,
-        unclip_generate,
-        variation_metrics,
-        within_caption_diversity,
-    )
+    from lit_diffusion.evaluation.unclip_metrics import decoder_variations, unclip_generate, variation_metrics
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
     import torch
@@ -846,7 +860,7 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
                                         name="decoder, true embeddings", batch_size=batch_size, device=device)
     systems["decoder_true_embedding"] = results
     compare = ev.get("compare")
-    text = _load_compare(cfg, decoder, decoder_path, device)
+    text, note = _load_compare(cfg, decoder, decoder_path, device)
     if text is not None:
         results, _, _ = evaluate_checkpoint(compare, data["val_urls"], _eval_config(cfg), root / "eval" / "text",
                                             name="text-conditioned", batch_size=batch_size, device=device)
@@ -858,20 +872,15 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     n_edits = int(edit_spec.get("images", 50)) if edit_spec else 0
     n_read = max(n_captions, n_images, 4 * n_edits)  # about half the val images hold one object
     batch = _val_batch(data, int(decoder.hparams.image_size), n_read)
-    captions, images = list(batch["caption"])[:n_captions], ((batch["image"][:n_images] + 1) / 2).clamp(0, 1)
+    captions, shapes = _distinct_captions(batch, n_captions)
+    images = ((batch["image"][:n_images] + 1) / 2).clamp(0, 1)
     attrs = list(batch.get("attrs") or [None] * len(batch["caption"]))[:n_images]
     per_caption, g_div = int(div_spec.get("per_caption", 8)), float(div_spec.get("guidance", 3.0))
-    shapes = [a for a in (batch.get("attrs") or [])[:n_captions] if a and a.get("objects")]
-    diversity: dict = {"data": data_position_spread(shapes, per_caption)} if shapes else {}
+    generators = {"unclip": unclip_generate(decoder, prior, guidance=g_div, **sampler)}
+    if text is not None:
+        generators["text"] = unclip_generate(text, None, guidance=g_div, **sampler)
+    diversity = _diversity(generators, captions, shapes, decoder.clip, per_caption)
     with torch.inference_mode():
-        for key, generate in (("unclip", unclip_generate(decoder, prior, guidance=g_div, **sampler)),
-                              ("text", unclip_generate(text, None, guidance=g_div, **sampler) if text else None)):
-            if generate is None:
-                continue
-            generate = cached(generate)
-            diversity[key] = within_caption_diversity(generate, captions, decoder.clip, per_caption)
-            if shapes:
-                diversity[key]["positions"] = position_spread(generate, shapes, per_caption)
         g_var = float(var_spec.get("guidance", 3.0))
         variations = variation_metrics(decoder_variations(decoder, guidance=g_var, **sampler), images.to(device),
                                        attrs, decoder.clip, per_image=int(var_spec.get("per_image", 4)))
@@ -886,7 +895,7 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
                                   ((batch["image"] + 1) / 2).clamp(0, 1), all_attrs, list(batch["key"]),
                                   decoder.clip, images_limit=n_edits, thetas=EDIT_THETAS)
             edits = {**{k: v for k, v in edits.items() if k != "records"}, "guidance": g_edit}
-    return {"systems": systems, "compare": compare if text is not None else None,
+    return {"systems": systems, "compare": compare if text is not None else None, "note": note,
             "diversity": {**diversity, "guidance": g_div, "per_caption": per_caption},
             "variations": {**variations, "guidance": g_var}, **({"edits": edits} if edits else {})}
 

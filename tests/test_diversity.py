@@ -77,11 +77,34 @@ def test_position_spread_calls_generate_per_caption_with_seeds_keyed_by_the_capt
     assert len(set(calls[0][1])) == 4 and calls[0][1] != calls[1][1]  # four seeds, another caption's differ
     assert out["spread"] == pytest.approx(_mean_pairwise([_centre(*b) for b in boxes]), abs=1e-6)
     assert out["spread_se"] == pytest.approx(0.0, abs=1e-9) and out["captions"] == 2 and out["found"] == 1.0
+    # beside the data's own placements of the same captions at the generated size, paired by caption
+    data = data_position_spread([ONE, {**ONE, "caption": "a small red square "}], per_caption=4, size=32)
+    assert out["data"] == data and out["minus_data"] == pytest.approx(out["spread"] - data["spread"])
     assert "spread_two_objects" not in out and out["spread_one_object"] == pytest.approx(out["spread"])
     with pytest.raises(ValueError, match="per_caption must be >= 2"):
         position_spread(generate, [ONE], per_caption=1)
     with pytest.raises(ValueError, match="shapes attributes with 'objects'"):
         position_spread(generate, [{"caption": "a photo"}], per_caption=4)
+    with pytest.raises(ValueError, match="at least one caption"):
+        position_spread(generate, [], per_caption=4)
+    with pytest.raises(ValueError, match=r"square canvas; generate returned images \(32, 64\)"):
+        position_spread(lambda c, s: torch.ones(len(c), 3, 32, 64), [ONE], per_caption=4)
+
+
+def test_centroids_are_in_units_of_the_shorter_side_on_a_wide_canvas_and_the_data_is_drawn_square():
+    red, _ = _palette()
+    boxes = [(2, 3, 8), (50, 20, 8), (30, 10, 8)]
+    images = []
+    for x0, y0, side in boxes:
+        image = np.full((32, 64, 3), 255, dtype=np.uint8)
+        image[y0:y0 + side, x0:x0 + side] = red
+        images.append(image)
+    spread, _ = caption_position_spread(images, ONE)
+    assert spread == pytest.approx(_mean_pairwise([((x + s / 2) / 32, (y + s / 2) / 32) for x, y, s in boxes]))
+    # a 2:1 val image's caption is placed on the square canvas the model draws: its objects spread as a square's
+    wide = next(a for a in (sample_attrs(i, 32, aspect_ratios=("2:1",)) for i in range(50)) if a["relation"] is None)
+    square = {k: v for k, v in wide.items() if k not in ("aspect_ratio", "width", "height")}
+    assert data_position_spread([wide], per_caption=6) == data_position_spread([square], per_caption=6)
 
 
 def test_clip_diversity_and_positions_of_one_cached_generator_sample_once():
@@ -165,33 +188,40 @@ def test_compare_evaluates_the_other_model_on_the_same_captions_and_reports_both
     assert ours["eval/fid_clip_g3.0"] != theirs["eval/fid_clip_g3.0"]  # two models
     div = compare["diversity"]
     assert div["guidance"] == 3.0 and div["per_caption"] == 2
-    assert {k: div[k]["captions"] for k in ("model", "compare")} == {"model": 3, "compare": 3}
-    assert div["data"]["captions"] == 3 and div["data"]["found"] == 1.0
+    captions = {k: div[k]["captions"] for k in ("model", "compare")}
+    assert captions["model"] == captions["compare"] == div["model"]["positions"]["captions"] <= 3
     for key in ("model", "compare"):
-        assert 0 <= div[key]["positions"]["found"] <= 1 and div[key]["diversity"] >= 0
-    lines = "\n".join(_compare_lines(compare, ours, [1.0, 3.0], ["clip"]))
+        pos = div[key]["positions"]
+        assert 0 <= pos["found"] <= 1 and div[key]["diversity"] >= 0 and pos["data"]["found"] == 1.0
+    # the two models' data references are the same captions' placements
+    assert div["model"]["positions"]["data"] == div["compare"]["positions"]["data"]
+    lines = _compare_lines(compare, ours, [1.0, 3.0], ["clip"])
+    table = lines[:lines.index("## Within-caption diversity")]
     for label, res in (("this run", ours), ("compared", theirs)):
-        row = next(line for line in lines.splitlines() if line.startswith(f"| {label} | 3 |"))
+        row = next(line for line in table if line.startswith(f"| {label} | 3 |"))
         assert f"| {res['eval/caption_acc_g3.0']:.4g} |" in row and f"| {res['eval/fid_clip_g3.0']:.4g} |" in row
-        d = div["model" if label == "this run" else "compare"]
-        row = next(line for line in lines.splitlines() if line.startswith(f"| {label} | 3 | {d['diversity']:.4g}"))
-        assert f"| {d['positions']['found']:.4g} |" in row
-    assert f"{div['data']['spread']:.4g} apart" in lines
+        pos = div["model" if label == "this run" else "compare"]["positions"]
+        row = next(line for line in lines[len(table):] if line.startswith(f"| {label} |"))
+        assert f"| {pos['spread']:.4g} ({pos['spread_se']:.4g}) | {pos['data']['spread']:.4g} |" in row, row
 
 
 def test_diversity_alone_needs_no_compare_and_another_clip_is_refused(two_text_models, tmp_path):
     cfg, root, data = two_text_models
     alone = {**cfg, "evaluation": {k: v for k, v in cfg["evaluation"].items() if k != "compare"}}
     out = pipeline.evaluate_compare(alone, root, data)
-    assert out["ckpt"] is None and "results" not in out and set(out["diversity"]) >= {"model", "data"}
+    assert out["ckpt"] is None and out["note"] is None and "results" not in out and "model" in out["diversity"]
     assert "compare" not in out["diversity"]
     other = torch.load(root / "other.ckpt", weights_only=True)
     key = next(k for k in other["state_dict"] if k.startswith("vae."))
     other["state_dict"][key] = other["state_dict"][key] + 1
     torch.save(other, tmp_path / "bad.ckpt")
     bad = {**cfg, "evaluation": {**cfg["evaluation"], "compare": str(tmp_path / "bad.ckpt")}}
-    with pytest.raises(ValueError, match=r"evaluation.compare: .*bad.ckpt was trained with another CLIP or VAE"):
-        pipeline.evaluate_compare(bad, root, data)
+    # refused, said why, and this run's own figures kept: the report is not lost after the training
+    out = pipeline.evaluate_compare(bad, root, data)
+    assert out["ckpt"] is None and "results" not in out and set(out["diversity"]) == {"model", "guidance", "per_caption"}
+    assert "bad.ckpt was trained with another CLIP or VAE" in out["note"]
+    lines = _compare_lines(out, {}, [3.0], ["clip"])
+    assert any(line.startswith("No model beside this one: evaluation.compare: ") for line in lines)
 
 
 def test_the_report_lists_each_relation_word():

@@ -55,7 +55,8 @@ def _unclip_lines(unclip: dict, guidance, backends) -> list[str]:
                    *[_fmt(results.get(f"eval/fid_{b}{d}")) for b in backends], _fmt(results.get(f"eval/clip_score{d}"))]
             lines.append("| " + " | ".join(row) + " |")
     if unclip.get("compare") is None:
-        lines += ["", "No text-conditioned model to compare with (`evaluation.compare` names none, or no file)."]
+        lines += ["", "No text-conditioned model to compare with: "
+                  + (unclip.get("note") or "`evaluation.compare` names none") + "."]
     lines += _diversity_lines(unclip["diversity"], SYSTEMS)
     var = unclip["variations"]
     lines += ["", f"Variations at guidance {var['guidance']:g} ({int(var['sources'])} val images, "
@@ -75,21 +76,24 @@ def _unclip_lines(unclip: dict, guidance, backends) -> list[str]:
 
 
 def _diversity_lines(div: dict, labels: dict) -> list[str]:
-    """Within-caption diversity: CLIP's (mean pairwise distance of the image embeddings of one caption's samples)
-    and of positions (`evaluation/diversity.py`), per system, the data's position spread as the reference."""
+    """Within-caption diversity per system: CLIP's (mean pairwise distance of the image embeddings of one caption's
+    samples) and of positions beside the data's on the same captions (`evaluation/diversity.py`)."""
     systems = [(labels[k], v) for k, v in div.items() if k in labels and isinstance(v, dict)]
     lines = ["", f"Within-caption diversity at guidance {div['guidance']:g}, {div['per_caption']} samples per caption "
-                 "(standard error over captions): CLIP, the mean pairwise distance of their CLIP image embeddings; "
-                 "positions, the mean pairwise distance of each object's centroid (units of the image's shorter side)"
-                 + (f"; the data places the same captions' objects {_fmt(div['data']['spread'])} apart "
-                    f"(one object {_fmt(div['data'].get('spread_one_object'))}, two "
-                    f"{_fmt(div['data'].get('spread_two_objects'))})" if div.get("data") else "") + ".", "",
-             "| system | captions | CLIP | positions | one object | two objects | objects found |", "|---|---|---|---|---|---|---|"]
+                 "(standard errors over captions): CLIP, the mean pairwise distance of their CLIP image embeddings; "
+                 "positions, the mean pairwise distance of each object's centroid (units of the image's side), the "
+                 "data's own placements of the same captions, and the model's minus the data's paired by caption "
+                 "(below 0: fewer places than the data).", "",
+             "| system | captions | CLIP | positions | the data | minus the data | one object | two objects | "
+             "objects found |", "|" + "---|" * 9]
     for label, v in systems:
         pos = v.get("positions") or {}
+        data = pos.get("data") or {}
         lines.append(f"| {label} | {v['captions']} | {_fmt(v['diversity'])} ({_fmt(v['diversity_se'])}) | "
-                     f"{_fmt(pos.get('spread'))} ({_fmt(pos.get('spread_se'))}) | {_fmt(pos.get('spread_one_object'))} "
-                     f"| {_fmt(pos.get('spread_two_objects'))} | {_fmt(pos.get('found'))} |")
+                     f"{_fmt(pos.get('spread'))} ({_fmt(pos.get('spread_se'))}) | {_fmt(data.get('spread'))} | "
+                     f"{_fmt(pos.get('minus_data'))} ({_fmt(pos.get('minus_data_se'))}) | "
+                     f"{_fmt(pos.get('spread_one_object'))} | {_fmt(pos.get('spread_two_objects'))} | "
+                     f"{_fmt(pos.get('found'))} |")
     return lines
 
 
@@ -125,7 +129,10 @@ def _compare_lines(compare: dict, results: dict, guidance, backends) -> list[str
                        *[_fmt(res.get(f"eval_detail/caption_relation_{w}_placed{d}")) for w in RELATION_WORDS],
                        *[_fmt(res.get(f"eval/fid_{b}{d}")) for b in backends], _fmt(res.get(f"eval/clip_score{d}"))]
                 lines.append("| " + " | ".join(row) + " |")
+    if compare.get("note"):
+        lines += ["", f"No model beside this one: {compare['note']}."]
     if compare.get("diversity"):
+        lines += ["", "## Within-caption diversity"]
         lines += _diversity_lines(compare["diversity"], {"model": "this run", "compare": "compared"})
     return lines
 
