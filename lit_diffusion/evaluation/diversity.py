@@ -28,10 +28,8 @@ import torch
 
 from lit_diffusion.data.shapes import render, replace_objects
 from lit_diffusion.evaluation.unclip_metrics import Generate, _mean_se, _seeds
-from lit_diffusion.metrics.caption_accuracy import caption_kind, detect_objects
+from lit_diffusion.metrics.caption_accuracy import KINDS, caption_kind, detect_objects, match_by_color
 from lit_diffusion.metrics.features import to_uint8
-
-KINDS = ("one_object", "two_objects")
 
 
 def _centroids(images: Sequence[np.ndarray], attrs: dict) -> list[list[tuple[float, float]]]:
@@ -41,11 +39,7 @@ def _centroids(images: Sequence[np.ndarray], attrs: dict) -> list[list[tuple[flo
     for pixels in images:
         height, width = pixels.shape[:2]
         short = min(height, width)
-        by_color = {}
-        for obj in detect_objects(pixels):  # largest first
-            by_color.setdefault(obj["color"], obj)
-        for index, expected in enumerate(attrs["objects"]):
-            found = by_color.get(expected["color"])
+        for index, found in enumerate(match_by_color(detect_objects(pixels), attrs["objects"])):
             if found is not None:
                 per_object[index].append((found["cx"] * width / short, found["cy"] * height / short))
     return per_object

@@ -91,6 +91,15 @@ def _relation_holds(first: dict, second: dict, relation: str, sx: float = 1.0, s
     return along > 0 and along >= abs(across)
 
 
+def match_by_color(found: list[dict], expected: list[dict]) -> list[dict | None]:
+    """For each expected object, the detection of its colour (the largest, as `detect_objects` sorts them), or None:
+    a caption's objects always differ in colour."""
+    by_color = {}
+    for obj in found:  # largest first, so the largest component of each colour wins
+        by_color.setdefault(obj["color"], obj)
+    return [by_color.get(obj["color"]) for obj in expected]
+
+
 def check_image(image: Tensor | np.ndarray, attrs: dict) -> dict:
     """Per-attribute booleans (count, colors, shapes, sizes, relation) and `correct` (all of them) for one image
     [3, H, W] (any H and W) against its shapes attributes (the `KEY.json` content)."""
@@ -101,10 +110,7 @@ def check_image(image: Tensor | np.ndarray, attrs: dict) -> dict:
     height, width = pixels.shape[:2]
     short = min(height, width)
     found = detect_objects(pixels)
-    by_color = {}
-    for obj in found:  # largest first, so the largest component of each colour wins
-        by_color.setdefault(obj["color"], obj)
-    matches = [by_color.get(obj["color"]) for obj in expected]
+    matches = match_by_color(found, expected)
     result = {
         "count": len(found) == len(expected),
         "colors": sorted(o["color"] for o in found) == sorted(o["color"] for o in expected),
