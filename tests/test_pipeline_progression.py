@@ -198,8 +198,8 @@ def test_only_the_diffusion_stage_has_phases(tmp_path):
 
 
 # ---- configs/pipeline/shapes_progression.yaml ----
-def test_the_progression_config_is_the_main_job_in_two_resolutions():
-    main = pipeline.load_config("configs/pipeline/shapes.yaml")
+def test_the_progression_config_is_the_previous_main_job_in_two_resolutions():
+    main = pipeline.load_config("configs/pipeline/shapes_flow.yaml")  # the main job before REPA (README)
     prog = pipeline.load_config("configs/pipeline/shapes_progression.yaml")
     for key in ("root", "seed", "wandb", "data", "evaluation", "samples"):
         assert prog[key] == main[key], key

@@ -448,7 +448,7 @@ def test_caption_accuracy_per_relation_word():
 
 
 # ------------------------------------------------------------------------------------------------ the configs
-@pytest.mark.parametrize("base,repa", [("shapes", "shapes_repa"), ("shapes_dit", "shapes_dit_repa")])
+@pytest.mark.parametrize("base,repa", [("shapes_flow", "shapes_repa"), ("shapes_dit", "shapes_dit_repa")])
 def test_each_repa_config_is_its_base_with_the_term_the_targets_and_the_comparison(base, repa):
     """configs/pipeline/{repa}.yaml and its ldm config differ from the base run only by REPA: the same data, CLIP,
     VAE, steps, samplers and evaluation, plus the patch features, the `repa` block, the base run compared beside."""
@@ -471,3 +471,23 @@ def test_each_repa_config_is_its_base_with_the_term_the_targets_and_the_comparis
     assert stage["data"]["init_args"]["train_urls"] == f"runs/{repa}/latents/train/*.tar"
     RepaConfig(**repa_block)  # a valid block
     assert repa_block["weight"] == 0.5 and repa_block["until_step"] is None
+
+
+def test_the_main_job_is_the_repa_recipe_trained_3000_steps():
+    """configs/pipeline/shapes.yaml is shapes_repa.yaml's recipe (the previous main job with REPA) trained 3000 steps
+    instead of 2500, without the comparison: what the README's three-seed measurement chose."""
+    import yaml
+
+    from lit_diffusion import pipeline
+
+    main, repa = pipeline.load_config("configs/pipeline/shapes.yaml"), pipeline.load_config("configs/pipeline/shapes_repa.yaml")
+    for key in ("root", "seed", "wandb", "data", "samples", "encode"):
+        assert main[key] == repa[key], key
+    assert main["encode"]["patch_features"] is True
+    assert {k: v for k, v in main["evaluation"].items()} == {k: v for k, v in repa["evaluation"].items()
+                                                             if k not in ("compare", "diversity")}
+    assert {k: v for k, v in main["stages"].items() if k != "ldm"} == {k: v for k, v in repa["stages"].items()
+                                                                        if k != "ldm"}
+    assert main["stages"]["ldm"] == {**repa["stages"]["ldm"], "args": {"trainer.max_steps": 3000}}
+    stage = yaml.safe_load(open(main["stages"]["ldm"]["config"]))
+    assert stage["trainer"]["max_steps"] == 2500 and stage["model"]["init_args"]["repa"]["weight"] == 0.5
