@@ -796,7 +796,7 @@ def _diversity(generators: dict, captions: list[str], shapes: list[dict], clip, 
 
 
 def evaluate_compare(cfg: dict, root: Path, data: dict) -> dict:
-    """A text-conditioned model beside another trained on the same CLIP and VAE (REPA against the main job, say),
+    """A text-conditioned model beside another trained on the same CLIP and VAE (REPA against the same recipe without it, say),
     on the same val captions and seeds (one process):
     - `results`: `evaluation.compare`'s evaluation (the same figures as ldm.ckpt's), when it names a checkpoint of
       the same CLIP and VAE (else `note` says why there is none);
@@ -835,7 +835,8 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     """unCLIP beside the text-conditioned model, on the same val captions and seeds (one process):
     - `systems`: the evaluation's figures for the stack (`stack`, given), the decoder fed each val image's true
       CLIP embedding (the upper bound of any prior), and `evaluation.compare`, a text-conditioned ldm checkpoint
-      (the main job's), which must hold the same CLIP and VAE (else left out, and `note` says why);
+      (shapes_unclip.yaml names runs/shapes_flow/ldm.ckpt), which must hold the same CLIP and VAE (else left out,
+      and `note` says why);
     - `diversity` (`evaluation.diversity: {captions, per_caption, guidance}`): the mean pairwise distance of the
       CLIP image embeddings of one caption's samples, and the spread of its objects' positions beside the data's,
       for the stack and the text model, over the distinct captions among the first `captions` val ones;

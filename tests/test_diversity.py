@@ -1,6 +1,6 @@
 """Within-caption diversity of positions (`evaluation/diversity.py`), the data's own placement re-drawn
 (`data.shapes.replace_objects`), and the pipeline's `evaluation.compare` / `evaluation.diversity` for a text model
-beside another on the same CLIP and VAE (REPA against the main job), with its report section."""
+beside another on the same CLIP and VAE (REPA against the flow U-Net without it), with its report section."""
 
 import itertools
 import math

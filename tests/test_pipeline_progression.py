@@ -214,7 +214,7 @@ def test_the_progression_config_is_the_previous_main_job_in_two_resolutions():
     sizes = [p["model.init_args.image_size"] for p in phases]
     assert sizes == [p["data.init_args.image_size"] for p in phases] == [24, 32]
     assert sizes[-1] == main["data"]["size"] == stage["model"]["init_args"]["image_size"]
-    # SD3's shift per resolution, relative to the main job's 32 px at its shift: the last phase is the main job's
+    # SD3's shift per resolution, relative to shapes_flow's 32 px at its shift: the last phase is shapes_flow's
     flow = stage["model"]["init_args"]["flow"]
     assert [p["model.init_args.flow"] for p in phases] == [
         {**flow, "shift": flow["shift"] * resolution_shift(s, 32)} for s in sizes]

@@ -31,7 +31,7 @@ def _phase(result: dict, keys) -> dict:
             "skipped": result["skipped"], "seconds": result["seconds"], "figures": {k: final.get(k) for k in keys}}
 
 
-SYSTEMS = {"text": "text-conditioned (the main job's)", "unclip": "unCLIP: caption -> prior -> decoder",
+SYSTEMS = {"text": "text-conditioned (evaluation.compare)", "unclip": "unCLIP: caption -> prior -> decoder",
            "decoder_true_embedding": "decoder fed the true image embedding (upper bound)"}
 
 
