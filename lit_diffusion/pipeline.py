@@ -796,8 +796,8 @@ def _diversity(generators: dict, captions: list[str], shapes: list[dict], clip, 
 
 
 def evaluate_compare(cfg: dict, root: Path, data: dict) -> dict:
-    """A text-conditioned model beside another trained on the same CLIP and VAE (REPA against the same recipe without it, say),
-    on the same val captions and seeds (one process):
+    """A text-conditioned model beside another trained on the same CLIP and VAE (REPA against the same recipe without
+    it, say), on the same val captions and seeds (one process):
     - `results`: `evaluation.compare`'s evaluation (the same figures as ldm.ckpt's), when it names a checkpoint of
       the same CLIP and VAE (else `note` says why there is none);
     - `diversity` (`evaluation.diversity: {captions, per_caption, guidance}`): for each model, the mean pairwise CLIP
