@@ -254,9 +254,10 @@ def test_the_remote_code_runs_without_lit_diffusion(exported, tmp_path):
 
 # ------------------------------------------------------------------------------------------ video and unCLIP
 FRAMES = 4
-VIDEO_CASES = {  # name -> LatentDiffusionModule arguments of a video DiT (tubelets of 2 frames)
+VIDEO_CASES = {  # name -> LatentDiffusionModule arguments of a video DiT (tubelets of 2 frames) or U-Net
     "video_flow_full": dict(unet=None, dit={**TINY_DIT, "temporal_patch": 2}, **FLOW, frames=FRAMES),
     "video_eps_factorised": dict(unet=None, dit={**TINY_DIT, "attention": "factorised"}, frames=FRAMES),  # ddim
+    "video_unet_flow": dict(unet={**TINY_UNET, "temporal_attention": True}, **FLOW, frames=FRAMES),
 }
 DECODER_CASES = {  # name -> LatentDiffusionModule arguments of an unCLIP decoder
     "decoder_unet_flow": dict(**FLOW, condition="text+image_embedding"),
@@ -285,7 +286,9 @@ def test_a_video_model_exports_and_samples_our_clips(exported_more, case):
     model, folder, summary = exported_more[case]
     assert summary["frames"] == FRAMES
     pipe = load(folder)
-    assert pipe.config.frames == FRAMES and type(pipe.transformer).__name__ == "LitDiffusionDiT"
+    net = pipe.unet if "unet" in case else pipe.transformer
+    assert pipe.config.frames == FRAMES and type(net).__name__ == ("LitDiffusionUNet" if "unet" in case
+                                                                   else "LitDiffusionDiT")
     lh, lw = model.latent_shape()
     noise = torch.randn(len(PROMPTS), FRAMES, model.latent_channels, lh, lw, generator=torch.Generator().manual_seed(3))
     sampler = model.hparams.sampler

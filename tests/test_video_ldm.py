@@ -1,4 +1,5 @@
-"""The diffusion stage on clips: a DiT over spatio-temporal patches trains on VideoDataModule batches (each clip
+"""The diffusion stage on clips: a DiT over spatio-temporal patches or the U-Net with
+temporal attention trains on VideoDataModule batches (each clip
 through the frozen image VAE frame by frame), samples clips with guidance and a negative prompt, and a checkpoint
 samples on its own; what cannot work is refused by name. The VAE trains on the clips' frames (`as_images`)."""
 
@@ -30,10 +31,13 @@ def _data(clips, **kw):
 
 def _video_ldm(tiny_ckpts, **kw):
     torch.manual_seed(0)
-    dit = {**TINY_DIT, "temporal_patch": 2, **kw.pop("dit", {})}
+    if "unet" in kw:  # the factorised space-time U-Net
+        net = {"unet": {**TINY_UNET, "temporal_attention": True, **kw.pop("unet")}}
+    else:
+        net = {"dit": {**TINY_DIT, "temporal_patch": 2, **kw.pop("dit", {})}}
     return LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]), image_size=16,
-                                 frames=FRAMES, dit=dit, objective="flow", sampler="euler", sample_steps=3,
-                                 warmup_steps=0, **kw)
+                                 frames=FRAMES, objective="flow", sampler="euler", sample_steps=3, warmup_steps=0,
+                                 **net, **kw)
 
 
 def test_the_vae_trains_on_the_frames_of_clips(clips, tmp_path):
@@ -47,9 +51,10 @@ def test_the_vae_trains_on_the_frames_of_clips(clips, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in vae.state_dict().items())
 
 
-@pytest.mark.parametrize("attention", ["full", "factorised"])
-def test_a_video_dit_trains_on_clips_and_samples_clips(clips, tiny_ckpts, tmp_path, attention):
-    module = _video_ldm(tiny_ckpts, dit={"attention": attention})
+@pytest.mark.parametrize("net", [{"dit": {"attention": "full"}}, {"dit": {"attention": "factorised"}}, {"unet": {}}],
+                         ids=["dit-full", "dit-factorised", "unet"])
+def test_a_video_model_trains_on_clips_and_samples_clips(clips, tiny_ckpts, tmp_path, net):
+    module = _video_ldm(tiny_ckpts, **net)
     trainer = _fit(module, _data(clips), 3, tmp_path)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["val/loss"])
     # a clip's latents are its frames' latents, through the image VAE one frame at a time
@@ -75,7 +80,8 @@ def test_a_video_dit_trains_on_clips_and_samples_clips(clips, tiny_ckpts, tmp_pa
 
 
 def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts):
-    with pytest.raises(ValueError, match="frames = 4: a video model is the DiT"):
+    with pytest.raises(ValueError, match=r"frames = 4: a video model is the DiT .* or the U-Net with temporal layers "
+                                         r"\(model.init_args.unet.temporal_attention: true\)"):
         LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]), image_size=16,
                               frames=4, unet=TINY_UNET)
     image_model = LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]),

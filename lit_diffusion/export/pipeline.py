@@ -20,10 +20,11 @@ travel inside ldm.ckpt:
 
 What the pipeline samples, as `LatentDiffusionModule.sample` does (tests/test_export_pipeline.py):
   images                a text-to-image model: latents [B, C, h, w]
-  clips                 a video model (`frames` > 1, the DiT over spatio-temporal patches): latents [B, T, C, h, w],
-                        T = `num_frames` (default the checkpoint's `frames`, as `sample(frames=...)`), the VAE decoding
-                        frame by frame; output_type "pt" [B, T, 3, H, W], "np" [B, T, H, W, 3], "pil" a list of
-                        clips, each a list of frames (the output's `frames`, also `images`)
+  clips                 a video model (`frames` > 1: the DiT, or the U-Net with temporal attention): latents
+                        [B, T, C, h, w], T = `num_frames` (default the checkpoint's `frames`, as
+                        `sample(frames=...)`), the VAE decoding frame by frame; output_type "pt" [B, T, 3, H, W],
+                        "np" [B, T, H, W, 3], "pil" a list of clips, each a list of frames (the output's `frames`,
+                        also `images`)
   unCLIP decoder        `condition` text+image_embedding or image_embedding: `image_embeds` [B, E] (CLIP image
                         embeddings: from our prior, `DiffusionPriorModule.sample_embeddings` / `UnCLIP`, an
                         interpolation, or `pipe.encode_image(image)`; `pipe(image=...)` gives variations);

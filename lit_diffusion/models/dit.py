@@ -41,6 +41,7 @@ from lit_diffusion.models.layers import (
     add_global_conditions,
     add_image_embedding,
     grid_embedding,
+    temporal_embedding,
     timestep_embedding,
 )
 
@@ -149,14 +150,6 @@ def unpatchify_video(x: Tensor, tp: int, p: int, f: int, h: int, w: int) -> Tens
     b = x.shape[0]
     x = x.reshape(b, f, h, w, tp, p, p, -1)
     return torch.einsum("nfhwspqc->nfschpwq", x).reshape(b, f * tp, -1, h * p, w * p)
-
-
-def temporal_embedding(frames: int, dim: int, device=None) -> Tensor:
-    """Sin-cos embedding of frame indices [frames, dim], minus frame 0's: zero at the first frame, so that the 3-D
-    positions of a one-frame video are the 2-D positions of an image (a constant shift of every frame's, which the
-    first layer absorbs: the differences between frames, which attention reads, are the usual sin-cos ones)."""
-    f = torch.arange(frames, device=device)
-    return timestep_embedding(f, dim) - timestep_embedding(torch.zeros_like(f), dim)
 
 
 def mlp(dim: int, ratio: float) -> nn.Sequential:

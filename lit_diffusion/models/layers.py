@@ -41,6 +41,14 @@ def grid_embedding(height: int, width: int, dim: int, device=None,
     return torch.cat([timestep_embedding(rows, dim // 2), timestep_embedding(cols, dim - dim // 2)], dim=-1)
 
 
+def temporal_embedding(frames: int, dim: int, device=None) -> Tensor:
+    """Sin-cos embedding of frame indices [frames, dim], minus frame 0's: zero at the first frame, so that the 3-D
+    positions of a one-frame video are the 2-D positions of an image (a constant shift of every frame's, which the
+    first layer absorbs: the differences between frames, which attention reads, are the usual sin-cos ones)."""
+    f = torch.arange(frames, device=device)
+    return timestep_embedding(f, dim) - timestep_embedding(torch.zeros_like(f), dim)
+
+
 class SizeEmbedder(nn.Module):
     """SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2): each of the six numbers of `cond.size`
     (original height and width, crop top and left, target height and width, in pixels) gets its own sinusoidal
@@ -206,6 +214,36 @@ class SpatialTransformer(nn.Module):
         for block in self.blocks:
             tokens = block(tokens, context, mask)
         out = self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W]
+        return x + out
+
+
+class TemporalAttention(nn.Module):
+    """The video U-Net's temporal layer (Video Diffusion Models, Ho et al. 2022: factorised space-time attention;
+    Video LDM, Blattmann et al. 2023): self-attention across the frames at each spatial position of a feature map
+    [B*T, C, H, W] that holds T frames of each clip, frame-major. GroupNorm, linear in-projection plus the frames'
+    sin-cos positions (`temporal_embedding`; without them attention over frames could not tell a clip from the
+    same clip played backwards), attention, zero-initialised out-projection, residual: it starts as the identity,
+    and one frame (an image) passes it unchanged."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, groups: int = 32, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = group_norm(channels, groups)
+        self.proj_in = nn.Linear(channels, inner)
+        self.attn = Attention(inner, None, heads, head_dim, dropout)
+        self.proj_out = zero_module(nn.Linear(inner, channels))
+
+    def forward(self, x: Tensor, frames: int) -> Tensor:
+        if frames == 1:
+            return x
+        bt, c, h, w = x.shape
+        b = bt // frames
+        # [B*T, C, H, W] -> [B, T, H, W, C] -> [B*H*W, T, C]: each position's frames one sequence
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, frames, h, w, c).permute(0, 2, 3, 1, 4)
+        tokens = self.proj_in(tokens.reshape(b * h * w, frames, c))
+        tokens = tokens + temporal_embedding(frames, tokens.shape[-1], tokens.device).to(tokens.dtype)
+        out = self.proj_out(self.attn(tokens))  # [B*H*W, T, C]
+        out = out.reshape(b, h, w, frames, c).permute(0, 3, 4, 1, 2).reshape(bt, c, h, w)
         return x + out
 
 

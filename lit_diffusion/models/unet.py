@@ -1,7 +1,8 @@
 """Text-conditioned U-Net denoiser in the ADM / Latent Diffusion layout (Dhariwal & Nichol 2021; Rombach et al. 2022).
 
 forward(x [B, C, H, W], t [B], cond: Conditioning) -> raw prediction [B, C_out, H, W], for any H and W divisible
-by the downsampling. `cond.context` [B, L, D] and `cond.mask` [B, L] feed the cross-attention; `cond.pooled`
+by the downsampling, or a clip's latents x [B, T, C, H, W] -> [B, T, C_out, H, W] with `temporal_attention`.
+`cond.context` [B, L, D] and `cond.mask` [B, L] feed the cross-attention; `cond.pooled`
 [B, E] (only with `pooled_dim`): a sentence embedding projected and added to the timestep embedding, as unCLIP's
 decoder adds the CLIP text embedding: global attributes reach every ResBlock directly; `cond.size` [B, 6] (only
 with `size_conditioning`): SDXL's original size, crop and target size, Fourier-embedded and added there too.
@@ -11,6 +12,14 @@ jointly trained conditioning encoder of Latent Diffusion (Rombach et al. 2022, t
 such as CLIP's gives the first object of "A above B" features that never saw "above" or B; a bidirectional layer
 lets every token see the whole caption, as Imagen's T5 encoder does. (On the shapes data, with `pos_embed`, it
 improved the colours and shapes of two-object captions; their relations need more training than a CPU budget.)
+
+Video (`temporal_attention`): the factorised space-time U-Net of Video Diffusion Models (Ho et al. 2022) and Video
+LDM (Blattmann et al. 2023). A clip's frames go through every convolution and spatial transformer as a batch of
+images (each frame sees the clip's timestep, caption and pooled text), and last in every block with a ResBlock
+a `TemporalAttention` attends across the frames at every position (appended, so an image U-Net's weights keep
+their names). Its output starts at zero, so an image (or a
+one-frame clip) gets exactly the image U-Net's output on the same weights, and an image U-Net's weights start a
+video one.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from lit_diffusion.models.layers import (
     ResBlock,
     SizeEmbedder,
     SpatialTransformer,
+    TemporalAttention,
     add_global_conditions,
     add_image_embedding,
     Upsample,
@@ -64,6 +74,7 @@ class UNetConfig:
     scale_shift_norm: bool = True  # ADM's adaptive GroupNorm (scale/shift) instead of adding the time embedding
     mid_attention: bool = True  # a SpatialTransformer between the two middle ResBlocks
     use_checkpoint: bool = False  # gradient checkpointing of every block (torch.utils.checkpoint) when training
+    temporal_attention: bool = False  # video: attention across a clip's frames, last in each block
 
     @staticmethod
     def parse_strings(d: dict | None) -> dict:
@@ -87,12 +98,15 @@ class UNetConfig:
 class UNetBlock(nn.ModuleList):
     """A sequence of layers fed what each needs: ResBlocks the time embedding, transformers the context."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None,
+                frames: int = 1) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, mask)
+            elif isinstance(layer, TemporalAttention):
+                x = layer(x, frames)
             else:
                 x = layer(x)
         return x
@@ -124,13 +138,19 @@ class UNet(nn.Module):
         def res(i, o):
             return ResBlock(i, o, emb_dim, c.dropout, c.scale_shift_norm, c.norm_groups)
 
-        def attn(width):
+        def heads_of(width):
             heads, head_dim = (width // c.head_dim, c.head_dim) if c.head_dim else (c.num_heads, width // c.num_heads)
             if heads < 1 or head_dim < 1:
                 raise ValueError(f"UNetConfig: width {width} too small for num_heads={c.num_heads}, "
                                  f"head_dim={c.head_dim}")
-            return SpatialTransformer(width, heads, head_dim, c.context_dim, c.transformer_depth, c.dropout,
+            return heads, head_dim
+
+        def attn(width):
+            return SpatialTransformer(width, *heads_of(width), c.context_dim, c.transformer_depth, c.dropout,
                                       c.norm_groups, c.pos_embed)
+
+        def temporal(width):  # last in a block with a ResBlock, with `temporal_attention`
+            return [TemporalAttention(width, *heads_of(width), c.norm_groups, c.dropout)] if c.temporal_attention else []
 
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
         skip_chs, factor = [ch], 1
@@ -140,14 +160,15 @@ class UNet(nn.Module):
                 ch = mult * c.model_channels
                 if factor in c.attention_resolutions:
                     layers.append(attn(ch))
-                self.input_blocks.append(UNetBlock(layers))
+                self.input_blocks.append(UNetBlock(layers + temporal(ch)))
                 skip_chs.append(ch)
             if level < len(c.channel_mult) - 1:
                 self.input_blocks.append(UNetBlock([Downsample(ch)]))
                 skip_chs.append(ch)
                 factor *= 2
 
-        self.middle_block = UNetBlock([res(ch, ch), *([attn(ch)] if c.mid_attention else []), res(ch, ch)])
+        self.middle_block = UNetBlock([res(ch, ch), *([attn(ch)] if c.mid_attention else []), res(ch, ch),
+                                       *temporal(ch)])
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
@@ -159,17 +180,17 @@ class UNet(nn.Module):
                 if level > 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                     factor //= 2
-                self.output_blocks.append(UNetBlock(layers))
+                self.output_blocks.append(UNetBlock(layers + temporal(ch)))
 
         # zero-initialised output: the untrained network predicts 0 (the mean of eps / v), a stable start
         self.out = nn.Sequential(group_norm(ch, c.norm_groups), nn.SiLU(),
                                  zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
         self.downsample_factor = 2 ** (len(c.channel_mult) - 1)
 
-    def _run(self, block: UNetBlock, x, emb, context, mask):
+    def _run(self, block: UNetBlock, x, emb, context, mask, frames):
         if self.config.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, emb, context, mask, use_reentrant=False)
-        return block(x, emb, context, mask)
+            return checkpoint(block, x, emb, context, mask, frames, use_reentrant=False)
+        return block(x, emb, context, mask, frames)
 
     def encode_context(self, context: Tensor | None, context_mask: Tensor | None) -> Tensor | None:
         """The context as cross-attention sees it: through the bidirectional encoder when `context_layers` > 0
@@ -180,7 +201,17 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         cond = cond if cond is not None else Conditioning()
+        frames, video = 1, x.ndim == 5
+        if video:  # a clip's latents [B, T, C, H, W]: its frames go through the spatial layers as images
+            if not self.config.temporal_attention:
+                raise ValueError(f"UNet got clips {list(x.shape)} [B, T, C, H, W] but has no temporal layers "
+                                 f"(UNetConfig.temporal_attention: true)")
+            frames = x.shape[1]
+            x = x.flatten(0, 1)
+        elif x.ndim != 4:
+            raise ValueError(f"UNet takes [B, C, H, W] images or [B, T, C, H, W] clips, got {list(x.shape)}")
         b, ch_in, h, w = x.shape
+        b //= frames
         if ch_in != self.config.in_channels:
             raise ValueError(f"UNet expects {self.config.in_channels} input channels, got {ch_in}")
         if h % self.downsample_factor or w % self.downsample_factor:
@@ -194,12 +225,17 @@ class UNet(nn.Module):
         context, context_mask = cond.context, cond.mask
         context = self.encode_context(context, context_mask)
         emb, context, context_mask = add_image_embedding(emb, context, context_mask, cond, b, self.image_embed, "UNet")
+        if frames > 1:  # every frame sees its clip's timestep and conditions
+            emb = emb.repeat_interleave(frames, dim=0)
+            context = None if context is None else context.repeat_interleave(frames, dim=0)
+            context_mask = None if context_mask is None else context_mask.repeat_interleave(frames, dim=0)
 
         skips = []
         for block in self.input_blocks:
-            x = self._run(block, x, emb, context, context_mask)
+            x = self._run(block, x, emb, context, context_mask, frames)
             skips.append(x)
-        x = self._run(self.middle_block, x, emb, context, context_mask)
+        x = self._run(self.middle_block, x, emb, context, context_mask, frames)
         for block in self.output_blocks:
-            x = self._run(block, torch.cat([x, skips.pop()], dim=1), emb, context, context_mask)
-        return self.out(x)
+            x = self._run(block, torch.cat([x, skips.pop()], dim=1), emb, context, context_mask, frames)
+        out = self.out(x)
+        return out.unflatten(0, (b, frames)) if video else out

@@ -105,8 +105,9 @@ class LatentDiffusionModule(Stage):
             image_size: pixel size of the training images; latents are image_size // VAE factor.
             frames: a video model's clip length (frames it samples; 1: an image model). Clips (batches with
                 "video" [B, T, 3, H, W], `data.video.VideoDataModule`) go through the frozen VAE frame by frame, to
-                latents [B, T, C, h, w], and only the DiT takes them (spatio-temporal patches, `dit.temporal_patch`
-                and `dit.attention`); image batches still train it as one-frame videos.
+                latents [B, T, C, h, w], which the DiT takes as spatio-temporal patches (`dit.temporal_patch` and
+                `dit.attention`) and the U-Net frame by frame with attention across the frames
+                (`unet.temporal_attention`); image batches still train either as one-frame videos.
             unet: UNetConfig fields; in/out channels and context width default to the VAE's and CLIP's.
             dit: DiTConfig fields (or `preset: B/2` and overrides) instead of `unet`: a transformer over latent
                 patches (models/dit.py). Give one of the two; neither means a default U-Net.
@@ -165,9 +166,10 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"model.init_args.p_uncond_image must be in [0, 1), got {p_uncond_image}")
         if frames < 1:
             raise ValueError(f"model.init_args.frames must be >= 1, got {frames}")
-        if frames > 1 and not dit:
+        if frames > 1 and not dit and not (unet or {}).get("temporal_attention"):
             raise ValueError(f"model.init_args.frames = {frames}: a video model is the DiT over spatio-temporal "
-                             f"patches (model.init_args.dit); the U-Net takes images only")
+                             f"patches (model.init_args.dit) or the U-Net with temporal layers "
+                             f"(model.init_args.unet.temporal_attention: true)")
         if frames > 1 and condition != "text":
             raise ValueError(f"model.init_args.frames = {frames} with condition {condition!r}: video models are "
                              f"conditioned on text only")
