@@ -51,8 +51,9 @@ def test_the_vae_trains_on_the_frames_of_clips(clips, tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in vae.state_dict().items())
 
 
-@pytest.mark.parametrize("net", [{"dit": {"attention": "full"}}, {"dit": {"attention": "factorised"}}, {"unet": {}}],
-                         ids=["dit-full", "dit-factorised", "unet"])
+@pytest.mark.parametrize("net", [{"dit": {"attention": "full"}}, {"dit": {"attention": "factorised"}}, {"unet": {}},
+                                 {"unet": {"temporal_attention": False, "space_time_attention": True}}],
+                         ids=["dit-full", "dit-factorised", "unet-temporal", "unet-space-time"])
 def test_a_video_model_trains_on_clips_and_samples_clips(clips, tiny_ckpts, tmp_path, net):
     module = _video_ldm(tiny_ckpts, **net)
     trainer = _fit(module, _data(clips), 3, tmp_path)
@@ -81,7 +82,7 @@ def test_a_video_model_trains_on_clips_and_samples_clips(clips, tiny_ckpts, tmp_
 
 def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts):
     with pytest.raises(ValueError, match=r"frames = 4: a video model is the DiT .* or the U-Net with temporal layers "
-                                         r"\(model.init_args.unet.temporal_attention: true\)"):
+                                         r"\(model.init_args.unet.temporal_attention or space_time_attention: true\)"):
         LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]), image_size=16,
                               frames=4, unet=TINY_UNET)
     image_model = LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]),

@@ -9,7 +9,7 @@ import torch
 from lit_diffusion.diffusion.flow import FlowSchedule, heun_sample
 from lit_diffusion.diffusion.guidance import cfg_model_fn
 from lit_diffusion.models.conditions import Conditioning
-from lit_diffusion.models.layers import TemporalAttention
+from lit_diffusion.models.layers import SpatialTransformer, TemporalAttention
 from lit_diffusion.models.unet import UNet
 
 CFG = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -59,11 +59,27 @@ def test_an_image_unets_weights_start_a_video_unet_that_runs_it_frame_by_frame()
         assert torch.equal(video(x[:, 0], t, cond), image(x[:, 0], t, cond))  # an image stays an image
 
 
-def test_frames_see_each_other_and_are_told_apart_by_their_positions():
+MODES = {"temporal": {"temporal_attention": True}, "space_time": {"space_time_attention": True}}
+
+
+def test_space_time_attention_adds_no_weights_and_one_frame_is_the_image_unet():
+    image = _randomise(UNet(CFG))
+    video = UNet({**CFG, **MODES["space_time"]})
+    video.load_state_dict(image.state_dict())  # strict: the same weights
+    x, t, cond = torch.randn(2, 3, 4, 8, 8), torch.tensor([0.3, 0.8]), _cond()
+    with torch.no_grad():
+        assert torch.equal(video(x[:, :1], t, cond)[:, 0], image(x[:, 0], t, cond))
+        assert torch.equal(video(x[:, 0], t, cond), image(x[:, 0], t, cond))
+        # the frames attend to each other from the start: a clip is not its frames one by one
+        assert (video(x, t, cond)[:, 0] - image(x[:, 0], t, cond)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frames_see_each_other_and_are_told_apart_by_their_positions(mode):
     """With the temporal layers trained (random here), changing the last frame changes the first frame's output;
     reversing the frames does not just reverse the output, because of the frames' sin-cos positions: with the
     positions taken out, attention over the frames is blind to their order and it does."""
-    net = _randomise(UNet({**CFG, "temporal_attention": True}), std=0.3)
+    net = _randomise(UNet({**CFG, **MODES[mode]}), std=0.3)
     x, t, cond = torch.randn(2, 4, 4, 8, 8), torch.tensor([0.3, 0.8]), _cond()
     y = x.clone()
     y[:, -1] += 1.0
@@ -78,16 +94,22 @@ def test_frames_see_each_other_and_are_told_apart_by_their_positions():
             assert torch.allclose(net(x.flip(1), t, cond), net(x, t, cond).flip(1), atol=1e-5)
         finally:
             layers.temporal_embedding = keep
-        for layer in _temporal_layers(net):  # temporal outputs at zero: the frames are apart again
-            torch.nn.init.zeros_(layer.proj_out.weight)
-            torch.nn.init.zeros_(layer.proj_out.bias)
+        if mode == "temporal":
+            for layer in _temporal_layers(net):  # temporal outputs at zero: the frames are apart again
+                torch.nn.init.zeros_(layer.proj_out.weight)
+                torch.nn.init.zeros_(layer.proj_out.bias)
+        else:
+            for layer in net.modules():
+                if isinstance(layer, SpatialTransformer):
+                    layer.space_time = False
         assert torch.allclose(net(x, t, cond)[:, 0], net(y, t, cond)[:, 0], atol=1e-5)
 
 
-def test_a_clip_is_sampled_in_a_batch_as_alone_with_guidance():
+@pytest.mark.parametrize("mode", MODES)
+def test_a_clip_is_sampled_in_a_batch_as_alone_with_guidance(mode):
     """Heun with classifier-free guidance on [B, T, C, H, W]: the shape comes back, each clip of a batch is what it is
     sampled alone from the same noise, and gradient checkpointing gives the same gradients on clips."""
-    net = _randomise(UNet({**CFG, "temporal_attention": True}), std=0.05).eval()
+    net = _randomise(UNet({**CFG, **MODES[mode]}), std=0.05).eval()
     cond = _cond()
     uncond = Conditioning(context=torch.zeros(1, 1, 12), mask=torch.ones(1, 1, dtype=torch.bool))
     x_T = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -102,7 +124,7 @@ def test_a_clip_is_sampled_in_a_batch_as_alone_with_guidance():
     grads = []
     for use_checkpoint in (False, True):
         torch.manual_seed(0)
-        model = _randomise(UNet({**CFG, "temporal_attention": True, "use_checkpoint": use_checkpoint}), std=0.05)
+        model = _randomise(UNet({**CFG, **MODES[mode], "use_checkpoint": use_checkpoint}), std=0.05)
         model(x_T, torch.tensor([0.2, 0.7]), cond).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -110,7 +132,7 @@ def test_a_clip_is_sampled_in_a_batch_as_alone_with_guidance():
 
 def test_clips_without_temporal_layers_and_other_ranks_are_refused():
     with pytest.raises(ValueError, match=r"UNet got clips \[1, 2, 4, 8, 8\] .* has no temporal layers "
-                                         r"\(UNetConfig.temporal_attention: true\)"):
+                                         r"\(UNetConfig.temporal_attention or space_time_attention: true\)"):
         UNet(CFG)(torch.randn(1, 2, 4, 8, 8), torch.tensor([0.5]), _cond(1))
     with pytest.raises(ValueError, match=r"UNet takes \[B, C, H, W\] images or \[B, T, C, H, W\] clips, got \[4, 8, 8\]"):
         UNet(CFG)(torch.randn(4, 8, 8), torch.tensor([0.5]), _cond(1))

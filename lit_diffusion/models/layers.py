@@ -192,12 +192,17 @@ class SpatialTransformer(nn.Module):
 
     `pos_embed` adds a fixed 2-D sin-cos embedding of each position to its token (as DiT does): queries then know
     where they are, instead of inferring it from the convolutions' zero padding, which is what placing a caption's
-    "above" / "left of" asks of cross-attention."""
+    "above" / "left of" asks of cross-attention.
+
+    `space_time` (a video U-Net's, `UNetConfig.space_time_attention`): given a feature map of T frames of each clip
+    ([B*T, C, H, W], frame-major), the tokens of all of a clip's frames form one sequence of T*H*W, with the frames'
+    sin-cos positions (`temporal_embedding`) added to the grid's: full space-time attention, which follows an object
+    from frame to frame wherever it moves. One frame is the image case, unchanged."""
 
     def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int | None = None, depth: int = 1,
-                 dropout: float = 0.0, groups: int = 32, pos_embed: bool = False):
+                 dropout: float = 0.0, groups: int = 32, pos_embed: bool = False, space_time: bool = False):
         super().__init__()
-        self.pos_embed = pos_embed
+        self.pos_embed, self.space_time = pos_embed, space_time
         inner = heads * head_dim
         self.norm = group_norm(channels, groups)
         self.proj_in = nn.Linear(channels, inner)
@@ -205,14 +210,23 @@ class SpatialTransformer(nn.Module):
             TransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth))
         self.proj_out = zero_module(nn.Linear(inner, channels))
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
+                frames: int = 1) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C]; free for channels_last
         tokens = self.proj_in(tokens)
         if self.pos_embed:
             tokens = tokens + grid_embedding(h, w, tokens.shape[-1], tokens.device).to(tokens.dtype)
+        clip = self.space_time and frames > 1
+        if clip:  # [B*T, HW, C] -> [B, T*HW, C]; the context was repeated for each frame: one copy per clip
+            when = temporal_embedding(frames, tokens.shape[-1], tokens.device).to(tokens.dtype)  # [T, C]
+            tokens = (tokens.unflatten(0, (b // frames, frames)) + when[:, None]).flatten(1, 2)
+            context = None if context is None else context[::frames]
+            mask = None if mask is None else mask[::frames]
         for block in self.blocks:
             tokens = block(tokens, context, mask)
+        if clip:
+            tokens = tokens.reshape(b, h * w, -1)
         out = self.proj_out(tokens).reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W]
         return x + out
 

@@ -13,13 +13,15 @@ such as CLIP's gives the first object of "A above B" features that never saw "ab
 lets every token see the whole caption, as Imagen's T5 encoder does. (On the shapes data, with `pos_embed`, it
 improved the colours and shapes of two-object captions; their relations need more training than a CPU budget.)
 
-Video (`temporal_attention`): the factorised space-time U-Net of Video Diffusion Models (Ho et al. 2022) and Video
-LDM (Blattmann et al. 2023). A clip's frames go through every convolution and spatial transformer as a batch of
-images (each frame sees the clip's timestep, caption and pooled text), and last in every block with a ResBlock
-a `TemporalAttention` attends across the frames at every position (appended, so an image U-Net's weights keep
-their names). Its output starts at zero, so an image (or a
-one-frame clip) gets exactly the image U-Net's output on the same weights, and an image U-Net's weights start a
-video one.
+Video: a clip's latents go through every convolution as a batch of its frames (each frame sees the clip's
+timestep, caption and pooled text), and frames meet in one or both of two ways:
+- `temporal_attention`, the factorised space-time U-Net of Video Diffusion Models (Ho et al. 2022) and Video LDM
+  (Blattmann et al. 2023): last in every block with a ResBlock, a `TemporalAttention` attends across the frames at
+  each position (appended, so an image U-Net's weights keep their names). Its output starts at zero, so at
+  initialisation a clip gets the image U-Net's output frame by frame, and an image U-Net's weights start it;
+- `space_time_attention`: each spatial transformer attends over the tokens of all the clip's frames at once (full
+  space-time attention, as the video DiT's `attention: full`), with no weights of its own.
+A one-frame clip, or an image, gets exactly the image U-Net's output on the same weights.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class UNetConfig:
     mid_attention: bool = True  # a SpatialTransformer between the two middle ResBlocks
     use_checkpoint: bool = False  # gradient checkpointing of every block (torch.utils.checkpoint) when training
     temporal_attention: bool = False  # video: attention across a clip's frames, last in each block
+    space_time_attention: bool = False  # video: the spatial transformers attend over all of a clip's frames' tokens
 
     @staticmethod
     def parse_strings(d: dict | None) -> dict:
@@ -104,7 +107,7 @@ class UNetBlock(nn.ModuleList):
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, mask)
+                x = layer(x, context, mask, frames)
             elif isinstance(layer, TemporalAttention):
                 x = layer(x, frames)
             else:
@@ -147,7 +150,7 @@ class UNet(nn.Module):
 
         def attn(width):
             return SpatialTransformer(width, *heads_of(width), c.context_dim, c.transformer_depth, c.dropout,
-                                      c.norm_groups, c.pos_embed)
+                                      c.norm_groups, c.pos_embed, c.space_time_attention)
 
         def temporal(width):  # last in a block with a ResBlock, with `temporal_attention`
             return [TemporalAttention(width, *heads_of(width), c.norm_groups, c.dropout)] if c.temporal_attention else []
@@ -203,9 +206,9 @@ class UNet(nn.Module):
         cond = cond if cond is not None else Conditioning()
         frames, video = 1, x.ndim == 5
         if video:  # a clip's latents [B, T, C, H, W]: its frames go through the spatial layers as images
-            if not self.config.temporal_attention:
+            if not (self.config.temporal_attention or self.config.space_time_attention):
                 raise ValueError(f"UNet got clips {list(x.shape)} [B, T, C, H, W] but has no temporal layers "
-                                 f"(UNetConfig.temporal_attention: true)")
+                                 f"(UNetConfig.temporal_attention or space_time_attention: true)")
             frames = x.shape[1]
             x = x.flatten(0, 1)
         elif x.ndim != 4:

@@ -107,7 +107,8 @@ class LatentDiffusionModule(Stage):
                 "video" [B, T, 3, H, W], `data.video.VideoDataModule`) go through the frozen VAE frame by frame, to
                 latents [B, T, C, h, w], which the DiT takes as spatio-temporal patches (`dit.temporal_patch` and
                 `dit.attention`) and the U-Net frame by frame with attention across the frames
-                (`unet.temporal_attention`); image batches still train either as one-frame videos.
+                (`unet.temporal_attention`, `unet.space_time_attention`); image batches still train either as
+                one-frame videos.
             unet: UNetConfig fields; in/out channels and context width default to the VAE's and CLIP's.
             dit: DiTConfig fields (or `preset: B/2` and overrides) instead of `unet`: a transformer over latent
                 patches (models/dit.py). Give one of the two; neither means a default U-Net.
@@ -166,10 +167,11 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"model.init_args.p_uncond_image must be in [0, 1), got {p_uncond_image}")
         if frames < 1:
             raise ValueError(f"model.init_args.frames must be >= 1, got {frames}")
-        if frames > 1 and not dit and not (unet or {}).get("temporal_attention"):
+        if frames > 1 and not dit and not any((unet or {}).get(k) for k in ("temporal_attention",
+                                                                             "space_time_attention")):
             raise ValueError(f"model.init_args.frames = {frames}: a video model is the DiT over spatio-temporal "
                              f"patches (model.init_args.dit) or the U-Net with temporal layers "
-                             f"(model.init_args.unet.temporal_attention: true)")
+                             f"(model.init_args.unet.temporal_attention or space_time_attention: true)")
         if frames > 1 and condition != "text":
             raise ValueError(f"model.init_args.frames = {frames} with condition {condition!r}: video models are "
                              f"conditioned on text only")
