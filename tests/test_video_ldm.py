@@ -1,7 +1,7 @@
-"""The diffusion stage on clips: a DiT over spatio-temporal patches or the U-Net with
-temporal attention trains on VideoDataModule batches (each clip
-through the frozen image VAE frame by frame), samples clips with guidance and a negative prompt, and a checkpoint
-samples on its own; what cannot work is refused by name. The VAE trains on the clips' frames (`as_images`)."""
+"""The diffusion stage on clips: a DiT over spatio-temporal patches, or the U-Net with temporal layers or space-time
+attention, trains on VideoDataModule batches (each clip through the frozen image VAE frame by frame), samples clips
+with guidance and a negative prompt, and a checkpoint samples on its own; what cannot work is refused by name. The
+VAE trains on the clips' frames (`as_images`)."""
 
 import json
 

@@ -82,7 +82,7 @@ def test_frames_see_each_other_and_are_told_apart_by_their_positions(mode):
     net = _randomise(UNet({**CFG, **MODES[mode]}), std=0.3)
     x, t, cond = torch.randn(2, 4, 4, 8, 8), torch.tensor([0.3, 0.8]), _cond()
     y = x.clone()
-    y[:, -1] += 1.0
+    y[:, -1] += 3 * torch.randn(y[:, -1].shape, generator=torch.Generator().manual_seed(9))  # another last frame
     with torch.no_grad():
         assert (net(x, t, cond)[:, 0] - net(y, t, cond)[:, 0]).abs().max() > 1e-3
         assert (net(x.flip(1), t, cond) - net(x, t, cond).flip(1)).abs().max() > 1e-3
@@ -132,7 +132,37 @@ def test_a_clip_is_sampled_in_a_batch_as_alone_with_guidance(mode):
 
 def test_clips_without_temporal_layers_and_other_ranks_are_refused():
     with pytest.raises(ValueError, match=r"UNet got clips \[1, 2, 4, 8, 8\] .* has no temporal layers "
-                                         r"\(UNetConfig.temporal_attention or space_time_attention: true\)"):
+                                         r"\(UNetConfig.temporal_attention or "
+                                         r"space_time_attention: true\)"):
         UNet(CFG)(torch.randn(1, 2, 4, 8, 8), torch.tensor([0.5]), _cond(1))
-    with pytest.raises(ValueError, match=r"UNet takes \[B, C, H, W\] images or \[B, T, C, H, W\] clips, got \[4, 8, 8\]"):
+    with pytest.raises(ValueError, match="space_time_attention needs spatial transformers"):
+        UNet({**CFG, "space_time_attention": True, "attention_resolutions": (), "mid_attention": False})
+    with pytest.raises(ValueError, match=r"UNet takes \[B, C, H, W\] images or \[B, T, C, H, W\] clips, "
+                                         r"got \[4, 8, 8\]"):
         UNet(CFG)(torch.randn(4, 8, 8), torch.tensor([0.5]), _cond(1))
+
+
+def test_the_stage_feeds_a_video_unet_channels_last_clips(tiny_ckpts):
+    """`channels_last: true` on a video U-Net: each frame of the clip goes in channels-last, and the prediction
+    equals the default layout's (a 5-D tensor has no channels-last format of its own)."""
+    from conftest import TINY_UNET
+
+    from lit_diffusion.stages.ldm import LatentDiffusionModule
+
+    outs, weights = [], None
+    for channels_last in (False, True):
+        module = LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]),
+                                       image_size=16, frames=3, unet={**TINY_UNET, "space_time_attention": True},
+                                       objective="flow", sampler="euler", channels_last=channels_last).eval()
+        if weights is None:  # random values drawn once (randn_like fills a channels-last weight in its own order)
+            weights = _randomise(module.network, std=0.05).state_dict()
+        module.network.load_state_dict(weights)
+        assert module.network.input_blocks[0][0].weight.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        cond = module.encode_prompts(["a red circle moving left", "a blue square moving up"])
+        x = torch.randn(2, 3, module.latent_channels, module.latent_size, module.latent_size,
+                        generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            outs.append(module.denoiser(x, torch.tensor([0.3, 0.7]), cond))
+    assert outs[0].shape == x.shape
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)

@@ -20,8 +20,8 @@ travel inside ldm.ckpt:
 
 What the pipeline samples, as `LatentDiffusionModule.sample` does (tests/test_export_pipeline.py):
   images                a text-to-image model: latents [B, C, h, w]
-  clips                 a video model (`frames` > 1: the DiT, or the U-Net with temporal attention): latents
-                        [B, T, C, h, w], T = `num_frames` (default the checkpoint's `frames`, as
+  clips                 a video model (`frames` > 1: the DiT, or the U-Net with temporal or space-time attention):
+                        latents [B, T, C, h, w], T = `num_frames` (default the checkpoint's `frames`, as
                         `sample(frames=...)`), the VAE decoding frame by frame; output_type "pt" [B, T, 3, H, W],
                         "np" [B, T, H, W, 3], "pil" a list of clips, each a list of frames (the output's `frames`,
                         also `images`)

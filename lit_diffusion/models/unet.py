@@ -1,7 +1,8 @@
 """Text-conditioned U-Net denoiser in the ADM / Latent Diffusion layout (Dhariwal & Nichol 2021; Rombach et al. 2022).
 
 forward(x [B, C, H, W], t [B], cond: Conditioning) -> raw prediction [B, C_out, H, W], for any H and W divisible
-by the downsampling, or a clip's latents x [B, T, C, H, W] -> [B, T, C_out, H, W] with `temporal_attention`.
+by the downsampling, or a clip's latents x [B, T, C, H, W] -> [B, T, C_out, H, W] with `temporal_attention` or
+`space_time_attention`.
 `cond.context` [B, L, D] and `cond.mask` [B, L] feed the cross-attention; `cond.pooled`
 [B, E] (only with `pooled_dim`): a sentence embedding projected and added to the timestep embedding, as unCLIP's
 decoder adds the CLIP text embedding: global attributes reach every ResBlock directly; `cond.size` [B, 6] (only
@@ -123,6 +124,9 @@ class UNet(nn.Module):
         self.config = c = config
         if not c.channel_mult:
             raise ValueError("UNetConfig.channel_mult must have at least one level")
+        if c.space_time_attention and not (c.attention_resolutions or c.mid_attention):
+            raise ValueError("UNetConfig.space_time_attention needs spatial transformers (attention_resolutions or "
+                             "mid_attention): without them a clip's frames would never meet")
         ch = c.model_channels
         emb_dim = ch * c.time_embed_mult
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -153,7 +157,9 @@ class UNet(nn.Module):
                                       c.norm_groups, c.pos_embed, c.space_time_attention)
 
         def temporal(width):  # last in a block with a ResBlock, with `temporal_attention`
-            return [TemporalAttention(width, *heads_of(width), c.norm_groups, c.dropout)] if c.temporal_attention else []
+            if not c.temporal_attention:
+                return []
+            return [TemporalAttention(width, *heads_of(width), c.norm_groups, c.dropout)]
 
         self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(c.in_channels, ch, 3, padding=1)])])
         skip_chs, factor = [ch], 1

@@ -332,8 +332,9 @@ class LatentDiffusionModule(Stage):
 
     def denoiser(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         net = self._compiled_net if self._compiled_net is not None else self.network
-        if self.hparams.channels_last:
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        if self.hparams.channels_last:  # a clip [B, T, C, h, w]: each frame channels-last, as the U-Net folds them
+            x_t = (x_t.contiguous(memory_format=torch.channels_last) if x_t.ndim == 4 else
+                   x_t.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x_t.shape[:2]))
         return net(x_t, t, cond)
 
     @property

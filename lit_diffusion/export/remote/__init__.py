@@ -16,13 +16,14 @@ which `DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)` imports w
 Why remote code rather than diffusers' own `UNet2DConditionModel`: ours is the ADM / LDM U-Net it implements only
 for some configurations. It could hold exactly a U-Net with `scale_shift_norm` (ResnetBlock2D's "scale_shift"),
 `context_layers` 0, `pos_embed` off, every width divisible by `norm_groups` (diffusers has one group count; ours
-takes the gcd per layer), no `size_conditioning` (SDXL's "text_time" embeds the sizes concatenated with the pooled
-text through one MLP; ours adds a separate MLP's output) and no `image_embedding_dim`, with a key map (down / mid /
-up blocks, `transformer_depth` as transformer_layers_per_block, GEGLU `ff.net.0.proj`, the pooled text as
-class_embed_type "projection"). The DiT has no diffusers twin at all
-(PixArt's and SD3's transformers differ in the text pre-norm, the cross-attention's qkv biases and the adaLN
-layout). One remote module covers every configuration with the code that trained it, and `export_denoiser`
-re-imports bit for bit; a mapping onto UNet2DConditionModel for the configurations above is left to do.
+takes the gcd per layer), no temporal or space-time attention (a video U-Net), no `size_conditioning` (SDXL's
+"text_time" embeds the sizes concatenated with the pooled text through one MLP; ours adds a separate MLP's output)
+and no `image_embedding_dim`, with a key map (down / mid / up blocks, `transformer_depth` as
+transformer_layers_per_block, GEGLU `ff.net.0.proj`, the pooled text as class_embed_type "projection"). The DiT has
+no diffusers twin at all (PixArt's and SD3's transformers differ in the text pre-norm, the cross-attention's qkv
+biases and the adaLN layout). One remote module covers every configuration with the code that trained it, and
+`export_denoiser` re-imports bit for bit; a mapping onto UNet2DConditionModel for the configurations above is left
+to do.
 """
 
 from __future__ import annotations
