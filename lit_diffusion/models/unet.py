@@ -2,8 +2,7 @@
 
 forward(x [B, C, H, W], t [B], cond: Conditioning) -> raw prediction [B, C_out, H, W], for any H and W divisible
 by the downsampling, or a clip's latents x [B, T, C, H, W] -> [B, T, C_out, H, W] with `temporal_attention` or
-`space_time_attention`.
-`cond.context` [B, L, D] and `cond.mask` [B, L] feed the cross-attention; `cond.pooled`
+`space_time_attention`. `cond.context` [B, L, D] and `cond.mask` [B, L] feed the cross-attention; `cond.pooled`
 [B, E] (only with `pooled_dim`): a sentence embedding projected and added to the timestep embedding, as unCLIP's
 decoder adds the CLIP text embedding: global attributes reach every ResBlock directly; `cond.size` [B, 6] (only
 with `size_conditioning`): SDXL's original size, crop and target size, Fourier-embedded and added there too.
@@ -79,6 +78,11 @@ class UNetConfig:
     use_checkpoint: bool = False  # gradient checkpointing of every block (torch.utils.checkpoint) when training
     temporal_attention: bool = False  # video: attention across a clip's frames, last in each block
     space_time_attention: bool = False  # video: the spatial transformers attend over all of a clip's frames' tokens
+
+    @property
+    def takes_clips(self) -> bool:
+        """Whether a clip's frames meet in this network (a video U-Net)."""
+        return self.temporal_attention or self.space_time_attention
 
     @staticmethod
     def parse_strings(d: dict | None) -> dict:
@@ -212,7 +216,7 @@ class UNet(nn.Module):
         cond = cond if cond is not None else Conditioning()
         frames, video = 1, x.ndim == 5
         if video:  # a clip's latents [B, T, C, H, W]: its frames go through the spatial layers as images
-            if not (self.config.temporal_attention or self.config.space_time_attention):
+            if not self.config.takes_clips:
                 raise ValueError(f"UNet got clips {list(x.shape)} [B, T, C, H, W] but has no temporal layers "
                                  f"(UNetConfig.temporal_attention or space_time_attention: true)")
             frames = x.shape[1]

@@ -167,8 +167,7 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"model.init_args.p_uncond_image must be in [0, 1), got {p_uncond_image}")
         if frames < 1:
             raise ValueError(f"model.init_args.frames must be >= 1, got {frames}")
-        if frames > 1 and not dit and not any((unet or {}).get(k) for k in ("temporal_attention",
-                                                                             "space_time_attention")):
+        if frames > 1 and not dit and not UNetConfig.from_dict(unet or {}).takes_clips:
             raise ValueError(f"model.init_args.frames = {frames}: a video model is the DiT over spatio-temporal "
                              f"patches (model.init_args.dit) or the U-Net with temporal layers "
                              f"(model.init_args.unet.temporal_attention or space_time_attention: true)")
