@@ -273,3 +273,38 @@ def test_held_frames_of_an_animated_png_count_at_the_clip_rate():
     assert Image.open(io.BytesIO(data)).n_frames == 4  # merged on writing
     out = VideoDecoder(16, num_frames=5)(_sample("k", "apng", data))
     assert out["video"][:, 0, 0, 0].tolist() == [5, 15, 15, 35, 45]
+
+
+def test_a_clip_whose_frames_all_repeat_is_read_at_the_rate_its_json_gives():
+    """Frames that all come in pairs leave an animated PNG no frame of the clip's duration (PIL merges each pair
+    into one shown twice as long): without a rate the reader would count half the frames; the embedded data's
+    KEY.json gives it (`fps`)."""
+    frames = [f for f in _solid_frames(4) for _ in range(2)]  # a a b b c c d d
+    data = encode_apng(frames, fps=8)
+    assert Image.open(io.BytesIO(data)).n_frames == 4  # merged on writing
+    sample = {**_sample("k", "apng", data), "json": json.dumps({"fps": 8}).encode()}
+    out = VideoDecoder(16, num_frames=8)(sample)
+    assert out["video"][:, 0, 0, 0].tolist() == [5, 5, 15, 15, 25, 25, 35, 35]
+    with pytest.raises(Exception, match="short_clip: .apng has 4 frames"):  # what the shortest frame alone gives
+        VideoDecoder(16, num_frames=8)(_sample("k", "apng", data))
+    assert clip_attrs(0)["fps"] == 8
+
+
+def test_frames_that_are_not_the_whole_clip_are_marked_for_the_judge():
+    """A clip's attributes (`frames`) describe its whole source: 8 of 16 frames at stride 1, or a short clip
+    played again, are a different motion, and are marked; 8 at stride 2 span the clip and are not."""
+    attrs = clip_attrs(3, 16, frames=16)
+    sample = {**_sample("k", "apng", encode_apng(render_clip(attrs))), "json": json.dumps(attrs).encode()}
+    assert VideoDecoder(16, num_frames=8)(sample)["attrs"]["partial_window"] is True
+    assert "partial_window" not in VideoDecoder(16, num_frames=8, frame_stride=2)(sample)["attrs"]
+    assert "partial_window" not in VideoDecoder(16, num_frames=16)(sample)["attrs"]
+    assert VideoDecoder(16, num_frames=12, frame_stride=2, short="loop")(sample)["attrs"]["partial_window"] is True
+
+
+def test_still_images_smaller_than_the_size_are_skipped_with_small_skip():
+    png = io.BytesIO()
+    Image.new("RGB", (12, 20), (200, 0, 0)).save(png, format="PNG")
+    sample = {"__key__": "k", "png": png.getvalue(), "txt": b"a red image"}
+    with pytest.raises(Exception, match="small_image: .png is 12x20, smaller than 16 px"):
+        VideoDecoder(16, 4, small="skip", images=True)(sample)
+    assert VideoDecoder(16, 4, images=True)(sample)["video"].shape == (1, 3, 16, 16)  # upscaled by default

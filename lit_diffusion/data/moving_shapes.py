@@ -40,6 +40,7 @@ DIRECTIONS = ("left", "right", "up", "down")
 _STEP = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 TWO_OBJECT_PROBABILITY = 0.5
 TRAVEL = (0.2, 0.4)  # distance moved over the clip, as a fraction of the side
+FPS = 8  # frames a second of the animated PNGs, also in KEY.json: a reader counts frames by it
 _MARGIN = 0.04  # as in `shapes`: background between an object's box and the border, and between two boxes
 _GAP = 0.04
 _PLACE_TRIES = 100_000
@@ -126,7 +127,7 @@ def clip_attrs(rng: random.Random | int, image_size: int = 32, frames: int = 8, 
     else:
         objects = [_object(rng, rng.choice(list(COLORS)), grow_probability)]
         _place(rng, objects[0])
-    attrs = {"caption": "", "objects": objects, "frames": int(frames), "image_size": int(image_size)}
+    attrs = {"caption": "", "objects": objects, "frames": int(frames), "fps": FPS, "image_size": int(image_size)}
     attrs["caption"] = clip_caption(attrs)
     return attrs
 
@@ -147,7 +148,7 @@ def render_clip(attrs: dict, size: int | None = None) -> list[Image.Image]:
     return [render(frame_attrs(attrs, i), size or attrs["image_size"]) for i in range(attrs["frames"])]
 
 
-def encode_apng(frames: list[Image.Image], fps: int = 8) -> bytes:
+def encode_apng(frames: list[Image.Image], fps: int = FPS) -> bytes:
     """Frames as an animated PNG (lossless), `fps` frames a second, looping."""
     buf = io.BytesIO()
     frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:], duration=1000 // fps, loop=0,
@@ -156,7 +157,7 @@ def encode_apng(frames: list[Image.Image], fps: int = 8) -> bytes:
 
 
 def clip_sample(index: int, attrs: dict, size: int) -> dict:
-    return {"__key__": f"{index:09d}", "apng": encode_apng(render_clip(attrs, size)),
+    return {"__key__": f"{index:09d}", "apng": encode_apng(render_clip(attrs, size), attrs.get("fps", FPS)),
             "txt": attrs["caption"].encode("utf-8"), "json": json.dumps(attrs, sort_keys=True).encode("utf-8")}
 
 

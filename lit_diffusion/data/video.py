@@ -1,9 +1,11 @@
 """Video-caption shards: clips decoded to a fixed number of frames at a fixed stride, and their DataModule.
 
 A sample holds one clip (`KEY.mp4`, `.webm`, `.mkv`, `.mov`, `.avi` as video2dataset writes them, decoded with
-PyAV, the optional `video` extra; or `KEY.apng` / `.gif`, decoded with PIL at their frame rate, a frame held for
-n frame durations counted n times: the embedded moving-shapes data is animated PNG, lossless), `KEY.txt` and
-optionally `KEY.json`.
+PyAV, the optional `video` extra; or `KEY.apng` / `.gif`, decoded with PIL at their frame rate, `KEY.json`'s
+`fps` or else the shortest frame's, a frame held for n frame durations counted n times: the embedded moving-shapes
+data is animated PNG, lossless), `KEY.txt` and optionally `KEY.json`. A clip's attributes gain
+`"partial_window": true` when its frames are not the whole clip its `frames` attribute counts (a longer source,
+or a short clip played again), so that the motion judge leaves it out.
 
 `VideoDecoder` takes frames 0, s, 2s, ..., (T - 1) s (T = `num_frames`, s = `frame_stride`) from the clip's
 start; each frame is resized and centre-cropped to `image_size` as images are. What is wrong with a clip is
@@ -54,11 +56,13 @@ def _pyav():
     return av
 
 
-def read_frames(data: bytes, ext: str, limit: int) -> list[Image.Image]:
-    """The clip's first `limit` frames (fewer if it has fewer) as RGB images."""
+def read_frames(data: bytes, ext: str, limit: int, fps: float | None = None) -> list[Image.Image]:
+    """The clip's first `limit` frames (fewer if it has fewer) as RGB images. An animated PNG or GIF is read at
+    `fps` frames a second (its KEY.json's `fps`), or without it at the rate of its shortest frame."""
     if ext in PIL_VIDEO_EXTENSIONS:
-        # at the clip's frame rate: a frame shown n times as long as the shortest counts n times (PIL, writing an
-        # animated PNG, merges identical consecutive frames into one of twice the duration)
+        # a frame shown n frame durations counts n times: PIL, writing an animated PNG, merges identical consecutive
+        # frames into one of twice the duration (and a clip whose frames all come in pairs has no short frame left:
+        # hence `fps`, which the embedded data writes)
         frames = []
         with Image.open(io.BytesIO(data)) as clip:
             durations = []
@@ -67,7 +71,7 @@ def read_frames(data: bytes, ext: str, limit: int) -> list[Image.Image]:
                 durations.append(frame.info.get("duration") or 0)
                 if len(frames) == limit:
                     break
-        base = min((d for d in durations if d > 0), default=0)
+        base = 1000 / fps if fps else min((d for d in durations if d > 0), default=0)
         if base:
             frames = [f for f, d in zip(frames, durations) for _ in range(max(1, round(d / base)))]
         return frames[:limit]
@@ -123,7 +127,9 @@ class VideoDecoder:
             raise BadSample("missing_video", f"no video file (.{'/.'.join(VIDEO_EXTENSIONS)})")
         caption, attrs = decode_text(sample)
         try:
-            frames = read_frames(sample[ext], ext, self.span)
+            fps = attrs.get("fps") if isinstance(attrs, dict) else None
+            frames = read_frames(sample[ext], ext, self.span, fps if isinstance(fps, (int, float)) and fps > 0
+                                 else None)
         except ImportError:
             raise
         except Exception as exc:  # PIL and PyAV raise many types on damaged files
@@ -133,11 +139,17 @@ class VideoDecoder:
         sizes = {frame.size for frame in frames}
         if len(sizes) > 1:
             raise BadSample("bad_video", f".{ext} frames differ in size: {sorted(sizes)}")
-        if len(frames) < self.span:
+        looped = len(frames) < self.span
+        if looped:
             if self.short == "skip":
                 raise BadSample("short_clip", f".{ext} has {len(frames)} frames; {self.num_frames} frames at stride "
                                               f"{self.frame_stride} need {self.span}")
             frames = (frames * math.ceil(self.span / len(frames)))[:self.span]
+        source = attrs.get("frames") if isinstance(attrs, dict) else None
+        if isinstance(source, int) and (looped or self.num_frames != math.ceil(source / self.frame_stride)):
+            # the attributes describe the whole source clip, these frames a part of it (or it played twice): the
+            # motion judge must not check them against it
+            attrs = {**attrs, "partial_window": True}
         w, h = frames[0].size
         if min(w, h) < self.image_size and self.small == "skip":
             raise BadSample("small_image", f".{ext} frames are {w}x{h}, smaller than {self.image_size} px")
@@ -155,9 +167,11 @@ class VideoDecoder:
                                              f".{'/.'.join(IMAGE_EXTENSIONS[:4])}/...)")
         caption, attrs = decode_text(sample)
         try:
-            image, _ = _open_rgb(sample[ext], self.image_size)
+            image, (h, w) = _open_rgb(sample[ext], self.image_size)
         except Exception as exc:
             raise BadSample("bad_image", f".{ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
+        if min(w, h) < self.image_size and self.small == "skip":
+            raise BadSample("small_image", f".{ext} is {w}x{h}, smaller than {self.image_size} px")
         frame = torch.from_numpy(np.ascontiguousarray(_square(image, self.image_size).transpose(2, 0, 1)))
         return {"video": frame[None], "caption": caption, "attrs": attrs, "key": sample["__key__"]}
 

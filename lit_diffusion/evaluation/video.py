@@ -13,10 +13,15 @@ metric's state is summed over ranks before it is computed:
   FVD: FVD uses an I3D network trained on Kinetics, which is neither available offline nor meaningful for these
   clips; this one uses the stage-1 video CLIP, which has learnt exactly the motions the captions name.
 The real statistics are computed in the first evaluation (reduced over ranks) and kept for the later ones.
+`eval_detail/motion_judged` is the number of clips the judge could check (their attributes describe the decoded
+frames: `data.video.VideoDecoder` marks the others). Still images in the val stream (joint image and video data)
+are skipped and counted in the log. A rank with nothing to generate while another still does makes the same
+denoiser calls on a dummy caption when the denoiser is sharded (FSDP all-gathers its weights in every call).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterable
 
@@ -28,6 +33,8 @@ from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import to_uint8
 from lit_diffusion.metrics.fid import FID
 from lit_diffusion.metrics.motion_accuracy import MotionAccuracy
+
+log = logging.getLogger("lit_diffusion")
 
 
 class ClipFeatures(nn.Module):
@@ -73,9 +80,18 @@ class VideoEvaluator:
             metric.to(device)
             metric.reset()
         need_real, g0 = self.real_stats is None, cfg.guidance[0]
-        t0, n_local, n_judged = time.perf_counter(), 0, 0
+        t0, n_local, n_judged, n_stills = time.perf_counter(), 0, 0, 0
+        sharded = getattr(model, "sharded", False)
         for batch in _lockstep(_take(loader, cfg.num_samples), device):
-            if batch is None:  # this rank is done, another is not (DDP: it waits in the reductions below)
+            if batch is not None and batch["video"].shape[1] != self.frames:
+                # still images of a joint image and video val stream: the metrics here are of clips
+                n_stills += len(batch["key"])
+                batch = None
+            if batch is None:  # this rank has no clips to generate now, another may (DDP: it waits below)
+                if sharded:  # FSDP: the same denoiser calls as a real batch makes; the clips are not used
+                    for g in cfg.guidance:
+                        model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
+                                     guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
                 continue
             captions, keys = list(batch["caption"]), list(batch["key"])
             attrs = list(batch.get("attrs") or [{}] * len(captions))
@@ -85,7 +101,8 @@ class VideoEvaluator:
                 self.fid_frames[g0].update(real.flatten(0, 1), real=True)
                 self.fcd[g0].update(real, real=True)
             _, text_emb = self.clip.encode_text(self.clip.tokenize(captions).to(device))
-            judged = [i for i, a in enumerate(attrs) if a and a.get("objects") and "frames" in a]
+            judged = [i for i, a in enumerate(attrs)
+                      if a and a.get("objects") and "frames" in a and not a.get("partial_window")]
             for g in cfg.guidance:
                 clips = model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
                                      guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
@@ -114,6 +131,11 @@ class VideoEvaluator:
             results[f"eval/fid_frames_g{g:.1f}"] = float(self.fid_frames[g].compute())
             results[f"eval/fcd_g{g:.1f}"] = float(self.fcd[g].compute())
         results["eval/num_samples"] = float(_all_sum(torch.tensor(n_local, device=device)))
+        results["eval_detail/motion_judged"] = float(judged_total)
+        stills = int(_all_sum(torch.tensor(n_stills, device=device)))
+        if stills:
+            log.info("video evaluation: %d still images of the val stream skipped (the video metrics are of "
+                     "%d-frame clips)", stills, self.frames)
         results["eval/seconds"] = time.perf_counter() - t0
         self.timings.append({"step": step, "seconds": results["eval/seconds"], "real_stats": "computed" if need_real
                              else "memory"})
