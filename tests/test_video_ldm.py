@@ -95,6 +95,10 @@ def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts):
     video_model = _video_ldm(tiny_ckpts)
     with pytest.raises(ValueError, match="3 frames: the frame count must be a multiple of temporal_patch 2"):
         video_model.sample(["a red circle"], frames=3, steps=1)
+    short = {**batch, "video": batch["video"][:, :2]}  # the data module's num_frames is not the model's
+    with pytest.raises(ValueError, match=f"clips of 2 frames, but model.init_args.frames is {FRAMES}: the data "
+                                         "module's num_frames"):
+        video_model.model_step(short, train=False)
 
 
 def test_a_video_model_draws_an_animated_grid(clips, tiny_ckpts, tmp_path):

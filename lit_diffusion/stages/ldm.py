@@ -475,6 +475,10 @@ class LatentDiffusionModule(Stage):
         `buckets`): any size the denoiser takes, which it checks itself, naming the sizes it can take."""
         if z.shape[-3] != self.latent_channels:
             raise ValueError(f"{what}: latents with {z.shape[-3]} channels, the stage's VAE has {self.latent_channels}")
+        frames = int(self.hparams.frames)
+        if z.ndim == 5 and z.shape[1] not in (frames, 1):  # one-frame videos: the images of joint training
+            raise ValueError(f"{what}: clips of {z.shape[1]} frames, but model.init_args.frames is {frames}: the data "
+                             f"module's num_frames (or `data encode --frames`) must be the model's")
         if not self._bucketed and tuple(z.shape[-2:]) != (self.latent_size, self.latent_size):
             raise ValueError(f"{what} gives {z.shape[-2]}x{z.shape[-1]} latents, but model.init_args.image_size="
                              f"{self.hparams.image_size} expects {self.latent_size}x{self.latent_size} (for several "
@@ -484,6 +488,9 @@ class LatentDiffusionModule(Stage):
         """[B, 6] original size, crop and target size of each sample, when the denoiser is conditioned on them."""
         if not self.size_conditioning:
             return None
+        if "video" in batch:
+            raise ValueError("the denoiser has size_conditioning, which clips do not carry: video models are trained "
+                             "at one size (set size_conditioning false)")
         if batch.get("size") is None:
             raise ValueError("the denoiser has size_conditioning, but the batches carry no sample sizes ('size'): "
                              "latent shards must be encoded again by this version (`lit-diffusion data encode`)")
