@@ -15,6 +15,7 @@ None (sampler, steps, guidance) are the decoder checkpoint's own, as `LatentDiff
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,8 @@ from lit_diffusion.diffusion.inversion import ddim_invert, flow_invert
 from lit_diffusion.stages.common import eval_mode
 from lit_diffusion.stages.ldm import LatentDiffusionModule
 from lit_diffusion.stages.prior import DiffusionPriorModule
+
+log = logging.getLogger("lit_diffusion")
 
 EDIT_THETAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)  # DALL-E 2, Figure 5: theta from 0 to 0.5 in steps of 0.1
 EDIT_SAMPLERS = {"ddpm": "ddim", "flow": "euler"}  # the deterministic sampler each inversion runs backwards
@@ -151,7 +154,13 @@ class UnCLIP:
                              "PRIOR.ckpt`)")
         prompts = list(prompts)
         seeds = _seeds(seed, len(prompts))
-        embeddings = self.prior.sample(prompts, negative_prompts, seed=seeds, guidance=prior_guidance,
+        prior_negative = negative_prompts
+        if negative_prompts is not None and (self.prior.hparams.guidance if prior_guidance is None
+                                             else float(prior_guidance)) == 1.0:
+            log.warning("the prior's guidance is 1.0: the negative prompt steers the decoder only (give a prior "
+                        "guidance > 1, `--prior-guidance`, for the prior to move away from it too)")
+            prior_negative = None
+        embeddings = self.prior.sample(prompts, prior_negative, seed=seeds, guidance=prior_guidance,
                                        sampler=prior_sampler, steps=prior_steps, candidates=candidates)
         return self.decoder.sample(prompts, negative_prompts=negative_prompts, guidance=guidance, seed=seeds,
                                    image_embeddings=embeddings, **decoder_kwargs)
@@ -187,6 +196,14 @@ class UnCLIP:
         empty caption and the same noise (seed) for every frame, so only the embedding moves."""
         if frames < 2:
             raise ValueError(f"an interpolation needs frames >= 2 (its two ends), got {frames}")
+        h = self.decoder.hparams
+        sampler = decoder_kwargs.get("sampler") or h.sampler
+        eta = h.eta if decoder_kwargs.get("eta") is None else decoder_kwargs["eta"]
+        if sampler == "ddpm" or (sampler == "ddim" and eta):
+            raise ValueError(f"interpolate keeps the noise of every frame the same, but sampler {sampler}"
+                             f"{f' with eta {eta:g}' if sampler == 'ddim' else ''} draws new noise at every step, "
+                             f"another for each frame: give a deterministic one (ddim with eta 0, dpmpp_2m, euler, "
+                             f"heun)")
         e = self.image_embeddings(torch.cat([_batch(image_a, "image_a"), _batch(image_b, "image_b")]))
         if e.shape[0] != 2:
             raise ValueError(f"interpolate takes one image at each end, got {e.shape[0]} images")

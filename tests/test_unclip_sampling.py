@@ -3,6 +3,8 @@ exact eps / velocity is known, walked back through their samplers; and the stack
 generation through the prior, variations, interpolations, text-diff edits from an inverted latent, the CLIP check,
 and the `sample` command's unCLIP options and errors."""
 
+import logging
+
 import lightning as L
 import pytest
 import torch
@@ -211,7 +213,7 @@ def unclip(stack):
     return UnCLIP.from_checkpoints(stack["ddpm"], stack["prior"])
 
 
-def test_generate_is_the_prior_then_the_decoder_with_the_same_seeds(unclip):
+def test_generate_is_the_prior_then_the_decoder_with_the_same_seeds(unclip, caplog):
     prompts = ["a small red circle", "a large blue square", "a small red circle"]
     images = unclip.generate(prompts, seed=[5, 6, 7], guidance=2.0, prior_guidance=1.5)
     e = unclip.prior.sample(prompts, seed=[5, 6, 7], guidance=1.5)
@@ -230,6 +232,14 @@ def test_generate_is_the_prior_then_the_decoder_with_the_same_seeds(unclip):
     torch.testing.assert_close(with_negative, unclip.decoder.sample(prompts[:1], negative_prompts=negative,
                                                                     guidance=2.0, seed=[5], image_embeddings=e_neg))
     assert not torch.allclose(with_negative, images[:1])
+    # at prior guidance 1 the prior cannot move away from it: the decoder alone takes it, and the log says so
+    with caplog.at_level(logging.WARNING, logger="lit_diffusion"):
+        decoder_only = unclip.generate(prompts[:1], negative_prompts=negative, seed=[5], guidance=2.0,
+                                       prior_guidance=1.0)
+    e_1 = unclip.prior.sample(prompts[:1], seed=[5], guidance=1.0)
+    torch.testing.assert_close(decoder_only, unclip.decoder.sample(prompts[:1], negative_prompts=negative,
+                                                                   guidance=2.0, seed=[5], image_embeddings=e_1))
+    assert any("the negative prompt steers the decoder only" in r.getMessage() for r in caplog.records)
 
 
 def test_variations_redraw_the_noise_per_seed_and_keep_the_embedding(unclip):
@@ -263,6 +273,11 @@ def test_interpolation_ends_are_the_two_images_embeddings_with_the_same_noise(un
     assert min(steps) > 1e-4  # every frame moves
     with pytest.raises(ValueError, match="frames >= 2"):
         unclip.interpolate(a, b, frames=1)
+    with pytest.raises(ValueError, match="sampler ddim with eta 1 draws new noise at every step, another for each "
+                                         "frame: give a deterministic one"):
+        unclip.interpolate(a, b, frames=2, sampler="ddim", eta=1.0)
+    with pytest.raises(ValueError, match="sampler ddpm draws new noise at every step"):
+        unclip.interpolate(a, b, frames=2, sampler="ddpm")
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])

@@ -20,9 +20,10 @@ decoded, no VAE runs.
 
 In-loop evaluation (every validation): each val caption's sampled embedding against the image's true one, as the
 mean cosine `val/prior_cos`, beside the caption embedding's own cosine to the image embedding
-(`val/prior_cos_text_baseline`) and an unrelated caption's (`val/prior_cos_unrelated`: the next sample's caption in
-key order). Every sample is drawn from its own noise (seeded by its key) and counted once across ranks, so the
-figures do not depend on the number of processes.
+(`val/prior_cos_text_baseline`) and an unrelated caption's (`val/prior_cos_unrelated`: each image against the
+previous sample's caption in key order). Every sample starts from its own noise (seeded by its key) and is counted
+once across ranks, so with a deterministic sampler (ddim with eta 0, euler, heun) the figures do not depend on the
+number of processes; `sampler: ddpm` draws its step noise for the batch.
 """
 
 from __future__ import annotations
@@ -198,6 +199,8 @@ class DiffusionPriorModule(Stage):
         super()._apply(fn, *args, **kwargs)
         for metric in self._metrics.values():
             metric._apply(fn, *args, **kwargs)
+        # torchmetrics resets a metric's dtype on every move: the keys' 52-bit seeds must stay exact in float64
+        self._metrics["key"].set_dtype(torch.float64)
         return self
 
     def train(self, mode: bool = True):
@@ -313,6 +316,11 @@ class DiffusionPriorModule(Stage):
         cond = self.encode_prompts(prompts)
         uncond = None
         if negative_prompts is not None:
+            guidance = kwargs.get("guidance")
+            guidance = self.hparams.guidance if guidance is None else float(guidance)
+            if guidance == 1.0:  # the unconditional branch, where the negative caption goes, is not evaluated
+                raise ValueError("negative prompts steer the prior only with guidance > 1, and its guidance is 1.0: "
+                                 "give a prior guidance (`--prior-guidance`, `prior_guidance=`)")
             negative = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
             if len(negative) not in (1, len(prompts)):
                 raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts: give one, or one per "
