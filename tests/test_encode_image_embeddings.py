@@ -66,14 +66,14 @@ def _sources_by_key(sources, split: str) -> dict[str, dict]:
             for raw in shard_samples(str(p), SkipCounter())}
 
 
-def _stored(out: Path, split: str) -> dict[str, np.ndarray]:
-    """KEY -> its .image_embedding.npy as written, from the output shards of `split`."""
+def _stored(out: Path, split: str, name: str = "image_embedding.npy") -> dict[str, np.ndarray]:
+    """KEY -> its .image_embedding.npy (or member `name`) as written, from the output shards of `split`."""
     arrays = {}
     for path in sorted(out.glob(f"{split}/*.tar")):
         with tarfile.open(path) as tar:
             for info in tar:
                 key, _, member = info.name.partition(".")
-                if member == "image_embedding.npy":
+                if member == name:
                     arrays[key] = np.load(io.BytesIO(tar.extractfile(info).read()), allow_pickle=False)
     return arrays
 
@@ -130,8 +130,9 @@ def test_cli_writes_clips_embedding_of_the_centre_square_and_the_train_statistic
 
 
 def test_buckets_and_flips_keep_the_centre_squares_embedding(clip, sources, tmp_path):
-    """Latents at bucket sizes (random crops) and flipped ones: the embedding is still the unflipped centre
-    square's, and a flipped latent's batch row carries it."""
+    """Latents at bucket sizes (random crops) and flipped ones: the embedding is still the centre square's, and a
+    flipped latent's batch row carries the flipped centre square's (the decoder's condition describes its target);
+    shards written without the flipped embeddings are refused for random_flip."""
     buckets = BucketConfig(base_size=24, step=8)
     manifest = encode_shards(_splits(sources), tmp_path, fake_encode_images, fake_encode_captions, image_size=24,
                              clip_hash="c", vae_hash="v", batch_size=4, progress=False, buckets=buckets, flips=True,
@@ -145,6 +146,14 @@ def test_buckets_and_flips_keep_the_centre_squares_embedding(clip, sources, tmp_
             torch.testing.assert_close(torch.from_numpy(array), expected[key], rtol=1e-5, atol=1e-5)
     stored = _stored(tmp_path, "train")
     _assert_stats(manifest, stored)
+    assert manifest["image_embedding"]["flips"] is True
+    stored_flip = _stored(tmp_path, "train", "image_embedding_flip.npy")
+    raws = _sources_by_key(sources, "train")
+    assert sorted(stored_flip) == sorted(raws)
+    with torch.no_grad():
+        for key, array in stored_flip.items():
+            expected = clip.encode_image(_centre_square(raws[key]["png"], CLIP_SIZE).flip(-1)[None])[0]
+            torch.testing.assert_close(torch.from_numpy(array), F.normalize(expected, dim=-1), rtol=1e-5, atol=1e-5)
 
     dm = LatentDataModule(train_urls=str(tmp_path / "train" / "*.tar"), batch_size=2, num_workers=0,
                           train_batches_per_epoch=12, shuffle_buffer=1, random_flip=True, seed=0)
@@ -154,11 +163,22 @@ def test_buckets_and_flips_keep_the_centre_squares_embedding(clip, sources, tmp_
         for key, latent, embedding in zip(batch["key"], batch["latent"], batch["image_embedding"]):
             raw = next(s for p in sorted(tmp_path.glob("train/*.tar")) for s in shard_samples(str(p), SkipCounter())
                        if s["__key__"] == key)
-            flipped = decode(raw, flip=True)
-            assert torch.equal(flipped["image_embedding"], decode(raw)["image_embedding"])
-            assert torch.equal(embedding, torch.from_numpy(stored[key]))
-            rows += torch.equal(latent, flipped["latent"]) and not torch.equal(latent, decode(raw)["latent"])
-    assert rows > 0  # some rows were flipped latents, and still had the embedding
+            flipped, plain = decode(raw, flip=True), decode(raw)
+            assert torch.equal(flipped["image_embedding"], torch.from_numpy(stored_flip[key]))
+            assert torch.equal(plain["image_embedding"], torch.from_numpy(stored[key]))
+            is_flipped = torch.equal(latent, flipped["latent"]) and not torch.equal(latent, plain["latent"])
+            assert torch.equal(embedding, (flipped if is_flipped else plain)["image_embedding"])
+            rows += is_flipped
+    assert rows > 0  # some rows were flipped latents, with the flipped image's embedding
+
+    manifest_path = tmp_path / "manifest.json"  # as shards encoded before the flipped embeddings were written
+    old = json.loads(manifest_path.read_text())
+    del old["image_embedding"]["flips"]
+    manifest_path.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="random_flip needs the flipped images' CLIP embeddings too, but .* encode "
+                                         r"them again \(`data encode --flips --image-embeddings`\)"):
+        LatentDataModule(train_urls=str(tmp_path / "train" / "*.tar"), batch_size=2, num_workers=0,
+                         random_flip=True).setup("fit")
 
     with pytest.raises(ValueError, match=r"encode.json differs in clip_image_size, image_embeddings\)"):
         encode_shards(_splits(sources), tmp_path, fake_encode_images, fake_encode_captions, image_size=24,

@@ -444,6 +444,10 @@ class LatentDataModule(_ShardDataModule):
         if self.random_flip and not manifest["flips"]:
             raise ValueError(f"random_flip needs flipped latents, but {manifest['path']} says the shards were "
                              f"encoded without them (`data encode --flips`)")
+        if self.random_flip and manifest.get("image_embedding") and not manifest["image_embedding"].get("flips"):
+            raise ValueError(f"random_flip needs the flipped images' CLIP embeddings too, but {manifest['path']}'s "
+                             f"shards were encoded before they were written: encode them again "
+                             f"(`data encode --flips --image-embeddings`)")
         if self.manifest is not None and _layout(manifest) != _layout(self.manifest):
             raise ValueError(f"{manifest['path']} and {self.manifest['path']} disagree on shapes, dtype or image "
                              f"embeddings")

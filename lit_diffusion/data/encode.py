@@ -188,10 +188,12 @@ def _encode_batch(samples: list[dict], encode_images: ImageEncoder, encode_capti
             arrays[f"patch_features{suffix}"] = encode_patches(view).permute(0, 2, 3, 1)  # [B, h_c, w_c, W]
     context, mask, pooled = encode_captions([s["caption"] for s in samples])  # [B, L, W], [B, L], [B, E]
     if embed_images is not None:
-        # of the unflipped image alone, with --flips too: the prior learns the caption's embedding of the image as
-        # encoded, and a flipped latent keeps it. Normalised here as CLIP's loss compares them, whatever the caller.
+        # normalised here as CLIP's loss compares them, whatever the caller; with --flips also the flipped image's,
+        # the condition of unCLIP's decoder for a flipped latent
         clip_images = images_to_float(torch.stack([s["clip_image"] for s in samples]))  # [B, 3, S', S']
         arrays["image_embedding"] = F.normalize(embed_images(clip_images).float(), dim=-1)  # [B, E]
+        if flips:
+            arrays["image_embedding_flip"] = F.normalize(embed_images(clip_images.flip(-1)).float(), dim=-1)
     encoded = []
     for i, s in enumerate(samples):
         tokens = mask[i].bool()
@@ -228,7 +230,8 @@ def _encode_one_shard(url: str, out_path: Path, image_size: int, dtype: str, bat
                                  latent_flip_std=e.get("latent_flip_std"), size=e["size"],
                                  image_embedding=e.get("image_embedding"),
                                  patch_features=e.get("patch_features"),
-                                 patch_features_flip=e.get("patch_features_flip"))
+                                 patch_features_flip=e.get("patch_features_flip"),
+                                 image_embedding_flip=e.get("image_embedding_flip"))
             bar.update(len(samples))
 
         for raw in shard_samples(url, counter):
@@ -385,7 +388,7 @@ def encode_shards(
             "dtype": dtype, "flips": flips, "std": std, "image_embeddings": image_embeddings,
             "image_size": image_size,
             **({"frames": frames} if frames else {}),
-            **({"image_embedding": _embedding_stats(shards, splits)} if image_embeddings else {}),
+            **({"image_embedding": {**_embedding_stats(shards, splits), "flips": flips}} if image_embeddings else {}),
             **({"patch_features": {"grid": shapes["patch_features"][:2], "dim": shapes["patch_features"][2],
                                    "dtype": dtype}} if patch_features else {}),
             "shapes": {"latent": shapes["latent"] if buckets is None else [shapes["latent"][0], None, None],

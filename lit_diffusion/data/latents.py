@@ -11,6 +11,8 @@ Per sample (WebDataset members of one tar, KEY without dots):
                             (h, w), crop (top, left), target (h, w) in pixels                 [6]
     KEY.image_embedding.npy CLIP's L2-normalised embedding of the image's centre square, float32 whatever
                             the dtype (with `image_embeddings`; unCLIP's prior target)        [E]
+    KEY.image_embedding_flip.npy  the same of the flipped image (with `flips` and `image_embeddings`: the
+                            decoder's condition for a flipped latent)                         [E]
     KEY.patch_features.npy  CLIP's patch tokens of the whole image, in the shards' dtype (float16 by default;
                             REPA's target, `models.repa.clip_patch_features`; with `patch_features`)
                                                                                               [h_c, w_c, W]
@@ -21,7 +23,8 @@ as uint16, and `manifest.json` says which. The manifest beside the shards names 
 their weights (`state_dict_hash`), the latent scale, shapes and dtype, counts per shard and in all, and the
 source shards; with aspect buckets, the buckets (image pixels) and every latent shape in the shards
 (`latent_shapes`; `shapes.latent` then gives only the channels: [C, null, null]); with image embeddings,
-`image_embedding`: {"dim": E, "mean": [E], "std": [E]} over the train split's (`require_image_embeddings`); with
+`image_embedding`: {"dim": E, "mean": [E], "std": [E]} over the train split's (`require_image_embeddings`), and
+"flips": whether the flipped images' are in the shards too; with
 patch features, `patch_features`: {"grid": [h_c, w_c], "dim": W, "dtype": the shards' dtype}. Shards are written
 deterministically (fixed tar headers) under a temporary name and renamed when complete, so a shard under its final
 name is always whole.
@@ -115,7 +118,8 @@ class LatentShardWriter:
               attrs_json: bytes | None = None, latent_std: torch.Tensor | None = None,
               latent_flip: torch.Tensor | None = None, latent_flip_std: torch.Tensor | None = None,
               size: torch.Tensor | None = None, image_embedding: torch.Tensor | None = None,
-              patch_features: torch.Tensor | None = None, patch_features_flip: torch.Tensor | None = None) -> None:
+              patch_features: torch.Tensor | None = None, patch_features_flip: torch.Tensor | None = None,
+              image_embedding_flip: torch.Tensor | None = None) -> None:
         """One sample: latent [C,h,w], context [n,W] (real tokens only), pooled [E], size [6], image_embedding [E];
         the optional arrays alike."""
         if "." in key:
@@ -127,8 +131,9 @@ class LatentShardWriter:
         sample.update({name: encode_array(a, self.dtype) for name, a in arrays.items() if a is not None})
         if size is not None:
             sample["size.npy"] = encode_array(size.float(), "float32")  # pixel counts: exact in float32
-        if image_embedding is not None:  # float32: the prior's target and the statistics it is normalised by
-            sample["image_embedding.npy"] = encode_array(image_embedding.float(), "float32")
+        for name, embedding in (("image_embedding", image_embedding), ("image_embedding_flip", image_embedding_flip)):
+            if embedding is not None:  # float32: the prior's target and the statistics it is normalised by
+                sample[f"{name}.npy"] = encode_array(embedding.float(), "float32")
         if attrs_json is not None:
             sample["json"] = attrs_json
         self._tar.write(sample)
@@ -300,12 +305,14 @@ class LatentDecoder:
                 size = flip_size_row(size)
             out["size"] = size
         if self.image_embedding_dim is not None:
-            # the unflipped image's, flipped or not: the prior learns the embedding of the image as it was encoded
-            if "image_embedding.npy" not in sample:
-                raise BadSample("missing_member", "no .image_embedding.npy")
-            embedding = decode_array(sample["image_embedding.npy"], "float32", "image_embedding.npy")
+            # the embedding of the image the latent is of: the flipped image's with `flip` (the decoder's condition
+            # must describe its target; the prior learns the caption's embedding of either)
+            member = "image_embedding_flip.npy" if flip else "image_embedding.npy"
+            if member not in sample:
+                raise BadSample("missing_member", f"no .{member}")
+            embedding = decode_array(sample[member], "float32", member)
             if tuple(embedding.shape) != (self.image_embedding_dim,):
-                raise BadSample("bad_array", f".image_embedding.npy has shape {list(embedding.shape)}, expected "
+                raise BadSample("bad_array", f".{member} has shape {list(embedding.shape)}, expected "
                                              f"[{self.image_embedding_dim}]")
             out["image_embedding"] = embedding
         if self.patch_features_shape is not None:  # the flipped image's with `flip`: CLIP sees the flipped image
