@@ -202,6 +202,17 @@ def test_in_loop_evaluation_is_the_cosine_to_the_true_embedding_beside_its_basel
     assert key.compute().tolist() == [2 ** 52 - 1, 2 ** 52 - 2]
 
 
+def test_validating_a_trained_prior_keeps_its_own_standardisation(trained, embedded_latents, tmp_path):
+    """Validation on shards of other data (the same CLIP) must not swap in their statistics: the prior's outputs
+    are in the space of the data it was trained on."""
+    module = DiffusionPriorModule.from_checkpoint(trained[1])
+    mean, std = module.embedding_mean + 0.25, module.embedding_std * 2  # as if trained on other data
+    module.embedding_mean.copy_(mean)
+    module.embedding_std.copy_(std)
+    _trainer(tmp_path, limit_val_batches=1).validate(module, datamodule=_data(embedded_latents), verbose=False)
+    assert torch.equal(module.embedding_mean, mean) and torch.equal(module.embedding_std, std)
+
+
 def test_shards_without_image_embeddings_are_refused_naming_the_flag(tiny_ckpts, tmp_path):
     from lit_diffusion.cli import main
 

@@ -222,6 +222,8 @@ class DiffusionPriorModule(Stage):
                              "lit_diffusion.data.datamodule.LatentDataModule (`data encode --image-embeddings`)")
         for manifest in manifests.values():
             self.check_latents(manifest)
+        if stage != "fit":  # a trained prior's outputs are in the space of its own training data's statistics
+            return
         stats = require_image_embeddings(manifests.get("train") or next(iter(manifests.values())), "the prior")
         self.embedding_mean.copy_(torch.tensor(stats["mean"], dtype=torch.float32))
         self.embedding_std.copy_(torch.tensor(stats["std"], dtype=torch.float32).clamp_min(1e-6))
