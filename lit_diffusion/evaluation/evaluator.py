@@ -42,7 +42,16 @@ import torch.distributed as dist
 
 from lit_diffusion.data.buckets import nearest_bucket
 from lit_diffusion.data.shapes import parse_aspect_ratios
-from lit_diffusion.evaluation.loop import EvalConfig, _all_min, _all_sum, _lockstep, _rank, _take, sample_seed
+from lit_diffusion.evaluation.loop import (
+    EvalConfig,
+    _all_min,
+    _all_sum,
+    _idle_samples,
+    _lockstep,
+    _rank,
+    _take,
+    sample_seed,
+)
 from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import make_extractor, to_uint8
@@ -312,18 +321,14 @@ class Evaluator:
         n_local, n_shapes = 0, 0
         n_real_ar, n_unknown = {r: 0 for r in ars}, 0  # this rank's real images of each ratio, and of none known
         size_kwargs = [{"height": h, "width": w} for h, w in sizes.values()] or [{}]  # one sample call per ratio
-        sharded = getattr(model, "sharded", False)
+        dummy = {}  # a rank with no images left samples with it while another still generates (FSDP)
+        if decoder:  # any unit vector: the decoder only needs an embedding of the right width
+            dim = int(model.clip.embed_dim)
+            dummy = {"image_embeddings": torch.full((1, dim), dim ** -0.5, device=device)}
+        idle_calls = [{**size, **dummy} for size in size_kwargs]
         for batch in _lockstep(_take(loader, cfg.num_samples), device):
             if batch is None:  # this rank is done, another is not
-                if sharded:  # the same denoiser calls as a real batch makes; the images are not used
-                    dummy = {}
-                    if decoder:  # any unit vector: the decoder only needs an embedding of the right width
-                        dim = int(model.clip.embed_dim)
-                        dummy = {"image_embeddings": torch.full((1, dim), dim ** -0.5, device=device)}
-                    for g in cfg.guidance:
-                        for size in size_kwargs:
-                            model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
-                                         guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0, **size, **dummy)
+                _idle_samples(model, cfg, idle_calls)
                 continue
             captions, keys = list(batch["caption"]), list(batch["key"])
             attrs = list(batch.get("attrs") or [{}] * len(captions))

@@ -64,6 +64,18 @@ def _lockstep(batches: Iterable, device) -> Iterator[dict | None]:
         yield batch
 
 
+def _idle_samples(model, cfg: EvalConfig, calls: Sequence[dict] = ({},)) -> None:
+    """What a rank with nothing to generate does while `_lockstep` keeps it stepping: under FSDP (`model.sharded`)
+    the same denoiser calls as a real batch makes (one per guidance scale and per entry of `calls`, the extra
+    `sample` arguments), on a dummy caption, the outputs unused; under DDP nothing."""
+    if not getattr(model, "sharded", False):
+        return
+    for g in cfg.guidance:
+        for kwargs in calls:
+            model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
+                         guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0, **kwargs)
+
+
 def _all_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         x = x.clone()

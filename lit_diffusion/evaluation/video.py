@@ -28,7 +28,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from lit_diffusion.evaluation.loop import EvalConfig, _all_sum, _lockstep, _take, sample_seed
+from lit_diffusion.evaluation.loop import EvalConfig, _all_sum, _idle_samples, _lockstep, _take, sample_seed
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import to_uint8
 from lit_diffusion.metrics.fid import FID
@@ -81,17 +81,13 @@ class VideoEvaluator:
             metric.reset()
         need_real, g0 = self.real_stats is None, cfg.guidance[0]
         t0, n_local, n_judged, n_stills = time.perf_counter(), 0, 0, 0
-        sharded = getattr(model, "sharded", False)
         for batch in _lockstep(_take(loader, cfg.num_samples), device):
             if batch is not None and batch["video"].shape[1] != self.frames:
                 # still images of a joint image and video val stream: the metrics here are of clips
                 n_stills += len(batch["key"])
                 batch = None
             if batch is None:  # this rank has no clips to generate now, another may (DDP: it waits below)
-                if sharded:  # FSDP: the same denoiser calls as a real batch makes; the clips are not used
-                    for g in cfg.guidance:
-                        model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
-                                     guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
+                _idle_samples(model, cfg)
                 continue
             captions, keys = list(batch["caption"]), list(batch["key"])
             attrs = list(batch.get("attrs") or [{}] * len(captions))
