@@ -155,8 +155,7 @@ class UnCLIP:
         prompts = list(prompts)
         seeds = _seeds(seed, len(prompts))
         prior_negative = negative_prompts
-        if negative_prompts is not None and (self.prior.hparams.guidance if prior_guidance is None
-                                             else float(prior_guidance)) == 1.0:
+        if negative_prompts is not None and self.prior.guidance_scale(prior_guidance) == 1.0:
             log.warning("the prior's guidance is 1.0: the negative prompt steers the decoder only (give a prior "
                         "guidance > 1, `--prior-guidance`, for the prior to move away from it too)")
             prior_negative = None

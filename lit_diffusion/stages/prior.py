@@ -280,6 +280,10 @@ class DiffusionPriorModule(Stage):
         return adamw_with_warmup(self, self.prior.parameters(), h.lr, h.weight_decay, tuple(h.betas), h.warmup_steps)
 
     # ------------------------------------------------------------------------------------------------ sampling
+    def guidance_scale(self, guidance: float | None = None) -> float:
+        """The guidance scale sampling uses: `guidance`, or the stage's default when None."""
+        return self.hparams.guidance if guidance is None else float(guidance)
+
     @torch.no_grad()
     def sample_embeddings(self, cond: Conditioning, uncond: Conditioning | None = None, guidance: float | None = None,
                           sampler: str | None = None, steps: int | None = None, candidates: int | None = None,
@@ -290,7 +294,7 @@ class DiffusionPriorModule(Stage):
         batch), so a caption's embedding does not depend on its batch; of `candidates` draws the one with the
         higher dot product with the caption's embedding is kept."""
         h = self.hparams
-        guidance = h.guidance if guidance is None else float(guidance)
+        guidance = self.guidance_scale(guidance)
         sampler, steps = sampler or h.sampler, steps or h.sample_steps
         candidates = h.candidates if candidates is None else int(candidates)
         samplers.check_sampler(sampler, self.objective)
@@ -318,9 +322,8 @@ class DiffusionPriorModule(Stage):
         cond = self.encode_prompts(prompts)
         uncond = None
         if negative_prompts is not None:
-            guidance = kwargs.get("guidance")
-            guidance = self.hparams.guidance if guidance is None else float(guidance)
-            if guidance == 1.0:  # the unconditional branch, where the negative caption goes, is not evaluated
+            # at guidance 1 the unconditional branch, where the negative caption goes, is not evaluated
+            if self.guidance_scale(kwargs.get("guidance")) == 1.0:
                 raise ValueError("negative prompts steer the prior only with guidance > 1, and its guidance is 1.0: "
                                  "give a prior guidance (`--prior-guidance`, `prior_guidance=`)")
             negative = [negative_prompts] if isinstance(negative_prompts, str) else list(negative_prompts)
