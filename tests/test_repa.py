@@ -389,7 +389,12 @@ def _ddp_worker(rank: int, port: int, out: str):
 @pytest.mark.slow
 def test_ddp_gradients_of_the_alignment_loss_equal_one_process_on_the_whole_batch(tmp_path):
     out = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    try:
+        mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:  # gloo's rare teardown abort (tests/test_vae_stage.py): one more try
+        if "SIGABRT" not in str(e):
+            raise
+        mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
     two = torch.load(out)
     nets = _nets()
     x, t, target = _inputs()
