@@ -176,3 +176,26 @@ def test_sample_posterior_trains_on_mean_plus_std_times_noise_from_shards_and_on
     torch.manual_seed(6)
     torch.testing.assert_close(seen[-1], model.vae.encode(image_batch["image"], sample=True))
     assert (seen[-1] - model.vae.encode(image_batch["image"])).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400, method="thread")  # before the loss was logged at the epoch's end, this case hung
+def test_two_ranks_validate_as_one_process_when_one_rank_has_no_val_batch(tiny_ckpts, latents, tmp_path):
+    """One val sample on two ranks: rank 1 gets no batch, yet both reach the epoch's end together, and val/loss is
+    the one-process figure (rank 0's batch is the single process's batch 0, with the same fixed noise)."""
+    model = make_ldm(tiny_ckpts)
+
+    def validate(**kwargs):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=str(tmp_path), **kwargs)
+        return trainer.validate(model, datamodule=latent_datamodule(latents, val_max_samples=1), verbose=False)[0]
+
+    single = validate(devices=1)
+    try:
+        ddp = validate(devices=2, strategy="ddp_spawn")
+    except torch.multiprocessing.ProcessExitedException as e:  # gloo's rare teardown abort (tests/test_vae_stage.py)
+        if "SIGABRT" not in str(e):
+            raise
+        ddp = validate(devices=2, strategy="ddp_spawn")
+    assert set(ddp) == set(single) == {"val/loss"}
+    assert ddp["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)

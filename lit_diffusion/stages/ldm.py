@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import wrap
+from torchmetrics import MeanMetric
 
 from lit_diffusion.data.latents import check_hashes, require_image_embeddings, state_dict_hash
 from lit_diffusion.diffusion import samplers
@@ -565,12 +566,22 @@ class LatentDiffusionModule(Stage):
         self.log("train/loss", loss, batch_size=len(batch["caption"]))
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # held in a dict, not as a submodule: no state in checkpoints, nothing for FSDP to wrap
+        self._val_metrics = {"loss": MeanMetric().to(self.device)}
+
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         # fixed t and noise per batch, so val/loss moves only with the weights
         gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
         loss = self.model_step(batch, train=False, generator=gen)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
+        # accumulated here and logged at the epoch's end: a per-step `sync_dist` collective would be missed by a
+        # rank without val batches (more ranks than batches), and the others would wait for it forever
+        self._val_metrics["loss"].update(loss.detach().float(), weight=len(batch["caption"]))
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        # every rank computes (the collective of the metric's sum states), whether or not it saw a batch
+        self.log("val/loss", self._val_metrics["loss"].compute(), prog_bar=True, rank_zero_only=False)
 
     def configure_optimizers(self):
         h = self.hparams

@@ -178,7 +178,9 @@ class DiffusionPriorModule(Stage):
         self.register_buffer("embedding_std", torch.ones(embed_dim))
         self._null_cond: Conditioning | None = None
         self._clip_hash: str | None = None
-        self._metrics = {name: CatMetric() for name in ("key", "prior_cos", "text_cos", "image", "pooled")}
+        # per-sample rows, gathered from every rank at the epoch's end. All 1-D ([N] or flattened [N * E]): a rank
+        # with no val sample syncs torchmetrics' 1-D empty placeholder, and the tensors gathered must agree in rank
+        self._metrics = {name: CatMetric() for name in ("key", "loss", "prior_cos", "text_cos", "image", "pooled")}
         self._metrics["key"].set_dtype(torch.float64)
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -334,31 +336,45 @@ class DiffusionPriorModule(Stage):
         return self.sample_embeddings(cond, uncond, seeds=seed, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- evaluation
+    def _val_losses(self, x0: Tensor, cond: Conditioning, keys: Sequence[str]) -> Tensor:
+        """Per-sample losses [B] at each sample's own t and noise (seeded by its key), so a sample's loss does not
+        depend on its batch or rank."""
+        t, noise = [], []
+        for key in keys:
+            gen = torch.Generator().manual_seed(key_seed(f"{key}/val_loss"))
+            t.append(self.schedule.sample_timesteps(1, device="cpu", generator=gen))
+            noise.append(torch.randn(1, x0.shape[1], generator=gen))
+        t, noise = torch.cat(t).to(self.device), torch.cat(noise).to(x0)
+        return self.prior_losses(x0, cond, t=t, noise=noise)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Rows for the epoch's figures; nothing is logged per step, where a rank without val samples (more ranks
+        than val batches) would miss a collective. Every figure is a mean over the gathered rows."""
         true = self._embedding(batch).float()
         cond = self.batch_cond(batch)
-        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        loss = self.prior_losses(self.standardise(true), cond, generator=gen).mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
+        loss = self._val_losses(self.standardise(true), cond, batch["key"])
         seeds = [key_seed(k) for k in batch["key"]]
         sampled = self.sample_embeddings(cond, seeds=seeds)
         true = F.normalize(true, dim=-1)
         pooled = F.normalize(cond.pooled.float(), dim=-1)
         m = self._metrics
         m["key"].update(torch.tensor(seeds, dtype=torch.float64, device=self.device))
+        m["loss"].update(loss)
         m["prior_cos"].update((sampled * true).sum(-1))
         m["text_cos"].update((pooled * true).sum(-1))
-        m["image"].update(true)
-        m["pooled"].update(pooled)
+        m["image"].update(true.flatten())
+        m["pooled"].update(pooled.flatten())
 
     def on_validation_epoch_end(self) -> None:
         m = self._metrics
         values = {name: metric.compute() for name, metric in m.items()}  # gathered from every rank
         for metric in m.values():
             metric.reset()
+        e = self.prior.config.embed_dim
         order = values["key"].argsort()  # key order: the same whatever rank a sample was on
-        image, pooled = values["image"][order], values["pooled"][order]
+        image, pooled = values["image"].view(-1, e)[order], values["pooled"].view(-1, e)[order]
         unrelated = (image * pooled.roll(1, dims=0)).sum(-1)  # each image against the previous sample's caption
+        self.log("val/loss", values["loss"].mean(), prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.log_dict({"val/prior_cos": values["prior_cos"].mean(),
                        "val/prior_cos_text_baseline": values["text_cos"].mean(),
                        "val/prior_cos_unrelated": unrelated.mean()}, sync_dist=False, rank_zero_only=False)

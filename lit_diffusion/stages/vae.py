@@ -311,10 +311,6 @@ class VAEModule(Stage):
         fake = ((rec.float() + 1) / 2).clamp(0, 1)
         self.val_psnr.update(fake, real)
         self.val_ssim.update(fake, real)
-        # metric objects: Lightning computes them (all-reducing their sum states) and resets at epoch end
-        self.log("val/loss", self.val_loss, prog_bar=True)
-        self.log("val/psnr", self.val_psnr, prog_bar=True)
-        self.log("val/ssim", self.val_ssim)
         self.latent_stats.update(posterior.mean)
         if "rfid" in self._aux:
             self._aux["rfid"].update(real, real=True)
@@ -322,7 +318,12 @@ class VAEModule(Stage):
         return {"reconstruction": rec.detach()}
 
     def on_validation_epoch_end(self) -> None:
-        # compute() all-reduces the sum states, so every rank stores the same scale (sync_dist averages equals)
+        # computed here on every rank, not logged as metric objects per step: Lightning would then all-reduce them
+        # only on the ranks that logged, and a rank without val batches (more ranks than batches) would leave the
+        # others waiting. compute() all-reduces the sum states, so every rank logs and stores the same figures.
+        for name, metric in (("val/loss", self.val_loss), ("val/psnr", self.val_psnr), ("val/ssim", self.val_ssim)):
+            self.log(name, metric.compute().float(), prog_bar=name != "val/ssim", rank_zero_only=False)
+            metric.reset()
         mean, std = self.latent_stats.compute()
         self.latent_stats.reset()
         self.log("val/latent_std", std.float(), sync_dist=True)
