@@ -81,6 +81,12 @@ def test_guidance_negative_prompt_and_per_sample_seeds(tiny_ckpts):
     one = model.sample(prompts[1:], guidance=3.0, seed=[12])
     torch.testing.assert_close(both[1:], one)  # independent of the batch it shares
     assert torch.equal(model.sample(prompts, guidance=3.0, seed=[11, 12]), both)  # deterministic (DDIM, eta=0)
+    # stochastic samplers too: each sample's step noise comes from its own seed
+    for sampler, kw in (("ddpm", {"steps": 4}), ("ddim", {"steps": 4, "eta": 1.0})):
+        both_noisy = model.sample(prompts, guidance=3.0, seed=[11, 12], sampler=sampler, **kw)
+        torch.testing.assert_close(both_noisy[1:], model.sample(prompts[1:], guidance=3.0, seed=[12],
+                                                                sampler=sampler, **kw))
+        assert (both_noisy[1:] - one).abs().max() > 1e-4  # not the deterministic chain
     negative = model.sample(prompts, negative_prompts="a red circle", guidance=3.0, seed=[11, 12])
     assert (negative - both).abs().max() > 1e-4
     # guidance 1 is the conditional prediction alone: the negative prompt has no effect

@@ -170,6 +170,19 @@ def test_of_two_draws_the_one_closer_to_the_caption_is_kept(trained):
     assert (best * cond.pooled).sum(-1).ge(torch.minimum(*[(d * cond.pooled).sum(-1) for d in draws]) - 1e-6).all()
 
 
+def test_a_ddpm_priors_draws_do_not_depend_on_the_batch(tiny_ckpts):
+    """Ancestral sampling draws noise at every step; each caption's draws take it from their own generators, so a
+    caption sampled among others gets what it gets alone (and the step noise is not the batch's: seeds matter)."""
+    torch.manual_seed(0)
+    module = DiffusionPriorModule(clip_ckpt=str(tiny_ckpts["clip"]), prior=TINY_PRIOR, objective="ddpm",
+                                  sampler="ddpm", sample_steps=5)
+    captions = ["a red circle", "a blue square", "a green triangle"]
+    batch = module.sample(captions, seed=[3, 4, 5], guidance=2.0)
+    alone = module.sample(captions[1:2], seed=[4], guidance=2.0)
+    torch.testing.assert_close(batch[1:2], alone)
+    assert (module.sample(captions[1:2], seed=[40], guidance=2.0) - alone).abs().max() > 1e-3
+
+
 def test_in_loop_evaluation_is_the_cosine_to_the_true_embedding_beside_its_baselines(trained, embedded_latents,
                                                                                        tmp_path):
     module, path = trained

@@ -154,6 +154,25 @@ def test_ddim_eta0_is_deterministic_given_the_seed():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize("name,kw", [("ddpm", {}), ("ddpm", {"steps": 20}), ("ddim", {"steps": 20, "eta": 0.7})])
+def test_one_generator_per_sample_makes_a_sample_independent_of_its_batch(name, kw):
+    """With a generator per sample, a stochastic chain's noise (x_T and every step's) comes from the sample's own
+    generator: sample 1 of a batch of 3 is the same sample drawn in a batch of its own."""
+    sch = NoiseSchedule(100)
+    fn = gaussian_denoiser(sch)
+    sampler = {"ddpm": ddpm_sample, "ddim": ddim_sample}[name]
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = sampler(fn, sch, (3, 4), generator=gens(5, 6, 7), **kw)
+    alone = sampler(fn, sch, (1, 4), generator=gens(6), **kw)
+    assert torch.equal(batch[1:2], alone)
+    # the step noise matters: the same x_T with other generators for the steps ends elsewhere
+    x_T = torch.randn(1, 4, generator=torch.Generator().manual_seed(6))
+    other = sampler(fn, sch, (1, 4), generator=gens(99), x_T=x_T, **kw)
+    assert not torch.allclose(other, alone)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3: give one per sample"):
+        sampler(fn, sch, (3, 4), generator=gens(1, 2), **kw)
+
+
 def test_ddim_eta1_with_all_steps_is_ddpm():
     """DDIM's sigma at eta=1 is the DDPM posterior std and its mean the posterior mean (Song et al. 2021, sec. 4.1):
     with the same noise draws the two chains coincide."""

@@ -9,7 +9,7 @@ syncs: its overhead over the bare network forwards is a handful of element-wise 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -64,7 +64,13 @@ def _setup(schedule: NoiseSchedule, shape, x_T, generator, device, dtype):
     return x_T.to(device=device, dtype=dtype), device
 
 
-def _randn(shape, generator: torch.Generator | None, device, dtype) -> Tensor:
+def _randn(shape, generator: torch.Generator | Sequence[torch.Generator] | None, device, dtype) -> Tensor:
+    """Standard normal noise of `shape`. `generator` may be one per sample (a sequence as long as the batch): each
+    sample's noise then comes from its own generator, so it does not depend on the batch it is sampled in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
+        return torch.stack([_randn(tuple(shape[1:]), g, device, dtype) for g in generator])
     # a CPU generator with a GPU sampler costs a copy per step; pass a generator on the sampling device
     if generator is not None and generator.device.type != torch.device(device).type:
         return torch.randn(shape, generator=generator, dtype=dtype).to(device)

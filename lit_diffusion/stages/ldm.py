@@ -768,9 +768,9 @@ class LatentDiffusionModule(Stage):
         else:
             if len(seed) != b:
                 raise ValueError(f"{len(seed)} seeds for {b} prompts")
-            x_T = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(int(s)))
-                               for s in seed]).to(self.device)
-            generator = torch.Generator(device=self.device).manual_seed(int(seed[0]) if b else 0)
+            # one generator per sample: its x_T, then (ddpm, ddim with eta > 0) its step noise, whatever its batch
+            generator = [torch.Generator().manual_seed(int(s)) for s in seed]
+            x_T = torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(self.device)
         model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale)
         kwargs = dict(generator=generator, x_T=x_T, progress=progress, device=self.device, steps=steps)
         if self.objective == "ddpm":  # the flow samplers (euler, heun) integrate the velocity: nothing more to say

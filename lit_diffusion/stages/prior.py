@@ -22,8 +22,8 @@ In-loop evaluation (every validation): each val caption's sampled embedding agai
 mean cosine `val/prior_cos`, beside the caption embedding's own cosine to the image embedding
 (`val/prior_cos_text_baseline`) and an unrelated caption's (`val/prior_cos_unrelated`: each image against the
 previous sample's caption in key order). Every sample starts from its own noise (seeded by its key) and is counted
-once across ranks, so with a deterministic sampler (ddim with eta 0, euler, heun) the figures do not depend on the
-number of processes; `sampler: ddpm` draws its step noise for the batch.
+once across ranks; `sampler: ddpm` draws each sample's step noise from its own generator too, so the figures do not
+depend on the batching or the number of processes with any sampler.
 """
 
 from __future__ import annotations
@@ -79,12 +79,13 @@ def prior_losses(net: torch.nn.Module, schedule: NoiseSchedule | FlowSchedule, x
 
 
 def sample_x0(net: torch.nn.Module, schedule: NoiseSchedule | FlowSchedule, cond: Conditioning,
-              uncond: Conditioning | None, guidance: float, sampler: str, steps: int, x_T: Tensor) -> Tensor:
+              uncond: Conditioning | None, guidance: float, sampler: str, steps: int, x_T: Tensor,
+              generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
     """Samples [B, E] from noise x_T with an x0-predicting `net(x_t, t, cond)`, classifier-free guided against
     `uncond` (guidance is affine in the output, so guiding x0 is guiding eps or the velocity). DDPM's samplers read
     the output as x0; rectified flow's get the velocity (x_t - x0) / t (they never evaluate t = 0)."""
     x0_fn = cfg_model_fn(net, cond, uncond, guidance)
-    kwargs = dict(x_T=x_T, device=x_T.device, steps=steps)
+    kwargs = dict(x_T=x_T, device=x_T.device, steps=steps, generator=generator)  # generator: ddpm's step noise
     if isinstance(schedule, FlowSchedule):
         def model_fn(x_t: Tensor, t_net: Tensor) -> Tensor:
             t = (t_net.to(x_t.dtype) / schedule.time_scale).clamp_min(1e-4)[:, None]
@@ -308,9 +309,12 @@ class DiffusionPriorModule(Stage):
         # draw j of caption i is row j * B + i: every caption's draws from its own generator, in a fixed order
         noise = torch.stack([torch.randn(candidates, e, generator=torch.Generator().manual_seed(s)) for s in seeds])
         x_T = noise.transpose(0, 1).reshape(candidates * b, e).to(self.device)
+        # ddpm's step noise: row j * B + i from its own generator, so a caption's draws do not depend on its batch
+        step_noise = [torch.Generator().manual_seed(key_seed(f"{s}/{j}")) for j in range(candidates) for s in seeds]
         rep = lambda c: c.map(lambda t: t.repeat(candidates, *([1] * (t.ndim - 1))))  # noqa: E731
         with eval_mode(self):
-            x0 = sample_x0(self.prior, self.schedule, rep(cond), rep(uncond), guidance, sampler, steps, x_T)
+            x0 = sample_x0(self.prior, self.schedule, rep(cond), rep(uncond), guidance, sampler, steps, x_T,
+                           generator=step_noise if sampler == "ddpm" else None)
         draws = self.to_clip_space(x0).reshape(candidates, b, e)  # [K, B, E]
         score = (draws * cond.pooled.float()[None]).sum(-1)  # [K, B] dot product with the caption's embedding
         best = score.argmax(0)  # [B]
