@@ -273,6 +273,11 @@ def cmd_sample(args) -> None:
         raise ValueError(f"{', '.join(unclip_options)}: {args.ckpt} is not an unCLIP decoder (it is conditioned on "
                          f"text only, condition: {model.hparams.condition}); these options need a decoder trained "
                          f"with condition text+image_embedding or image_embedding")
+    if args.image_guidance is not None:  # this model's default in every mode (edits too); refused for a text model
+        try:
+            model.hparams.image_guidance = model.image_guidance_scale(args.image_guidance)
+        except ValueError as err:
+            raise ValueError(f"--image-guidance: {err}") from None
     if model.image_conditioned and not unclip_options:
         raise ValueError(f"{args.ckpt} is an unCLIP decoder (condition: {model.hparams.condition}): it decodes CLIP "
                          f"image embeddings, so give where they come from: {UNCLIP_SOURCES}")
@@ -460,6 +465,10 @@ def add_sample(sub) -> None:
                         help="captions (--prompt) through this prior to CLIP image embeddings, then the decoder")
     unclip.add_argument("--prior-guidance", type=float, default=None,
                         help="the prior's guidance scale (default: the prior checkpoint's)")
+    unclip.add_argument("--image-guidance", type=float, default=None,
+                        help="the decoder's guidance scale for the image embedding, apart from the caption's "
+                             "(--guidance then guides the caption on top of it; a third forward per step); default: "
+                             "the checkpoint's, else one scale for both")
     unclip.add_argument("--image", nargs="+", default=None, metavar="PATH",
                         help="variations: each image's CLIP embedding decoded --num times, one seed each; with "
                              "--edit, the image to edit. Read as RGB, resized and centre-cropped to the sample size")
@@ -486,7 +495,8 @@ def cmd_evaluate(args) -> None:
     cfg = EvalConfig(guidance=args.guidance, num_samples=args.num_samples, backends=args.features.split(","),
                      inception_weights=args.inception_weights, sampler=args.sampler, steps=args.steps,
                      guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, seed=args.seed,
-                     cache_dir=args.cache_dir, save_images=args.save_images, aspect_ratios=args.aspect_ratios)
+                     cache_dir=args.cache_dir, save_images=args.save_images, aspect_ratios=args.aspect_ratios,
+                     image_guidance=args.image_guidance)
     if args.aspect_ratios and args.save_images:
         raise ValueError("--save-images with --aspect-ratios is not supported: the saved images would not be exactly "
                          "what FID saw (the centre squares of the non-square ones)")
@@ -528,6 +538,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--sampler", default=None)
     p.add_argument("--steps", type=int, default=None)
     _add_guidance_rescale_and_clip_x0(p)
+    p.add_argument("--image-guidance", type=float, default=None,
+                   help="unCLIP's decoder: the image embedding's own guidance scale, --guidance then the caption's "
+                        "on top of it (default: the checkpoint's, else one scale for both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--num-workers", type=int, default=0)

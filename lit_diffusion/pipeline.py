@@ -30,6 +30,7 @@ stale as a changed stage makes the later stages stale.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -705,6 +706,7 @@ def _eval_config(cfg: dict):
                       num_samples=int(ev.get("num_samples", 200)), backends=backends,
                       inception_weights=ev.get("inception_weights"), sampler=ev.get("sampler"),
                       steps=ev.get("steps"), seed=int(ev.get("seed", 0)),
+                      image_guidance=None if ev.get("image_guidance") is None else float(ev["image_guidance"]),
                       cache_dir=str(Path(cfg.get("root", "runs")) / ".fid_cache"),
                       aspect_ratios=list(ev["aspect_ratios"]) if ev.get("aspect_ratios") else None)
 
@@ -855,6 +857,8 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     batch_size = int(ev.get("batch_size", 100))
     decoder_path = root / "ldm.ckpt"
     decoder = LatentDiffusionModule.from_checkpoint(decoder_path, map_location=device)
+    if ev.get("image_guidance") is not None:  # as the stack's evaluation samples (`_eval_config`)
+        decoder.hparams.image_guidance = decoder.image_guidance_scale(float(ev["image_guidance"]))
     prior = load_prior_for(decoder, decoder_path, root / "prior.ckpt", device)
     systems = {"unclip": stack}
     results, _, _ = evaluate_checkpoint(decoder_path, data["val_urls"], _eval_config(cfg), root / "eval" / "true",
@@ -863,7 +867,8 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     compare = ev.get("compare")
     text, note = _load_compare(cfg, decoder, decoder_path, device)
     if text is not None:
-        results, _, _ = evaluate_checkpoint(compare, data["val_urls"], _eval_config(cfg), root / "eval" / "text",
+        text_config = dataclasses.replace(_eval_config(cfg), image_guidance=None)  # a text model has no image branch
+        results, _, _ = evaluate_checkpoint(compare, data["val_urls"], text_config, root / "eval" / "text",
                                             name="text-conditioned", batch_size=batch_size, device=device)
         systems["text"] = results
     sampler = {"sampler": ev.get("sampler"), "steps": ev.get("steps")}

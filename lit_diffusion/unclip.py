@@ -263,4 +263,5 @@ class UnCLIP:
         guidance = h.guidance if guidance is None else float(guidance)
         rescale = h.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
         cond, uncond, (lh, lw) = d.sampling_conditions(prompts, negative_prompts, embeddings, height, width)
-        return cfg_model_fn(d.denoiser, cond, uncond, guidance, rescale=rescale), d.schedule_for(lh, lw)
+        return (cfg_model_fn(d.denoiser, cond, uncond, guidance, rescale=rescale, image_scale=d.image_guidance_scale()),
+                d.schedule_for(lh, lw))

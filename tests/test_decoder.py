@@ -131,6 +131,34 @@ def test_the_decoder_trains_and_samples_alone_with_guidance_against_the_null_emb
         loaded.sample(["a red circle"])
 
 
+def test_image_guidance_guides_the_embedding_apart_from_the_caption(tiny_ckpts):
+    """`image_guidance` (a sample argument, or the stage's default from its config): the image embedding's own scale;
+    equal to `guidance` it is the one-scale guidance."""
+    from conftest import randomise_unet
+
+    def decoder(**kwargs):
+        model = _decoder(tiny_ckpts, sample_steps=2, sampler="ddim", **kwargs).eval()
+        torch.manual_seed(1)
+        randomise_unet(model)  # zero-initialised output layers would hide the conditions
+        return model
+
+    model = decoder()
+    e = torch.nn.functional.normalize(torch.randn(2, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    prompts = ["a red circle", "a blue square"]
+    one = model.sample(prompts, image_embeddings=e, seed=[1, 2], guidance=3.0)
+    torch.testing.assert_close(model.sample(prompts, image_embeddings=e, seed=[1, 2], guidance=3.0,
+                                            image_guidance=3.0), one)
+    apart = model.sample(prompts, image_embeddings=e, seed=[1, 2], guidance=3.0, image_guidance=1.0)
+    assert (apart - one).abs().max() > 1e-3
+    torch.testing.assert_close(decoder(image_guidance=1.0).sample(prompts, image_embeddings=e, seed=[1, 2],
+                                                                  guidance=3.0), apart)
+    with pytest.raises(ValueError, match="image_guidance guides an image embedding: it needs condition"):
+        _decoder(tiny_ckpts, condition="text", image_guidance=1.0)
+    with pytest.raises(ValueError, match="image_guidance guides an image embedding: this model is conditioned on "
+                                         "text only"):
+        _decoder(tiny_ckpts, condition="text").sample(["a red circle"], image_guidance=2.0)
+
+
 def test_image_embedding_only_never_shows_the_caption(tiny_ckpts, embedded_latents):
     model = _decoder(tiny_ckpts, condition="image_embedding", p_uncond=0.0, p_uncond_image=0.0)
     data = _data(embedded_latents)

@@ -174,3 +174,36 @@ def test_size_and_crop_conditions_go_to_both_branches_and_survive_dropout():
     assert torch.allclose(out, u + 3.0 * (c - u))
     dropped = drop_conditioning(cond, uncond, 0.99, torch.Generator().manual_seed(0))
     assert torch.equal(dropped.context, uncond.context.expand(2, -1, -1)) and torch.equal(dropped.size, size)
+
+
+class ImageSpy(SpyDenoiser):
+    """A denoiser that also takes an image embedding (unCLIP's decoder): its output depends on it nonlinearly, so
+    the three-branch formula is checked against separate forwards, not against an identity of linear maps."""
+
+    def __call__(self, x, t, cond):
+        self.calls.append({"image_embedding": cond.image_embedding.clone()})
+        e = cond.image_embedding
+        return super().__call__(x, t, cond) * (1 + e.pow(2).sum(1)).view(-1, 1, 1, 1) + e.sum(1).view(-1, 1, 1, 1)
+
+
+def test_image_scale_guides_the_image_embedding_and_the_caption_apart():
+    """InstructPix2Pix's two-condition guidance (Brooks et al. 2023, eq. 3): u + s_I (i - u) + s_T (c - i), with
+    i = the image embedding beside the unconditional caption; one batched forward of three; s_I = s_T is the
+    one-scale guidance."""
+    embedding = torch.tensor([[0.5, -1.0], [2.0, 0.25]])
+    cond = cond_of(2.0).replace(image_embedding=embedding)
+    uncond = cond_of(-1.0, batch=1, length=2, valid=2).replace(image_embedding=torch.zeros(1, 2))
+    spy = ImageSpy()
+    out = cfg_model_fn(spy, cond, uncond, scale=5.0, image_scale=1.5)(X, T)
+    assert len(spy.calls) == 2 and spy.calls[0]["image_embedding"].shape[0] == 6  # ours and the parent's: one forward
+    assert torch.equal(spy.calls[0]["image_embedding"], torch.cat([torch.zeros(2, 2), embedding, embedding]))
+    ref = ImageSpy()
+    u = ref(X, T, uncond.expand(2))
+    i = ref(X, T, uncond.expand(2).replace(image_embedding=embedding))
+    c = ref(X, T, cond)
+    torch.testing.assert_close(out, u + 1.5 * (i - u) + 5.0 * (c - i))
+    one_scale = cfg_model_fn(ImageSpy(), cond, uncond, scale=3.0)(X, T)
+    torch.testing.assert_close(cfg_model_fn(ImageSpy(), cond, uncond, scale=3.0, image_scale=3.0)(X, T), one_scale)
+    torch.testing.assert_close(one_scale, u + 3.0 * (c - u))
+    with pytest.raises(ValueError, match="image_scale guides an image embedding apart from the caption"):
+        cfg_model_fn(SpyDenoiser(), cond_of(2.0), cond_of(-1.0), scale=3.0, image_scale=1.0)

@@ -418,6 +418,11 @@ def test_sample_command_unclip_modes_write_labelled_grids(stack, tmp_path, capsy
     u = UnCLIP.from_checkpoints(dec, prior)
     expected = u.generate(["a large blue square"] * 2, negative_prompts="a green triangle", seed=[6, 7], steps=3)
     torch.testing.assert_close(grid_spy["rows"][1], expected)  # row i, column j: seed + i * num + j
+    main(["sample", "--ckpt", dec, "--prior", prior, "--prompt", "a large blue square", "--num", "2", "--steps", "3",
+          "--image-guidance", "1.5", "--out", str(out)])  # the image embedding guided apart from the caption
+    apart = u.generate(["a large blue square"] * 2, seed=[0, 1], steps=3, image_guidance=1.5)
+    torch.testing.assert_close(grid_spy["rows"][0], apart)
+    assert (apart - u.generate(["a large blue square"] * 2, seed=[0, 1], steps=3)).abs().max() > 1e-4
 
     paths = _write_images(tmp_path, 2)
     out = tmp_path / "variations.png"
@@ -464,6 +469,9 @@ def test_sample_command_names_what_is_missing_or_wrong(stack, tmp_path, capsys):
     assert "--from" in err
     err = _error(capsys, ["sample", "--ckpt", dec, "--prior", prior])
     assert "--prompt" in err
+    err = _error(capsys, ["sample", "--ckpt", text, "--prompt", "a red circle", "--image-guidance", "2", "--out",
+                          str(tmp_path / "x.png")])
+    assert "--image-guidance" in err and "conditioned on text only" in err
     err = _error(capsys, ["sample", "--ckpt", dec, "--edit", "a blue square", "--from", "a red circle"])
     assert "--image" in err
     assert not list(tmp_path.glob("x*.png"))

@@ -48,16 +48,17 @@ def _with_text_of(uncond: Conditioning, cond: Conditioning) -> Conditioning:
                         image_embedding=uncond.image_embedding)
 
 
-def _cat_conds(uncond: Conditioning, cond: Conditioning) -> Conditioning:
-    """[uncond; cond] along the batch, contexts padded to one length: the batch of one guided forward."""
+def _cat_conds(uncond: Conditioning, cond: Conditioning, image_only: bool = False) -> Conditioning:
+    """[uncond; cond] along the batch, contexts padded to one length: the batch of one guided forward. With
+    `image_only`, [uncond; image; cond], `image` being uncond's text with cond's image embedding."""
     if cond.context is None or uncond.context is None:
         raise ValueError("classifier-free guidance with scale != 1 needs both cond and uncond contexts")
     batch = cond.batch_size
     uncond = _with_text_of(uncond.expand(batch), cond)
+    parts = [uncond, uncond.replace(image_embedding=cond.image_embedding)] if image_only else [uncond]
     length = max(cond.context.shape[1], uncond.context.shape[1])
-    u, c = _pad_to(uncond, length), _pad_to(cond, length)
-    both = {k: torch.cat([u.tensors()[k], v]) for k, v in c.tensors().items()}  # [2B, ...] each
-    return Conditioning(**both)
+    parts = [_pad_to(c, length) for c in (*parts, cond)]
+    return Conditioning(**{k: torch.cat([p.tensors()[k] for p in parts]) for k in parts[-1].tensors()})
 
 
 def drop_conditioning(cond: Conditioning, uncond: Conditioning, p: float,
@@ -107,13 +108,34 @@ def cfg_model_fn(
     uncond: Conditioning | None = None,
     scale: float = 1.0,
     rescale: float = 0.0,
+    image_scale: float | None = None,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """A sampler `model_fn(x_t, t) -> raw output` doing classifier-free guidance with ONE batched forward per step:
     the batch is [uncond; cond] along dim 0 (contexts padded to a common length with masked zeros).
     `denoiser(x_t, t, cond) -> raw output` (a U-Net or a DiT). `uncond` (the empty or a negative prompt, batch 1
     or B) replaces the text conditions only: both halves get `cond`'s other conditions (size and crop).
-    `scale == 1` (or no `uncond`) skips the unconditional half. `rescale` > 0 applies `rescale_guidance`."""
+    `scale == 1` (or no `uncond`) skips the unconditional half. `rescale` > 0 applies `rescale_guidance`.
+
+    `image_scale` (unCLIP's decoder, whose cond holds an image embedding and a caption): a scale of its own for the
+    image embedding, as InstructPix2Pix guides its two conditions (Brooks et al. 2023, eq. 3):
+        out = u + image_scale * (i - u) + scale * (c - i),
+    i the output with the image embedding and uncond's caption, in a batch of three. `scale` then guides the
+    caption on top of the image embedding. None, or equal to `scale`, is the one-scale guidance above (the two
+    terms add up to scale * (c - u))."""
     cond = _check(cond, "cond")
+    if image_scale is not None and float(image_scale) != float(scale):
+        if uncond is None or cond.image_embedding is None:
+            raise ValueError("image_scale guides an image embedding apart from the caption: it needs a cond with an "
+                             "image embedding (unCLIP's decoder) and an uncond")
+        three = _cat_conds(_check(uncond, "uncond"), cond, image_only=True)
+
+        def two_condition_fn(x_t: Tensor, t: Tensor) -> Tensor:
+            out = denoiser(torch.cat([x_t, x_t, x_t]), torch.cat([t, t, t]), three)  # [3B, ...]
+            out_uncond, out_image, out_cond = out.chunk(3)
+            guided = out_uncond + image_scale * (out_image - out_uncond) + scale * (out_cond - out_image)
+            return rescale_guidance(guided, out_cond, rescale) if rescale > 0 else guided
+
+        return two_condition_fn
     if uncond is None or scale == 1.0:
         if uncond is None and scale != 1.0:
             raise ValueError(f"guidance scale {scale} needs an unconditional (or negative-prompt) conditioning")

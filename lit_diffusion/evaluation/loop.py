@@ -22,6 +22,7 @@ class EvalConfig:
     steps: int | None = None
     guidance_rescale: float | None = None  # 0..1, Lin et al. 2024's rescale of the guided output; None: the model's
     clip_x0: float | None = None  # clamp of the predicted x0 at each step (0 = off); None: the model's
+    image_guidance: float | None = None  # unCLIP's decoder: the image embedding's own scale; None: the model's
     seed: int = 0
     caption_accuracy: bool = True  # only counted for samples whose attrs describe shapes objects
     cache_dir: str | None = None  # where real statistics are cached (None: kept in memory only)

@@ -92,6 +92,7 @@ class LatentDiffusionModule(Stage):
         guidance: float = 3.0,
         eta: float = 0.0,
         guidance_rescale: float = 0.0,
+        image_guidance: float | None = None,
         clip_x0: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
@@ -139,6 +140,10 @@ class LatentDiffusionModule(Stage):
             guidance_rescale: default for `sample`: blend weight of the guided output rescaled to the conditional
                 output's std (Lin et al. 2024, sec. 3.4; they use 0.7), against over-exposure at high guidance
                 scales. 0 = plain classifier-free guidance.
+            image_guidance: default for `sample` (unCLIP's decoder): a guidance scale for the image embedding of its
+                own; `guidance` then guides the caption on top of it (InstructPix2Pix's two-condition guidance, a
+                third forward per step; see `diffusion.guidance.cfg_model_fn`). None: one scale for both, as
+                DALL-E 2 guides.
             clip_x0: default for `sample`: clamp each step's predicted x0 (scaled latents) to [-clip_x0, clip_x0]
                 and recompute eps from it (ADM's clipped sampling). 0 = no clipping.
             channels_last, compile: GPU speed switches for the U-Net.
@@ -180,6 +185,9 @@ class LatentDiffusionModule(Stage):
         except ValueError as err:
             raise ValueError(f"model.init_args.sampler: {err}") from None
         _check_guidance_rescale_and_clip_x0(guidance_rescale, clip_x0, "model.init_args.")
+        if image_guidance is not None and condition == "text":
+            raise ValueError("model.init_args.image_guidance guides an image embedding: it needs condition "
+                             "text+image_embedding (unCLIP's decoder)")
         if repa:
             try:
                 repa = vars(RepaConfig.from_dict(dict(repa)))  # parsed and checked before save_hyperparameters
@@ -702,6 +710,15 @@ class LatentDiffusionModule(Stage):
             cond, uncond = cond.replace(size=size), uncond.replace(size=size)
         return cond, uncond, (lh, lw)
 
+    def image_guidance_scale(self, image_guidance: float | None = None) -> float | None:
+        """The image embedding's own guidance scale a call samples with: `image_guidance`, or the stage's default
+        (None: guided with the caption, one scale)."""
+        if image_guidance is None:
+            return self.hparams.get("image_guidance")
+        if self.hparams.get("condition", "text") == "text":
+            raise ValueError("image_guidance guides an image embedding: this model is conditioned on text only")
+        return float(image_guidance)
+
     @torch.no_grad()
     def sample(
         self,
@@ -721,6 +738,7 @@ class LatentDiffusionModule(Stage):
         image_embeddings: Tensor | None = None,
         x_T: Tensor | None = None,
         frames: int | None = None,
+        image_guidance: float | None = None,
     ) -> Tensor:
         """Images [B, 3, height, width] in [0, 1] for `prompts` (default: the square `image_size`); a video model's
         clips [B, T, 3, height, width], T = `frames` (default: the model's `frames`; 1 gives images).
@@ -736,6 +754,7 @@ class LatentDiffusionModule(Stage):
         (the learned null embedding) beside the empty or negative caption.
         `x_T`: the starting latents [B, C, h, w] (a clip's [B, T, C, h, w]) instead of seeded noise (an inverted
         image, `invert`).
+        `image_guidance`: the image embedding's own guidance scale (see `__init__`); None takes the stage's.
         """
         h = self.hparams
         guidance = h.guidance if guidance is None else float(guidance)
@@ -771,7 +790,8 @@ class LatentDiffusionModule(Stage):
             # one generator per sample: its x_T, then (ddpm, ddim with eta > 0) its step noise, whatever its batch
             generator = [torch.Generator().manual_seed(int(s)) for s in seed]
             x_T = torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(self.device)
-        model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale)
+        model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale,
+                                image_scale=self.image_guidance_scale(image_guidance))
         kwargs = dict(generator=generator, x_T=x_T, progress=progress, device=self.device, steps=steps)
         if self.objective == "ddpm":  # the flow samplers (euler, heun) integrate the velocity: nothing more to say
             kwargs.update(prediction=self.prediction, clip_x0=clip_x0 or None)
