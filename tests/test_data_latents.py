@@ -380,3 +380,30 @@ def test_cli_under_torchrun_writes_what_one_process_writes(tiny_ckpts, tmp_path)
         k: v for k, v in two.items() if k != "path"}
     for shard in one["shards"]:
         assert (tmp_path / "one" / shard["name"]).read_bytes() == (tmp_path / "two" / shard["name"]).read_bytes()
+
+
+@pytest.mark.parametrize("error,raised", [(MemoryError, MemoryError), (ValueError, "BadSample")])
+def test_an_out_of_memory_error_is_raised_not_counted_as_a_bad_sample(monkeypatch, error, raised):
+    """A sample whose arrays or image fail to decode is skipped and counted; an error of the process (out of
+    memory) is not the sample's: counting it would silently shift the stream (a run then trains on other samples
+    than its resumed copy), so it is raised."""
+    import PIL.Image
+
+    from lit_diffusion.data import latents as latents_module
+    from lit_diffusion.data.shards import BadSample, decode_sample
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 2), dtype=np.float32))
+    png = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8)).save(png, format="PNG")
+
+    def fail(*args, **kwargs):
+        raise error("injected")
+
+    monkeypatch.setattr(latents_module.np, "load", fail)
+    monkeypatch.setattr(PIL.Image, "open", fail)
+    expected = BadSample if raised == "BadSample" else raised
+    with pytest.raises(expected, match="injected"):
+        latents_module.decode_array(buffer.getvalue(), "float32", "latent.npy")
+    with pytest.raises(expected, match="injected"):
+        decode_sample({"__key__": "k", "png": png.getvalue(), "txt": b"a red circle"}, 8)

@@ -84,6 +84,8 @@ def decode_array(data: bytes, dtype: str, what: str) -> torch.Tensor:
     """.npy bytes stored in `dtype` -> float32 tensor; anything else raises BadSample("bad_array") naming `what`."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
+    except MemoryError:  # the process, not the sample: never counted as a bad sample
+        raise
     except Exception as exc:  # numpy raises ValueError, EOFError, OSError... on a damaged header or body
         raise BadSample("bad_array", f".{what} is not a readable .npy ({type(exc).__name__}: {exc})") from None
     if array.dtype != DTYPES[dtype]:

@@ -366,6 +366,8 @@ def decode_sample(sample: dict, image_size: int | None, flip: bool = False, plan
             size = size_row(plan.original_size, plan.crop_top_left, plan.target_size)
             if flip:
                 size = flip_size_row(size)
+    except MemoryError:  # the process, not the sample: never counted as a bad sample
+        raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
     return {"image": image, "size": size, "caption": caption, "attrs": attrs, "key": sample["__key__"]}
@@ -382,6 +384,8 @@ def decode_bucketed(sample: dict, buckets: BucketConfig, rng: random.Random | No
         orientation = _orientation(image)
         w, h = image.size
         height, width = (w, h) if orientation in _TRANSPOSING_ORIENTATIONS else (h, w)
+    except MemoryError:  # the process, not the sample: never counted as a bad sample
+        raise
     except Exception as exc:
         raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
     plan, note = _plan(height, width, buckets, rng)
@@ -395,6 +399,8 @@ def decode_bucketed(sample: dict, buckets: BucketConfig, rng: random.Random | No
         if orientation != 1:
             image = ImageOps.exif_transpose(image)
         pixels = _to_tensor(apply(plan, to_rgb(image)), flip)
+    except MemoryError:  # the process, not the sample: never counted as a bad sample
+        raise
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
     size = size_row(plan.original_size, plan.crop_top_left, plan.target_size)
@@ -419,6 +425,8 @@ def bucket_plan(sample: dict, buckets: BucketConfig, rng: random.Random | None) 
     image_ext, data = _image_member(sample)
     try:
         height, width = image_size_of(data)
+    except MemoryError:  # the process, not the sample: never counted as a bad sample
+        raise
     except Exception as exc:
         raise BadSample("bad_image", f".{image_ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
     return _plan(height, width, buckets, rng)

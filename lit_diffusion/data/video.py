@@ -132,6 +132,8 @@ class VideoDecoder:
                                  else None)
         except ImportError:
             raise
+        except MemoryError:  # the process, not the sample: never counted as a bad sample
+            raise
         except Exception as exc:  # PIL and PyAV raise many types on damaged files
             raise BadSample("bad_video", f".{ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
         if not frames:
@@ -168,6 +170,8 @@ class VideoDecoder:
         caption, attrs = decode_text(sample)
         try:
             image, (h, w) = _open_rgb(sample[ext], self.image_size)
+        except MemoryError:  # the process, not the sample: never counted as a bad sample
+            raise
         except Exception as exc:
             raise BadSample("bad_image", f".{ext} cannot be decoded ({type(exc).__name__}: {exc})") from None
         if min(w, h) < self.image_size and self.small == "skip":
