@@ -156,12 +156,12 @@ class Snapshot(L.Callback):
             self._take(trainer, pl_module)
 
 
-def _vae_run(shapes_data, root, callbacks, ckpt_path=None):
+def _vae_run(shapes_data, root, callbacks, ckpt_path=None, max_steps=7):
     from lit_diffusion.stages.vae import VAEModule
 
     torch.manual_seed(0)
     module = VAEModule(**{**TINY_VAE, "sample_posterior": False})
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=7, logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                         default_root_dir=str(root), plugins=[AtomicCheckpointIO()],
                         callbacks=[*callbacks, EMAWeightAveraging(decay=0.5),
@@ -205,3 +205,17 @@ def test_preempted_run_resumes_weights_ema_and_optimizer_exactly(shapes_data, tm
 def test_resume_at_an_epoch_boundary_continues_with_the_next_epochs_data(shapes_data, tmp_path):
     reference, resumed = _preempt_and_resume(shapes_data, tmp_path, 5)
     assert [resumed.keys[s] for s in (5, 6)] == [reference.keys[s] for s in (5, 6)]
+
+
+def test_a_run_moved_to_another_directory_resumes_into_its_own_last_ckpt(shapes_data, tmp_path):
+    """The checkpoint remembers the path it was saved under; resumed from a copy of its run directory, Lightning's
+    version counter wrote last-v1.ckpt and left the copied last.ckpt stale (the pipeline then took the old one)."""
+    import shutil
+
+    first = tmp_path / "first"
+    _vae_run(shapes_data, first, [])
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)
+    _vae_run(shapes_data, moved, [], ckpt_path=str(moved / "checkpoints" / "last.ckpt"), max_steps=11)
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 11

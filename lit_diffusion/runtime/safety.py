@@ -95,7 +95,15 @@ class LastCheckpoint(ModelCheckpoint):
     checkpoint was written at all, so a run whose max_steps is not a multiple of N would finish with a stale
     last.ckpt (and the pipeline copies last.ckpt as the stage's result); and when the last step is a multiple of
     N, last.ckpt is written before that step's validation, which is where the VAE measures its latent scale.
+
+    It is always `last.ckpt`: Lightning's version counter would write `last-v1.ckpt` beside it when a resumed run's
+    directory has moved (the checkpoint remembers its old path), and the pipeline would then finish with the stale
+    `last.ckpt`.
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         before = (self._last_checkpoint_saved, self._last_global_step_saved)
