@@ -743,9 +743,9 @@ class LatentDiffusionModule(Stage):
         """Images [B, 3, height, width] in [0, 1] for `prompts` (default: the square `image_size`); a video model's
         clips [B, T, 3, height, width], T = `frames` (default: the model's `frames`; 1 gives images).
 
-        `seed`: one int for the batch, or one per prompt; with per-prompt seeds a sample's starting noise does not
-        depend on which other prompts share its batch, so deterministic samplers (ddim with eta=0, dpmpp_2m)
-        give the same image for a prompt whatever the batch or the rank it lands on.
+        `seed`: one int for the batch, or one per prompt; with per-prompt seeds a sample's starting noise, and a
+        stochastic sampler's step noise (ddpm, ddim with eta > 0), come from its own generator, so every sampler
+        gives the same image for a prompt whatever the batch or the rank it lands on.
         `guidance_rescale` (0 = plain CFG) and `clip_x0` (0 = off): see `__init__`. None takes the stage's default.
         `height`, `width`: pixels, multiples of the VAE's factor times the denoiser's own (downsamplings or patch);
         with size conditioning the model is told "original = target, nothing cropped" (SDXL's default).
