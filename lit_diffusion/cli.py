@@ -467,8 +467,9 @@ def add_sample(sub) -> None:
                         help="the prior's guidance scale (default: the prior checkpoint's)")
     unclip.add_argument("--image-guidance", type=float, default=None,
                         help="the decoder's guidance scale for the image embedding, apart from the caption's "
-                             "(--guidance then guides the caption on top of it; a third forward per step); default: "
-                             "the checkpoint's, else one scale for both")
+                             "(--guidance then guides the caption on top of it; a third forward per step); with the "
+                             "empty caption (--image, --interpolate) the only scale; default: the checkpoint's, else "
+                             "one scale for both")
     unclip.add_argument("--image", nargs="+", default=None, metavar="PATH",
                         help="variations: each image's CLIP embedding decoded --num times, one seed each; with "
                              "--edit, the image to edit. Read as RGB, resized and centre-cropped to the sample size")

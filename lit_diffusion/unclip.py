@@ -192,17 +192,10 @@ class UnCLIP:
     def interpolate(self, image_a: Tensor, image_b: Tensor, frames: int = 5, seed: int = 0,
                     guidance: float | None = None, **decoder_kwargs) -> Tensor:
         """[frames, 3, H, W]: slerp(z_a, z_b, theta) for `frames` thetas evenly spaced in [0, 1], decoded with the
-        empty caption and the same noise (seed) for every frame, so only the embedding moves."""
+        empty caption and the same noise (seed) for every frame, a stochastic sampler's step noise included (each
+        sample's comes from its own seed), so only the embedding moves."""
         if frames < 2:
             raise ValueError(f"an interpolation needs frames >= 2 (its two ends), got {frames}")
-        h = self.decoder.hparams
-        sampler = decoder_kwargs.get("sampler") or h.sampler
-        eta = h.eta if decoder_kwargs.get("eta") is None else decoder_kwargs["eta"]
-        if sampler == "ddpm" or (sampler == "ddim" and eta):
-            raise ValueError(f"interpolate keeps the noise of every frame the same, but sampler {sampler}"
-                             f"{f' with eta {eta:g}' if sampler == 'ddim' else ''} draws new noise at every step, "
-                             f"another for each frame: give a deterministic one (ddim with eta 0, dpmpp_2m, euler, "
-                             f"heun)")
         e = self.image_embeddings(torch.cat([_batch(image_a, "image_a"), _batch(image_b, "image_b")]))
         if e.shape[0] != 2:
             raise ValueError(f"interpolate takes one image at each end, got {e.shape[0]} images")

@@ -152,8 +152,15 @@ def test_image_guidance_guides_the_embedding_apart_from_the_caption(tiny_ckpts):
     assert (apart - one).abs().max() > 1e-3
     torch.testing.assert_close(decoder(image_guidance=1.0).sample(prompts, image_embeddings=e, seed=[1, 2],
                                                                   guidance=3.0), apart)
-    with pytest.raises(ValueError, match="image_guidance guides an image embedding: it needs condition"):
-        _decoder(tiny_ckpts, condition="text", image_guidance=1.0)
+    # with the empty caption there is no caption to guide apart: image_guidance is the one scale
+    empty = model.sample(["", ""], image_embeddings=e, seed=[1, 2], guidance=3.0, image_guidance=2.0)
+    torch.testing.assert_close(empty, model.sample(["", ""], image_embeddings=e, seed=[1, 2], guidance=2.0))
+    for condition in ("text", "image_embedding"):
+        with pytest.raises(ValueError, match=f"image_guidance guides the image embedding apart from the caption: it "
+                                             f"needs condition text\\+image_embedding .*not '{condition}'"):
+            _decoder(tiny_ckpts, condition=condition, image_guidance=1.0)
+    with pytest.raises(ValueError, match="never sees a caption"):
+        decoder(condition="image_embedding").sample(["a red circle"], image_embeddings=e[:1], image_guidance=2.0)
     with pytest.raises(ValueError, match="image_guidance guides an image embedding: this model is conditioned on "
                                          "text only"):
         _decoder(tiny_ckpts, condition="text").sample(["a red circle"], image_guidance=2.0)

@@ -243,3 +243,14 @@ def test_registry_and_dispatch():
         sample("lms", fn, sch, (2, 1))
     with pytest.raises(ValueError, match="x_T has shape"):
         ddim_sample(fn, sch, (2, 1), x_T=torch.zeros(3, 1))
+
+
+def test_the_flow_samplers_take_one_generator_per_sample_too():
+    from lit_diffusion.diffusion import samplers
+    from lit_diffusion.diffusion.flow import FlowSchedule
+
+    velocity = lambda x, t: x - 0.5  # noqa: E731  (the straight path from the point 0.5)
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = samplers.sample("euler", velocity, FlowSchedule(), (3, 2), steps=4, generator=gens(5, 6, 7))
+    alone = samplers.sample("euler", velocity, FlowSchedule(), (1, 2), steps=4, generator=gens(6))
+    assert torch.equal(batch[1:2], alone)

@@ -273,11 +273,12 @@ def test_interpolation_ends_are_the_two_images_embeddings_with_the_same_noise(un
     assert min(steps) > 1e-4  # every frame moves
     with pytest.raises(ValueError, match="frames >= 2"):
         unclip.interpolate(a, b, frames=1)
-    with pytest.raises(ValueError, match="sampler ddim with eta 1 draws new noise at every step, another for each "
-                                         "frame: give a deterministic one"):
-        unclip.interpolate(a, b, frames=2, sampler="ddim", eta=1.0)
-    with pytest.raises(ValueError, match="sampler ddpm draws new noise at every step"):
-        unclip.interpolate(a, b, frames=2, sampler="ddpm")
+    # a stochastic sampler's step noise is the frame's seed's too: the same for every frame
+    noisy = unclip.interpolate(a, b, frames=3, seed=9, guidance=2.0, sampler="ddim", eta=1.0, steps=4)
+    noisy_ends = unclip.decoder.sample(["", ""], guidance=2.0, seed=[9, 9], image_embeddings=e, sampler="ddim",
+                                       eta=1.0, steps=4)
+    torch.testing.assert_close(noisy[0], noisy_ends[0])
+    torch.testing.assert_close(noisy[-1], noisy_ends[1])
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])

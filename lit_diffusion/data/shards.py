@@ -229,6 +229,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
             src = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
             return ImageCms.profileToProfile(image, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except MemoryError:  # the process, not the data: never counted as a bad shard or sample
+            raise
         except Exception:  # a broken profile: fall back to PIL's plain conversion
             pass
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info)
@@ -661,6 +663,8 @@ def _tar_members(stream: _TrackedStream, url: str, handler: Callable[[Exception]
             stream.inner = _TrackedStream(decompressed)
             blocks, stream = _Blocks(stream.inner), stream.inner
         yield from _plain_tar_members(blocks, stream, url)
+    except MemoryError:  # the process, not the data: never counted as a bad shard or sample
+        raise
     except Exception as exn:  # damaged archives raise ReadError, EOFError, OSError, ValueError...
         handler(exn)
 
@@ -694,6 +698,8 @@ def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterat
 
     def handler(exn: Exception) -> bool:
         nonlocal failed
+        if isinstance(exn, MemoryError):  # the process, not the shard
+            raise exn
         if not failed and report:
             _report(counter, "shard", url, None, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
         failed = True
@@ -718,6 +724,8 @@ def shard_samples(url: str, counter: SkipCounter, report: bool = True) -> Iterat
                         handler(EOFError(f"truncated tar: ends after {tar.size} bytes without an end-of-archive "
                                          f"block"))
                 stream.close()  # a pipe: command reports its exit status here
+            except MemoryError:  # the process, not the data: never counted as a bad shard or sample
+                raise
             except Exception as exn:
                 if finished:
                     handler(exn)

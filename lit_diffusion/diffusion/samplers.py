@@ -70,7 +70,9 @@ def _randn(shape, generator: torch.Generator | Sequence[torch.Generator] | None,
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
-        return torch.stack([_randn(tuple(shape[1:]), g, device, dtype) for g in generator])
+        # drawn where the generators are, then moved at once: one host-to-device copy a step, not one a sample
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack(rows).to(device)
     # a CPU generator with a GPU sampler costs a copy per step; pass a generator on the sampling device
     if generator is not None and generator.device.type != torch.device(device).type:
         return torch.randn(shape, generator=generator, dtype=dtype).to(device)

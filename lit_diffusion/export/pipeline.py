@@ -431,6 +431,10 @@ def export_pipeline(module: LatentDiffusionModule, out: str | Path, prior=None) 
     check_exportable(module)
     if prior is not None:
         check_prior_exportable(prior, module)
+    if module.hparams.get("image_guidance") is not None:
+        log.warning("the checkpoint guides the image embedding apart from the caption by default (image_guidance "
+                    "%s); the exported pipeline guides both with one scale, guidance_scale",
+                    module.hparams["image_guidance"])
     out = prepare_folder(out)
     files = []
     export_vae(module.vae, out / "vae")

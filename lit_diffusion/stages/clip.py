@@ -334,8 +334,7 @@ class CLIPModule(Stage):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, image, text, _, negatives = self.model_step(batch, self.local_loss_fn)
         b = len(batch["caption"])
-        self.val_loss.update(loss, weight=b)
-        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=b)
+        self.val_loss.update(loss, weight=b)  # logged at the epoch's end, on every rank (a rank may have no batch)
         attrs = batch.get("attrs") or [{}] * b
         self._val["image"].append(image.float())
         self._val["text"].append(text.float())
@@ -358,6 +357,10 @@ class CLIPModule(Stage):
         return gather_rows(local)
 
     def on_validation_epoch_end(self) -> None:
+        # computed on every rank, not logged as a metric object per step: Lightning would all-reduce it only on the
+        # ranks that logged it, and a rank without val batches would leave the others waiting
+        self.log("val/loss", self.val_loss.compute().float(), prog_bar=True, rank_zero_only=False)
+        self.val_loss.reset()
         image = self._gathered("image", self.embed_dim)  # [N, E], every rank's samples
         text = self._gathered("text", self.embed_dim)
         ids = self._gathered("ids", None)

@@ -185,9 +185,9 @@ class LatentDiffusionModule(Stage):
         except ValueError as err:
             raise ValueError(f"model.init_args.sampler: {err}") from None
         _check_guidance_rescale_and_clip_x0(guidance_rescale, clip_x0, "model.init_args.")
-        if image_guidance is not None and condition == "text":
-            raise ValueError("model.init_args.image_guidance guides an image embedding: it needs condition "
-                             "text+image_embedding (unCLIP's decoder)")
+        if image_guidance is not None and condition != "text+image_embedding":
+            raise ValueError(f"model.init_args.image_guidance guides the image embedding apart from the caption: it "
+                             f"needs condition text+image_embedding (unCLIP's decoder), not {condition!r}")
         if repa:
             try:
                 repa = vars(RepaConfig.from_dict(dict(repa)))  # parsed and checked before save_hyperparameters
@@ -576,7 +576,7 @@ class LatentDiffusionModule(Stage):
 
     def on_validation_epoch_start(self) -> None:
         # held in a dict, not as a submodule: no state in checkpoints, nothing for FSDP to wrap
-        self._val_metrics = {"loss": MeanMetric().to(self.device)}
+        self._val_metrics = {"loss": MeanMetric(nan_strategy="disable").to(self.device)}  # a NaN batch shows
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         # fixed t and noise per batch, so val/loss moves only with the weights
@@ -715,8 +715,13 @@ class LatentDiffusionModule(Stage):
         (None: guided with the caption, one scale)."""
         if image_guidance is None:
             return self.hparams.get("image_guidance")
-        if self.hparams.get("condition", "text") == "text":
+        condition = self.hparams.get("condition", "text")
+        if condition == "text":
             raise ValueError("image_guidance guides an image embedding: this model is conditioned on text only")
+        if condition != "text+image_embedding":
+            raise ValueError(f"image_guidance guides the image embedding apart from the caption, and this decoder "
+                             f"(condition: {condition}) never sees a caption: `guidance` is its image embedding's "
+                             f"scale")
         return float(image_guidance)
 
     @torch.no_grad()
@@ -754,7 +759,9 @@ class LatentDiffusionModule(Stage):
         (the learned null embedding) beside the empty or negative caption.
         `x_T`: the starting latents [B, C, h, w] (a clip's [B, T, C, h, w]) instead of seeded noise (an inverted
         image, `invert`).
-        `image_guidance`: the image embedding's own guidance scale (see `__init__`); None takes the stage's.
+        `image_guidance`: the image embedding's own guidance scale (see `__init__`); None takes the stage's. With
+        the empty caption and no negative prompt (variations, interpolations) it is the only scale: `guidance` then
+        has no caption to guide.
         """
         h = self.hparams
         guidance = h.guidance if guidance is None else float(guidance)
@@ -790,8 +797,12 @@ class LatentDiffusionModule(Stage):
             # one generator per sample: its x_T, then (ddpm, ddim with eta > 0) its step noise, whatever its batch
             generator = [torch.Generator().manual_seed(int(s)) for s in seed]
             x_T = torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(self.device)
-        model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale,
-                                image_scale=self.image_guidance_scale(image_guidance))
+        image_scale = self.image_guidance_scale(image_guidance)
+        if image_scale is not None and negative_prompts is None and all(p == "" for p in prompts):
+            # no caption to guide apart (variations, interpolations): the caption's branch is the image branch, so
+            # the image embedding's scale is the only one (u + s_I (i - u)), in one forward of two
+            guidance, image_scale = image_scale, None
+        model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale, image_scale=image_scale)
         kwargs = dict(generator=generator, x_T=x_T, progress=progress, device=self.device, steps=steps)
         if self.objective == "ddpm":  # the flow samplers (euler, heun) integrate the velocity: nothing more to say
             kwargs.update(prediction=self.prediction, clip_x0=clip_x0 or None)

@@ -181,7 +181,8 @@ class DiffusionPriorModule(Stage):
         self._clip_hash: str | None = None
         # per-sample rows, gathered from every rank at the epoch's end. All 1-D ([N] or flattened [N * E]): a rank
         # with no val sample syncs torchmetrics' 1-D empty placeholder, and the tensors gathered must agree in rank
-        self._metrics = {name: CatMetric() for name in ("key", "loss", "prior_cos", "text_cos", "image", "pooled")}
+        self._metrics = {name: CatMetric(nan_strategy="disable")  # a NaN shows in the figures, not dropped
+                         for name in ("key", "loss", "prior_cos", "text_cos", "image", "pooled")}
         self._metrics["key"].set_dtype(torch.float64)
 
     # ----------------------------------------------------------------------------------------------- loading
