@@ -473,6 +473,8 @@ def test_sample_command_names_what_is_missing_or_wrong(stack, tmp_path, capsys):
     err = _error(capsys, ["sample", "--ckpt", text, "--prompt", "a red circle", "--image-guidance", "2", "--out",
                           str(tmp_path / "x.png")])
     assert "--image-guidance" in err and "conditioned on text only" in err
+    err = _error(capsys, ["evaluate", "--ckpt", text, "--data", str(tmp_path / "none-*.tar"), "--image-guidance", "2"])
+    assert "image_guidance" in err and "conditioned on text only" in err
     err = _error(capsys, ["sample", "--ckpt", dec, "--edit", "a blue square", "--from", "a red circle"])
     assert "--image" in err
     assert not list(tmp_path.glob("x*.png"))
