@@ -188,10 +188,11 @@ def _setup(shape, x_T, generator, device, dtype):
     if device is None:
         device = x_T.device if x_T is not None else torch.device("cpu")
     device = torch.device(device)
-    if x_T is None and isinstance(generator, (list, tuple)):  # one generator per sample (samplers._randn)
-        from lit_diffusion.diffusion.samplers import _randn
-
-        x_T = _randn(shape, generator, device, dtype)
+    if x_T is None and isinstance(generator, (list, tuple)):  # one generator per sample, as samplers._randn takes
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
+        x_T = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype)
+                           for g in generator])
     elif x_T is None:
         # a generator on another device than the sampler draws there and is copied once
         gen_device = generator.device if generator is not None else device
