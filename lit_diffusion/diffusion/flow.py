@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from lit_diffusion.diffusion.schedule import ModelPrediction, NoiseSchedule
+from lit_diffusion.diffusion.schedule import ModelPrediction, NoiseSchedule, randn_per_sample
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 """model_fn(x_t, t * time_scale) -> velocity, the shape of x_t."""
@@ -188,11 +188,8 @@ def _setup(shape, x_T, generator, device, dtype):
     if device is None:
         device = x_T.device if x_T is not None else torch.device("cpu")
     device = torch.device(device)
-    if x_T is None and isinstance(generator, (list, tuple)):  # one generator per sample, as samplers._randn takes
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
-        x_T = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype)
-                           for g in generator])
+    if x_T is None and isinstance(generator, (list, tuple)):  # one generator per sample
+        x_T = randn_per_sample(shape, generator, dtype)
     elif x_T is None:
         # a generator on another device than the sampler draws there and is copied once
         gen_device = generator.device if generator is not None else device

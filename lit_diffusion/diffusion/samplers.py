@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lit_diffusion.diffusion.flow import FLOW_SAMPLERS, FlowSchedule
-from lit_diffusion.diffusion.schedule import ModelPrediction, NoiseSchedule
+from lit_diffusion.diffusion.schedule import ModelPrediction, NoiseSchedule, randn_per_sample
 
 ModelFn = Callable[[Tensor, Tensor], "Tensor | ModelPrediction"]
 Callback = Callable[[int, Tensor, Tensor, ModelPrediction], None]
@@ -67,12 +67,8 @@ def _setup(schedule: NoiseSchedule, shape, x_T, generator, device, dtype):
 def _randn(shape, generator: torch.Generator | Sequence[torch.Generator] | None, device, dtype) -> Tensor:
     """Standard normal noise of `shape`. `generator` may be one per sample (a sequence as long as the batch): each
     sample's noise then comes from its own generator, so it does not depend on the batch it is sampled in."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per sample")
-        # drawn where the generators are, then moved at once: one host-to-device copy a step, not one a sample
-        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.stack(rows).to(device)
+    if isinstance(generator, (list, tuple)):  # one host-to-device copy a step, not one a sample
+        return randn_per_sample(shape, generator, dtype).to(device)
     # a CPU generator with a GPU sampler costs a copy per step; pass a generator on the sampling device
     if generator is not None and generator.device.type != torch.device(device).type:
         return torch.randn(shape, generator=generator, dtype=dtype).to(device)

@@ -69,6 +69,13 @@ def _extract(buf: Tensor, t: Tensor, x: Tensor) -> Tensor:
     return buf[t].reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def randn_per_sample(shape, generators, dtype=torch.float32) -> Tensor:
+    """Standard normal noise [B, ...] whose row i comes from `generators[i]` (one per sample), drawn where each
+    generator lives: a sample's noise then does not depend on the batch it is sampled in. Move the result at once."""
+    if len(generators) != shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {shape[0]}: give one per sample")
+    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generators])
+
 class NoiseSchedule(nn.Module):
     """DDPM constants and the conversions between eps-, v- and x0-parameterisations.
 

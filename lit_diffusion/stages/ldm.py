@@ -31,7 +31,7 @@ from lit_diffusion.data.latents import check_hashes, require_image_embeddings, s
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.flow import FlowSchedule
 from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning, drop_image_embedding
-from lit_diffusion.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTIONS, NoiseSchedule
+from lit_diffusion.diffusion.schedule import LOSS_WEIGHTINGS, PREDICTIONS, NoiseSchedule, randn_per_sample
 from lit_diffusion.models.conditions import Conditioning, size_condition
 from lit_diffusion.models.dit import DiT, DiTConfig
 from lit_diffusion.models.repa import (
@@ -796,7 +796,7 @@ class LatentDiffusionModule(Stage):
                 raise ValueError(f"{len(seed)} seeds for {b} prompts")
             # one generator per sample: its x_T, then (ddpm, ddim with eta > 0) its step noise, whatever its batch
             generator = [torch.Generator().manual_seed(int(s)) for s in seed]
-            x_T = torch.stack([torch.randn(shape[1:], generator=g) for g in generator]).to(self.device)
+            x_T = randn_per_sample(shape, generator).to(self.device)
         image_scale = self.image_guidance_scale(image_guidance)
         if image_scale is not None and negative_prompts is None and all(p == "" for p in prompts):
             # no caption to guide apart (variations, interpolations): the caption's branch is the image branch, so
