@@ -273,11 +273,10 @@ def cmd_sample(args) -> None:
         raise ValueError(f"{', '.join(unclip_options)}: {args.ckpt} is not an unCLIP decoder (it is conditioned on "
                          f"text only, condition: {model.hparams.condition}); these options need a decoder trained "
                          f"with condition text+image_embedding or image_embedding")
-    if args.image_guidance is not None:  # this model's default in every mode (edits too); refused for a text model
-        try:
-            model.hparams.image_guidance = model.image_guidance_scale(args.image_guidance)
-        except ValueError as err:
-            raise ValueError(f"--image-guidance: {err}") from None
+    try:  # this model's default in every mode (edits too); refused for a text model
+        model.use_image_guidance(args.image_guidance)
+    except ValueError as err:
+        raise ValueError(f"--image-guidance: {err}") from None
     if model.image_conditioned and not unclip_options:
         raise ValueError(f"{args.ckpt} is an unCLIP decoder (condition: {model.hparams.condition}): it decodes CLIP "
                          f"image embeddings, so give where they come from: {UNCLIP_SOURCES}")

@@ -857,8 +857,7 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
     batch_size = int(ev.get("batch_size", 100))
     decoder_path = root / "ldm.ckpt"
     decoder = LatentDiffusionModule.from_checkpoint(decoder_path, map_location=device)
-    if ev.get("image_guidance") is not None:  # as the stack's evaluation samples (`_eval_config`)
-        decoder.hparams.image_guidance = decoder.image_guidance_scale(float(ev["image_guidance"]))
+    decoder.use_image_guidance(_eval_config(cfg).image_guidance)  # as the stack's evaluation samples
     prior = load_prior_for(decoder, decoder_path, root / "prior.ckpt", device)
     systems = {"unclip": stack}
     results, _, _ = evaluate_checkpoint(decoder_path, data["val_urls"], _eval_config(cfg), root / "eval" / "true",

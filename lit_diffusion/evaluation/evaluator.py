@@ -537,8 +537,7 @@ def evaluate_checkpoint(ckpt: str | Path, data_urls, config: EvalConfig, out_dir
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LatentDiffusionModule.from_checkpoint(ckpt, map_location=device)
-    if config.image_guidance is not None:  # the checkpoint's default for every sample call below
-        model.hparams.image_guidance = model.image_guidance_scale(config.image_guidance)
+    model.use_image_guidance(config.image_guidance)  # the default of every sample call below
     prior = load_prior_for(model, ckpt, prior_ckpt, device) if prior_ckpt is not None else None
     size = image_size or int(model.hparams.image_size)
     config = replace(config, data_id=eval_data_id(data_urls), resolution=size)

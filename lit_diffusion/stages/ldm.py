@@ -724,6 +724,12 @@ class LatentDiffusionModule(Stage):
                              f"scale")
         return float(image_guidance)
 
+    def use_image_guidance(self, image_guidance: float | None) -> None:
+        """Make `image_guidance` this module's default for every later `sample` (checked as `image_guidance_scale`
+        checks it); None keeps the default it has."""
+        if image_guidance is not None:
+            self.hparams.image_guidance = self.image_guidance_scale(image_guidance)
+
     @torch.no_grad()
     def sample(
         self,
