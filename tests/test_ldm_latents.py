@@ -5,7 +5,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_UNET, tiny_datamodule
+from conftest import TINY_UNET, retry_on_gloo_teardown_abort, tiny_datamodule
 
 from lit_diffusion.callbacks.evaluation import real_images
 from lit_diffusion.data.datamodule import LatentDataModule
@@ -191,11 +191,6 @@ def test_two_ranks_validate_as_one_process_when_one_rank_has_no_val_batch(tiny_c
         return trainer.validate(model, datamodule=latent_datamodule(latents, val_max_samples=1), verbose=False)[0]
 
     single = validate(devices=1)
-    try:
-        ddp = validate(devices=2, strategy="ddp_spawn")
-    except torch.multiprocessing.ProcessExitedException as e:  # gloo's rare teardown abort (tests/test_vae_stage.py)
-        if "SIGABRT" not in str(e):
-            raise
-        ddp = validate(devices=2, strategy="ddp_spawn")
+    ddp = retry_on_gloo_teardown_abort(lambda: validate(devices=2, strategy="ddp_spawn"))
     assert set(ddp) == set(single) == {"val/loss"}
     assert ddp["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import retry_on_gloo_teardown_abort
 
 from lit_diffusion.data.datamodule import LatentDataModule
 from lit_diffusion.diffusion.flow import FlowSchedule
@@ -268,14 +269,8 @@ def test_two_ranks_evaluate_as_one_process(trained, embedded_latents, tmp_path, 
     module = DiffusionPriorModule.from_checkpoint(path)
     data = lambda: _data(embedded_latents, val_max_samples=val_max_samples)  # noqa: E731
     single = _trainer(tmp_path).validate(module, datamodule=data(), verbose=False)[0]
-    try:
-        ddp = _trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(module, datamodule=data(),
-                                                                           verbose=False)[0]
-    except torch.multiprocessing.ProcessExitedException as e:  # gloo's rare teardown abort (tests/test_vae_stage.py)
-        if "SIGABRT" not in str(e):
-            raise
-        ddp = _trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(module, datamodule=data(),
-                                                                           verbose=False)[0]
+    ddp = retry_on_gloo_teardown_abort(lambda: _trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(
+        module, datamodule=data(), verbose=False)[0])
     assert set(ddp) == set(single) == {"val/loss", "val/prior_cos", "val/prior_cos_text_baseline",
                                        "val/prior_cos_unrelated"}
     for key in single:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY_DIT, TINY_UNET
+from conftest import TINY_DIT, TINY_UNET, retry_on_gloo_teardown_abort
 
 from lit_diffusion.models.dit import DiT, DiTConfig
 from lit_diffusion.models.repa import (
@@ -389,12 +389,7 @@ def _ddp_worker(rank: int, port: int, out: str):
 @pytest.mark.slow
 def test_ddp_gradients_of_the_alignment_loss_equal_one_process_on_the_whole_batch(tmp_path):
     out = tmp_path / "grads.pt"
-    try:
-        mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    except mp.ProcessExitedException as e:  # gloo's rare teardown abort (tests/test_vae_stage.py): one more try
-        if "SIGABRT" not in str(e):
-            raise
-        mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    retry_on_gloo_teardown_abort(lambda: mp.spawn(_ddp_worker, args=(_free_port(), str(out)), nprocs=2, join=True))
     two = torch.load(out)
     nets = _nets()
     x, t, target = _inputs()
