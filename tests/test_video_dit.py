@@ -14,6 +14,8 @@ from lit_diffusion.diffusion.schedule import NoiseSchedule
 from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.models.dit import DiT, DiTConfig, patchify_video, temporal_embedding, unpatchify_video
 
+from conftest import retry_on_gloo_teardown_abort
+
 
 def _unfold_reference(x, tp, p):
     """Tubelets by torch's unfold over frames, rows and columns: [B, T, C, H, W] -> [B, N, tp*p*p*C]."""
@@ -131,3 +133,85 @@ def test_samplers_and_guidance_run_unchanged_on_clips(attention):
         one = Conditioning(context=cond.context[1:], mask=cond.mask[1:])
         alone = run(cfg_model_fn(net, one, uncond, scale=3.0), x_T[1:].shape, x_T[1:])
         assert (both[1:] - alone).abs().max() <= 1e-5 * both.abs().max()
+
+
+def _joint_net(kind):
+    from lit_diffusion.models.unet import UNet
+
+    if kind == "dit":
+        net = DiT(DiTConfig(in_channels=4, out_channels=4, patch_size=2, hidden_size=16, depth=1, num_heads=2,
+                            context_dim=None, attention="factorised"))
+    else:
+        net = UNet(dict(in_channels=4, out_channels=4, model_channels=8, channel_mult=(1,), num_res_blocks=1,
+                        attention_resolutions=(), head_dim=4, norm_groups=4, context_dim=None,
+                        temporal_attention=True))
+    return _randomise(net)  # zero-initialised outputs would give every gradient but the last layer's as zero
+
+
+def _joint_batch(step, rank):
+    """Step 0 clips on both ranks, step 1 an image batch on rank 0 and clips on rank 1, step 2 images on both."""
+    frames = 1 if (step == 1 and rank == 0) or step == 2 else 4
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(2, frames, 4, 4, 4, generator=g), torch.rand(2, generator=g)
+
+
+def _joint_worker(rank, port, kind, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        ddp = DDP(_joint_net(kind))  # find_unused_parameters=False, as Lightning's "ddp" strategy
+        grads = []
+        for step in range(3):
+            ddp.zero_grad(set_to_none=True)
+            x, t = _joint_batch(step, rank)
+            x = x[:, 0] if x.shape[1] == 1 and step == 2 else x  # an image as [B, C, H, W] too
+            ddp(x, t, Conditioning()).pow(2).mean().backward()
+            grads.append({n: p.grad.clone() for n, p in ddp.module.named_parameters()})
+        torch.save(grads, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["dit", "unet"])
+def test_joint_image_and_video_batches_train_under_ddp(kind, tmp_path):
+    """Images skip the temporal layers (a factorised DiT's, a U-Net's temporal attention), yet DDP, which reduces
+    every parameter's gradient at every step, trains on steps where some or all ranks hold images: the temporal
+    layers get zero gradients from images, and every gradient is the mean of the two ranks' single-process ones."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def run():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_joint_worker, args=(port, kind, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+
+    retry_on_gloo_teardown_abort(run)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    net = _joint_net(kind)
+    from lit_diffusion.models.layers import TemporalAttention
+
+    temporal = [f"{m}.{n}" for m, mod in net.named_modules() for n, _ in mod.named_parameters()
+                if isinstance(mod, TemporalAttention) or m.endswith(("temporal_attn", "norm_temporal"))]
+    assert temporal
+    for step in range(3):
+        ref = {}
+        for rank in range(2):
+            net.zero_grad(set_to_none=True)
+            x, t = _joint_batch(step, rank)
+            x = x[:, 0] if x.shape[1] == 1 and step == 2 else x
+            net(x, t, Conditioning()).pow(2).mean().backward()
+            for n, p in net.named_parameters():
+                g = torch.zeros_like(p) if p.grad is None else p.grad
+                ref[n] = ref.get(n, 0) + g / 2
+        for n in ref:
+            assert torch.allclose(ranks[0][step][n], ref[n], atol=1e-6), (step, n)
+            assert torch.equal(ranks[0][step][n], ranks[1][step][n])
+        if step == 2:  # images on both ranks: nothing reaches the temporal layers
+            assert all(ranks[0][step][n].abs().max() == 0 for n in temporal)
+        else:
+            assert any(ranks[0][step][n].abs().max() > 0 for n in temporal)

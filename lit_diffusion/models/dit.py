@@ -41,6 +41,7 @@ from lit_diffusion.models.layers import (
     add_global_conditions,
     add_image_embedding,
     grid_embedding,
+    keep_in_graph,
     temporal_embedding,
     timestep_embedding,
 )
@@ -223,6 +224,8 @@ class FactorisedDiTBlock(DiTBlock):
         if frames > 1:
             h = self.norm_temporal(x).reshape(b, frames, n, d).transpose(1, 2).reshape(b * n, frames, d)
             x = x + self.temporal_attn(h).reshape(b, n, frames, d).transpose(1, 2).reshape(b, fn, d)
+        else:  # an image: the temporal layers are skipped, but DDP needs their (zero) gradients
+            x = keep_in_graph(x, self.norm_temporal, self.temporal_attn)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, mask)
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))

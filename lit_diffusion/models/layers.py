@@ -231,6 +231,18 @@ class SpatialTransformer(nn.Module):
         return x + out
 
 
+def keep_in_graph(x: Tensor, *modules: nn.Module) -> Tensor:
+    """`x`, plus zero times the modules' parameters when gradients are recorded: a branch skipped for this batch
+    (the temporal layers on a one-frame batch, an image in joint image+video training) then gets zero gradients,
+    not none. DDP reduces every parameter's gradient on every rank at every step, and a parameter that one step
+    leaves out makes the next step fail, or the ranks wait for each other, when some ranks hold images and others
+    clips."""
+    if not torch.is_grad_enabled():
+        return x
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    return x + 0.0 * sum(p.sum() for p in params) if params else x
+
+
 class TemporalAttention(nn.Module):
     """The video U-Net's temporal layer (Video Diffusion Models, Ho et al. 2022: factorised space-time attention;
     Video LDM, Blattmann et al. 2023): self-attention across the frames at each spatial position of a feature map
@@ -249,7 +261,7 @@ class TemporalAttention(nn.Module):
 
     def forward(self, x: Tensor, frames: int) -> Tensor:
         if frames == 1:
-            return x
+            return keep_in_graph(x, self)
         bt, c, h, w = x.shape
         b = bt // frames
         # [B*T, C, H, W] -> [B, T, H, W, C] -> [B*H*W, T, C]: each position's frames one sequence
