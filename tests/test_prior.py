@@ -158,10 +158,12 @@ def test_of_two_draws_the_one_closer_to_the_caption_is_kept(trained):
     cond = module.encode_prompts(["a red circle", "a green square", "a blue triangle"])
     seeds = [11, 12, 13]
     best = module.sample_embeddings(cond, seeds=seeds, candidates=2)
-    # the two draws, one by one: draw j of a caption comes from its generator's j-th row
+    # the two draws, one by one: draw j of a caption comes from the j-th row of its generator, seeded by
+    # key_seed(f"{seed}/x_T") (not by the seed itself, which the decoder's latent is drawn from)
     draws = []
     for j in range(2):
-        noise = torch.stack([torch.randn(2, 32, generator=torch.Generator().manual_seed(s))[j] for s in seeds])
+        noise = torch.stack([torch.randn(2, 32, generator=torch.Generator().manual_seed(key_seed(f"{s}/x_T")))[j]
+                             for s in seeds])
         x0 = sample_x0(module.prior, module.schedule, cond, module.null_cond(3), module.hparams.guidance,
                        module.hparams.sampler, module.hparams.sample_steps, noise)
         draws.append(module.to_clip_space(x0))

@@ -242,6 +242,31 @@ def test_generate_is_the_prior_then_the_decoder_with_the_same_seeds(unclip, capl
     assert any("the negative prompt steers the decoder only" in r.getMessage() for r in caplog.records)
 
 
+def test_the_prior_and_the_decoder_start_from_unrelated_noise_for_one_seed(unclip, monkeypatch):
+    """generate() gives the prior and the decoder the same seeds; their starting noise must still be independent
+    draws (it was once the same generator's: the decoder's latent began with the prior's noise, so the image's
+    noise was a function of its embedding)."""
+    import lit_diffusion.stages.prior as prior_stage
+
+    seen = {}
+    real = prior_stage.sample_x0
+
+    def spy(net, schedule, cond, uncond, guidance, sampler, steps, x_T, **kwargs):
+        seen["prior"] = x_T.clone()
+        return real(net, schedule, cond, uncond, guidance, sampler, steps, x_T, **kwargs)
+
+    monkeypatch.setattr(prior_stage, "sample_x0", spy)
+    e = unclip.prior.sample(["a small red circle"], seed=[5], guidance=1.0)
+    d = unclip.decoder  # its x_T for seed [5], as sample() draws it
+    latent = torch.randn(d.latent_channels, *d.latent_shape(), generator=torch.Generator().manual_seed(5)).flatten()
+    prior_noise = seen["prior"].flatten()
+    n = min(len(latent), len(prior_noise))
+    assert e.shape[0] == 1 and n > 8
+    # no shared run of values (a shared generator gives equal prefixes), and no correlation
+    assert not torch.isin(prior_noise[:n], latent).any()
+    assert abs(torch.corrcoef(torch.stack([prior_noise[:n], latent[:n]]))[0, 1]) < 0.5
+
+
 def test_variations_redraw_the_noise_per_seed_and_keep_the_embedding(unclip):
     images = _images(2)
     out = unclip.variations(images, per_image=3, seed=10, guidance=2.0)

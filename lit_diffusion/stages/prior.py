@@ -307,8 +307,11 @@ class DiffusionPriorModule(Stage):
         if len(seeds) != b:
             raise ValueError(f"{len(seeds)} seeds for {b} captions")
         uncond = self.null_cond(b) if uncond is None else uncond.expand(b)
-        # draw j of caption i is row j * B + i: every caption's draws from its own generator, in a fixed order
-        noise = torch.stack([torch.randn(candidates, e, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        # draw j of caption i is row j * B + i: every caption's draws from its own generator, in a fixed order. Not
+        # seeded by the seed itself: unCLIP gives the decoder the same seeds, and its starting latent, drawn from
+        # manual_seed(seed), would begin with exactly this noise, tying the image's noise to its embedding
+        noise = torch.stack([torch.randn(candidates, e, generator=torch.Generator().manual_seed(key_seed(f"{s}/x_T")))
+                             for s in seeds])
         x_T = noise.transpose(0, 1).reshape(candidates * b, e).to(self.device)
         # ddpm's step noise: row j * B + i from its own generator, so a caption's draws do not depend on its batch
         step_noise = [torch.Generator().manual_seed(key_seed(f"{s}/{j}")) for j in range(candidates) for s in seeds]
