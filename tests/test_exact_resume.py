@@ -121,3 +121,45 @@ def test_two_ranks_killed_and_resumed_end_with_the_uninterrupted_runs_weights(ti
         code, log = results[0]
         assert (code != 0) if kill_at >= 0 else (code == 0), log[-3000:]
     assert_bit_identical(final_weights(root, "whole"), final_weights(root, "killed"))
+
+
+def _rng_worker(rank, port, out_dir):
+    import torch.distributed as dist
+
+    from lit_diffusion.runtime.rng import TrainingRNG
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # every rank seeded alike, as seed_everything does
+        outside = torch.get_rng_state()
+        rng, draws = TrainingRNG(), []
+        for step in range(2):
+            rng.on_train_batch_start(None, None, None, step)
+            draws.append(torch.randn(4))
+            rng.on_train_batch_end(None, None, None, None, step)
+        torch.save({"draws": torch.stack(draws), "outside_kept": torch.equal(torch.get_rng_state(), outside)},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_draws_its_own_training_noise(tmp_path):
+    """The ranks are seeded alike; their training steps must still draw different noise (else W ranks make one draw
+    per batch position), rank 0 the noise one process draws, and what runs between steps keeps its own stream."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from conftest import retry_on_gloo_teardown_abort
+
+    def run():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_rng_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+
+    retry_on_gloo_teardown_abort(run)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    torch.testing.assert_close(ranks[0]["draws"], torch.randn(2, 4))  # one process's stream
+    assert not torch.isin(ranks[1]["draws"], ranks[0]["draws"]).any()
+    assert ranks[0]["outside_kept"] and ranks[1]["outside_kept"]

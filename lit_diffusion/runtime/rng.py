@@ -9,12 +9,15 @@ draws a worker seed; validation, sample grids and evaluation may draw). So the t
 their own: `TrainingRNG` swaps the training stream's state in before every step (`on_train_batch_start`) and
 out after it (`on_train_batch_end`), and checkpoints it, for every rank: torch's CPU generator, the current CUDA
 device's, numpy's and Python's. What runs between steps draws from the other stream, which is not saved.
+Under DDP each rank's training stream is its own (`split_per_rank`): the ranks are seeded alike, and would
+otherwise draw the same noise and timesteps for their i-th samples.
 The loader workers draw from nothing global: their shard, shuffle and flip draws are seeded by (seed, rank,
 worker, epoch) and positioned by the data module's own state (`data.datamodule.EpochLoader`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 
@@ -64,6 +67,27 @@ def _native(saved: dict) -> dict:
     return out
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def split_per_rank() -> None:
+    """Give each rank a training stream of its own, derived from the global state and the rank. Every rank is
+    seeded alike (`seed_everything`, so that the weights start equal), and without this each rank would draw the
+    same timesteps, noise and condition dropout for its i-th sample as every other rank: W ranks would make one
+    draw per batch position, not W. Rank 0 keeps the global state, so one process draws what it always drew."""
+    rank, world = _rank_and_world()
+    if world == 1 or rank == 0:
+        return
+    digest = hashlib.blake2b(torch.get_rng_state().numpy().tobytes() + f"/rank{rank}".encode(), digest_size=8)
+    seed = int.from_bytes(digest.digest(), "little") >> 1
+    torch.manual_seed(seed)  # the CPU generator and every CUDA device's
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 class TrainingRNG(Callback):
     """The training steps' own random stream, saved in checkpoints for every rank and restored on resume."""
 
@@ -76,6 +100,8 @@ class TrainingRNG(Callback):
         self._outside = get_states()
         if self._training is not None:
             set_states(self._training)
+        else:
+            split_per_rank()
         self._inside = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -97,8 +123,7 @@ class TrainingRNG(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         ranks = state_dict.get("ranks") or []
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank, world = _rank_and_world()
         if len(ranks) != world:
             log.warning("resuming with world size %d from random states saved by %d ranks: the training steps "
                         "draw other random numbers than the uninterrupted run would have", world, len(ranks))
