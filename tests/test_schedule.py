@@ -173,6 +173,18 @@ def test_offset_noise_adds_per_channel_constant():
     assert torch.equal(offset, again)
 
 
+def test_offset_noise_on_clips_is_one_constant_per_clip_and_channel():
+    """[B, T, C, h, w]: the offset is shared by the clip's frames and differs between its channels (it was once drawn
+    per frame and shared by the channels: a flicker, not a brightness shift)."""
+    shape = (2000, 4, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    offset = NoiseSchedule.sample_noise(shape, 0.5, g) - torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(offset, offset[:, :1, :, :1, :1].expand(shape), atol=1e-6)  # constant over frames, pixels
+    per_channel = offset[:, 0, :, 0, 0]  # [B, C]
+    assert per_channel.var(0).mean().item() == pytest.approx(0.25, rel=0.1)
+    assert (per_channel[:, 0] - per_channel[:, 1]).abs().max() > 0.1
+
+
 def test_p_losses_regresses_the_right_target():
     sch = NoiseSchedule(1000)
     g = torch.Generator().manual_seed(3)

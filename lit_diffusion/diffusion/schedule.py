@@ -152,10 +152,13 @@ class NoiseSchedule(nn.Module):
     def sample_noise(shape, offset_noise: float = 0.0, generator: torch.Generator | None = None, device=None,
                      dtype=torch.float32) -> Tensor:
         """Standard normal noise; `offset_noise` > 0 adds a per-(sample, channel) constant, N(0, offset^2), so the
-        model learns to change an image's mean brightness (Guttenberg 2023, "Diffusion with offset noise")."""
+        model learns to change an image's mean brightness (Guttenberg 2023, "Diffusion with offset noise"). A clip
+        [B, T, C, h, w] gets one constant per (clip, channel), the same in every frame: a shift of the clip's mean,
+        not a flicker from frame to frame."""
         noise = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         if offset_noise:
-            offset_shape = (shape[0], shape[1], *([1] * (len(shape) - 2)))
+            channel = 2 if len(shape) == 5 else 1  # [B, C, h, w] or [B, T, C, h, w]
+            offset_shape = tuple(n if i in (0, channel) else 1 for i, n in enumerate(shape))
             noise = noise + offset_noise * torch.randn(offset_shape, generator=generator, device=device, dtype=dtype)
         return noise
 
