@@ -101,6 +101,23 @@ def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts):
         video_model.model_step(short, train=False)
 
 
+def test_in_loop_evaluation_of_a_video_model_on_an_image_clip_is_refused_before_training(clips, tiny_ckpts, tmp_path):
+    """The video figures embed clips with the frozen CLIP; with an image CLIP they cannot be computed, and the run is
+    refused at its start (it used to fail at the first evaluation, every_n_steps into the run)."""
+    import lightning as L
+
+    from lit_diffusion.callbacks.evaluation import DiffusionEvaluation
+
+    module = _video_ldm(tiny_ckpts)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path), callbacks=[DiffusionEvaluation(every_n_steps=1000)])
+    with pytest.raises(ValueError, match=r"a 4-frame video model needs a CLIP that reads 4-frame clips .*, but its "
+                                         r"frozen CLIP \(clip_ckpt\) has an image tower \(vision.frames 1\)"):
+        trainer.fit(module, datamodule=_data(clips))
+    assert trainer.global_step == 0
+
+
 def test_a_video_model_draws_an_animated_grid(clips, tiny_ckpts, tmp_path):
     """SampleGrid on a video model: a PNG whose cells are the clips' frames side by side and an animated GIF with one
     labelled grid per frame."""

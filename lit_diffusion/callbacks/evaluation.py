@@ -21,7 +21,7 @@ import lightning as L
 
 from lit_diffusion.callbacks.ema import averaged_weights
 from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, eval_data_id, write_results
-from lit_diffusion.evaluation.video import VideoEvaluator
+from lit_diffusion.evaluation.video import VideoEvaluator, check_video_clip
 
 log = logging.getLogger("lit_diffusion")
 
@@ -66,6 +66,11 @@ class DiffusionEvaluation(L.Callback):
     def _loader(self):
         dm = self._data
         return dm.eval_dataloader(self.config.num_samples) if hasattr(dm, "eval_dataloader") else dm.val_dataloader()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        frames = int(getattr(pl_module.hparams, "frames", 1))
+        if frames > 1:  # refused now, not at the first evaluation, every_n_steps into the run
+            check_video_clip(pl_module.clip, frames)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

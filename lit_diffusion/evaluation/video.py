@@ -52,12 +52,29 @@ class ClipFeatures(nn.Module):
         return self.clip.encode_image(x * 2 - 1).float()
 
 
+def check_video_clip(clip_module, frames: int) -> None:
+    """A `frames`-frame model's figures (CLIP score, FID of frames, FCD) need its frozen CLIP to read clips of as
+    many frames: an image CLIP, or one of other clips, is refused here, before training, not at the first
+    evaluation. (Only a CLIPModule is checked; a stand-in that embeds clips its own way passes.)"""
+    model = getattr(clip_module, "model", None)
+    if model is None:
+        return
+    visual = getattr(model, "visual", None)
+    if visual is None or visual.cfg.frames != frames:
+        what = ("no image tower" if visual is None else "an image tower (vision.frames 1)" if visual.cfg.frames == 1
+                else f"a tower reading {visual.cfg.frames}-frame clips")
+        raise ValueError(f"evaluating a {frames}-frame video model needs a CLIP that reads {frames}-frame clips (CLIP "
+                         f"score, FID of frames, FCD), but its frozen CLIP (clip_ckpt) has {what}: train the CLIP on "
+                         f"the model's clips (configs/clip/moving_shapes.yaml), or leave out the evaluation")
+
+
 class VideoEvaluator:
     """The metrics of the module docstring, per guidance scale, kept between evaluations (the real statistics)."""
 
     def __init__(self, config: EvalConfig, clip_module, frames: int):
         if config.aspect_ratios:
             raise ValueError("evaluation aspect_ratios: video models are evaluated at their own size")
+        check_video_clip(clip_module, frames)
         self.config, self.clip, self.frames = config, clip_module, frames
         self.frame_features = ClipFeatures(clip_module, frames, still_frames=True)
         self.clip_features = ClipFeatures(clip_module, frames)
