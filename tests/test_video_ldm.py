@@ -118,6 +118,40 @@ def test_in_loop_evaluation_of_a_video_model_on_an_image_clip_is_refused_before_
     assert trainer.global_step == 0
 
 
+def test_the_models_frame_stride_is_the_datas_and_evaluation_reads_real_clips_at_it(clips, tiny_ckpts, tmp_path,
+                                                                                      monkeypatch):
+    """A model trained on clips read at stride 2 generates clips twice as fast as at stride 1: the data module's
+    stride must be the model's, and offline evaluation reads the real clips at the model's (it read them at 1)."""
+    import lightning as L
+
+    import lit_diffusion.data.video as video
+    from lit_diffusion.evaluation.evaluator import EvalConfig, evaluate_checkpoint
+
+    module = _video_ldm(tiny_ckpts)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="clips are read at frame_stride 2, but model.init_args.frame_stride is 1"):
+        trainer.fit(module, datamodule=_data(clips, frame_stride=2, short="loop"))
+    module = _video_ldm(tiny_ckpts, frame_stride=2)
+    trainer = _fit(module, _data(clips, frame_stride=2, short="loop"), 1, tmp_path)
+    trainer.save_checkpoint(tmp_path / "ldm.ckpt")
+
+    built = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(**kwargs):
+        built.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(video, "VideoDataModule", capture)
+    with pytest.raises(Stop):
+        evaluate_checkpoint(tmp_path / "ldm.ckpt", str(clips / "val-*.tar"), EvalConfig(guidance=[1.0]), tmp_path)
+    assert built["frame_stride"] == 2 and built["num_frames"] == FRAMES
+
+
 def test_a_video_model_draws_an_animated_grid(clips, tiny_ckpts, tmp_path):
     """SampleGrid on a video model: a PNG whose cells are the clips' frames side by side and an animated GIF with one
     labelled grid per frame."""

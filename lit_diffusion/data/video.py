@@ -265,6 +265,10 @@ class VideoDataModule(_ShardDataModule):
     def num_frames(self) -> int:
         return self.decoder.num_frames
 
+    @property
+    def frame_stride(self) -> int:
+        return self.decoder.frame_stride
+
     def _decode(self):
         return self.decoder
 

@@ -547,7 +547,7 @@ def evaluate_checkpoint(ckpt: str | Path, data_urls, config: EvalConfig, out_dir
         from lit_diffusion.evaluation.video import VideoEvaluator
 
         dm = VideoDataModule(train_urls=None, val_urls=data_urls, image_size=size, num_frames=frames,
-                             batch_size=batch_size, num_workers=num_workers)
+                             frame_stride=model.frame_stride, batch_size=batch_size, num_workers=num_workers)
         evaluator = VideoEvaluator(config, model.clip, frames)
     else:
         dm = ImageCaptionDataModule(train_urls=None, val_urls=data_urls, image_size=size, batch_size=batch_size,

@@ -69,6 +69,7 @@ class LatentDiffusionModule(Stage):
         init_from: str | None = None,
         image_size: int = 32,
         frames: int = 1,
+        frame_stride: int = 1,
         unet: dict | None = None,
         dit: dict | None = None,
         pooled_text: bool = False,
@@ -111,6 +112,9 @@ class LatentDiffusionModule(Stage):
                 `dit.attention`) and the U-Net frame by frame with attention across the frames
                 (`unet.temporal_attention`, `unet.space_time_attention`); image batches still train either as
                 one-frame videos.
+            frame_stride: a video model's time between frames, in frames of the source clips (the data module's
+                `frame_stride`, which must equal it; latent clips are encoded at 1): `evaluate` reads the real
+                clips at it, so they move as fast as the model's.
             unet: UNetConfig fields; in/out channels and context width default to the VAE's and CLIP's.
             dit: DiTConfig fields (or `preset: B/2` and overrides) instead of `unet`: a transformer over latent
                 patches (models/dit.py). Give one of the two; neither means a default U-Net.
@@ -173,6 +177,8 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"model.init_args.p_uncond_image must be in [0, 1), got {p_uncond_image}")
         if frames < 1:
             raise ValueError(f"model.init_args.frames must be >= 1, got {frames}")
+        if frame_stride < 1:
+            raise ValueError(f"model.init_args.frame_stride must be >= 1, got {frame_stride}")
         if frames > 1 and not dit and not UNetConfig.from_dict(unet or {}).takes_clips:
             raise ValueError(f"model.init_args.frames = {frames}: a video model is the DiT over spatio-temporal "
                              f"patches (model.init_args.dit) or the U-Net with temporal layers "
@@ -438,8 +444,17 @@ class LatentDiffusionModule(Stage):
         # change the frozen encoders' dtypes, and so their hashes)
         datamodule = getattr(self.trainer, "datamodule", None)
         self._bucketed = getattr(datamodule, "buckets", None) is not None
-        for manifest in (getattr(datamodule, "manifests", None) or {}).values():
+        manifests = getattr(datamodule, "manifests", None) or {}
+        for manifest in manifests.values():
             self.check_latents(manifest)
+        stride = 1 if manifests else getattr(datamodule, "frame_stride", None)  # latent clips: encoded at stride 1
+        if self.hparams.frames > 1 and stride is not None and stride != self.frame_stride:
+            raise ValueError(f"the data's clips are read at frame_stride {stride}, but model.init_args.frame_stride is "
+                             f"{self.frame_stride}: set them equal (evaluation reads the real clips at the model's)")
+
+    @property
+    def frame_stride(self) -> int:
+        return int(self.hparams.get("frame_stride", 1))  # checkpoints from before it: 1
 
     def encoder_hashes(self) -> dict[str, str]:
         """`state_dict_hash` of the frozen CLIP and VAE, as `data encode` computes it for the manifest."""
