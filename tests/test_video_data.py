@@ -312,3 +312,19 @@ def test_still_images_smaller_than_the_size_are_skipped_with_small_skip():
     with pytest.raises(Exception, match="small_image: .png is 12x20, smaller than 16 px"):
         VideoDecoder(16, 4, small="skip", images=True)(sample)
     assert VideoDecoder(16, 4, images=True)(sample)["video"].shape == (1, 3, 16, 16)  # upscaled by default
+
+
+def test_a_one_frame_gif_in_joint_data_is_a_still_and_an_animated_one_a_clip():
+    """.gif is an image format and a clip format: in joint image+video data (`images: true`) a one-frame GIF is a
+    still image (it was read as a clip, and skipped as too short, or looped into a still clip with `short: loop`);
+    an animated GIF stays a clip."""
+    still = io.BytesIO()
+    Image.new("RGB", (16, 16), (0, 200, 0)).save(still, format="GIF")
+    out = VideoDecoder(16, 4, images=True)(_sample("s", "gif", still.getvalue(), "a green image"))
+    assert out["video"].shape == (1, 3, 16, 16) and out["caption"] == "a green image"
+    animated = io.BytesIO()
+    frames = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(4)]
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert VideoDecoder(16, 4, images=True)(_sample("a", "gif", animated.getvalue()))["video"].shape == (4, 3, 16, 16)
+    with pytest.raises(Exception, match="short_clip"):  # without images: true a one-frame GIF is a short clip
+        VideoDecoder(16, 4)(_sample("s", "gif", still.getvalue()))

@@ -102,6 +102,16 @@ def _square(frame: Image.Image, size: int) -> np.ndarray:
     return np.asarray(frame)
 
 
+def _one_frame_gif(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as gif:
+            return getattr(gif, "n_frames", 1) == 1
+    except MemoryError:
+        raise
+    except Exception:  # undecodable: the clip reader names and counts it
+        return False
+
+
 class VideoDecoder:
     """Raw tar sample -> {"video": uint8 [T, 3, S, S], "caption", "attrs", "key"}; raises BadSample (see the module
     docstring). Picklable, so DataLoader workers can run it."""
@@ -126,8 +136,8 @@ class VideoDecoder:
         if flip:  # a mirrored clip moves the other way: its caption would be wrong
             raise ValueError("random_flip mirrors a clip's motion (left <-> right) and would contradict its caption")
         ext = next((e for e in VIDEO_EXTENSIONS if e in sample), None)
-        if ext is None and self.images:
-            return self._still(sample)
+        if self.images and (ext is None or (ext == "gif" and _one_frame_gif(sample[ext]))):
+            return self._still(sample)  # a .gif is an image too: one frame is a still, not a short clip
         if ext is None:
             raise BadSample("missing_video", f"no video file (.{'/.'.join(VIDEO_EXTENSIONS)})")
         caption, attrs = decode_text(sample)
