@@ -318,6 +318,8 @@ def cmd_sample(args) -> None:
     titles = [f"seed {args.seed + j}" for j in range(args.num)]
     title = (f"{args.sampler or model.hparams.sampler}, {args.steps or model.hparams.sample_steps} steps, "
              f"guidance {guidance:g}{size_note}")
+    if video and args.frames == 1:  # a video model's one-frame clip is an image (joint image+video training)
+        video = False
     if video:  # OUT (each clip's frames side by side) and OUT with .gif (animated)
         print("\n".join(map(str, save_video_grid(rows, labels, args.out, col_titles=titles, title=title))))
         return

@@ -195,6 +195,15 @@ def test_sample_cli_writes_clips_of_the_asked_length(clips, tiny_ckpts, tmp_path
     main(["sample", "--ckpt", str(tmp_path / "video.ckpt"), "--prompt", "a red circle moving up", "--num", "2",
           "--frames", "6", "--steps", "2", "--out", str(out), "--device", "cpu"])
     assert out.is_file() and Image.open(out.with_suffix(".gif")).n_frames == 6
+    # --frames 1 on a model that takes one-frame clips (temporal_patch 1: joint image+video training) is an image
+    # grid; it used to fail in the frame strip
+    one = _video_ldm(tiny_ckpts, dit={"temporal_patch": 1})
+    _fit(one, _data(clips), 1, tmp_path / "one").save_checkpoint(tmp_path / "one.ckpt")
+    still = tmp_path / "still.png"
+    main(["sample", "--ckpt", str(tmp_path / "one.ckpt"), "--prompt", "a red circle", "--num", "2", "--frames", "1",
+          "--steps", "2", "--out", str(still), "--device", "cpu"])
+    assert still.is_file() and not still.with_suffix(".gif").exists()
+    assert one.sample(["a red circle"], frames=1, steps=2, seed=[0]).shape == (1, 3, 16, 16)  # an image
 
     image_model = LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]),
                                         image_size=16, dit=TINY_DIT, objective="flow", sampler="euler")
