@@ -178,6 +178,18 @@ def test_image_embedding_only_never_shows_the_caption(tiny_ckpts, embedded_laten
     assert (recorder.conds[0].context[:, :n] == null.context[0]).all()
 
 
+def test_a_negative_prompt_for_an_image_embedding_only_decoder_is_said_to_do_nothing(tiny_ckpts, caplog):
+    import logging
+
+    model = _decoder(tiny_ckpts, condition="image_embedding")
+    e = torch.nn.functional.normalize(torch.randn(1, model.clip.embed_dim, generator=torch.Generator().manual_seed(0)),
+                                      dim=-1)
+    with caplog.at_level(logging.WARNING, logger="lit_diffusion"):
+        with_negative = model.sample([""], negative_prompts="a red circle", image_embeddings=e, steps=2, seed=[3])
+    assert any("the negative prompt does not steer it" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(with_negative, model.sample([""], image_embeddings=e, steps=2, seed=[3]))
+
+
 def test_text_only_shards_and_settings_are_refused_naming_the_fix(tiny_ckpts, tmp_path):
     from lit_diffusion.cli import main
 

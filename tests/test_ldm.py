@@ -87,6 +87,11 @@ def test_guidance_negative_prompt_and_per_sample_seeds(tiny_ckpts):
         torch.testing.assert_close(both_noisy[1:], model.sample(prompts[1:], guidance=3.0, seed=[12],
                                                                 sampler=sampler, **kw))
         assert (both_noisy[1:] - one).abs().max() > 1e-4  # not the deterministic chain
+        # a given x_T (edits, interpolations) with per-sample seeds: the step noise is still each sample's own
+        x_T = torch.randn(2, model.latent_channels, *model.latent_shape(), generator=torch.Generator().manual_seed(1))
+        given = model.sample(prompts, guidance=3.0, seed=[11, 12], sampler=sampler, x_T=x_T, **kw)
+        torch.testing.assert_close(given[1:], model.sample(prompts[1:], guidance=3.0, seed=[12], sampler=sampler,
+                                                           x_T=x_T[1:], **kw))
     negative = model.sample(prompts, negative_prompts="a red circle", guidance=3.0, seed=[11, 12])
     assert (negative - both).abs().max() > 1e-4
     # guidance 1 is the conditional prediction alone: the negative prompt has no effect

@@ -715,6 +715,9 @@ class LatentDiffusionModule(Stage):
                 raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one, or one per prompt")
             uncond = self.encode_prompts(negative)
         embedding = self._image_embedding(image_embeddings, b, "sample")
+        if negative_prompts is not None and self.hparams.get("condition") == "image_embedding":
+            log.warning("this decoder never sees a caption (condition: image_embedding): the negative prompt does "
+                        "not steer it (with a prior, it steers the prior)")
         if embedding is not None:
             cond = self._text_condition(cond).replace(image_embedding=embedding)
             uncond = self._text_condition(uncond).replace(image_embedding=torch.zeros_like(embedding[:1]).expand(
@@ -808,7 +811,12 @@ class LatentDiffusionModule(Stage):
             if tuple(x_T.shape) != shape:
                 raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
             x_T = x_T.to(self.device, torch.float32)
-            generator = torch.Generator(device=self.device).manual_seed(seed if isinstance(seed, int) else 0)
+            if isinstance(seed, int):
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+            else:  # the step noise of a stochastic sampler: each sample's own, as without x_T
+                if len(seed) != b:
+                    raise ValueError(f"{len(seed)} seeds for {b} prompts")
+                generator = [torch.Generator().manual_seed(int(s)) for s in seed]
         elif isinstance(seed, int):
             generator = torch.Generator(device=self.device).manual_seed(seed)
             x_T = torch.randn(shape, generator=generator, device=self.device)
