@@ -80,7 +80,7 @@ def test_a_video_model_trains_on_clips_and_samples_clips(clips, tiny_ckpts, tmp_
     assert torch.allclose(again, clip, atol=1e-5)
 
 
-def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts):
+def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts, tmp_path):
     with pytest.raises(ValueError, match=r"frames = 4: a video model is the DiT .* or the U-Net with temporal layers "
                                          r"\(model.init_args.unet.temporal_attention or space_time_attention: true\)"):
         LatentDiffusionModule(clip_ckpt=str(tiny_ckpts["clip"]), vae_ckpt=str(tiny_ckpts["vae"]), image_size=16,
@@ -99,6 +99,12 @@ def test_what_a_video_model_cannot_do_is_refused(clips, tiny_ckpts):
     with pytest.raises(ValueError, match=f"clips of 2 frames, but model.init_args.frames is {FRAMES}: the data "
                                          "module's num_frames"):
         video_model.model_step(short, train=False)
+    # one frame is an image of joint training only: a data module of one-frame clips without images: true is
+    # refused when training starts, not trained on as single frames
+    one_frame = _video_ldm(tiny_ckpts, dit={"temporal_patch": 1})
+    with pytest.raises(ValueError, match=f"clips of 1 frames, but model.init_args.frames is {FRAMES}"):
+        _fit(one_frame, VideoDataModule(train_urls=str(clips / "train-*.tar"), image_size=16, num_frames=1,
+                                        batch_size=4, num_workers=0, train_batches_per_epoch=3), 1, tmp_path)
 
 
 def test_in_loop_evaluation_of_a_video_model_on_an_image_clip_is_refused_before_training(clips, tiny_ckpts, tmp_path):

@@ -245,6 +245,7 @@ class LatentDiffusionModule(Stage):
         self.schedule = FlowSchedule(**(flow or {})) if objective == "flow" else NoiseSchedule(**(schedule or {}))
         self._compiled_net = None
         self._bucketed = False  # set in `setup` from the data module: batches of several sizes are expected
+        self._joint: bool | None = None  # set in `setup`: does the data hold images beside clips (None: unknown)
         self._null_cond: Conditioning | None = None
         self._encoder_hashes: dict[str, str] | None = None
         self.repa_config = RepaConfig(**repa) if repa else None
@@ -444,6 +445,8 @@ class LatentDiffusionModule(Stage):
         # change the frozen encoders' dtypes, and so their hashes)
         datamodule = getattr(self.trainer, "datamodule", None)
         self._bucketed = getattr(datamodule, "buckets", None) is not None
+        decoder = getattr(datamodule, "decoder", None)  # a VideoDataModule's
+        self._joint = bool(getattr(decoder, "images", False)) if decoder is not None else None
         manifests = getattr(datamodule, "manifests", None) or {}
         for manifest in manifests.values():
             self.check_latents(manifest)
@@ -500,7 +503,8 @@ class LatentDiffusionModule(Stage):
         if z.shape[-3] != self.latent_channels:
             raise ValueError(f"{what}: latents with {z.shape[-3]} channels, the stage's VAE has {self.latent_channels}")
         frames = int(self.hparams.frames)
-        if z.ndim == 5 and z.shape[1] not in (frames, 1):  # one-frame videos: the images of joint training
+        # one-frame videos are the images of joint training (a data module with images: true), nothing else
+        if z.ndim == 5 and z.shape[1] != frames and (z.shape[1] != 1 or self._joint is False):
             raise ValueError(f"{what}: clips of {z.shape[1]} frames, but model.init_args.frames is {frames}: the data "
                              f"module's num_frames (or `data encode --frames`) must be the model's")
         if not self._bucketed and tuple(z.shape[-2:]) != (self.latent_size, self.latent_size):
