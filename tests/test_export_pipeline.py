@@ -461,8 +461,13 @@ def test_with_its_prior_the_decoder_pipeline_generates_as_unclip(exported_prior,
     assert type(pipe.prior).__name__ == "LitDiffusionPrior"
     assert type(pipe.prior_scheduler).__name__ == PRIOR_CASES[case][2]
     unclip = UnCLIP(prior, model)
-    seeds, k, e = [5, 6], prior.hparams.candidates, prior.prior.config.embed_dim
-    prior_noise = torch.stack([torch.randn(k, e, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    # seeds at which some caption keeps its second draw, so that the last check exercises the scoring
+    seeds, k, e = [7, 8], prior.hparams.candidates, prior.prior.config.embed_dim
+    from lit_diffusion.stages.prior import key_seed
+
+    # the prior's draws of seed s come from key_seed(f"{s}/x_T") (the decoder's latent from s itself)
+    prior_noise = torch.stack([torch.randn(k, e, generator=torch.Generator().manual_seed(key_seed(f"{s}/x_T")))
+                               for s in seeds])
     lh, lw = model.latent_shape()
     noise = torch.stack([torch.randn(model.latent_channels, lh, lw, generator=torch.Generator().manual_seed(s))
                          for s in seeds])
