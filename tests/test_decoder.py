@@ -155,6 +155,10 @@ def test_image_guidance_guides_the_embedding_apart_from_the_caption(tiny_ckpts):
     # with the empty caption there is no caption to guide apart: image_guidance is the one scale
     empty = model.sample(["", ""], image_embeddings=e, seed=[1, 2], guidance=3.0, image_guidance=2.0)
     torch.testing.assert_close(empty, model.sample(["", ""], image_embeddings=e, seed=[1, 2], guidance=2.0))
+    # the model's default image_guidance is for captions: without one, `guidance` stays the scale
+    torch.testing.assert_close(decoder(image_guidance=2.0).sample(["", ""], image_embeddings=e, seed=[1, 2],
+                                                                  guidance=3.0),
+                               model.sample(["", ""], image_embeddings=e, seed=[1, 2], guidance=3.0))
     for condition in ("text", "image_embedding"):
         with pytest.raises(ValueError, match=f"image_guidance guides the image embedding apart from the caption: it "
                                              f"needs condition text\\+image_embedding .*not '{condition}'"):

@@ -833,8 +833,10 @@ class LatentDiffusionModule(Stage):
         image_scale = self.image_guidance_scale(image_guidance)
         if image_scale is not None and negative_prompts is None and all(p == "" for p in prompts):
             # no caption to guide apart (variations, interpolations): the caption's branch is the image branch, so
-            # the image embedding's scale is the only one (u + s_I (i - u)), in one forward of two
-            guidance, image_scale = image_scale, None
+            # there is one scale (u + s (i - u)), in one forward of two: this call's image_guidance if it gives one,
+            # else `guidance` (the model's default image_guidance is for captions: variations keep their scale)
+            guidance = image_scale if image_guidance is not None else guidance
+            image_scale = None
         model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale, image_scale=image_scale)
         kwargs = dict(generator=generator, x_T=x_T, progress=progress, device=self.device, steps=steps)
         if self.objective == "ddpm":  # the flow samplers (euler, heun) integrate the velocity: nothing more to say
