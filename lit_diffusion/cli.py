@@ -372,8 +372,10 @@ def _sample_unclip(args, model, height, width, size_note: str, device) -> None:
     h = model.hparams
     size = (height or int(h.image_size), width or int(h.image_size))
     guidance = h.guidance if args.guidance is None else args.guidance
+    # --image-guidance given in the call, not only as the model's default: with the empty caption (variations,
+    # interpolations) only a call's image_guidance replaces --guidance
     decoder = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_rescale=args.guidance_rescale,
-                   clip_x0=args.clip_x0, progress=True, height=height, width=width)
+                   clip_x0=args.clip_x0, progress=True, height=height, width=width, image_guidance=args.image_guidance)
     sampler, steps = args.sampler or h.sampler, args.steps or h.sample_steps
     seeds = [f"seed {args.seed + j}" for j in range(args.num)]
     negative = f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""

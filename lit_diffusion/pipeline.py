@@ -902,8 +902,8 @@ def evaluate_unclip(cfg: dict, root: Path, data: dict, stack: dict) -> dict:
             edits = {**{k: v for k, v in edits.items() if k != "records"}, "guidance": g_edit}
     return {"systems": systems, "compare": compare if text is not None else None, "note": note,
             "diversity": {**diversity, "guidance": g_div, "per_caption": per_caption},
-            # with the empty caption, an image_guidance is the variations' one scale (`LatentDiffusionModule.sample`)
-            "variations": {**variations, "guidance": decoder.image_guidance_scale() or g_var},
+            # the empty caption: the model's default image_guidance does not apply (`LatentDiffusionModule.sample`)
+            "variations": {**variations, "guidance": g_var},
             **({"edits": edits} if edits else {})}
 
 

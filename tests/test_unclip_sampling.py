@@ -458,6 +458,11 @@ def test_sample_command_unclip_modes_write_labelled_grids(stack, tmp_path, capsy
     inputs = torch.stack([load_image(p, 16, 16) for p in paths])
     torch.testing.assert_close(grid_spy["rows"][1][0], inputs[1])
     torch.testing.assert_close(grid_spy["rows"][1][1:], u.variations(inputs, per_image=3, seed=0, steps=3)[1])
+    # --image-guidance is the variations' one scale (no caption to guide apart), as its help says
+    main(["sample", "--ckpt", dec, "--image", *paths, "--num", "3", "--steps", "3", "--image-guidance", "1.5",
+          "--out", str(out)])
+    torch.testing.assert_close(grid_spy["rows"][1][1:], u.variations(inputs, per_image=3, seed=0, steps=3,
+                                                                     guidance=1.5)[1])
 
     out = tmp_path / "interpolation.png"
     main(["sample", "--ckpt", dec, "--interpolate", *paths, "--frames", "5", "--steps", "3", "--out", str(out)])
