@@ -811,24 +811,20 @@ class LatentDiffusionModule(Stage):
             raise ValueError(f"frames={frames}: this is an image model (model.init_args.frames 1)" if frames > 1
                              else f"frames={frames} must be >= 1")
         shape = (b, self.latent_channels, lh, lw) if frames == 1 else (b, frames, self.latent_channels, lh, lw)
-        if x_T is not None:
-            if tuple(x_T.shape) != shape:
-                raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
-            x_T = x_T.to(self.device, torch.float32)
-            if isinstance(seed, int):
-                generator = torch.Generator(device=self.device).manual_seed(seed)
-            else:  # the step noise of a stochastic sampler: each sample's own, as without x_T
-                if len(seed) != b:
-                    raise ValueError(f"{len(seed)} seeds for {b} prompts")
-                generator = [torch.Generator().manual_seed(int(s)) for s in seed]
-        elif isinstance(seed, int):
+        if isinstance(seed, int):
             generator = torch.Generator(device=self.device).manual_seed(seed)
-            x_T = torch.randn(shape, generator=generator, device=self.device)
         else:
             if len(seed) != b:
                 raise ValueError(f"{len(seed)} seeds for {b} prompts")
             # one generator per sample: its x_T, then (ddpm, ddim with eta > 0) its step noise, whatever its batch
             generator = [torch.Generator().manual_seed(int(s)) for s in seed]
+        if x_T is not None:  # given (an inverted image): the generators draw only the step noise
+            if tuple(x_T.shape) != shape:
+                raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {shape}")
+            x_T = x_T.to(self.device, torch.float32)
+        elif isinstance(seed, int):
+            x_T = torch.randn(shape, generator=generator, device=self.device)
+        else:
             x_T = randn_per_sample(shape, generator).to(self.device)
         image_scale = self.image_guidance_scale(image_guidance)
         if image_scale is not None and negative_prompts is None and all(p == "" for p in prompts):
