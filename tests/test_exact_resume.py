@@ -146,16 +146,12 @@ def _rng_worker(rank, port, out_dir):
 def test_each_rank_draws_its_own_training_noise(tmp_path):
     """The ranks are seeded alike; their training steps must still draw different noise (else W ranks make one draw
     per batch position), rank 0 the noise one process draws, and what runs between steps keeps its own stream."""
-    import socket
-
     import torch.multiprocessing as mp
     from conftest import retry_on_gloo_teardown_abort
+    from test_ddp_launch import free_port
 
     def run():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.start_processes(_rng_worker, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+        mp.start_processes(_rng_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
 
     retry_on_gloo_teardown_abort(run)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -180,15 +180,12 @@ def test_joint_image_and_video_batches_train_under_ddp(kind, tmp_path):
     """Images skip the temporal layers (a factorised DiT's, a U-Net's temporal attention), yet DDP, which reduces
     every parameter's gradient at every step, trains on steps where some or all ranks hold images: the temporal
     layers get zero gradients from images, and every gradient is the mean of the two ranks' single-process ones."""
-    import socket
-
     import torch.multiprocessing as mp
+    from test_ddp_launch import free_port
 
     def run():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.start_processes(_joint_worker, args=(port, kind, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+        mp.start_processes(_joint_worker, args=(free_port(), kind, str(tmp_path)), nprocs=2, join=True,
+                           start_method="fork")
 
     retry_on_gloo_teardown_abort(run)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
