@@ -377,6 +377,50 @@ def test_figures_per_aspect_ratio_equal_a_direct_computation(tiny_ckpts, mixed_d
                                                         results["eval/fid_clip_g3.0_ar2:1"])
 
 
+def test_bucketed_real_images_enter_fid_as_centre_squares(tiny_ckpts, mixed_data, tmp_path, monkeypatch):
+    """A bucketed val reader (the in-loop callback's for bucketed data or latents encoded at buckets) gives real
+    images of 8 x 16 and 16 x 8: the overall FID's real side is their centre squares, as the generated side is
+    (Inception would stretch a 2:1 image to 299 x 299), and its cached statistics are not a square reader's."""
+    model = make_ldm(tiny_ckpts)
+    randomise_unet(model)
+    model.eval()
+    buckets = {"sizes": [[16, 16], [8, 16], [16, 8]], "step": 8, "crop": "center"}
+    dm = ImageCaptionDataModule(val_urls=str(mixed_data / "val-*.tar"), image_size=16, batch_size=8,
+                                num_workers=0, buckets=buckets)
+    cfg = EvalConfig(guidance=[3.0], num_samples=24, backends=["clip"], steps=2, resolution=16, data_id="mixed",
+                     cache_dir=str(tmp_path / "cache"), real_buckets=dm.buckets)
+    batches = list(dm.eval_dataloader(24))
+    assert {tuple(b["image"].shape[-2:]) for b in batches} == {(16, 16), (8, 16), (16, 8)}
+    reals = []
+    update = FID.update
+    monkeypatch.setattr(FID, "update", lambda self, images, real: (reals.append(images) if real else None)
+                        or update(self, images, real))
+    evaluator = Evaluator(cfg, model.clip)
+    results = evaluator.run(model, dm.eval_dataloader(24))
+    monkeypatch.undo()
+    assert {tuple(r.shape[-2:]) for r in reals} == {(16, 16), (8, 8)}
+    squares = []
+    for b in batches:
+        real = ((b["image"].float() + 1) / 2).clamp(0, 1)
+        h, w = real.shape[-2:]
+        side = min(h, w)
+        squares.append(real[..., (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side])
+    by_hand = FID(CLIPFeatures(model.clip))
+    for square in squares:
+        by_hand.update(square, real=True)
+    keys = [k for b in batches for k in b["key"]]
+    captions = [c for b in batches for c in b["caption"]]
+    fake = to_uint8(model.sample(captions, guidance=3.0, steps=2, seed=[sample_seed(k, 0) for k in keys])).float() / 255
+    by_hand.update(fake, real=False)
+    assert results["eval/fid_clip_g3.0"] == pytest.approx(by_hand.compute().item(), rel=1e-5)
+    # the same shards read square are other real pixels: their statistics are cached under another key
+    square_cfg = replace(cfg, real_buckets=None)
+    assert Evaluator(square_cfg, model.clip)._cache_fields("clip") != evaluator._cache_fields("clip")
+    again = Evaluator(square_cfg, model.clip)
+    again.run(model, _loader(mixed_data))
+    assert again.timings[-1]["real_stats"] == {"clip": "computed"}
+
+
 def test_square_only_data_compares_every_ratio_against_all_real_images(tiny_ckpts):
     """The tiny data set is square: its images are 1:1 by their own size, so 2:1 and 1:2 have no real images of
     their own; their FID is against all of them (as is 1:1's, all being 1:1). Without aspect ratios, and with 1:1

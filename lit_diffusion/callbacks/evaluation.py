@@ -89,6 +89,7 @@ class DiffusionEvaluation(L.Callback):
             # path must not reuse the old real statistics
             self.config.data_id = eval_data_id(dm.val_urls) if getattr(dm, "val_urls", None) is not None else None
             self.config.resolution = int(getattr(dm, "image_size", 0)) or None
+            self.config.real_buckets = getattr(dm, "buckets", None)
             own = float(pl_module.hparams.guidance)
             if own not in self.config.guidance:
                 self.config.guidance = sorted([*self.config.guidance, own])

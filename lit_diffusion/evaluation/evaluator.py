@@ -61,8 +61,6 @@ from lit_diffusion.metrics.stats_cache import data_identity, load_stats, save_st
 log = logging.getLogger("lit_diffusion")
 
 
-    # model's base area (`aspect_size`), every figure overall and per ratio (keys + `_ar{W:H}`); None: base size only
-
 
 class AspectRatioError(ValueError):
     """An aspect ratio a model cannot sample at its base area; its message starts with the ratio, so a caller can
@@ -277,6 +275,8 @@ class Evaluator:
         fields = {"data": self.config.data_id, "resolution": self.config.resolution,
                   "num_samples": self.config.num_samples, "backend": backend,
                   "weights": getattr(self.extractors[backend], "identity", backend)}
+        if self.config.real_buckets:
+            fields["real_buckets"] = [list(b) for b in self.config.real_buckets]
         if ratio is not None:  # the real images of one ratio; which ratio an image is depends on the ratios asked for
             fields |= {"aspect_ratio": ratio, "aspect_ratios": list(self.aspect_ratios)}
         return fields
@@ -344,14 +344,14 @@ class Evaluator:
             if need_real or need_real_ar or folders:
                 if folders:
                     _save_pngs(to_uint8(real), keys, folders["real"])
+                square = _centre_square(real)  # as the generated side (a bucketed loader's images are not square)
                 for b in need_real:
-                    self.fids[b][cfg.guidance[0]].update(real, real=True)
+                    self.fids[b][cfg.guidance[0]].update(square, real=True)
                 if need_real_ar:
                     size_rows = batch.get("size")
                     labels = [image_aspect_ratio(a, None if size_rows is None else size_rows[i], ars)
                               for i, a in enumerate(attrs)]
                     n_unknown += labels.count(None)
-                    square = _centre_square(real)  # as the generated side (a bucketed loader's images are not)
                     for r in ars:
                         mine = [i for i, label in enumerate(labels) if label == r]
                         n_real_ar[r] += len(mine)

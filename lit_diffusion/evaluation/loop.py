@@ -31,6 +31,9 @@ class EvalConfig:
     # cache key; empty or None (remote shards): real statistics are not cached on disk
     resolution: int | None = None  # pixel size the features see; part of the cache key
     aspect_ratios: Sequence[str] | None = None  # W:H ("1:1", "2:1", ...): every caption generated at each, at the
+    # model's base area (`aspect_size`), every figure overall and per ratio (keys + `_ar{W:H}`); None: base size only
+    real_buckets: Sequence | None = None  # the aspect buckets the real images are read at (their centre squares
+    # are the real side of FID): part of the cache key, a bucketed and a square reader give other real pixels
 
 
 def sample_seed(key: str, seed: int) -> int:
