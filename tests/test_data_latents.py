@@ -277,6 +277,46 @@ def test_manifest_missing_mismatched_or_of_other_weights_is_refused(images, tmp_
 # ---------------------------------------------------------------------------------------------- bad samples
 
 
+def _bucket_split(root, split, shape, std=False, n=4):
+    """One split's latent shard and manifest, as a `data encode` run of that split alone writes them."""
+    from lit_diffusion.data.latents import FORMAT, VERSION, LatentShardWriter, write_manifest
+
+    out = root / split
+    out.mkdir(parents=True)
+    writer = LatentShardWriter(out / "000000.tar", "float32")
+    for i in range(n):
+        size = torch.tensor([16.0 * shape[1], 16.0 * shape[2], 0, 0, 16.0 * shape[1], 16.0 * shape[2]])
+        writer.write(f"{split}{i}", torch.full(shape, float(i)), torch.zeros(3, 8), torch.zeros(8), f"{split} {i}",
+                     size=size, **({"latent_std": torch.ones(shape)} if std else {}))
+    path = writer.commit()
+    write_manifest(out, {"format": FORMAT, "version": VERSION, "clip_hash": "c", "vae_hash": "v", "dtype": "float32",
+                         "flips": False, "std": std, "image_size": 128, "samples": n,
+                         "shapes": {"latent": [4, None, None], "context": [None, 8], "pooled": [8]},
+                         "buckets": [[128, 128], [128, 256]], "latent_shapes": [list(shape)],
+                         "shards": [{"name": "000000.tar", "source": f"{split}.tar", "samples": n,
+                                     "bytes": os.path.getsize(path)}]})
+    return str(path)
+
+
+def test_splits_encoded_apart_are_each_read_with_their_own_manifest(tmp_path):
+    """Train and val encoded by two `data encode` runs at other buckets: each split's latents are checked against
+    its own manifest's shapes (the val manifest's had rejected every wide train latent as a bad sample)."""
+    train = _bucket_split(tmp_path / "a", "train", (4, 8, 16))
+    val = _bucket_split(tmp_path / "a", "val", (4, 8, 8))
+    dm = LatentDataModule(train_urls=train, val_urls=val, batch_size=2, num_workers=0, train_batches_per_epoch=2,
+                          shuffle_buffer=1)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 and {tuple(b["latent"].shape[1:]) for b in batches} == {(4, 8, 16)}
+    assert not any(dm.skipped()["train"].values())
+    assert {tuple(b["latent"].shape) for b in dm.val_dataloader()} == {(2, 4, 8, 8)}
+    # a std split beside one without: the model would sample posteriors in one and not the other
+    with_std = _bucket_split(tmp_path / "b", "train", (4, 8, 16), std=True)
+    dm = LatentDataModule(train_urls=with_std, val_urls=val, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match="disagree on shapes, dtype, image embeddings or std"):
+        dm.setup("fit")
+
+
 def _tar(path, members):
     with tarfile.open(path, "w") as tar:
         for name, data in members:

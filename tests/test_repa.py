@@ -273,7 +273,7 @@ def test_patch_features_in_latent_shards_equal_the_online_ones(tiny_ckpts, tmp_p
     online = model.encode_patch_features(clean)  # [B, W, 2, 2]
     shards = model.repa_targets(batch)
     torch.testing.assert_close(shards, online, rtol=2e-3, atol=2e-3)  # float16 storage
-    flipped = model.repa_targets({**batch, "patch_features": dm._decode()(_raw(out, batch["key"][0]), flip=True)
+    flipped = model.repa_targets({**batch, "patch_features": dm._decode("train")(_raw(out, batch["key"][0]), flip=True)
                                   ["patch_features"][None]})
     torch.testing.assert_close(flipped[0], model.encode_patch_features(clean[:1].flip(-1))[0], rtol=2e-3, atol=2e-3)
     torch.manual_seed(1)

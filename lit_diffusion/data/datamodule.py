@@ -194,7 +194,7 @@ class _ShardDataModule(L.LightningDataModule):
         self._epoch = SharedEpoch()
         self.bucket_config: BucketConfig | None = getattr(self, "bucket_config", None)
 
-    def _decode(self):
+    def _decode(self, split: str):
         return None  # the streams' default: image-caption samples
 
     def _collate(self, train: bool):
@@ -266,7 +266,7 @@ class _ShardDataModule(L.LightningDataModule):
             random_flip=self.random_flip,
             counter=self.train_skips,
             epoch=self._epoch,
-            decode=self._decode(),
+            decode=self._decode("train"),
             collate_fn=self._collate(train=True),
             buckets=self.bucket_config,
             bucket_key=self._bucket_key(),
@@ -297,7 +297,7 @@ class _ShardDataModule(L.LightningDataModule):
             world_size=world_size,
             max_samples=num_samples,
             counter=self.val_skips,
-            decode=self._decode(),
+            decode=self._decode("val"),
             buckets=self.bucket_config,
             bucket_key=self._bucket_key(),
             batch_size=self.batch_size,
@@ -379,8 +379,9 @@ LATENT_TENSORS = ("latent", "latent_std", "context", "mask", "pooled", "size", "
 
 
 def _layout(manifest: dict) -> tuple:
-    """What one decoder must read alike in both splits' shards."""
-    return manifest["shapes"], manifest["dtype"], (manifest.get("image_embedding") or {}).get("dim")
+    """What the model must read alike in both splits' shards."""
+    return (manifest["shapes"], manifest["dtype"], (manifest.get("image_embedding") or {}).get("dim"),
+            bool(manifest.get("std")))
 
 
 class LatentDataModule(_ShardDataModule):
@@ -449,8 +450,8 @@ class LatentDataModule(_ShardDataModule):
                              f"shards were encoded before they were written: encode them again "
                              f"(`data encode --flips --image-embeddings`)")
         if self.manifest is not None and _layout(manifest) != _layout(self.manifest):
-            raise ValueError(f"{manifest['path']} and {self.manifest['path']} disagree on shapes, dtype or image "
-                             f"embeddings")
+            raise ValueError(f"{manifest['path']} and {self.manifest['path']} disagree on shapes, dtype, image "
+                             f"embeddings or std (`data encode --std`)")
         return manifest
 
     def setup(self, stage: str | None = None) -> None:
@@ -459,11 +460,13 @@ class LatentDataModule(_ShardDataModule):
             if shards:
                 self.manifest = self.manifests[split] = self._check(shards)
 
-    def _decode(self):
-        return LatentDecoder.from_manifest(self.manifest, self.context_length)
+    def _decode(self, split: str):
+        # the split's own manifest: two `data encode` runs may have written the two splits (other latent sizes)
+        return LatentDecoder.from_manifest(self.manifests.get(split, self.manifest), self.context_length)
 
     def _bucket_key(self):
-        return latent_shape_key if self.buckets is not None else None  # batches of one latent shape
+        # batches of one latent shape where either split was encoded at buckets
+        return latent_shape_key if any(m.get("buckets") for m in self.manifests.values()) else None
 
     @property
     def buckets(self) -> list | None:

@@ -279,7 +279,7 @@ class VideoDataModule(_ShardDataModule):
     def frame_stride(self) -> int:
         return self.decoder.frame_stride
 
-    def _decode(self):
+    def _decode(self, split: str):
         return self.decoder
 
     def _bucket_key(self):
