@@ -421,6 +421,25 @@ def test_bucketed_real_images_enter_fid_as_centre_squares(tiny_ckpts, mixed_data
     assert again.timings[-1]["real_stats"] == {"clip": "computed"}
 
 
+def test_bucketed_image_data_of_another_area_than_the_model_is_refused(tiny_ckpts, mixed_data):
+    """Bucketed image data is checked per batch only for sizes the denoiser takes: a 32 px data module's buckets
+    would train a 16 px model at 4x its area, and its samples and evaluation would then be at the wrong one."""
+    from types import SimpleNamespace
+
+    model = make_ldm(tiny_ckpts)  # image_size 16
+    for size, buckets, refused in ((32, {"step": 8}, True), (16, {"step": 8}, False),
+                                   (32, {"step": 8, "base_size": 16}, False), (32, {"sizes": [[16, 16]], "step": 8}, False)):
+        dm = ImageCaptionDataModule(val_urls=str(mixed_data / "val-*.tar"), image_size=size, buckets=buckets)
+        model._trainer = SimpleNamespace(datamodule=dm)
+        if refused:
+            with pytest.raises(ValueError, match=r"buckets are of 32 px images' area .* model.init_args.image_size "
+                                                 r"is 16"):
+                model.setup("fit")
+        else:
+            model.setup("fit")
+            assert model._bucketed
+
+
 def test_square_only_data_compares_every_ratio_against_all_real_images(tiny_ckpts):
     """The tiny data set is square: its images are 1:1 by their own size, so 2:1 and 1:2 have no real images of
     their own; their FID is against all of them (as is 1:1's, all being 1:1). Without aspect ratios, and with 1:1

@@ -445,6 +445,12 @@ class LatentDiffusionModule(Stage):
         # change the frozen encoders' dtypes, and so their hashes)
         datamodule = getattr(self.trainer, "datamodule", None)
         self._bucketed = getattr(datamodule, "buckets", None) is not None
+        base = getattr(getattr(datamodule, "bucket_config", None), "base_size", None)  # image data with buckets
+        if base is not None and datamodule.bucket_config.sizes is None and int(base) != int(self.hparams.image_size):
+            raise ValueError(f"the data module's buckets are of {base} px images' area (data.init_args.buckets."
+                             f"base_size, default its image_size), but model.init_args.image_size is "
+                             f"{self.hparams.image_size}: sampling and evaluation would be at another area than "
+                             f"training; set them equal")
         decoder = getattr(datamodule, "decoder", None)  # a VideoDataModule's
         self._joint = bool(getattr(decoder, "images", False)) if decoder is not None else None
         manifests = getattr(datamodule, "manifests", None) or {}
