@@ -144,6 +144,19 @@ def test_resize_shorter_side_and_centre_crop_and_flip():
     assert (flipped[:, :, 12:] == 255).all() and (flipped[:, :, :12] == 0).all()
 
 
+@pytest.mark.parametrize("width", [101, 100, 64, 33])
+def test_a_mirrored_centre_crop_keeps_its_size_condition(width):
+    """The square path crops the exact centre of the original: a mirror of it is the same crop, so its size row is
+    the unflipped one (the bucket formula, on a rounded offset, moved 50 x 101 at 32 px from 16 to 17)."""
+    image = _png(Image.new("RGB", (width, 50), (10, 20, 30)))
+    plain = decode_sample({"__key__": "k", "png": image, "txt": b"x"}, 32)["size"]
+    mirrored = decode_sample({"__key__": "k", "png": image, "txt": b"x"}, 32, flip=True)["size"]
+    assert mirrored.tolist() == plain.tolist()
+    side = min(50, width)
+    crop = [round((50 - side) / 2 * 32 / side), round((width - side) / 2 * 32 / side)]
+    assert plain.tolist() == [50, width, *crop, 32, 32]
+
+
 def test_collate_batch_format():
     samples = [decode_sample(dict(_kv(_good("k1", 1)), __key__="k1"), 16)]
     white = _png(Image.new("RGB", (16, 16), (255, 255, 255)))

@@ -303,8 +303,8 @@ class LatentDecoder:
             size = decode_array(sample["size.npy"], "float32", "size.npy")
             if tuple(size.shape) != (6,):
                 raise BadSample("bad_array", f".size.npy has shape {list(size.shape)}, expected [6]")
-            if flip:  # mirrored: the crop's left edge is measured from the other side
-                size = flip_size_row(size)
+            if flip and self.latent_shapes:  # mirrored bucket crop: its left edge measured from the other side
+                size = flip_size_row(size)  # (a square centre crop stays where it was)
             out["size"] = size
         if self.image_embedding_dim is not None:
             # the embedding of the image the latent is of: the flipped image's with `flip` (the decoder's condition

@@ -288,8 +288,9 @@ def size_row(original: tuple[int, int], crop_top_left: tuple[float, float], targ
 
 
 def flip_size_row(size: torch.Tensor) -> torch.Tensor:
-    """The size condition of the mirrored image: the crop's left offset measured from the other side (the resized
-    width minus the crop's right edge); a centre crop stays where it was."""
+    """The size condition of the mirrored image of a bucket crop: the crop's left offset measured from the other
+    side (the integer resized width minus the crop's right edge). Not for `decode_image_and_size`'s square centre
+    crops: their offset is a rounded centre, which a mirror leaves where it was."""
     oh, ow, top, left, th, tw = size.tolist()
     resized_w = round(ow * max(th / oh, tw / ow))
     out = size.clone()
@@ -361,8 +362,8 @@ def decode_sample(sample: dict, image_size: int | None, flip: bool = False, plan
     caption, attrs = decode_text(sample)
     try:
         if plan is None:
+            # its crop is the exact centre of the original (a box, not a rounded offset): the mirror's is the same
             image, size = decode_image_and_size(data, image_size, flip)
-            size = flip_size_row(size) if flip else size
         else:
             image = decode_planned(data, plan, flip)
             size = size_row(plan.original_size, plan.crop_top_left, plan.target_size)
