@@ -185,3 +185,46 @@ def test_checkpoint_is_self_contained_and_holds_the_ema_weights(tiny_ckpts, tmp_
     with pytest.raises(CheckpointError, match="is a 'ldm' checkpoint, expected a 'clip' checkpoint"):
         make_ldm(tiny_ckpts, clip_ckpt=str(tmp_path / "ldm.ckpt"))
     assert clip_copy and vae_copy
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_validation_loss_of_a_sample_depends_on_neither_its_batch_nor_its_position(tiny_ckpts, objective):
+    """val/loss draws each sample's t and noise from its key: a batch of 8 equals its halves as batches 0 and 1
+    (under DDP, rank r's k-th batch had drawn what every rank's k-th batch drew, from a batch-index seed)."""
+    model = make_ldm(tiny_ckpts, objective=objective, sampler="ddim" if objective == "ddpm" else "euler")
+    randomise_unet(model)
+    model.eval()
+    batch = next(iter(tiny_datamodule(tiny_ckpts["data"], batch_size=8).eval_dataloader(8)))
+
+    def part(idx):
+        return {k: v[idx] if torch.is_tensor(v) else [v[i] for i in idx] for k, v in batch.items()}
+
+    def val_loss(batches):
+        model.on_validation_epoch_start()
+        with torch.no_grad():
+            for i, b in enumerate(batches):
+                model.validation_step(b, i)
+        return model._val_metrics["loss"].compute().item()
+
+    whole = val_loss([batch])
+    assert val_loss([part(list(range(4))), part(list(range(4, 8)))]) == pytest.approx(whole, rel=1e-5)
+    assert val_loss([part([7, 6, 5, 4]), part([3, 2, 1, 0])]) == pytest.approx(whole, rel=1e-5)
+    # and the draws are the sample's: another key, another loss
+    renamed = {**batch, "key": [f"other{k}" for k in batch["key"]]}
+    assert val_loss([renamed]) != pytest.approx(whole, rel=1e-3)
+
+
+def test_zero_terminal_snr_with_eps_prediction_is_refused(tiny_ckpts):
+    """abar(T-1) = 0: an eps model's x0 at the first sampling step is inf / NaN, while its training loss stays finite,
+    so the pairing would train a whole run and only then sample NaN."""
+    from lit_diffusion.diffusion.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule(100, "linear", zero_terminal_snr=True)
+    x_t, eps = torch.randn(2, 4), torch.randn(2, 4)
+    t = torch.full((2,), 99)
+    assert not torch.isfinite(schedule.predict_x0_from_eps(x_t, t, eps)).all()
+    for prediction in (None, "eps"):
+        with pytest.raises(ValueError, match="zero_terminal_snr needs model.init_args.prediction v or x0"):
+            make_ldm(tiny_ckpts, schedule={"zero_terminal_snr": True}, prediction=prediction)
+    model = make_ldm(tiny_ckpts, schedule={"zero_terminal_snr": True}, prediction="v")
+    assert float(model.schedule.alphas_cumprod[-1]) == 0.0

@@ -43,6 +43,7 @@ from lit_diffusion.models.repa import (
     repa_loss,
 )
 from lit_diffusion.models.unet import UNet, UNetConfig
+from lit_diffusion.runtime.rng import key_seed
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.clip import CLIPModule
 from lit_diffusion.stages.common import adamw_with_warmup, eval_mode
@@ -575,7 +576,10 @@ class LatentDiffusionModule(Stage):
         null = self.null_cond(cond.batch_size)
         return cond.replace(context=null.context, mask=null.mask, pooled=null.pooled)
 
-    def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None) -> Tensor:
+    def model_step(self, batch: dict, train: bool, generator: torch.Generator | None = None,
+                   per_key: bool = False) -> Tensor:
+        """The batch's mean loss. `per_key`: each sample's t and noise from its key's own seed (validation: a
+        sample's loss then depends on neither its batch nor its rank)."""
         sample = train and self.hparams.sample_posterior
         z, cond = self._from_latents(batch, sample) if "latent" in batch else self._encode_batch(batch, sample)
         cond = self._text_condition(cond)
@@ -584,8 +588,14 @@ class LatentDiffusionModule(Stage):
             cond = drop_image_embedding(cond, self.hparams.p_uncond_image)
         h = self.hparams
         objective = {"prediction": self.prediction} if self.objective == "ddpm" else {}  # flow: always velocity
-        losses = self.schedule_for(*z.shape[-2:]).p_losses(
-            lambda x_t, t: self.denoiser(x_t, t, cond), z, weighting=h.loss_weighting,
+        schedule = self.schedule_for(*z.shape[-2:])
+        t = noise = None
+        if per_key:
+            gens = [torch.Generator().manual_seed(key_seed(f"{key}/val_loss")) for key in batch["key"]]
+            t = torch.cat([schedule.sample_timesteps(1, device="cpu", generator=g) for g in gens]).to(self.device)
+            noise = torch.cat([torch.randn(1, *z.shape[1:], generator=g) for g in gens]).to(z)
+        losses = schedule.p_losses(
+            lambda x_t, t: self.denoiser(x_t, t, cond), z, t=t, noise=noise, weighting=h.loss_weighting,
             gamma=h.min_snr_gamma, offset_noise=h.offset_noise if train else 0.0, generator=generator, **objective)
         return losses.mean()
 
@@ -604,9 +614,9 @@ class LatentDiffusionModule(Stage):
         self._val_metrics = {"loss": MeanMetric(nan_strategy="disable").to(self.device)}  # a NaN batch shows
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
-        # fixed t and noise per batch, so val/loss moves only with the weights
-        gen = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)
-        loss = self.model_step(batch, train=False, generator=gen)
+        # each sample's t and noise from its key, so val/loss moves only with the weights, and is the same whatever
+        # the batching or the number of ranks (a batch-index seed gave batch k of every rank the same draws)
+        loss = self.model_step(batch, train=False, per_key=True)
         # accumulated here and logged at the epoch's end: a per-step `sync_dist` collective would be missed by a
         # rank without val batches (more ranks than batches), and the others would wait for it forever
         self._val_metrics["loss"].update(loss.detach().float(), weight=len(batch["caption"]))
@@ -874,6 +884,10 @@ def _check_objective(objective: str, schedule: dict | None, flow: dict | None, p
         raise ValueError("model.init_args.flow is set but model.init_args.objective is ddpm: set objective: flow")
     if objective == "ddpm" and prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"model.init_args.prediction: {prediction!r} is not one of {PREDICTIONS}")
+    if objective == "ddpm" and (schedule or {}).get("zero_terminal_snr") and prediction in (None, "eps"):
+        # alpha_bar(T-1) = 0: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) is infinite at the first sampling step
+        raise ValueError("model.init_args.schedule.zero_terminal_snr needs model.init_args.prediction v or x0: with "
+                         "eps the first sampling step's x0 is inf / NaN (Lin et al. 2024, sec. 3.2)")
 
 
 def _check_guidance_rescale_and_clip_x0(guidance_rescale: float, clip_x0: float, prefix: str = "") -> None:

@@ -28,7 +28,6 @@ depend on the batching or the number of processes with any sampler.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Sequence
 
@@ -44,17 +43,12 @@ from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning
 from lit_diffusion.diffusion.schedule import NoiseSchedule
 from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.models.prior import DiffusionPrior, PriorConfig
+from lit_diffusion.runtime.rng import key_seed  # noqa: F401 (also imported from here)
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.clip import CLIPModule
 from lit_diffusion.stages.common import adamw_with_warmup, eval_mode
 
 log = logging.getLogger("lit_diffusion")
-
-
-def key_seed(key: str) -> int:
-    """A sample's own seed, the same on every rank and in every batch: 52 bits of blake2b of its key (exact in a
-    float64, which also orders the gathered evaluation by key)."""
-    return int.from_bytes(hashlib.blake2b(str(key).encode(), digest_size=8).digest(), "little") >> 12
 
 
 FLOW_T_MIN = 0.05  # flow: the x0 error's weight 1 / t^2 stops growing below it
