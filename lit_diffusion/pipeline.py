@@ -389,9 +389,20 @@ def _step_paths(root: Path, step: Step) -> dict[str, Path]:
     return _paths(root, step.final, step.name)
 
 
-def _retrain_hint(root: Path, later: list[Step]) -> str:
+ENCODE_RECORD = "pipeline_encode.json"  # in the latents folder: the `encode:` block that wrote it
+_ENCODE_RECORDED = [k for k in ENCODE_OPTIONS if k not in ("out", "device")]  # what changes the shards' content
+
+
+def _encode_spec(cfg: dict) -> dict:
+    return {k: (cfg.get("encode") or {}).get(k) for k in _ENCODE_RECORDED}
+
+
+def _retrain_hint(root: Path, later: list[Step], cfg: dict | None = None) -> str:
     doomed = [str(p) for s in later for key, p in _step_paths(root, s).items()
               if key in ("final", "made", "run_dir") and p.exists()]
+    latents = _latents_dir(cfg, root) if cfg is not None and cfg.get("encode") is not None else None
+    if latents is not None and latents.exists() and any(s.stage not in LATENT_STAGES for s in later):
+        doomed.append(str(latents))  # encoded by the CLIP and VAE that will be trained again
     return (f"To retrain {' and '.join(s.name for s in later)} with the new inputs, delete what they made: "
             f"rm -r {' '.join(doomed)}; or keep these runs and choose another run name (`name:` in the pipeline "
             f"config).")
@@ -411,7 +422,7 @@ def check_stage_inputs(cfg: dict, root: Path, data: dict[str, dict], extras: dic
             if stale:
                 raise StageInputsChanged(
                     f"[{step.name}] {stale[0]} was made from a {retraining}.ckpt that is missing and will be "
-                    f"trained again now, so it would not match.\n{_retrain_hint(root, steps[i:])}")
+                    f"trained again now, so it would not match.\n{_retrain_hint(root, steps[i:], cfg)}")
             continue
         if paths["final"].is_file():
             record, made = paths["made"], f"{paths['final']} was made"
@@ -430,7 +441,37 @@ def check_stage_inputs(cfg: dict, root: Path, data: dict[str, dict], extras: dic
         if changes:
             lines = "\n".join(f"  - {c}" for c in changes)
             raise StageInputsChanged(f"[{step.name}] {made} with other inputs than the pipeline gives it now "
-                                     f"(recorded in {record}):\n{lines}\n{_retrain_hint(root, steps[i:])}")
+                                     f"(recorded in {record}):\n{lines}\n{_retrain_hint(root, steps[i:], cfg)}")
+    _check_latents(cfg, root, steps, retraining)
+
+
+def _check_latents(cfg: dict, root: Path, steps: list[Step], retraining: str | None) -> None:
+    """The latent shards of an earlier run: made by the CLIP and VAE that stay (else they would be refused after
+    those trained again) and by the same `encode:` block (a changed dtype, flips, size, ... would be skipped
+    over, and the diffusion stage trained on the old shards)."""
+    if cfg.get("encode") is None:
+        return
+    out = _latents_dir(cfg, root)
+    if not (out / "manifest.json").is_file():
+        return
+    latent_steps = [s for s in steps if s.stage in LATENT_STAGES]
+    if retraining in STAGES and retraining not in LATENT_STAGES:
+        raise StageInputsChanged(f"[encode] {out} was encoded by the {retraining}.ckpt that will be trained again "
+                                 f"now, so it would not match.\nTo encode again, delete it: rm -r {out}")
+    record = out / ENCODE_RECORD
+    if not record.is_file():  # from a version that kept no record: trusted, as a stage's checkpoint is
+        log.warning("[encode] %s has no record of the encode: block that wrote it (%s): used as it is", out, record)
+        return
+    before, now = json.loads(record.read_text()), _encode_spec(cfg)
+    changed = [f"encode.{k}: {_short(before.get(k))} -> {_short(now.get(k))}" for k in _ENCODE_RECORDED
+               if before.get(k) != now.get(k)]
+    if changed:
+        lines = "\n".join(f"  - {c}" for c in changed)
+        raise StageInputsChanged(f"[encode] {out} was written by another encode: block than the pipeline gives "
+                                 f"now:\n{lines}\nTo encode again and retrain what read it, delete them: rm -r "
+                                 f"{out} " + " ".join(str(p) for s in latent_steps for key, p in
+                                                      _step_paths(root, s).items()
+                                                      if key in ("final", "made", "run_dir") and p.exists()))
 
 
 class PipelineConfigError(ValueError):
@@ -656,6 +697,7 @@ def encode_latents(cfg: dict, root: Path, data: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"data encode failed (exit {proc.returncode}); run the pipeline again to resume it "
                            f"(complete shards in {out} are kept)")
+    (out / ENCODE_RECORD).write_text(json.dumps(_encode_spec(cfg), indent=2, sort_keys=True) + "\n")
     print(f"[encode] done in {(time.perf_counter() - t0) / 60:.1f} min: {out}", flush=True)
     return {"skipped": False, "manifest": str(manifest)}
 

@@ -3,6 +3,7 @@ latent shards, and its fingerprint holds their manifest. The stages are faked; t
 
 import json
 import shutil
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -112,6 +113,43 @@ def test_latents_made_from_other_inputs_stop_the_run(run):
                                                           rf".*rm -r {root / 'latents'}"):
         train()
     assert [c[0] for c in fake.calls[6:]] == []
+
+
+def test_a_changed_encode_block_or_a_retrained_encoder_stops_the_run_before_anything_trains(run, tiny_ckpts):
+    """The latents' own inputs: the `encode:` block that wrote them (a changed dtype had been skipped over: the
+    diffusion stage was reused, or retrained on the old float32 shards) and the CLIP that encoded them (its retrain
+    hint left them out, and the run stopped at the encode after CLIP and the VAE had trained again)."""
+    train, fake, root, cfg = run
+    train()
+    assert json.loads((root / "latents" / pipeline.ENCODE_RECORD).read_text())["dtype"] == "float32"
+    cfg["encode"]["dtype"] = "float16"
+    with pytest.raises(pipeline.StageInputsChanged, match=r"(?s)\[encode\] .*latents was written by another encode: "
+                                                          r"block .*\n  - encode.dtype: \"float32\" -> \"float16\"\n"
+                                                          r"To encode again .*rm -r .*latents .*ldm\.ckpt"):
+        train()
+    cfg["encode"]["dtype"] = "float32"
+    cfg["encode"]["device"] = "cuda"  # where it runs does not change the shards
+    train()
+    assert len(fake.calls) == 4
+    cfg["encode"]["device"] = "cpu"
+    # CLIP trained again (its config changed): the hint names the latents too
+    clip_config = Path(cfg["stages"]["clip"]["config"])
+    clip_config.write_text(clip_config.read_text().replace("lr: 1.0e-3", "lr: 5.0e-4"))
+    with pytest.raises(pipeline.StageInputsChanged) as err:
+        train()
+    doomed = str(err.value).split("rm -r ")[1].split(";")[0].split()
+    assert str(root / "clip.ckpt") in doomed and str(root / "latents") in doomed and str(root / "ldm.ckpt") in doomed
+    # the stages' outputs deleted but the latents kept: refused before CLIP trains, not after it and the VAE did
+    for path in doomed:
+        if path != str(root / "latents"):
+            shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
+    with pytest.raises(pipeline.StageInputsChanged, match=r"\[encode\] .*latents was encoded by the clip\.ckpt that "
+                                                          r"will be trained again now"):
+        train()
+    assert len(fake.calls) == 4
+    shutil.rmtree(root / "latents")
+    train()
+    assert [c[0] for c in fake.calls[4:]] == ["clip", "vae", "encode", "ldm"]
 
 
 def test_unknown_encode_keys_are_named(tmp_path):
