@@ -160,18 +160,15 @@ def _arg(key: str, value) -> list[str]:
     return [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
 
 
-def _ensure_data(cfg: dict) -> dict:
+def _ensure_data(cfg: dict, root: Path) -> dict:
     data = cfg.get("data") or {}
     if data.get("train_urls"):
+        if not data.get("val_urls"):  # each stage would validate on its own config's shards, and evaluation fail
+            raise ValueError("data.train_urls is given without data.val_urls: give both (the stages validate and "
+                             "the pipeline evaluates on data.val_urls)")
         tokenizer = data.get("tokenizer")
         if not tokenizer and not cfg["stages"]["clip"].get("checkpoint"):  # an imported CLIP brings its own
-            from lit_diffusion.data.tokenizer import train_from_shards
-
-            tokenizer = str(Path(cfg.get("root", "runs")) / cfg.get("name", "pipeline") / "tokenizer.json")
-            if not Path(tokenizer).is_file():
-                log.info("data: training a tokenizer on the captions of %s", data["train_urls"])
-                train_from_shards(data["train_urls"], tokenizer, vocab_size=int(data.get("vocab_size", 8192)),
-                                  context_length=int(data.get("context_length", 77)))
+            tokenizer = str(_run_tokenizer(data, root))
         return {"train_urls": data["train_urls"], "val_urls": data.get("val_urls"), "tokenizer": tokenizer,
                 "made": False}
     if data.get("dataset", "shapes") == "moving_shapes":
@@ -272,6 +269,34 @@ def stage_overrides(stage: str, cfg: dict, data: dict, extra: dict, phase: dict 
     if data.get("val_urls"):
         overrides["data.init_args.val_urls"] = data["val_urls"]
     return {**overrides, **extra, **(cfg["stages"][stage].get("args") or {}), **(phase or {})}
+
+
+def _run_tokenizer(data: dict, root: Path) -> Path:
+    """The run's own tokenizer (runs/NAME/tokenizer.json), trained on the captions of data.train_urls when missing;
+    its inputs (the shards' identity, vocab_size, context_length) are recorded beside it, and a tokenizer of other
+    inputs is refused as a stage's checkpoint is (CLIP's record holds the tokenizer's content)."""
+    from lit_diffusion.data.tokenizer import train_from_shards
+
+    path, record = root / "tokenizer.json", root / "tokenizer.inputs.json"
+    inputs = {"train_urls": _shards_identity(data["train_urls"]), "vocab_size": int(data.get("vocab_size", 8192)),
+              "context_length": int(data.get("context_length", 77))}
+    if path.is_file():
+        if not record.is_file():
+            log.warning("data: %s has no record of what it was trained on (%s): used as it is", path, record)
+            return path
+        before = json.loads(record.read_text())
+        changed = [f"{k}: {_short(before.get(k))} -> {_short(v)}" for k, v in inputs.items() if before.get(k) != v]
+        if changed:
+            lines = "\n".join(f"  - data.{c}" for c in changed)
+            raise StageInputsChanged(f"[tokenizer] {path} was trained on other inputs than the pipeline gives now:\n"
+                                     f"{lines}\nTo train it again (and CLIP with it), delete it: rm {path} {record}")
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("data: training a tokenizer on the captions of %s", data["train_urls"])
+    train_from_shards(data["train_urls"], path, vocab_size=inputs["vocab_size"],
+                      context_length=inputs["context_length"])
+    record.write_text(json.dumps(inputs, indent=2) + "\n")
+    return path
 
 
 def _shards_identity(urls: str) -> str:
@@ -713,7 +738,7 @@ def run_pipeline(config_path: str | Path, overrides: dict | None = None) -> dict
     t_start = time.perf_counter()
     timings: dict[str, float | None] = {}
     t0 = time.perf_counter()
-    data = _ensure_data(cfg)
+    data = _ensure_data(cfg, root)
     timings["data"] = time.perf_counter() - t0
     stages = train_stages(cfg, root, name, data)
     for stage in configured_stages(cfg):

@@ -238,3 +238,34 @@ def test_an_interrupted_stage_resumes_and_only_for_the_same_inputs(fake_run):
     fake_run.cfg["stages"]["vae"]["args"]["model.init_args.lr"] = 1e-3
     _changed(fake_run, f"[vae] the interrupted run {last} was started with other inputs",
              "override --model.init_args.lr: <unset> -> 0.001", f" {fake_run.root / 'vae'} ")
+
+
+def test_the_runs_own_tokenizer_is_in_its_folder_and_refused_for_other_inputs(tmp_path):
+    """Users' shards without a tokenizer: it is trained into the run's folder (runs/NAME, the config file's stem
+    when there is no `name:`; it had gone to runs/pipeline, which the run never made) and its inputs are recorded,
+    so other shards or another vocab_size / context_length stop the run instead of reusing it."""
+    from lit_diffusion.data.shapes import write_shapes
+    from lit_diffusion.data.tokenizer import Tokenizer
+
+    data_dir = tmp_path / "data"
+    write_shapes(data_dir, train=64, val=16, size=16, shard_size=32, seed=0)
+    (data_dir / "tokenizer.json").unlink()
+    cfg = {"stages": {"clip": {"config": "x"}},
+           "data": {"train_urls": str(data_dir / "train-*.tar"), "val_urls": str(data_dir / "val-*.tar"),
+                    "vocab_size": 300, "context_length": 16}}
+    root = tmp_path / "runs" / "mine"
+    data = pipeline._ensure_data(cfg, root)
+    assert data["tokenizer"] == str(root / "tokenizer.json")
+    assert Tokenizer.load(root / "tokenizer.json").context_length == 16
+    assert pipeline._ensure_data(cfg, root)["tokenizer"] == data["tokenizer"]  # the same inputs: reused
+    cfg["data"]["context_length"] = 77
+    with pytest.raises(pipeline.StageInputsChanged, match=r"(?s)\[tokenizer\] .*tokenizer.json was trained on other "
+                                                          r"inputs .*data.context_length: 16 -> 77\nTo train it again"):
+        pipeline._ensure_data(cfg, root)
+    cfg["data"]["context_length"] = 16
+    (data_dir / "train-000001.tar").unlink()  # other shards
+    with pytest.raises(pipeline.StageInputsChanged, match=r"data.train_urls: "):
+        pipeline._ensure_data(cfg, root)
+    cfg["data"].pop("val_urls")
+    with pytest.raises(ValueError, match="data.train_urls is given without data.val_urls"):
+        pipeline._ensure_data(cfg, root)
