@@ -54,6 +54,10 @@ ENCODE_OPTIONS = {"out": None, "dtype": "--dtype", "flips": "--flips", "std": "-
                   "device": "--device", "buckets": "--buckets", "image_size": "--image-size",
                   "image_embeddings": "--image-embeddings", "frames": "--frames",
                   "patch_features": "--patch-features"}
+EVALUATION_KEYS = ("guidance", "num_samples", "features", "inception_weights", "sampler", "steps", "seed",
+                   "image_guidance", "guidance_rescale", "clip_x0", "aspect_ratios", "batch_size", "device",
+                   "compare", "diversity", "variations", "edits")
+SAMPLES_KEYS = ("prompts", "guidance", "negative_prompt", "sampler", "steps", "seed", "aspect_ratios")
 LATENT_DATA = "lit_diffusion.data.datamodule.LatentDataModule"
 INIT_FROM = "model.init_args.init_from"  # the override that starts a phase from the previous one's checkpoint
 RESERVED = (*STAGES, "eval", "latents")  # names under runs/NAME that a phase's run directory must not take
@@ -85,6 +89,10 @@ def load_config(path: str | Path) -> dict:
             raise ValueError(f"{path}: stages.{stage} needs `config:` (train it) or `checkpoint:` (use it)")
         if spec.get("phases") is not None:
             _check_phases(path, stage, spec)
+    for block, keys in (("evaluation", EVALUATION_KEYS), ("samples", SAMPLES_KEYS)):
+        unknown = sorted(set(cfg.get(block) or {}) - set(keys))
+        if unknown:
+            raise ValueError(f"{path}: unknown {block} keys {unknown}; known: {sorted(keys)}")
     encode = cfg.get("encode")
     if encode is not None:
         if not isinstance(encode, dict):
@@ -774,6 +782,8 @@ def _eval_config(cfg: dict):
                       inception_weights=ev.get("inception_weights"), sampler=ev.get("sampler"),
                       steps=ev.get("steps"), seed=int(ev.get("seed", 0)),
                       image_guidance=None if ev.get("image_guidance") is None else float(ev["image_guidance"]),
+                      guidance_rescale=None if ev.get("guidance_rescale") is None else float(ev["guidance_rescale"]),
+                      clip_x0=None if ev.get("clip_x0") is None else float(ev["clip_x0"]),
                       cache_dir=str(Path(cfg.get("root", "runs")) / ".fid_cache"),
                       aspect_ratios=list(ev["aspect_ratios"]) if ev.get("aspect_ratios") else None)
 

@@ -269,3 +269,19 @@ def test_the_runs_own_tokenizer_is_in_its_folder_and_refused_for_other_inputs(tm
     cfg["data"].pop("val_urls")
     with pytest.raises(ValueError, match="data.train_urls is given without data.val_urls"):
         pipeline._ensure_data(cfg, root)
+
+
+def test_evaluation_and_samples_keys_are_checked_and_rescale_and_clip_reach_the_evaluation(tmp_path):
+    """`evaluation:` and `samples:` keys were read with .get: a typo, or guidance_rescale / clip_x0 (which
+    `lit-diffusion evaluate` takes), were dropped silently and the figures were at the defaults."""
+    cfg = yaml.safe_load(Path("configs/pipeline/shapes.yaml").read_text())
+    cfg["evaluation"] = {**cfg["evaluation"], "guidance_rescale": 0.7, "clip_x0": 2.0}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ecfg = pipeline._eval_config(load_config(path))
+    assert (ecfg.guidance_rescale, ecfg.clip_x0) == (0.7, 2.0)
+    for block, typo in (("evaluation", "num_sample"), ("samples", "prompt")):
+        bad = {**cfg, block: {**(cfg.get(block) or {}), typo: 5}}
+        path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(ValueError, match=rf"unknown {block} keys \['{typo}'\]; known: "):
+            load_config(path)
