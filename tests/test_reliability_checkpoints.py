@@ -219,3 +219,21 @@ def test_a_run_moved_to_another_directory_resumes_into_its_own_last_ckpt(shapes_
     _vae_run(shapes_data, moved, [], ckpt_path=str(moved / "checkpoints" / "last.ckpt"), max_steps=11)
     assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["last.ckpt"]
     assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 11
+
+
+def test_ckpt_path_last_resumes_only_runs_of_its_own_config(tmp_path):
+    """`--ckpt_path last` without `--run.name` picks the newest STEM-YYYYMMDD-HHMMSS run: a newer run of another
+    config whose name starts with the stem (ldm-big-...) had been resumed in its place."""
+    from lit_diffusion.runtime.lightning_cli import _resumable_run
+
+    def run(name, mtime):
+        ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (mtime, mtime))
+
+    run("ldm-20261206-090000", 1_000)
+    run("ldm-big-20261206-130000", 2_000)
+    assert _resumable_run(str(tmp_path), "ldm-20261207-100000") == "ldm-20261206-090000"
+    assert _resumable_run(str(tmp_path), "ldm-big-20261207-100000") == "ldm-big-20261206-130000"
+    assert _resumable_run(str(tmp_path), "vae-20261207-100000") == "vae-20261207-100000"  # none: afresh

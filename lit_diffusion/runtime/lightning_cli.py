@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -125,7 +126,10 @@ def _resumable_run(root: str, fresh_name: str) -> str:
     """`--ckpt_path last` without `--run.name`: the newest run of the same config (`STEM-*`) holding a last.ckpt,
     so a plain re-run of the same command resumes instead of silently starting over in a new run dir."""
     stem = fresh_name.rsplit("-", 2)[0]
-    found = sorted(Path(root).glob(f"{glob.escape(stem)}-*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    # STEM-YYYYMMDD-HHMMSS exactly: another config's runs (STEM-big-...) are not this one's
+    own = re.compile(rf"{re.escape(stem)}-\d{{8}}-\d{{6}}")
+    found = sorted((p for p in Path(root).glob(f"{glob.escape(stem)}-*/checkpoints/last*.ckpt")
+                    if own.fullmatch(p.parent.parent.name)), key=lambda p: p.stat().st_mtime)
     if not found:
         rank_zero_warn(f"--ckpt_path last: no earlier run {root}/{stem}-*/checkpoints/last.ckpt; starting afresh")
         return fresh_name
