@@ -269,8 +269,11 @@ def cmd_sample(args) -> None:
     unclip_options = [flag for flag, value in (("--prior", args.prior), ("--image", args.image),
                                                ("--interpolate", args.interpolate), ("--edit", args.edit))
                       if value is not None]
-    if unclip_options and not model.image_conditioned:
-        raise ValueError(f"{', '.join(unclip_options)}: {args.ckpt} is not an unCLIP decoder (it is conditioned on "
+    unclip_only = unclip_options + [flag for flag, value in (("--from", args.from_caption), ("--thetas", args.thetas),
+                                                             ("--prior-guidance", args.prior_guidance))
+                                    if value is not None]
+    if unclip_only and not model.image_conditioned:
+        raise ValueError(f"{', '.join(unclip_only)}: {args.ckpt} is not an unCLIP decoder (it is conditioned on "
                          f"text only, condition: {model.hparams.condition}); these options need a decoder trained "
                          f"with condition text+image_embedding or image_embedding")
     try:  # this model's default in every mode (edits too); refused for a text model

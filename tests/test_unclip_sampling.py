@@ -494,6 +494,11 @@ def test_sample_command_names_what_is_missing_or_wrong(stack, tmp_path, capsys):
     assert text in err and "not an unCLIP decoder" in err
     err = _error(capsys, ["sample", "--ckpt", text, "--prior", prior, "--prompt", "a red circle"])
     assert text in err and "not an unCLIP decoder" in err
+    # the unCLIP-only knobs on a text model: refused, not ignored
+    err = _error(capsys, ["sample", "--ckpt", text, "--prompt", "a red circle", "--from", "a blue square",
+                          "--thetas", "0,0.5", "--prior-guidance", "9", "--out", str(tmp_path / "x.png")])
+    assert "--from, --thetas, --prior-guidance: " in err and "not an unCLIP decoder" in err
+    assert not (tmp_path / "x.png").exists()
     err = _error(capsys, ["sample", "--ckpt", dec, "--prior", str(stack["other_prior"]), "--prompt", "a red circle"])
     assert dec in err and str(stack["other_prior"]) in err
     err = _error(capsys, ["sample", "--ckpt", dec, "--edit", "a blue square", "--image", image])
