@@ -239,6 +239,12 @@ def test_open_clip_export_imports_back_with_our_tokenizer(exported):
     captions = ["a large red circle", "a small blue square left of a green triangle", "an unseen word: zebra!"]
     assert torch.equal(back.tokenizer(captions), ours.tokenizer(captions))
     assert back.tokenizer.pad_id == ours.tokenizer.pad_id
+    # and it computes what ours does: the pixel statistics come from the export's preprocess_cfg (OpenAI's had
+    # been assumed, and the same weights embedded images otherwise)
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, ours.hparams.vision["image_size"], ours.hparams.vision["image_size"]) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(back.encode_image(images), ours.encode_image(images), rtol=1e-5, atol=1e-6)
 
 
 def test_clip_with_openai_tokenizer_goes_to_open_clip_and_back_but_not_to_transformers(tmp_path):

@@ -242,7 +242,7 @@ def test_clip_from_open_clip_equals_open_clip(tmp_path, quick_gelu):
     ref = tiny_open_clip(quick_gelu)
     path = tmp_path / "open_clip_model.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    ours = load_pretrained_clip(path, quick_gelu=quick_gelu, text_heads=2)
+    ours = load_pretrained_clip(path, quick_gelu=quick_gelu, text_heads=2, vision_heads=2)
 
     ids = open_clip.tokenize(CAPTIONS)  # [4, 77], zero-padded, truncated with eot last
     assert torch.equal(ours.tokenize(CAPTIONS), ids)
@@ -283,6 +283,30 @@ def test_open_clip_file_without_its_activation_is_refused(tmp_path):
     (tmp_path / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": {"quick_gelu": True, "text_cfg": {"heads": 2}, "vision_cfg": {"width": 128, "head_width": 64}}}))
     assert load_pretrained_clip(path).hparams.text["quick_gelu"]
+
+
+def test_open_clip_file_without_its_image_heads_is_refused(tmp_path):
+    """Image heads are in no weight's shape, and open_clip's ViT-H / -g / -bigG towers are not 64 wide: a bare file
+    needs --vision-heads (or its open_clip_config.json); a wrong count had loaded and embedded images wrongly."""
+    torch.manual_seed(0)
+    ref = open_clip.model.CLIP(embed_dim=16, quick_gelu=False,
+                               vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=32),
+                               text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)).eval()
+    path = tmp_path / "bare.safetensors"
+    safetensors_torch.save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    with pytest.raises(PretrainedError, match=r"bare\.safetensors: the file does not record its image tower's "
+                                              r"attention heads .*--vision-heads N"):
+        load_pretrained_clip(path, quick_gelu=False, text_heads=2)
+    images = torch.rand(2, 3, 32, 32)
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"quick_gelu": False, "text_cfg": {"heads": 2}, "vision_cfg": {"width": 128, "head_width": 32}},
+         "preprocess_cfg": {"mean": [0.2, 0.3, 0.4], "std": [0.25, 0.2, 0.3]}}))
+    ours = load_pretrained_clip(path)
+    assert ours.hparams.vision["heads"] == 4 and ours.hparams.vision["image_mean"] == [0.2, 0.3, 0.4]
+    mean, std = torch.tensor([0.2, 0.3, 0.4])[:, None, None], torch.tensor([0.25, 0.2, 0.3])[:, None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode_image(images * 2 - 1), ref.encode_image((images - mean) / std,
+                                                                                        normalize=True), **TOL)
 
 
 def test_clip_from_hugging_face_folder_equals_transformers(tmp_path):
@@ -343,15 +367,15 @@ def test_bad_clip_inputs_are_named(tmp_path):
     wrong = tmp_path / "wrong.safetensors"
     safetensors_torch.save_file({**state, "text_projection": torch.zeros(64, 16)}, str(wrong))
     with pytest.raises(PretrainedError, match=r"wrong\.safetensors: model\.text\.text_projection has shape"):
-        load_pretrained_clip(wrong, quick_gelu=True, text_heads=2)
+        load_pretrained_clip(wrong, quick_gelu=True, text_heads=2, vision_heads=2)
     extra = tmp_path / "extra.safetensors"
     safetensors_torch.save_file({**state, "visual.attn_pool.query": torch.zeros(2)}, str(extra))
     with pytest.raises(PretrainedError, match=r"extra\.safetensors: unexpected weight model\.visual\.attn_pool"):
-        load_pretrained_clip(extra, quick_gelu=True, text_heads=2)
+        load_pretrained_clip(extra, quick_gelu=True, text_heads=2, vision_heads=2)
     missing = tmp_path / "missing.safetensors"
     safetensors_torch.save_file({k: v for k, v in state.items() if k != "ln_final.bias"}, str(missing))
     with pytest.raises(PretrainedError, match=r"missing\.safetensors: no weights for model\.text\.ln_final\.bias"):
-        load_pretrained_clip(missing, quick_gelu=True, text_heads=2)
+        load_pretrained_clip(missing, quick_gelu=True, text_heads=2, vision_heads=2)
     vae = tmp_path / "vae.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in tiny_diffusers_vae().state_dict().items()}, str(vae))
     with pytest.raises(PretrainedError, match=r"vae\.safetensors: no visual\.class_embedding"):

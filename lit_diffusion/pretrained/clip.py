@@ -18,7 +18,8 @@ normalisation) or a name away. Key names, open_clip / HF -> ours (text side; the
                                                                     post_layernorm, visual_projection.weight^T)
 
 Pooling at the end-of-text token is ours already (the first EOT, which is OpenAI's argmax when EOT is the top id).
-Heads are not in a state dict: OpenAI and open_clip use 64-wide heads, which is the default here.
+Heads are not in a state dict: OpenAI's text and image towers and open_clip's text towers use 64-wide heads,
+the default here; an open_clip file's image heads come from its open_clip_config.json or `vision_heads`.
 """
 
 from __future__ import annotations
@@ -148,8 +149,9 @@ def _count(state: dict[str, Tensor], pattern: str) -> int:
 
 
 def convert_open_clip(state: dict[str, Tensor], source: str, quick_gelu: bool, text_heads: int | None = None,
-                      vision_heads: int | None = None) -> tuple[dict, dict[str, Tensor]]:
-    """An OpenAI / open_clip CLIP state dict -> (CLIPModule config, our state dict under `model.`)."""
+                      vision_heads: int | None = None, image_mean=None, image_std=None) -> tuple[dict, dict[str, Tensor]]:
+    """An OpenAI / open_clip CLIP state dict -> (CLIPModule config, our state dict under `model.`); `image_mean` /
+    `image_std`: the pixel statistics it was trained with (None: OpenAI's)."""
     state = {k: v for k, v in state.items() if k.split(".")[-1] not in _IGNORED}
     if "visual.class_embedding" not in state:
         raise PretrainedError(f"{source}: no visual.class_embedding: only ViT CLIPs with a class token convert "
@@ -160,7 +162,8 @@ def convert_open_clip(state: dict[str, Tensor], source: str, quick_gelu: bool, t
     vision = dict(image_size=grid * patch, patch_size=patch, width=v_width, heads=vision_heads or v_width // HEAD_WIDTH,
                   layers=_count(state, r"visual\.transformer\.resblocks\.(\d+)\."),
                   mlp_ratio=_shape(state, "visual.transformer.resblocks.0.mlp.c_fc.weight", source)[0] / v_width,
-                  pool="cls", quick_gelu=quick_gelu, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+                  pool="cls", quick_gelu=quick_gelu, image_mean=list(image_mean or CLIP_MEAN),
+                  image_std=list(image_std or CLIP_STD))
     text = dict(vocab_size=_shape(state, "token_embedding.weight", source)[0],
                 context_length=_shape(state, "positional_embedding", source)[0], width=t_width,
                 heads=text_heads or t_width // HEAD_WIDTH, layers=_count(state, r"transformer\.resblocks\.(\d+)\."),
@@ -267,10 +270,12 @@ def convert_hf(state: dict[str, Tensor], config: dict, source: str, image_mean=N
 
 
 # ----------------------------------------------------------------------------------------------- the importer
-def _open_clip_config(path: Path) -> dict:
-    """open_clip's `open_clip_config.json` beside a hub download: the model config the weights do not record."""
+def _open_clip_config(path: Path) -> tuple[dict, dict]:
+    """open_clip's `open_clip_config.json` beside a hub download: the model config the weights do not record, and
+    the preprocessing (pixel mean and std) the model was trained with."""
     cfg_path = path.parent / "open_clip_config.json"
-    return (json.loads(cfg_path.read_text()).get("model_cfg") or {}) if cfg_path.is_file() else {}
+    full = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    return full.get("model_cfg") or {}, full.get("preprocess_cfg") or {}
 
 
 def load_pretrained_clip(source: str | Path, quick_gelu: bool | None = None, text_heads: int | None = None,
@@ -297,7 +302,7 @@ def load_pretrained_clip(source: str | Path, quick_gelu: bool | None = None, tex
         if any(k.startswith(("text_model.", "vision_model.")) for k in state):
             raise PretrainedError(f"{source}: Hugging Face CLIP weights: import the folder holding them and its "
                                   f"config.json, not the file")
-        model_cfg = _open_clip_config(source)
+        model_cfg, preprocess = _open_clip_config(source)
         if quick_gelu is None:
             quick_gelu = model_cfg.get("quick_gelu")
         if quick_gelu is None:
@@ -308,9 +313,16 @@ def load_pretrained_clip(source: str | Path, quick_gelu: bool | None = None, tex
             quick_gelu = True
         text_heads = text_heads or (model_cfg.get("text_cfg") or {}).get("heads")
         vision_cfg = model_cfg.get("vision_cfg") or {}
-        if vision_heads is None and vision_cfg.get("head_width"):
-            vision_heads = int(vision_cfg["width"]) // int(vision_cfg["head_width"])
-        cfg, state = convert_open_clip(state, str(source), bool(quick_gelu), text_heads, vision_heads)
+        if vision_heads is None and vision_cfg.get("width"):
+            vision_heads = int(vision_cfg["width"]) // int(vision_cfg.get("head_width", HEAD_WIDTH))
+        if vision_heads is None and "input_resolution" not in state and "visual.class_embedding" in state:
+            # OpenAI's own files have 64-wide heads; open_clip's ViT-H (80), -g (88), -bigG (104) do not, and the
+            # weights' shapes do not say: a wrong count loads without an error and embeds images wrongly
+            raise PretrainedError(f"{source}: the file does not record its image tower's attention heads and has no "
+                                  f"open_clip_config.json beside it: pass vision_heads (--vision-heads N: width / "
+                                  f"head_width, e.g. 16 for open_clip's ViT-H-14, 12 for ViT-B)")
+        cfg, state = convert_open_clip(state, str(source), bool(quick_gelu), text_heads, vision_heads,
+                                       preprocess.get("mean"), preprocess.get("std"))
         # the tokenizer open_clip itself would use: the folder's own files where the config names a Hugging Face
         # tokenizer (`export --to open_clip` of a CLIP with our vocabulary), else OpenAI's
         own = bool((model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name"))
