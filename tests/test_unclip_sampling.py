@@ -368,6 +368,27 @@ def test_inversion_conditions_the_denoiser_exactly_as_sampling_does(stack, objec
     assert (sampled.image_embedding[0] == 0).all() and torch.allclose(sampled.image_embedding[1], e[0])
 
 
+@pytest.mark.parametrize("caption", ["", "a large blue square"])
+def test_inversion_guides_a_captionless_call_with_one_scale_as_sampling_does(stack, caption):
+    """With a default image_guidance (2) apart from guidance (3), sampling guides a caption with three branches and
+    an empty caption with one scale (two branches): inversion must guide each the same way, or the inverted latent
+    belongs to another ODE than the one sampled from it."""
+    u = UnCLIP.from_checkpoints(stack["flow"])
+    d = u.decoder
+    d.use_image_guidance(2.0)
+    image = _images(1, seed=6)
+    e = d.encode_image_embeddings(image)
+    recorder = Recorder()
+    d.__dict__["denoiser"] = recorder
+    u.invert(image, caption, guidance=3.0, steps=1)
+    d.sample([caption], guidance=3.0, steps=1, image_embeddings=e, x_T=torch.zeros(1, d.latent_channels,
+                                                                                      *d.latent_shape()))
+    inverted, sampled = recorder.conds
+    assert inverted.batch_size == sampled.batch_size == (2 if caption == "" else 3)
+    for name, value in sampled.tensors().items():
+        torch.testing.assert_close(inverted.tensors()[name], value, msg=name)
+
+
 def test_a_prior_with_another_clip_and_a_text_only_decoder_are_refused_by_name(stack):
     with pytest.raises(ValueError) as err:
         UnCLIP.from_checkpoints(stack["ddpm"], stack["other_prior"])
