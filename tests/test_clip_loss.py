@@ -147,3 +147,56 @@ def test_distributed_loss_and_gradients_equal_one_process_on_the_global_batch(tm
     expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     for r in range(WORLD):
         torch.testing.assert_close(results[r]["uneven"], expected)
+
+
+CAPTIONS = [["a red circle left of a blue square", "a large green triangle", "a yellow square above a red circle"],
+            ["a small red circle", "a large blue square", "a green triangle"]]  # rank 1: no swap word
+
+
+def _clip_worker(rank: int, port: int, tokenizer: str, out_dir):
+    from datetime import timedelta
+
+    from conftest import TINY_CLIP
+
+    from lit_diffusion.stages.clip import CLIPModule
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))  # a missing backward collective fails, not hangs
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        clip = CLIPModule(tokenizer_path=tokenizer, hard_negatives={"left": "right", "above": "below"}, **TINY_CLIP)
+        images = torch.rand(WORLD * LOCAL, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+        batch = {"image": images[rank * LOCAL:(rank + 1) * LOCAL], "caption": CAPTIONS[rank]}
+        loss = clip.model_step(batch, ClipLoss(rank, WORLD, gather_with_grad=True))[0]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in clip.named_parameters() if p.grad is not None}
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= WORLD  # DDP's average
+        torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/clip{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_whose_captions_have_no_swap_word_trains_in_step_with_the_others(shapes_data, tmp_path):
+    """Hard negatives are gathered with their gradients: a rank with no swap word in its batch (zero negatives)
+    must still run that gather's backward, or the others wait for it forever. The averaged gradients equal one
+    process's on the global batch."""
+    from conftest import TINY_CLIP
+
+    from lit_diffusion.stages.clip import CLIPModule
+
+    tokenizer = str(shapes_data / "tokenizer.json")
+    mp.start_processes(_clip_worker, args=(_free_port(), tokenizer, str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"clip{r}.pt") for r in range(WORLD)]
+    torch.manual_seed(0)
+    clip = CLIPModule(tokenizer_path=tokenizer, hard_negatives={"left": "right", "above": "below"}, **TINY_CLIP)
+    images = torch.rand(WORLD * LOCAL, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    loss = clip.model_step({"image": images, "caption": CAPTIONS[0] + CAPTIONS[1]}, ClipLoss())[0]
+    loss.backward()
+    assert torch.stack([r["loss"] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-5)
+    for name, p in clip.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(ranks[0]["grads"][name], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -311,6 +311,11 @@ class CLIPModule(Stage):
         pixels = batch["video"] if "video" in batch else batch["image"]
         image, text, scale = self.model(pixels, self._text_tokens(batch["caption"]))
         negatives = self.negative_embeddings(batch["caption"])
+        if negatives is not None and text.requires_grad and not negatives[0].requires_grad:
+            # no swap word in this rank's batch: its zero negatives still join the graph, so the gather of the
+            # negatives (gather_with_grad) runs its backward collective here as on the ranks that have some; it
+            # would otherwise wait there for this rank forever
+            negatives = (negatives[0] + 0.0 * text[:1].sum(), negatives[1])
         return loss_fn(image, text, scale, *(negatives or ())), image, text, scale, negatives
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
