@@ -324,3 +324,28 @@ def test_cli_dispatches_bench(monkeypatch, tmp_path, capsys):
     assert calls["json_out"] == str(tmp_path / "b.json")
     out = capsys.readouterr().out
     assert "0.500" in out and "note: n" in out
+
+
+@pytest.mark.parametrize("kind", ["images", "clips"])
+def test_the_loaders_peak_memory_is_the_child_process_own(kind, shapes_data, tmp_path):
+    """bench data / video measure a spawned child's peak RSS at 1x and 10x the shards. ru_maxrss of a spawned
+    child starts at its parent's peak (exec keeps it), so both read the bench process's own peak and the row could
+    not fail; the child's VmHWM is its own."""
+    from lit_diffusion.bench import data, video
+    from lit_diffusion.bench.memory import _vm_hwm_kib
+
+    if _vm_hwm_kib() is None:
+        pytest.skip("no /proc/self/status VmHWM on this system")
+    ballast = bytearray(1536 * 2**20)  # 1.5 GiB touched in this process
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    parent = _vm_hwm_kib() / 1024
+    if kind == "images":
+        child = data.peak_rss_mb(str(shapes_data / "train-*.tar"), 16, 8, 2, None)
+    else:
+        from lit_diffusion.data.moving_shapes import write_moving_shapes
+
+        write_moving_shapes(tmp_path, train=16, val=0, size=16, frames=2, shard_size=16, seed=0)
+        child = video.peak_rss_mb(str(tmp_path / "train-*.tar"), 16, 2, 4, 2)
+    del ballast
+    assert 50 < child < parent - 1024, (child, parent)
