@@ -219,7 +219,8 @@ def better(a: float, b: float, goal: str) -> bool:
 
 
 def best_run(runs: list[dict], goal: str) -> dict | None:
-    scored = [r for r in runs if r.get("metric") is not None]
+    """The best finished run: a failed one's figure is from before it stopped (W&B's engine ranks it worst)."""
+    scored = [r for r in runs if r.get("metric") is not None and r.get("status") == "finished"]
     if not scored:
         return None
     best = scored[0]
@@ -301,6 +302,11 @@ def run_sweep(sweep_file: str | Path | Mapping, count: int | None = None, root: 
     name = name or config.get("name") or sweep_file.stem
     sweep_dir = Path(root) / name
     extra_args = parse_overrides(overrides)
+    swept = {str(k) for k in (config.get("parameters") or {})}
+    clash = sorted(k for k in swept if any(a.startswith((f"--{k}=", f"--{k} ")) or a == f"--{k}" for a in extra_args))
+    if clash:  # the last value wins on the command line: every run would use the --set one
+        raise ValueError(f"--set {', '.join(clash)}: the sweep varies {'it' if len(clash) == 1 else 'them'} "
+                         f"({sweep_file}'s parameters); set it in the sweep file instead")
     metric = config.get("metric") or {}
     metric_name, goal = metric.get("name"), metric.get("goal", "minimize")
     say = print if echo else (lambda *a, **k: None)
@@ -387,7 +393,8 @@ def run_sweep(sweep_file: str | Path | Mapping, count: int | None = None, root: 
         state["best"] = {"name": best["name"], "metric": best["metric"], "params": best["params"]} if best else None
         _write_json(state_path, state)
         target = metric.get("target")
-        if target is not None and record["metric"] is not None and not better(target, record["metric"], goal):
+        if (target is not None and record["metric"] is not None and record["status"] == "finished"
+                and not better(target, record["metric"], goal)):
             say(f"[{name}] {run_name} reached the target {metric_name}={target}; stopping")
             break
 

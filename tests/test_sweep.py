@@ -308,3 +308,39 @@ def test_offline_sweep_of_three_tiny_ldm_runs_and_their_comparison(tiny_ckpts, t
         assert float(row["eval/fid_clip"]) == pytest.approx(summary["eval/fid_clip"], rel=1e-9)
         assert summary["eval/fid_clip"] == summary[f"eval/fid_clip_g{guidance:.1f}"]
         assert float(row["eval/clip_score_g1.0"]) == pytest.approx(summary["eval/clip_score_g1.0"], rel=1e-9)
+
+
+def test_a_failed_run_is_never_the_best_and_a_swept_key_cannot_be_set(tmp_path):
+    """A run that wrote a figure and then failed (here: the best figure of all, then exit 3) is not the sweep's
+    best and does not stop it at the target: its figure is from before it stopped, and W&B's engine ranks it
+    worst. `--set` of a key the sweep varies is refused: the last value wins, so every run would have used it."""
+    program = tmp_path / "program.py"
+    source = PROGRAM.replace('    print("diverged: loss is nan", file=sys.stderr)\n    sys.exit(3)\n', '    pass\n')
+    source = source.replace('(out / "summary.json").write_text(json.dumps(summary))\n',
+                            'if x == 1 and y == "b":\n    summary["final"]["eval/loss"] = -100.0\n'
+                            '(out / "summary.json").write_text(json.dumps(summary))\n'
+                            'sys.exit(3 if x == 1 and y == "b" else 0)\n')
+    assert source.count("-100.0") == 1 and "diverged" not in source
+    program.write_text(source)
+    config = {"program": str(program), "method": "grid", "metric": {"name": "eval/loss", "goal": "minimize",
+                                                                     "target": -50.0},
+              "parameters": {"x": {"values": [1, 2, 3]}, "y": {"values": ["a", "b"]}}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(config))
+    state = sw.run_sweep(path, root=tmp_path / "sweeps", echo=False)
+    failed = [r for r in state["runs"] if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["metric"] == -100.0 and len(state["runs"]) == 6  # not stopped by it
+    assert state["best"]["metric"] == 0.25 and state["best"]["params"]["y"] == "a"
+    from lit_diffusion.evaluation.compare import compare
+
+    result = compare([str(tmp_path / "sweeps" / "grid")], tmp_path / "cmp", echo=False)
+    assert result["best"] == state["best"]["name"]
+    with pytest.raises(ValueError, match=r"--set x: the sweep varies it"):
+        sw.run_sweep(path, root=tmp_path / "other", overrides=["x=3", "trainer.max_steps=2"], echo=False)
+
+
+def test_the_video_frechet_distance_and_seconds_are_lower_is_better():
+    from lit_diffusion.runtime.tracking import lower_is_better
+
+    assert lower_is_better("eval/fcd") and lower_is_better("eval/fcd_g3.0") and lower_is_better("eval/seconds")
+    assert not lower_is_better("eval/clip_score_g3.0") and not lower_is_better("eval/motion_acc")

@@ -32,6 +32,9 @@ _NOT_PARAMS = ("run.", "config", "trainer.logger", "trainer.default_root_dir", "
 DEFAULT_METRIC = "eval/fid_clip"
 
 
+FAILED = ("failed", "crashed", "killed")  # run states (ours, the sweep's, W&B's) that did not finish
+
+
 @dataclass
 class RunInfo:
     name: str
@@ -320,7 +323,8 @@ def compare(specs: Sequence[str], out: str | Path, metric: str | None = None, go
 
     best = None
     if metric:
-        scored = [(r, getattr(r, which).get(metric)) for r in runs]
+        # not a failed run: its figure is from before it stopped (W&B's engine ranks it worst)
+        scored = [(r, getattr(r, which).get(metric)) for r in runs if r.status not in FAILED]
         scored = [(r, v) for r, v in scored if v is not None]
         for r, v in scored:
             if best is None or (v < best[1] if goal == "minimize" else v > best[1]):

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_only
 log = logging.getLogger("lit_diffusion")
 
 # metrics where smaller is better; everything else counts as "higher is better" in summary.json
-LOWER_IS_BETTER = ("loss", "fid", "rfid", "kl", "nll")
+LOWER_IS_BETTER = ("loss", "fid", "rfid", "kl", "nll", "fcd", "seconds")  # fcd: the video Frechet distance
 
 
 def lower_is_better(key: str) -> bool:
