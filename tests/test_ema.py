@@ -122,3 +122,34 @@ def test_frozen_weights_stay_bit_identical_in_our_average(tmp_path, cls, bit_ide
     same = [torch.equal(saved[f"frozen.{name}"], w) for name, w in zip(("weight", "bias"), frozen)]
     assert all(same) == bit_identical
     assert not torch.equal(saved["net.weight"], initial)  # the trained layer moved: the frozen one was averaged too
+
+
+def test_the_final_last_ckpt_keeps_the_raw_weights_beside_the_average(tmp_path):
+    """Lightning copies the average into the module at train end, before the checkpoint callbacks (always last)
+    write the final last.ckpt: its `current_model_state` had been the average, so a run resumed from it to more
+    steps went on from the EMA weights with the raw weights' optimizer state."""
+    from lit_diffusion.runtime.safety import AtomicCheckpointIO, LastCheckpoint
+
+    probe = Probe()
+    torch.manual_seed(0)
+    model = Linear()
+    L.Trainer(accelerator="cpu", max_steps=STEPS - 1, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
+              callbacks=[probe, EMAWeightAveraging(decay=DECAY),
+                         LastCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0,
+                                        every_n_train_steps=100)]).fit(model)
+    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == STEPS - 1
+    raw, ema = probe.trained[-1], probe.inside[-1]
+    torch.testing.assert_close(ckpt["current_model_state"]["net.weight"], raw[0], rtol=0, atol=0)
+    torch.testing.assert_close(ckpt["state_dict"]["net.weight"], ema[0], rtol=0, atol=0)
+    assert not torch.equal(raw[0], ema[0])
+    # resuming it: the module trains on from the raw weights, the average from the saved one
+    seen = []
+    resumed = Linear()
+    L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path,
+              callbacks=[EMAWeightAveraging(decay=DECAY),
+                         L.pytorch.callbacks.LambdaCallback(on_train_start=lambda t, m: seen.append(
+                             m.net.weight.detach().clone()))]).fit(resumed, ckpt_path=tmp_path / "ck" / "last.ckpt")
+    torch.testing.assert_close(seen[0], raw[0], rtol=0, atol=0)

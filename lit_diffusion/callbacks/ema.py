@@ -22,6 +22,23 @@ class EMAWeightAveraging(_LightningEMA):
         super().__init__(*args, decay=decay, **kwargs)
         self._kwargs.pop("avg_fn")  # AveragedModel takes one of the two
         self._kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
+        self._raw_at_end: dict | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._raw_at_end = None
+        super().on_train_start(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning copies the average into the module here, before the checkpoint callbacks (always last) write
+        # the final last.ckpt: its `current_model_state` would then be the average, and a run resumed from it to
+        # more steps would go on from the EMA weights with the raw weights' optimizer state. Keep the raw ones.
+        self._raw_at_end = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._raw_at_end is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._raw_at_end
 
 
 @contextlib.contextmanager
