@@ -201,18 +201,15 @@ def peak_rss_mb(urls, image_size: int, batch_size: int, num_batches: int, bucket
 
 
 def _draw_and_measure(urls, image_size, batch_size, num_batches, buckets) -> float:
-    import resource
-
-    from lit_diffusion.bench.memory import _vm_hwm_kib
+    from lit_diffusion.bench.memory import own_peak_rss_kib
 
     dm = ImageCaptionDataModule(train_urls=urls, image_size=image_size, batch_size=batch_size, num_workers=0,
                                 train_batches_per_epoch=num_batches, shuffle_buffer=1000, buckets=buckets)
     dm.setup("fit")
     for _ in dm.train_dataloader():
         pass
-    # VmHWM: ru_maxrss of a spawned child starts at the parent's peak (exec keeps it), which made 1x and 10x equal
-    own = _vm_hwm_kib()
-    return (own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    # the child's own: ru_maxrss of a spawned child starts at the parent's peak (exec keeps it), made 1x and 10x equal
+    return own_peak_rss_kib() / 1024
 
 
 MIXED_RATIOS = "1:1,3:2,2:3,2:1,1:2"  # the mixed-aspect shapes data of configs/pipeline/shapes_buckets.yaml

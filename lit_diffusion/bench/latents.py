@@ -187,7 +187,7 @@ def latents_child(args_json: str, out: str) -> None:
     import lightning as L
     import torch
 
-    from lit_diffusion.bench.memory import _vm_hwm_kib
+    from lit_diffusion.bench.memory import own_peak_rss_kib
     from lit_diffusion.data.datamodule import LatentDataModule
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
@@ -204,7 +204,7 @@ def latents_child(args_json: str, out: str) -> None:
     result = {"steps": int(trainer.global_step), "shards": len(dm.train_shards)}
     del trainer, dm
     gc.collect()  # ends the loader's worker, so its peak shows in RUSAGE_CHILDREN
-    result["main_peak_rss_kib"] = _vm_hwm_kib() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["main_peak_rss_kib"] = own_peak_rss_kib()
     result["worker_peak_rss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     result["peak_rss_kib"] = max(result["main_peak_rss_kib"], result["worker_peak_rss_kib"])
     Path(out).write_text(json.dumps(result))

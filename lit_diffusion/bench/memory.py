@@ -44,6 +44,14 @@ def _vm_hwm_kib() -> int | None:
         return None
 
 
+def own_peak_rss_kib() -> int:
+    """This process's own peak RSS in KiB: VmHWM where /proc has it, else ru_maxrss."""
+    import resource
+
+    own = _vm_hwm_kib()
+    return own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def memory_child(urls: str, steps: int, image_size: int, batch_size: int, num_workers: int, out: str,
                  threads: int = 1) -> None:
     """The measured training run (in its own process): the quick VAE on `urls` for `steps` steps."""
@@ -68,8 +76,7 @@ def memory_child(urls: str, steps: int, image_size: int, batch_size: int, num_wo
     result = {"steps": int(trainer.global_step), "shards": len(dm.train_shards)}
     del trainer, dm
     gc.collect()  # ends the loader's workers, so their peak shows in RUSAGE_CHILDREN
-    own = _vm_hwm_kib()
-    result["main_peak_rss_kib"] = own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["main_peak_rss_kib"] = own_peak_rss_kib()
     # forked loader workers (no exec: ru_maxrss is theirs); helper processes that fork + exec report at most the
     # parent's RSS at the fork, below the main peak, so the max below stays right
     result["worker_peak_rss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -119,18 +119,15 @@ def bench_video_loader(urls, size: int, frames: int, batch_size: int, num_sample
 
 
 def _draw_and_measure(urls, size, frames, batch_size, num_batches) -> float:
-    import resource
-
-    from lit_diffusion.bench.memory import _vm_hwm_kib
+    from lit_diffusion.bench.memory import own_peak_rss_kib
 
     dm = VideoDataModule(train_urls=urls, image_size=size, num_frames=frames, batch_size=batch_size, num_workers=0,
                          train_batches_per_epoch=num_batches, shuffle_buffer=200)
     dm.setup("fit")
     for _ in dm.train_dataloader():
         pass
-    # VmHWM: ru_maxrss of a spawned child starts at the parent's peak (exec keeps it), which made 1x and 10x equal
-    own = _vm_hwm_kib()
-    return (own if own is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    # the child's own: ru_maxrss of a spawned child starts at the parent's peak (exec keeps it), made 1x and 10x equal
+    return own_peak_rss_kib() / 1024
 
 
 def peak_rss_mb(urls, size, frames, batch_size, num_batches) -> float:
