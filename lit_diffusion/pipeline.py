@@ -430,10 +430,15 @@ def _encode_spec(cfg: dict) -> dict:
     return {k: (cfg.get("encode") or {}).get(k) for k in _ENCODE_RECORDED}
 
 
-def _retrain_hint(root: Path, later: list[Step], cfg: dict | None = None) -> str:
-    doomed = [str(p) for s in later for key, p in _step_paths(root, s).items()
-              if key in ("final", "made", "run_dir") and p.exists()]
-    latents = _latents_dir(cfg, root) if cfg is not None and cfg.get("encode") is not None else None
+def _made_by(root: Path, steps: list[Step]) -> list[str]:
+    """What `steps` made and left on disk: finished checkpoints, their records, run directories."""
+    return [str(p) for s in steps for key, p in _step_paths(root, s).items()
+            if key in ("final", "made", "run_dir") and p.exists()]
+
+
+def _retrain_hint(root: Path, later: list[Step], cfg: dict) -> str:
+    doomed = _made_by(root, later)
+    latents = _latents_dir(cfg, root) if cfg.get("encode") is not None else None
     if latents is not None and latents.exists() and any(s.stage not in LATENT_STAGES for s in later):
         doomed.append(str(latents))  # encoded by the CLIP and VAE that will be trained again
     return (f"To retrain {' and '.join(s.name for s in later)} with the new inputs, delete what they made: "
@@ -487,7 +492,6 @@ def _check_latents(cfg: dict, root: Path, steps: list[Step], retraining: str | N
     out = _latents_dir(cfg, root)
     if not (out / "manifest.json").is_file():
         return
-    latent_steps = [s for s in steps if s.stage in LATENT_STAGES]
     if retraining in STAGES and retraining not in LATENT_STAGES:
         raise StageInputsChanged(f"[encode] {out} was encoded by the {retraining}.ckpt that will be trained again "
                                  f"now, so it would not match.\nTo encode again, delete it: rm -r {out}")
@@ -500,11 +504,10 @@ def _check_latents(cfg: dict, root: Path, steps: list[Step], retraining: str | N
                if before.get(k) != now.get(k)]
     if changed:
         lines = "\n".join(f"  - {c}" for c in changed)
+        doomed = [str(out), *_made_by(root, [s for s in steps if s.stage in LATENT_STAGES])]
         raise StageInputsChanged(f"[encode] {out} was written by another encode: block than the pipeline gives "
                                  f"now:\n{lines}\nTo encode again and retrain what read it, delete them: rm -r "
-                                 f"{out} " + " ".join(str(p) for s in latent_steps for key, p in
-                                                      _step_paths(root, s).items()
-                                                      if key in ("final", "made", "run_dir") and p.exists()))
+                                 f"{' '.join(doomed)}")
 
 
 class PipelineConfigError(ValueError):
