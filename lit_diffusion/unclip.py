@@ -256,8 +256,6 @@ class UnCLIP:
         guidance = h.guidance if guidance is None else float(guidance)
         rescale = h.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
         cond, uncond, (lh, lw) = d.sampling_conditions(prompts, negative_prompts, embeddings, height, width)
-        image_scale = d.image_guidance_scale()
-        if negative_prompts is None and all(p == "" for p in prompts):
-            image_scale = None  # no caption: one scale, `guidance`, as `sample` guides captionless calls
+        guidance, image_scale = d.guidance_scales(prompts, negative_prompts, guidance)  # as `sample` guides
         return (cfg_model_fn(d.denoiser, cond, uncond, guidance, rescale=rescale, image_scale=image_scale),
                 d.schedule_for(lh, lw))

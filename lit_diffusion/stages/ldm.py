@@ -762,6 +762,17 @@ class LatentDiffusionModule(Stage):
                              f"scale")
         return float(image_guidance)
 
+    def guidance_scales(self, prompts: Sequence[str], negative_prompts, guidance: float,
+                        image_guidance: float | None = None) -> tuple[float, float | None]:
+        """(the caption's scale, the image embedding's own scale or None) a call guides with. With no caption to
+        guide apart (variations, interpolations: every prompt empty, no negative) the caption's branch is the image
+        branch, so there is one scale (u + s (i - u)), in one forward of two: this call's image_guidance if it
+        gives one, else `guidance` (the model's default image_guidance is for captions)."""
+        image_scale = self.image_guidance_scale(image_guidance)
+        if image_scale is not None and negative_prompts is None and all(p == "" for p in prompts):
+            return (image_scale if image_guidance is not None else guidance), None
+        return guidance, image_scale
+
     def use_image_guidance(self, image_guidance: float | None) -> None:
         """Make `image_guidance` this module's default for every later `sample` (checked as `image_guidance_scale`
         checks it); None keeps the default it has."""
@@ -842,13 +853,7 @@ class LatentDiffusionModule(Stage):
             x_T = torch.randn(shape, generator=generator, device=self.device)
         else:
             x_T = randn_per_sample(shape, generator).to(self.device)
-        image_scale = self.image_guidance_scale(image_guidance)
-        if image_scale is not None and negative_prompts is None and all(p == "" for p in prompts):
-            # no caption to guide apart (variations, interpolations): the caption's branch is the image branch, so
-            # there is one scale (u + s (i - u)), in one forward of two: this call's image_guidance if it gives one,
-            # else `guidance` (the model's default image_guidance is for captions: variations keep their scale)
-            guidance = image_scale if image_guidance is not None else guidance
-            image_scale = None
+        guidance, image_scale = self.guidance_scales(prompts, negative_prompts, guidance, image_guidance)
         model_fn = cfg_model_fn(self.denoiser, cond, uncond, guidance, rescale=rescale, image_scale=image_scale)
         kwargs = dict(generator=generator, x_T=x_T, progress=progress, device=self.device, steps=steps)
         if self.objective == "ddpm":  # the flow samplers (euler, heun) integrate the velocity: nothing more to say
