@@ -463,7 +463,7 @@ def test_with_its_prior_the_decoder_pipeline_generates_as_unclip(exported_prior,
     unclip = UnCLIP(prior, model)
     # seeds at which some caption keeps its second draw, so that the last check exercises the scoring
     seeds, k, e = [7, 8], prior.hparams.candidates, prior.prior.config.embed_dim
-    from lit_diffusion.stages.prior import key_seed
+    from lit_diffusion.runtime.rng import key_seed
 
     # the prior's draws of seed s come from key_seed(f"{s}/x_T") (the decoder's latent from s itself)
     prior_noise = torch.stack([torch.randn(k, e, generator=torch.Generator().manual_seed(key_seed(f"{s}/x_T")))

@@ -17,7 +17,8 @@ from lit_diffusion.diffusion.flow import FlowSchedule
 from lit_diffusion.diffusion.schedule import NoiseSchedule
 from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.models.prior import DiffusionPrior
-from lit_diffusion.stages.prior import DiffusionPriorModule, key_seed, prior_losses, sample_x0
+from lit_diffusion.runtime.rng import key_seed
+from lit_diffusion.stages.prior import DiffusionPriorModule, prior_losses, sample_x0
 
 TINY_PRIOR = dict(width=32, depth=2, heads=2)
 

@@ -43,7 +43,7 @@ from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning
 from lit_diffusion.diffusion.schedule import NoiseSchedule
 from lit_diffusion.models.conditions import Conditioning
 from lit_diffusion.models.prior import DiffusionPrior, PriorConfig
-from lit_diffusion.runtime.rng import key_seed  # noqa: F401 (also imported from here)
+from lit_diffusion.runtime.rng import key_seed
 from lit_diffusion.stages.base import CheckpointError, Stage, stage_block
 from lit_diffusion.stages.clip import CLIPModule
 from lit_diffusion.stages.common import adamw_with_warmup, eval_mode
