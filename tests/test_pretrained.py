@@ -199,11 +199,11 @@ def test_measured_latent_scale_is_one_over_the_std_of_posterior_means(tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------------------ CLIP
-def tiny_open_clip(quick_gelu=True):
+def tiny_open_clip(quick_gelu=True, head_width=64):
     torch.manual_seed(0)
     return open_clip.model.CLIP(
         embed_dim=16, quick_gelu=quick_gelu,
-        vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=64),
+        vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=head_width),
         text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)).eval()
 
 
@@ -288,10 +288,7 @@ def test_open_clip_file_without_its_activation_is_refused(tmp_path):
 def test_open_clip_file_without_its_image_heads_is_refused(tmp_path):
     """Image heads are in no weight's shape, and open_clip's ViT-H / -g / -bigG towers are not 64 wide: a bare file
     needs --vision-heads (or its open_clip_config.json); a wrong count had loaded and embedded images wrongly."""
-    torch.manual_seed(0)
-    ref = open_clip.model.CLIP(embed_dim=16, quick_gelu=False,
-                               vision_cfg=dict(image_size=32, patch_size=8, width=128, layers=2, head_width=32),
-                               text_cfg=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=2)).eval()
+    ref = tiny_open_clip(quick_gelu=False, head_width=32)
     path = tmp_path / "bare.safetensors"
     safetensors_torch.save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     with pytest.raises(PretrainedError, match=r"bare\.safetensors: the file does not record its image tower's "
