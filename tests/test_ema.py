@@ -153,3 +153,30 @@ def test_the_final_last_ckpt_keeps_the_raw_weights_beside_the_average(tmp_path):
                          L.pytorch.callbacks.LambdaCallback(on_train_start=lambda t, m: seen.append(
                              m.net.weight.detach().clone()))]).fit(resumed, ckpt_path=tmp_path / "ck" / "last.ckpt")
     torch.testing.assert_close(seen[0], raw[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("start", [3, STEPS + 2])  # the first update at step 4; none within the run
+def test_before_its_first_update_the_average_follows_the_trained_weights(tmp_path, start):
+    """diffusers' `EMAModel` (decay 0 until `update_after_step`) is the reference: before the first update the
+    averaged weights are the trained ones, then the closed-form EMA from that update on. Lightning's average is the
+    initial weights until then, so grids, validation and checkpoints before it showed the untrained model."""
+    from lit_diffusion.runtime.safety import AtomicCheckpointIO, LastCheckpoint
+
+    torch.manual_seed(0)
+    probe, model = Probe(), Linear()
+    initial = weights(model)
+    L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
+              callbacks=[probe, EMAWeightAveraging(decay=DECAY, update_starting_at_step=start),
+                         LastCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_top_k=0,
+                                        every_n_train_steps=2)]).fit(model)
+    before = min(start, STEPS)  # steps 1..start see no update (step_idx < start)
+    for step in range(before):
+        assert all(torch.equal(a, b) for a, b in zip(probe.inside[step], probe.trained[step])), f"step {step + 1}"
+    expected = closed_form_ema(probe.trained[before:], LERP) if before < STEPS else []
+    for step, (inside, want) in enumerate(zip(probe.inside[before:], expected), start=before + 1):
+        for a, b in zip(inside, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"EMA weights at step {step}")
+    saved = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(saved["net.weight"], probe.inside[-1][0], rtol=0, atol=0)
+    assert not torch.equal(saved["net.weight"], initial[0])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Iterator
+
+import torch
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging as _LightningEMA
@@ -16,17 +19,46 @@ class EMAWeightAveraging(_LightningEMA):
     `lerp`, W += (1 - decay) * (w - W), instead of decay * W + (1 - decay) * w. The two agree up to rounding on
     trained weights; on weights that do not change (the frozen CLIP and VAE inside the diffusion stage, which
     `AveragedModel` copies with the rest) lerp leaves the average bit-identical to them, where the product form
-    drifts by about ulp / (1 - decay) (tests/test_ema.py). The configs name this class."""
+    drifts by about ulp / (1 - decay) (tests/test_ema.py). The configs name this class.
+
+    Until its first update (`update_starting_at_step`, `update_starting_at_epoch`) the average follows the trained
+    weights, as diffusers' `EMAModel` does before `update_after_step` (its decay is 0 there). Lightning's average is
+    the initial weights until then: every grid, in-loop evaluation, validation and checkpoint before the first
+    update would show the untrained model, and a run shorter than the start step would end as its initial
+    weights."""
 
     def __init__(self, *args, decay: float = 0.999, **kwargs):
         super().__init__(*args, decay=decay, **kwargs)
         self._kwargs.pop("avg_fn")  # AveragedModel takes one of the two
         self._kwargs["multi_avg_fn"] = get_ema_multi_avg_fn(decay)
         self._raw_at_end: dict | None = None
+        self._updated = False  # the average has had its first update (read from n_averaged once, a device sync)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._raw_at_end = None
+        self._raw_at_end, self._updated = None, False
         super().on_train_start(trainer, pl_module)
+        self._follow_until_first_update(pl_module)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._follow_until_first_update(pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._follow_until_first_update(pl_module)
+
+    @torch.no_grad()
+    def _follow_until_first_update(self, pl_module: LightningModule) -> None:
+        average = self._average_model
+        if average is None or self._updated:
+            return
+        if int(average.n_averaged) > 0:
+            self._updated = True
+            return
+        # the first update copies the weights (n_averaged 0), so following them until then changes nothing after it
+        for mine, theirs in zip(itertools.chain(average.module.parameters(), average.module.buffers()),
+                                itertools.chain(pl_module.parameters(), pl_module.buffers())):
+            mine.copy_(theirs)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning copies the average into the module here, before the checkpoint callbacks (always last) write
