@@ -68,7 +68,8 @@ def test_evaluation_equals_a_direct_computation_and_reuses_real_statistics(tiny_
             assert abs(second[key] - value) <= 1e-6 * max(1.0, abs(value)), key
 
 
-def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])  # 2: the micro-batches before the first step are not step 0
+def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp_path, accumulate):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     model = make_ldm(tiny_ckpts)
@@ -77,7 +78,8 @@ def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp
     jsonl = JSONLLogger(tmp_path / "run")
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=[jsonl], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[EMAWeightAveraging(decay=0.9), evaluation], default_root_dir=str(tmp_path / "run"))
+                        accumulate_grad_batches=accumulate, callbacks=[EMAWeightAveraging(decay=0.9), evaluation],
+                        default_root_dir=str(tmp_path / "run"))
     trainer.fit(model, datamodule=tiny_datamodule(tiny_ckpts["data"]))
     assert [h["step"] for h in evaluation.history] == [2, 4]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

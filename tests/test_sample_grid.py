@@ -24,12 +24,15 @@ def test_grid_rows_columns_and_negative_prompt_row(tiny_ckpts):
     assert all(torch.equal(a, b) for a, b in zip(rows, again))
 
 
-def test_callback_writes_a_grid_every_n_steps_and_at_the_end(tiny_ckpts, tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_callback_writes_a_grid_every_n_steps_and_at_the_end(tiny_ckpts, tmp_path, accumulate):
+    """With gradient accumulation the micro-batches of a step end at one global_step: the first ones end at step 0,
+    where a cadence read from global_step alone drew the untrained model."""
     model = make_ldm(tiny_ckpts)
     grid = SampleGrid(prompts=["a large red circle"], guidance=[1.0, 3.0], every_n_steps=2, steps=2)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[grid], default_root_dir=str(tmp_path))
+                        accumulate_grad_batches=accumulate, callbacks=[grid], default_root_dir=str(tmp_path))
     trainer.fit(model, datamodule=tiny_datamodule(tiny_ckpts["data"]))
     names = sorted(p.name for p in (tmp_path / "media").glob("samples_step*.png"))
     assert names == ["samples_step0000002.png", "samples_step0000003.png"]

@@ -17,8 +17,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import lightning as L
-
+from lit_diffusion.callbacks.cadence import EveryNSteps
 from lit_diffusion.callbacks.ema import averaged_weights
 from lit_diffusion.evaluation.evaluator import EvalConfig, Evaluator, eval_data_id, write_results
 from lit_diffusion.evaluation.video import VideoEvaluator, check_video_clip
@@ -26,7 +25,7 @@ from lit_diffusion.evaluation.video import VideoEvaluator, check_video_clip
 log = logging.getLogger("lit_diffusion")
 
 
-class DiffusionEvaluation(L.Callback):
+class DiffusionEvaluation(EveryNSteps):
     def __init__(
         self,
         every_n_steps: int = 1000,
@@ -73,8 +72,7 @@ class DiffusionEvaluation(L.Callback):
             check_video_clip(pl_module.clip, frames)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        if self.due(trainer):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -8,17 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from lit_diffusion.callbacks.cadence import EveryNSteps
 from lit_diffusion.callbacks.ema import averaged_weights
 from lit_diffusion.data.shapes import ASPECT_RATIOS, parse_aspect_ratios
 from lit_diffusion.evaluation.evaluator import AspectRatioError, sample_size
 from lit_diffusion.evaluation.plots import save_grid, save_video_grid
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(EveryNSteps):
     def __init__(
         self,
         prompts: Sequence[str] = ("a large red circle", "a small blue square", "a green triangle above a yellow circle"),
@@ -63,8 +63,7 @@ class SampleGrid(L.Callback):
             raise ValueError(f"SampleGrid aspect_ratios {err}") from None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        if self.due(trainer):
             self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
