@@ -93,9 +93,19 @@ def averaged_weights(trainer: Trainer, pl_module: LightningModule) -> Iterator[L
         yield pl_module
         return
     if trainer.training:
-        averaging.on_train_batch_end(trainer, pl_module, None, None, 0)
+        take_this_steps_update(trainer, pl_module)
     averaging.on_validation_epoch_start(trainer, pl_module)
     try:
         yield pl_module
     finally:
         averaging.on_validation_epoch_end(trainer, pl_module)
+
+
+def take_this_steps_update(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Give the `WeightAveraging` callback this optimizer step's update now, for a callback listed before it that
+    reads or saves the average at this batch end (`averaged_weights`, the pre-emption checkpoint of
+    `runtime.safety.SignalCheckpoint`): the average then holds what the checkpoint at this step would hold, and the
+    averaging callback's own call changes nothing (at most one update per step). Nothing without such a callback."""
+    for averaging in trainer.callbacks:
+        if isinstance(averaging, WeightAveraging):
+            averaging.on_train_batch_end(trainer, pl_module, None, None, 0)

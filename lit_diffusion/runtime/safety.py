@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_diffusion.callbacks.ema import take_this_steps_update
 from lit_diffusion.runtime.rng import TrainingRNG
 
 log = logging.getLogger("lit_diffusion")
@@ -228,6 +229,9 @@ class SignalCheckpoint(Callback):
             exception.code = 128 + int(signum)
 
     def _save(self, trainer: Trainer, signum: int) -> str:
+        # listed before the EMA callback, this batch end comes before its update: the checkpoint would hold this
+        # step's weights beside the last step's average, and a resumed run would lack one update
+        take_this_steps_update(trainer, trainer.lightning_module)
         path = save_last(trainer)
         rank_zero_info(f"{signal.Signals(signum).name}: saved {path} at step {trainer.global_step}; resume with "
                        f"--ckpt_path last (same --run.name)")
