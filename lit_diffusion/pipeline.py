@@ -286,8 +286,8 @@ def _run_tokenizer(data: dict, root: Path) -> Path:
     from lit_diffusion.data.tokenizer import train_from_shards
 
     path, record = root / "tokenizer.json", root / "tokenizer.inputs.json"
-    inputs = {"train_urls": _shards_identity(data["train_urls"]), "vocab_size": int(data.get("vocab_size", 8192)),
-              "context_length": int(data.get("context_length", 77))}
+    inputs = {"train_urls": _shards_identity(data["train_urls"], "train"),
+              "vocab_size": int(data.get("vocab_size", 8192)), "context_length": int(data.get("context_length", 77))}
     if path.is_file():
         if not record.is_file():
             log.warning("data: %s has no record of what it was trained on (%s): used as it is", path, record)
@@ -307,13 +307,13 @@ def _run_tokenizer(data: dict, root: Path) -> Path:
     return path
 
 
-def _shards_identity(urls: str) -> str:
+def _shards_identity(urls: str, split: str) -> str:
     """Names, sizes and hashes of the first and last 64 KiB of local shards (file mtimes are left out: rewriting the same shapes
     shards must not count as a change); remote URLs are known only by their names."""
     from lit_diffusion.data.shards import _REMOTE_PREFIXES, expand_urls
     from lit_diffusion.metrics.stats_cache import data_identity
 
-    files = expand_urls(urls)
+    files = expand_urls(urls, split=split)
     local = [f for f in files if not f.startswith(_REMOTE_PREFIXES)]
     remote = sorted(set(files) - set(local))
     return data_identity(local, mtime=False) + (f"+{len(remote)} remote: {remote[0]}..." if remote else "")
@@ -334,7 +334,7 @@ def fingerprint(stage: str, cfg: dict, data: dict, extra: dict, phase: dict | No
         "config": yaml.safe_load(config.read_text()) or {},
         "overrides": overrides,
         "seed": cfg.get("seed"),
-        "data": {split: _shards_identity(data[f"{split}_urls"]) for split in ("train", "val")
+        "data": {split: _shards_identity(data[f"{split}_urls"], split) for split in ("train", "val")
                  if data.get(f"{split}_urls") and encoded},
         "files": {key: file_sha256(Path(value)) for key, value in overrides.items()  # the shards are under "data"
                   if isinstance(value, str) and not key.endswith("_urls") and Path(value).is_file()},

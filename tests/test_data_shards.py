@@ -68,6 +68,52 @@ def test_expand_brace_glob_dir_list(shard_dir):
     assert expand_urls(f"{names[0]}::{names[1]}") == names[:2]
 
 
+def test_a_folder_of_several_splits_is_read_by_split_and_one_of_one_split_whole(shard_dir, tmp_path):
+    """img2dataset writes a folder per split (`train/00000.tar`); a folder of ours holds `train-*` and `val-*`, and
+    read without a split it gave both: `data encode --train DIR --val DIR` and the tokenizer took the val shards."""
+    with pytest.raises(ValueError, match=r"several splits \(train-\*\.tar, val-\*\.tar\)"):
+        expand_urls(shard_dir)
+    per_split = tmp_path / "train"
+    per_split.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        (per_split / name).write_bytes((shard_dir / "train-000000.tar").read_bytes())
+    whole = [str(per_split / "00000.tar"), str(per_split / "00001.tar")]
+    assert expand_urls(per_split, split="train") == expand_urls(per_split) == whole
+    with pytest.raises(ValueError, match=r"no shards matching 'test-\*\.tar'.*holds train-\*\.tar, val-\*\.tar"):
+        expand_urls(shard_dir, split="test")
+
+
+def test_encode_and_the_tokenizer_read_a_folder_by_split(shard_dir, tmp_path, monkeypatch):
+    from lit_diffusion.data.encode import _sources_and_names
+    from lit_diffusion.data.tokenizer import Tokenizer, train_from_shards
+
+    _, _, splits = _sources_and_names({"train": str(shard_dir), "val": str(shard_dir)})
+    assert splits == {"train": expand_urls(shard_dir, split="train"), "val": [str(shard_dir / "val-000000.tar")]}
+    seen = []
+    real = Tokenizer.train
+    monkeypatch.setattr(Tokenizer, "train", staticmethod(lambda captions, **kw: seen.append(captions) or real(
+        captions, **kw)))
+    train_from_shards(shard_dir, tmp_path / "tok.json", vocab_size=300, context_length=16)
+    assert len(seen[0]) == 30  # the 30 train captions, none of the 10 val ones
+
+
+def test_the_tokenizer_skips_and_counts_a_caption_the_data_modules_would_skip(tmp_path, caplog, monkeypatch):
+    """A caption that is not UTF-8 stopped `data tokenizer` with an unrelated error; `.caption` files were not read."""
+    from lit_diffusion.data.tokenizer import Tokenizer, train_from_shards
+
+    png = _kv(_good("x"))["png"]
+    url = _tar(tmp_path / "train-000000.tar", _good("a") + [("b.png", png), ("b.txt", b"caf\xe9 \xff")]
+               + [("c.png", png), ("c.caption", b"a small red circle ")])
+    seen = []
+    real = Tokenizer.train
+    monkeypatch.setattr(Tokenizer, "train", staticmethod(lambda captions, **kw: seen.append(captions) or real(
+        captions, **kw)))
+    with caplog.at_level(logging.WARNING, logger="lit_diffusion.data.shards"):
+        train_from_shards(url, tmp_path / "tok.json", vocab_size=300, context_length=16)
+    assert any("'b'" in r.message and "bad_caption" in r.message for r in caplog.records)
+    assert seen == [[_kv(_good("a"))["txt"].decode(), "a small red circle"]]
+
+
 def test_expand_remote_and_pipe_left_to_webdataset():
     pipes = expand_urls("pipe:curl -s http://x/a-{0..1}.tar")
     assert pipes == ["pipe:curl -s http://x/a-0.tar", "pipe:curl -s http://x/a-1.tar"]

@@ -277,7 +277,7 @@ def _sources_and_names(urls) -> tuple[list[str], list[str], dict[str, list[str]]
         unknown = sorted(set(urls) - {"train", "val", "test"})
         if unknown or not urls:
             raise ValueError(f"splits must be among train, val, test; got {sorted(urls)}")
-        splits = {split: expand_urls(u) for split, u in urls.items() if u}
+        splits = {split: expand_urls(u, split=split) for split, u in urls.items() if u}
         sources = [url for shards in splits.values() for url in shards]
         names = [name for split, shards in splits.items() for name in split_shard_names(split, len(shards))]
         return sources, names, splits

@@ -61,14 +61,35 @@ _MAX_CONSECUTIVE_BAD = 10_000  # a resampled stream with no good sample in this 
 # ---------------------------------------------------------------------------------------------- URL expansion
 
 
+SPLIT_PREFIXES = ("train", "val", "validation", "test")  # `{split}-*.tar` in a folder of several splits
+
+
+def _expand_folder(pattern: str, path: str, split: str | None) -> list[str]:
+    """A folder's shards: its `{split}-*.tar`; where it has none and no other split's, all its `*.tar` (a folder
+    per split, as img2dataset writes `train/00000.tar`). A folder of several splits read without a split is
+    refused: its val shards would join the train ones."""
+    every = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
+    splits = sorted({p for p in SPLIT_PREFIXES for f in every if os.path.basename(f).startswith(f"{p}-")})
+    if split:
+        found = [f for f in every if os.path.basename(f).startswith(f"{split}-")]
+        if found or splits:
+            if not found:
+                raise ValueError(f"no shards matching '{split}-*.tar' in directory {pattern!r} (it holds "
+                                 f"{', '.join(f'{p}-*.tar' for p in splits)})")
+            return found
+    elif len(splits) > 1:
+        raise ValueError(f"directory {pattern!r} holds the shards of several splits "
+                         f"({', '.join(f'{p}-*.tar' for p in splits)}): name one ({pattern.rstrip('/')}/"
+                         f"{splits[-1]}-*.tar) or give the folder where its split is known")
+    if not every:
+        raise ValueError(f"no shards matching '*.tar' in directory {pattern!r}")
+    return every
+
+
 def _expand_local(pattern: str, split: str | None) -> list[str]:
     path = os.path.expandvars(os.path.expanduser(pattern.removeprefix("file:")))
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(glob.escape(path), f"{split}-*.tar" if split else "*.tar")))
-        if not found:
-            want = f"{split}-*.tar" if split else "*.tar"
-            raise ValueError(f"no shards matching {want!r} in directory {pattern!r}")
-        return found
+        return _expand_folder(pattern, path, split)
     urls, missing = [], []
     for item in braceexpand.braceexpand(path):
         if glob.has_magic(item):
@@ -88,7 +109,8 @@ def _expand_local(pattern: str, split: str | None) -> list[str]:
 
 def expand_urls(urls: str | os.PathLike | Iterable, split: str | None = None) -> list[str]:
     """Shard URLs for a brace pattern (`train-{000000..000007}.tar`), a glob (`data/shapes/train-*.tar`), a
-    directory (with `split`: its `{split}-*.tar`), `::`-separated or list of any of these, `pipe:` commands
+    directory (with `split`: its `{split}-*.tar`, or all its shards in a folder of that split alone; without: all
+    its shards, refused where they are several splits'), `::`-separated or list of any of these, `pipe:` commands
     and remote URLs (brace-expanded, not checked: webdataset opens them). Missing local shards or an empty
     result raise ValueError naming the pattern."""
     if urls is None:

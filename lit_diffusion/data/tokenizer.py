@@ -151,19 +151,19 @@ class Tokenizer:
 
 def train_from_shards(urls, out: str | Path, vocab_size: int = 8192, context_length: int = 77,
                       max_captions: int = 200_000) -> Tokenizer:
-    """Train a tokenizer on the captions (`.txt`) of the first `max_captions` samples of `urls`; save it to `out`."""
-    from lit_diffusion.data.shards import SkipCounter, expand_urls, shard_samples
+    """Train a tokenizer on the captions (`.txt` or `.caption`) of the first `max_captions` samples of `urls`; save
+    it to `out`. Samples whose caption the data modules would skip (missing, empty, not UTF-8) are skipped here
+    too, named and counted."""
+    from lit_diffusion.data.shards import BadSample, SkipCounter, _report, decode_text, expand_urls, shard_samples
 
     captions: list[str] = []
     counter = SkipCounter()
-    for url in expand_urls(urls):
+    for url in expand_urls(urls, split="train"):  # a folder of several splits: its train shards only
         for sample in shard_samples(url, counter):
-            text = sample.get("txt")
-            if isinstance(text, bytes):
-                try:
-                    captions.append(text.decode("utf-8"))
-                except UnicodeDecodeError:
-                    counter.add("caption")
+            try:
+                captions.append(decode_text(sample)[0])
+            except BadSample as bad:
+                _report(counter, bad.reason, url, sample.get("__key__"), bad.detail)
             if len(captions) >= max_captions:
                 break
         if len(captions) >= max_captions:
