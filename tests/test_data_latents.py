@@ -393,7 +393,7 @@ def test_cli_data_encode_with_real_clip_and_vae(tiny_ckpts, tmp_path):
         tokens = clip.tokenize([s["caption"] for s in source[:16]])
         features, pooled = clip.encode_text(tokens)
     for i in range(16):
-        real = tokens[i] != clip.tokenizer.pad_id
+        real = clip.tokenizer.mask(tokens)[i]
         # the same batch of 16 as the encode job: float32 latents equal the online encoding to float tolerance
         torch.testing.assert_close(read[i]["latent"], latents[i], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(read[i]["context"], features[i][real], rtol=1e-5, atol=1e-6)
@@ -447,3 +447,35 @@ def test_an_out_of_memory_error_is_raised_not_counted_as_a_bad_sample(monkeypatc
         latents_module.decode_array(buffer.getvalue(), "float32", "latent.npy")
     with pytest.raises(expected, match="injected"):
         decode_sample({"__key__": "k", "png": png.getvalue(), "txt": b"a red circle"}, 8)
+
+
+def test_an_imported_vocabulary_keeps_its_end_of_text_features_in_the_shards(tiny_ckpts, monkeypatch):
+    """A Hugging Face tokenizer pads with its end-of-text token: `tokens != pad_id` dropped that row from every
+    stored caption, while the empty caption of condition dropout and every prompt at sampling keep it
+    (`Tokenizer.mask`). Shards of the old mask are refused for such a tokenizer, kept for ours."""
+    from lit_diffusion.data.latents import TEXT_MASK, check_text_mask
+    from lit_diffusion.stages.clip import CLIPModule
+    from lit_diffusion.stages.encoders import frozen_encoders
+
+    load = CLIPModule.from_checkpoint
+
+    def pads_with_eot(path, **kw):
+        clip = load(path, **kw)
+        clip.tokenizer.pad_id, clip.tokenizer._explicit_pad = clip.tokenizer.eot_id, True
+        return clip
+
+    monkeypatch.setattr(CLIPModule, "from_checkpoint", pads_with_eot)
+    encoders = frozen_encoders(str(tiny_ckpts["clip"]), str(tiny_ckpts["vae"]))
+    captions = ["a large red circle", "a small blue square above a green triangle"]
+    with torch.no_grad():
+        features, mask, pooled = encoders.encode_captions(captions)
+        online = pads_with_eot(str(tiny_ckpts["clip"])).caption_conditions(captions)
+    assert torch.equal(mask, online.mask) and torch.equal(features, online.context)
+    tok = pads_with_eot(str(tiny_ckpts["clip"])).tokenizer
+    assert mask.sum(1).tolist() == [len(tok.encode(c)) + 2 for c in captions]  # start, words, end of text
+    old = {"path": "old/manifest.json"}
+    with pytest.raises(ValueError, match="old/manifest.json: these caption features were encoded without the end"):
+        check_text_mask(old, tok)
+    check_text_mask({**old, "text_mask": TEXT_MASK}, tok)
+    check_text_mask(old, load(str(tiny_ckpts["clip"])).tokenizer)  # our own <pad>: the two masks agree
+

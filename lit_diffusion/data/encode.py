@@ -39,6 +39,7 @@ from lit_diffusion.data.buckets import BucketConfig
 from lit_diffusion.data.latents import (
     DTYPES,
     FORMAT,
+    TEXT_MASK,
     TMP_SUFFIX,
     VERSION,
     LatentShardWriter,
@@ -338,7 +339,8 @@ def encode_shards(
     for split in splits or ():
         (out / split).mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, {"format": FORMAT, "version": VERSION, "clip_hash": clip_hash, "vae_hash": vae_hash,
+    _check_settings(out, {"format": FORMAT, "version": VERSION, "text_mask": TEXT_MASK, "clip_hash": clip_hash,
+                          "vae_hash": vae_hash,
                           "dtype": dtype, "flips": flips, "std": std, "image_size": image_size,
                           "batch_size": batch_size, "sources": sources,
                           **({"outputs": names} if splits else {}),
@@ -383,7 +385,7 @@ def encode_shards(
         if shapes is None:
             raise ValueError(f"no sample of {len(sources)} shards ({sources[0]}, ...) could be encoded")
         manifest = {
-            "format": FORMAT, "version": VERSION,
+            "format": FORMAT, "version": VERSION, "text_mask": TEXT_MASK,
             "clip_hash": clip_hash, "vae_hash": vae_hash, "latent_scale": latent_scale,
             "dtype": dtype, "flips": flips, "std": std, "image_embeddings": image_embeddings,
             "image_size": image_size,

@@ -47,6 +47,9 @@ from lit_diffusion.data.shards import BadSample, decode_text, flip_size_row
 
 FORMAT = "lit_diffusion.latents"
 VERSION = 1
+# the caption's rows kept: its tokens up to and including its first end-of-text token (`Tokenizer.mask`), as the
+# denoiser and the prior see a caption online and at sampling
+TEXT_MASK = "through_eot"
 MANIFEST = "manifest.json"
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}  # name -> dtype stored in the npy
 TMP_SUFFIX = ".tmp"  # a shard being written; never matches `*.tar`
@@ -201,6 +204,19 @@ def check_hashes(manifest: dict, expected: dict[str, str] | None) -> None:
             raise ValueError(f"{manifest['path']}: these latents were made with {name.upper()} weights {have}, but "
                              f"the model's {name.upper()} weights are {want}: encode the data again with this "
                              f"model's {name} checkpoint")
+
+
+def check_text_mask(manifest: dict, tokenizer) -> None:
+    """Refuse caption features encoded with the mask `tokens != pad_id` (shards whose manifest has no `text_mask`)
+    for a tokenizer that pads with an ordinary token: an imported vocabulary pads with its end-of-text token
+    (Hugging Face folders) or with "!" (OpenAI, open_clip), so the end-of-text row (or a "!") was dropped from
+    every stored caption, while the empty caption of condition dropout and every prompt at sampling keep it. With
+    the project's own tokenizers (a `<pad>` token of their own) the two masks are the same."""
+    if manifest.get("text_mask") == TEXT_MASK or not tokenizer.pads_with_ordinary_token:
+        return
+    raise ValueError(f"{manifest.get('path')}: these caption features were encoded without the end-of-text token "
+                     f"of a tokenizer that pads with it or another ordinary token (id {tokenizer.pad_id}): encode the "
+                     f"data again (`lit-diffusion data encode`)")
 
 
 def require_image_embeddings(manifest: dict, who: str) -> dict:

@@ -60,6 +60,12 @@ class Tokenizer:
         self._explicit_pad = pad_id is not None
         self.vocab_size = tokenizer.get_vocab_size()
 
+    @property
+    def pads_with_ordinary_token(self) -> bool:
+        """The padding id is an ordinary vocabulary entry (imported vocabularies), not a `<pad>` of its own: then
+        `tokens != pad_id` is not the mask of real tokens (`mask`)."""
+        return self._explicit_pad and self._tok.id_to_token(self.pad_id) != PAD
+
     @classmethod
     def train(
         cls, captions: list[str], vocab_size: int = 1000, context_length: int = 32, min_frequency: int = 1

@@ -41,9 +41,8 @@ def frozen_encoders(clip_ckpt: str, vae_ckpt: str, device: str | torch.device = 
         return latents, posterior_std
 
     def encode_captions(captions):
-        tokens = clip.tokenize(captions)  # [B, L]
-        features, pooled = clip.encode_text(tokens)  # [B, L, W], [B, E]
-        return features, tokens != clip.tokenizer.pad_id, pooled
+        cond = clip.caption_conditions(captions)  # what the diffusion stage and the prior compute online
+        return cond.context, cond.mask, cond.pooled  # [B, L, W], [B, L] (real tokens, end-of-text included), [B, E]
 
     def embed_images(images):
         return clip.encode_image(images.to(device))  # [B, E] L2-normalised

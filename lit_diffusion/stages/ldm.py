@@ -27,7 +27,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import wrap
 from torchmetrics import MeanMetric
 
-from lit_diffusion.data.latents import check_hashes, require_image_embeddings, state_dict_hash
+from lit_diffusion.data.latents import check_hashes, check_text_mask, require_image_embeddings, state_dict_hash
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.flow import FlowSchedule
 from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning, drop_image_embedding
@@ -475,8 +475,10 @@ class LatentDiffusionModule(Stage):
 
     def check_latents(self, manifest: dict) -> None:
         """Refuse latent shards that this stage's encoders would not have made: other CLIP or VAE weights (both
-        hashes named), another latent scale, latent shape, text width or image size."""
+        hashes named), another latent scale, latent shape, text width or image size, or caption features without
+        the end-of-text token (`check_text_mask`)."""
         check_hashes(manifest, self.encoder_hashes())
+        check_text_mask(manifest, self.clip.tokenizer)
         where = manifest.get("path", "the latent manifest")
         if self.image_conditioned:
             stats = require_image_embeddings(manifest, f"the decoder (model.init_args.condition: "

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.aggregation import CatMetric
 
-from lit_diffusion.data.latents import check_hashes, require_image_embeddings, state_dict_hash
+from lit_diffusion.data.latents import check_hashes, check_text_mask, require_image_embeddings, state_dict_hash
 from lit_diffusion.diffusion import samplers
 from lit_diffusion.diffusion.flow import FlowSchedule
 from lit_diffusion.diffusion.guidance import cfg_model_fn, drop_conditioning
@@ -227,9 +227,11 @@ class DiffusionPriorModule(Stage):
         self.embedding_std.copy_(torch.tensor(stats["std"], dtype=torch.float32).clamp_min(1e-6))
 
     def check_latents(self, manifest: dict) -> None:
-        """Refuse shards without image embeddings (naming the flag) or encoded by another CLIP."""
+        """Refuse shards without image embeddings (naming the flag), encoded by another CLIP, or whose caption
+        features lack the end-of-text token (`check_text_mask`)."""
         stats = require_image_embeddings(manifest, "the prior")
         check_hashes(manifest, {"clip": self.clip_hash()})
+        check_text_mask(manifest, self.clip.tokenizer)
         if int(stats["dim"]) != self.prior.config.embed_dim:
             raise ValueError(f"{manifest.get('path')}: image embeddings of width {stats['dim']}, the prior's CLIP "
                              f"gives {self.prior.config.embed_dim}")
