@@ -320,3 +320,17 @@ def test_two_ranks_agree_on_the_cache_key_save_their_own_images_and_give_the_one
         assert len(names) == 12 and sorted(p.name for p in (tmp_path / "two" / folder).iterdir()) == names
         assert torch.equal(load_pngs(tmp_path / "two" / folder / n for n in names),
                            load_pngs(tmp_path / "one" / folder / n for n in names)), folder
+
+
+@pytest.mark.parametrize("guidance,message", [([1.2, 1.25, 3.0], r"guidance scales \[1\.25\].*one decimal"),
+                                              ([3.0, 1.0, 3.0], r"guidance scales \[3\.0\] are listed more than once")])
+def test_scales_the_figures_cannot_tell_apart_are_refused(guidance, message):
+    """Figures are keyed `_g{scale:.1f}`: 1.25's were logged as g1.2 over 1.2's, and a scale listed twice counted
+    every sample twice."""
+    from lit_diffusion.evaluation.video import VideoEvaluator
+
+    config = EvalConfig(guidance=guidance)
+    with pytest.raises(ValueError, match=message):
+        Evaluator(config, None)
+    with pytest.raises(ValueError, match=message):
+        VideoEvaluator(config, None, 8)

@@ -50,6 +50,7 @@ from lit_diffusion.evaluation.loop import (
     _lockstep,
     _rank,
     _take,
+    check_guidance_scales,
     sample_seed,
 )
 from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
@@ -238,6 +239,7 @@ class Evaluator:
     """Holds the metrics and the real statistics between evaluations (the in-loop callback keeps one)."""
 
     def __init__(self, config: EvalConfig, clip_module):
+        check_guidance_scales(config.guidance)
         self.config = config
         self.clip = clip_module
         self.extractors = {b: make_extractor(b, weights_path=config.inception_weights, clip=clip_module)

@@ -36,6 +36,20 @@ class EvalConfig:
     # are the real side of FID): part of the cache key, a bucketed and a square reader give other real pixels
 
 
+def check_guidance_scales(scales: Sequence[float]) -> None:
+    """Every figure is keyed by its scale to one decimal (`eval/fid_clip_g3.0`): a scale of more decimals was logged
+    under another's key (1.25 as `g1.2`, over 1.2's figures; its `--save-images` folder too), and a scale listed
+    twice counted every sample twice in its metrics."""
+    scales = [float(g) for g in scales]
+    finer = [g for g in scales if float(f"{g:.1f}") != g]
+    if finer:
+        raise ValueError(f"guidance scales {finer}: evaluation figures are keyed by the scale to one decimal "
+                         f"(eval/..._g{finer[0]:.1f}); give scales of one decimal")
+    twice = sorted({g for g in scales if scales.count(g) > 1})
+    if twice:
+        raise ValueError(f"guidance scales {twice} are listed more than once: each would count every sample twice")
+
+
 def sample_seed(key: str, seed: int) -> int:
     """A per-sample seed from the sample's key: independent of batch composition and rank."""
     return (int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) + seed) % (2**31 - 1)

@@ -28,7 +28,15 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from lit_diffusion.evaluation.loop import EvalConfig, _all_sum, _idle_samples, _lockstep, _take, sample_seed
+from lit_diffusion.evaluation.loop import (
+    EvalConfig,
+    _all_sum,
+    _idle_samples,
+    _lockstep,
+    _take,
+    check_guidance_scales,
+    sample_seed,
+)
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import to_uint8
 from lit_diffusion.metrics.fid import FID
@@ -74,6 +82,7 @@ class VideoEvaluator:
     def __init__(self, config: EvalConfig, clip_module, frames: int):
         if config.aspect_ratios:
             raise ValueError("evaluation aspect_ratios: video models are evaluated at their own size")
+        check_guidance_scales(config.guidance)
         check_video_clip(clip_module, frames)
         self.config, self.clip, self.frames = config, clip_module, frames
         self.frame_features = ClipFeatures(clip_module, frames, still_frames=True)
