@@ -115,6 +115,19 @@ def test_pareto_mask_on_a_constructed_example():
     assert cmp.pareto_mask([]) == [] and cmp.pareto_mask([(1.0, 1.0)]) == [True]
 
 
+def test_best_points_pair_only_figures_of_one_step():
+    """Each best is over the run on its own: a best FID of step 1000 beside a best CLIP score of step 3000 is a
+    point no checkpoint reached, and the front was built from such points."""
+    run = cmp.RunInfo(name="a", source="a",
+                      best={"eval/fid_clip_g3.0": 5.0, "eval/clip_score_g3.0": 30.0,
+                            "eval/fid_clip_g1.0": 9.0, "eval/clip_score_g1.0": 20.0},
+                      best_step={"eval/fid_clip_g3.0": 1000, "eval/clip_score_g3.0": 3000,
+                                 "eval/fid_clip_g1.0": 2000, "eval/clip_score_g1.0": 2000})
+    assert cmp.tradeoff([run], "clip", which="best") == {"a": [(1.0, 20.0, 9.0)]}
+    run.final = dict(run.best)
+    assert cmp.tradeoff([run], "clip") == {"a": [(1.0, 20.0, 9.0), (3.0, 30.0, 5.0)]}
+
+
 def test_pareto_front_across_runs_and_guidance(three_runs, tmp_path):
     result = cmp.compare([str(p) for p in three_runs], tmp_path / "out", echo=False)
     # all points (clip, fid): a (20,40.1) (24.25,25.5) (26,30); b (19,38) (23,22); c (18,45) (22,30) (25,21)

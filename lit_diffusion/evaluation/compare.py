@@ -250,7 +250,9 @@ def pareto_mask(points: Sequence[tuple[float, float]]) -> list[bool]:
 
 def tradeoff(runs: Sequence[RunInfo], backend: str,
              which: str = "final") -> dict[str, list[tuple[float, float, float]]]:
-    """run -> [(guidance, clip_score, fid)] where a run has both figures at a guidance scale."""
+    """run -> [(guidance, clip_score, fid)] where a run has both figures at a guidance scale. With `which="best"`
+    only where both bests are of one step: each is the best over the run on its own, and a best FID of step 1000
+    beside a best CLIP score of step 3000 is a point no checkpoint reached."""
     out = {}
     for r in runs:
         values = getattr(r, which)
@@ -258,7 +260,10 @@ def tradeoff(runs: Sequence[RunInfo], backend: str,
         for k, fid in values.items():
             m = GUIDANCE_KEY.match(k)
             if m and m["backend"] == backend:
-                clip = values.get(f"eval/clip_score_g{m['g']}")
+                clip_key = f"eval/clip_score_g{m['g']}"
+                clip = values.get(clip_key)
+                if which == "best" and (r.best_step.get(k) is None or r.best_step.get(k) != r.best_step.get(clip_key)):
+                    continue
                 if clip is not None:
                     pts.append((float(m["g"]), clip, fid))
         if pts:
