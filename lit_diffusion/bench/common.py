@@ -56,8 +56,8 @@ class Settings:
         self.memory_shards = 2  # 1x; the 10x run reads 10 times as many
         self.memory_shard_size = 100 if quick else 200
         self.memory_pixels = 160 if quick else 192  # noise PNGs (incompressible): 10x = 150 / 430 MiB on disk
-        # one epoch of configs/clip/shapes.yaml (100 batches of 64), the shortest of the shapes configs: every epoch
-        # refills the 1000-sample shuffle buffer, a cost that a shorter epoch would overstate
+        # 100 batches of 64, half an epoch of configs/clip/shapes.yaml (the shortest of the shapes configs, 200):
+        # each epoch refills the 1000-sample shuffle buffer, a cost that a much shorter epoch would overstate
         self.data_samples = 512 if quick else 6400
         for key, value in overrides.items():
             if not hasattr(self, key):
