@@ -269,6 +269,16 @@ def test_manifest_missing_mismatched_or_of_other_weights_is_refused(images, tmp_
         f.write(b"\0" * 512)
     with pytest.raises(ValueError, match="train-000002.tar has .* bytes, .*manifest.json says"):
         LatentDataModule(train_urls=str(out), num_workers=0).setup("fit")
+    (out / "train-000002.tar").write_bytes((out / "train-000002.tar").read_bytes()[:-512])
+    # the same shards from another encode job (other weights): one manifest found beside the first shard checked
+    # them all by name and size, so the other job's shards passed its hashes
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "clip_hash": "f00d"}))
+    with pytest.raises(ValueError, match=r"latent shards of several encode jobs \(.*lat/manifest.json, .*other/"):
+        LatentDataModule(train_urls=f"{out}/train-000000.tar::{other}/train-000001.tar",
+                         expected_hashes={"clip": "c0ffee", "vae": "beef"}, num_workers=0).setup("fit")
     (out / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"lat/manifest.json does not exist"):
         LatentDataModule(train_urls=str(out), num_workers=0).setup("fit")

@@ -114,6 +114,16 @@ def test_the_tokenizer_skips_and_counts_a_caption_the_data_modules_would_skip(tm
     assert seen == [[_kv(_good("a"))["txt"].decode(), "a small red circle"]]
 
 
+def test_a_val_shard_listed_twice_is_refused(shard_dir):
+    """Overlapping val patterns counted the shard's samples twice in validation and in-loop FID."""
+    from lit_diffusion.data.datamodule import ImageCaptionDataModule
+
+    dm = ImageCaptionDataModule(train_urls=None, val_urls=f"{shard_dir}/val-*.tar::{shard_dir}/val-000000.tar",
+                                image_size=16, num_workers=0)
+    with pytest.raises(ValueError, match=r"val_urls lists .*val-000000.tar more than once"):
+        dm.setup("validate")
+
+
 def test_expand_remote_and_pipe_left_to_webdataset():
     pipes = expand_urls("pipe:curl -s http://x/a-{0..1}.tar")
     assert pipes == ["pipe:curl -s http://x/a-0.tar", "pipe:curl -s http://x/a-1.tar"]

@@ -217,6 +217,10 @@ class _ShardDataModule(L.LightningDataModule):
             self.train_shards = expand_urls(self.train_urls, split="train")
         if stage in (None, "fit", "validate", "test") and self.val_urls is not None:
             self.val_shards = expand_urls(self.val_urls, split="val")
+            twice = sorted({u for u in self.val_shards if self.val_shards.count(u) > 1})
+            if twice:  # in training a shard listed twice is drawn twice as often; here it would be counted twice
+                raise ValueError(f"{name}: val_urls lists {', '.join(twice[:3])} more than once: validation and the "
+                                 f"in-loop evaluation would count its samples twice")
         if stage in ("validate", "test") and self.val_urls is None:
             raise ValueError(f"{name}: val_urls is required for {stage}")
 
@@ -384,6 +388,14 @@ def _layout(manifest: dict) -> tuple:
             bool(manifest.get("std")))
 
 
+def _manifest_beside(shard: str) -> str:
+    """The manifest of a local latent shard: beside it, or one folder up for a split's shards (`data encode` with
+    splits writes SPLIT/*.tar); where neither exists, the path beside it (read_manifest names it missing)."""
+    here = os.path.dirname(shard)
+    return next((os.path.join(d, MANIFEST) for d in (here, os.path.dirname(here))
+                 if os.path.isfile(os.path.join(d, MANIFEST))), os.path.join(here, MANIFEST))
+
+
 class LatentDataModule(_ShardDataModule):
     """Latent shards (`lit-diffusion data encode`) with the guarantees of `ImageCaptionDataModule`.
 
@@ -431,14 +443,15 @@ class LatentDataModule(_ShardDataModule):
     def _check(self, shards: list[str]) -> dict:
         source = self.manifest_path
         if source is None:
-            first = shards[0].removeprefix("file:")
-            if "://" in first or first.startswith("pipe:"):
-                raise ValueError(f"remote latent shards ({shards[0]}): give the manifest's local path as "
+            remote = next((u for u in shards if "://" in u.removeprefix("file:") or u.startswith("pipe:")), None)
+            if remote is not None:
+                raise ValueError(f"remote latent shards ({remote}): give the manifest's local path as "
                                  f"`manifest` (data.init_args.manifest)")
-            # beside the shards, or one folder up for a split's shards (`data encode` with splits: SPLIT/*.tar)
-            here = os.path.dirname(first)
-            source = next((os.path.join(d, MANIFEST) for d in (here, os.path.dirname(here))
-                           if os.path.isfile(os.path.join(d, MANIFEST))), os.path.join(here, MANIFEST))
+            found = sorted({_manifest_beside(u.removeprefix("file:")) for u in shards})
+            if len(found) > 1:  # each would be checked against the first's hashes by name and size alone
+                raise ValueError(f"latent shards of several encode jobs ({', '.join(found[:3])}): a split's shards "
+                                 f"must come from one `data encode`, or give its manifest as data.init_args.manifest")
+            source = found[0]
         manifest = read_manifest(source)
         check_shards(manifest, shards)
         check_hashes(manifest, self.expected_hashes)
