@@ -77,6 +77,8 @@ def test_convert_csv_and_jsonl_with_val_split(tmp_path):
         writer.writerows(rows[:20])
     lines = [json.dumps({"file": r["file"], "text": r["text"], "score": 0.5}) for r in rows[20:]]
     lines.insert(3, "{not json")
+    lines.insert(5, json.dumps({"file": "pics/0.png", "text": None}))  # stored as the caption "None"
+    lines.insert(7, json.dumps({"file": "pics/1.png", "text": ["a", "list"]}))  # stored as its repr
     (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
 
     out = tmp_path / "out"
@@ -84,7 +86,7 @@ def test_convert_csv_and_jsonl_with_val_split(tmp_path):
         [tmp_path / "list.csv", tmp_path / "list.jsonl"], out, val_fraction=0.25, seed=0,
         path_key="file", caption_key="text", shard_size=8,
     )
-    assert info["skipped"] == {"bad_row": 1}
+    assert info["skipped"] == {"bad_row": 3}
     assert info["counts"]["train"] + info["counts"]["val"] == 40 and 3 <= info["counts"]["val"] <= 20
     train, val = _read_split(out, "train"), _read_split(out, "val")
     assert not set(train) & set(val)
@@ -112,3 +114,26 @@ def test_convert_errors(tmp_path, folder):
         convert(folder, tmp_path / "o2")
     assert convert(folder, tmp_path / "o2", overwrite=True)["counts"] == {"train": 2}
     assert convert(folder, tmp_path / "o3", prefix="val")["shards"] == {"val": ["val-000000.tar"]}
+
+
+def test_a_phone_jpeg_keeps_its_bytes_and_orientation(tmp_path):
+    """Many phone and camera JPEGs open as MPO in Pillow: they were re-encoded as PNG, which drops EXIF, so the
+    stored image lay on its side."""
+    import tarfile
+
+    from lit_diffusion.data.shards import image_size_of
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees: 20 wide, 40 high
+    image.save(folder / "a.jpg", format="MPO", save_all=True, append_images=[image], exif=exif)
+    (folder / "a.txt").write_text("a photo")
+    source = (folder / "a.jpg").read_bytes()
+    assert Image.open(folder / "a.jpg").format == "MPO" and image_size_of(source) == (40, 20)
+    convert(folder, tmp_path / "out")
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        stored = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()}
+    assert stored["jpg"] == source and image_size_of(stored["jpg"]) == (40, 20)
+

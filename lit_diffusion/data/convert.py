@@ -22,14 +22,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image
+from PIL import Image, ImageOps
 from webdataset import ShardWriter
 
 from lit_diffusion.data.shards import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-_EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif", "PPM": "ppm"}
+# MPO: the JPEG of many phones and cameras (Pillow opens it so); kept as it is, EXIF orientation included
+_EXT_OF_FORMAT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif", "PPM": "ppm"}
 
 
 def _rows_from_dir(root: Path) -> Iterator[tuple[str, Path, str | None, dict | None]]:
@@ -70,8 +71,11 @@ def _rows_from_table(table: Path, path_key: str, caption_key: str) -> Iterator[t
             except (ValueError, KeyError, TypeError) as exc:
                 yield source, None, None, f"bad_row: not a JSON object with {path_key!r} and {caption_key!r} ({exc})"
                 continue
+            if not isinstance(caption, str):  # null would be stored as the caption "None", a list as its repr
+                yield source, None, None, f"bad_row: {caption_key!r} is {type(caption).__name__}, not a string"
+                continue
             extra = {k: v for k, v in row.items() if k not in (path_key, caption_key)}
-            yield source, base / path, str(caption).encode("utf-8"), json.dumps(extra).encode() if extra else None
+            yield source, base / path, caption.encode("utf-8"), json.dumps(extra).encode() if extra else None
 
 
 def _rows(inputs, path_key: str, caption_key: str) -> Iterator[tuple]:
@@ -115,10 +119,10 @@ def _sample(source: str, image_path: Path | None, caption, attrs) -> tuple[dict 
         except ValueError as exc:
             return None, f"bad_json: {exc}"
     ext = _EXT_OF_FORMAT.get(fmt)
-    if ext is None:  # a format the decoder does not look for: store as PNG
+    if ext is None:  # a format the decoder does not look for: store as PNG, turned upright (PNG drops EXIF)
         with Image.open(io.BytesIO(data)) as im:
             buf = io.BytesIO()
-            im.save(buf, format="PNG")
+            ImageOps.exif_transpose(im).save(buf, format="PNG")
         data, ext = buf.getvalue(), "png"
     return {ext: data, "txt": text.encode("utf-8"), "json": json.dumps(meta, sort_keys=True).encode()}, None
 
