@@ -140,7 +140,10 @@ def add_image_embedding(emb: Tensor, context: Tensor | None, mask: Tensor | None
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the largest group count <= `groups` that divides `channels` (tiny test models)."""
+    """GroupNorm of gcd(channels, groups) groups: `groups` where it divides `channels`, else the largest common
+    divisor of the two (tiny test models), which may be below the largest divisor of `channels` under `groups`
+    (48 channels, 32 groups: 16, not 24). Kept so: the group count is not in the state dict, so another rule would
+    change what trained checkpoints compute."""
     g = math.gcd(channels, groups)
     return nn.GroupNorm(g, channels, eps=1e-6)
 
