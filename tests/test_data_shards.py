@@ -103,14 +103,16 @@ def test_the_tokenizer_skips_and_counts_a_caption_the_data_modules_would_skip(tm
 
     png = _kv(_good("x"))["png"]
     url = _tar(tmp_path / "train-000000.tar", _good("a") + [("b.png", png), ("b.txt", b"caf\xe9 \xff")]
-               + [("c.png", png), ("c.caption", b"a small red circle ")])
+               + [("c.png", png), ("c.caption", b"a small red circle ")] + [("d.png", png), ("d.txt", b"  ")])
     seen = []
     real = Tokenizer.train
     monkeypatch.setattr(Tokenizer, "train", staticmethod(lambda captions, **kw: seen.append(captions) or real(
         captions, **kw)))
     with caplog.at_level(logging.WARNING, logger="lit_diffusion.data.shards"):
         train_from_shards(url, tmp_path / "tok.json", vocab_size=300, context_length=16)
-    assert any("'b'" in r.message and "bad_caption" in r.message for r in caplog.records)
+    skips = [r.message for r in caplog.records if "skipping" in r.message]
+    assert "'b'" in skips[0] and "bad_caption" in skips[0] and "(1 skipped so far)" in skips[0]
+    assert "'d'" in skips[1] and "missing_caption" in skips[1] and "(2 skipped so far)" in skips[1]
     assert seen == [[_kv(_good("a"))["txt"].decode(), "a small red circle"]]
 
 

@@ -103,6 +103,8 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_runs_weights(tiny_
     # the rerun must not be killed again: same config otherwise
     resumed = one_process(tmp_path, run_args(ldm_config(tmp_path, tiny_ckpts, -1), root, "killed", resume=True))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # it went on from step 4 (a rerun from step 0 that ignored the checkpoint would end with the same weights)
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stderr + resumed.stdout
     assert_bit_identical(final_weights(root, "whole"), final_weights(root, "killed"))
     # the steps drew random numbers: a run of another seed ends elsewhere (the comparison above can fail)
     other = one_process(tmp_path, run_args(ldm_config(tmp_path, tiny_ckpts, -1), root, "seed1")
@@ -120,6 +122,8 @@ def test_two_ranks_killed_and_resumed_end_with_the_uninterrupted_runs_weights(ti
         results = launch(torchrun_launcher(2, run_args(config, root, name, resume)), tmp_path, tmp_path)
         code, log = results[0]
         assert (code != 0) if kill_at >= 0 else (code == 0), log[-3000:]
+        if resume:  # went on from the checkpoint, not from step 0 (which would end with the same weights)
+            assert "Restored all states from the checkpoint at" in log, log[-3000:]
     assert_bit_identical(final_weights(root, "whole"), final_weights(root, "killed"))
 
 
