@@ -180,15 +180,20 @@ def test_sample_posterior_trains_on_mean_plus_std_times_noise_from_shards_and_on
 
 @pytest.mark.slow
 @pytest.mark.timeout(400, method="thread")  # before the loss was logged at the epoch's end, this case hung
-def test_two_ranks_validate_as_one_process_when_one_rank_has_no_val_batch(tiny_ckpts, latents, tmp_path):
+@pytest.mark.parametrize("val_max_samples", [1, None])
+def test_two_ranks_validate_as_one_process_when_one_rank_has_no_val_batch(tiny_ckpts, latents, tmp_path,
+                                                                          val_max_samples):
     """One val sample on two ranks: rank 1 gets no batch, yet both reach the epoch's end together, and val/loss is
-    the one-process figure (rank 0's batch is the single process's batch 0, with the same fixed noise)."""
+    the one-process figure (rank 0's batch is the single process's batch 0, with the same fixed noise). With every
+    val sample, both ranks hold some: their losses are reduced to the one-process mean (each sample's t and noise
+    are drawn from its key)."""
     model = make_ldm(tiny_ckpts)
 
     def validate(**kwargs):
         trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=str(tmp_path), **kwargs)
-        return trainer.validate(model, datamodule=latent_datamodule(latents, val_max_samples=1), verbose=False)[0]
+        dm = latent_datamodule(latents, val_max_samples=val_max_samples)
+        return trainer.validate(model, datamodule=dm, verbose=False)[0]
 
     single = validate(devices=1)
     ddp = retry_on_gloo_teardown_abort(lambda: validate(devices=2, strategy="ddp_spawn"))
