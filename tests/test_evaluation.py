@@ -69,19 +69,37 @@ def test_evaluation_equals_a_direct_computation_and_reuses_real_statistics(tiny_
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])  # 2: the micro-batches before the first step are not step 0
-def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp_path, accumulate):
+def test_in_loop_evaluation_logs_keys_files_and_uses_ema_weights(tiny_ckpts, tmp_path, accumulate, monkeypatch):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
+    def unet(module):
+        return {k: v.detach().clone() for k, v in module.unet.state_dict().items()}
+
+    evaluated, trained = {}, {}
+    run = Evaluator.run
+
+    def recording_run(self, model, loader, step=None, **kw):
+        evaluated[step] = unet(model)
+        return run(self, model, loader, step=step, **kw)
+
+    monkeypatch.setattr(Evaluator, "run", recording_run)
     model = make_ldm(tiny_ckpts)
     evaluation = DiffusionEvaluation(every_n_steps=2, guidance=[1.0, 2.0], num_samples=16,
                                      cache_dir=str(tmp_path / "cache"))
     jsonl = JSONLLogger(tmp_path / "run")
+    ema = EMAWeightAveraging(decay=0.9)
+    record = L.pytorch.callbacks.LambdaCallback(
+        on_train_batch_end=lambda t, m, *a: trained.__setitem__(t.global_step, unet(m)))
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=[jsonl], enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        accumulate_grad_batches=accumulate, callbacks=[EMAWeightAveraging(decay=0.9), evaluation],
+                        accumulate_grad_batches=accumulate, callbacks=[ema, evaluation, record],
                         default_root_dir=str(tmp_path / "run"))
     trainer.fit(model, datamodule=tiny_datamodule(tiny_ckpts["data"]))
     assert [h["step"] for h in evaluation.history] == [2, 4]
+    # step 4 was evaluated with the average (what the module holds after fit), not the trained weights
+    average = unet(model)
+    assert all(torch.equal(evaluated[4][k], v) for k, v in average.items())
+    assert not all(torch.equal(evaluated[4][k], v) for k, v in trained[4].items())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "eval/fid_clip_g2.0" in r]
     assert [r["step"] for r in logged] == [2, 4]
