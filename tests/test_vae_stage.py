@@ -274,7 +274,18 @@ def test_ddp_validation_metrics_equal_single_process(tmp_path, split):
 
 
 def test_rfid_with_a_clip_checkpoint(tmp_path, tiny_ckpts):
+    import lit_diffusion.metrics.fid as fid
+    from lit_diffusion.metrics.features import CLIPFeatures
+    from lit_diffusion.stages.clip import CLIPModule
+
     module = VAEModule(arch=ARCH, rfid_backend="clip", clip_ckpt=str(tiny_ckpts["clip"]))
     metrics = trainer(tmp_path).validate(module, loader(n=24))[0]
-    assert metrics["val/rfid"] > 0  # an untrained VAE's reconstructions are far from the inputs
     assert not any("clip" in k for k in module.state_dict())
+    # the Frechet distance of the checkpoint's CLIP features of the images and of their reconstructions
+    features = CLIPFeatures(CLIPModule.from_checkpoint(tiny_ckpts["clip"]))
+    images = Blobs(24).images
+    with torch.no_grad():
+        rec = module.vae.decode(module.vae.encode(images).mean)
+        real, fake = features((images + 1) / 2).double(), features(((rec + 1) / 2).clamp(0, 1)).double()
+    expected = fid.frechet_distance(real.mean(0), real.T.cov(), fake.mean(0), fake.T.cov())
+    assert expected > 0 and metrics["val/rfid"] == pytest.approx(expected.item(), rel=1e-3)
