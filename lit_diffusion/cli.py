@@ -309,16 +309,19 @@ def cmd_sample(args) -> None:
                          f"--frames sets a video model's clip length, or --interpolate's frame count")
     frames = {"frames": args.frames} if video and args.frames is not None else {}
     guidance = model.hparams.guidance if args.guidance is None else args.guidance
+    if guidance == 1 and (args.negative_prompt or args.guidance_rescale):
+        logging.getLogger("lit_diffusion").warning(
+            "guidance 1 samples the conditional branch alone: --negative-prompt and --guidance-rescale do nothing")
     rows, labels = [], []
-    for i, prompt in enumerate(args.prompt):
-        seeds = [args.seed + i * args.num + j for j in range(args.num)]
+    seeds = [args.seed + j for j in range(args.num)]  # column j: one seed for every prompt, as its title says
+    for prompt in args.prompt:
         images = model.sample([prompt] * args.num, negative_prompts=args.negative_prompt, guidance=guidance,
                               sampler=args.sampler, steps=args.steps, seed=seeds, eta=args.eta,
                               guidance_rescale=args.guidance_rescale, clip_x0=args.clip_x0, progress=True,
                               height=height, width=width, **frames)
         rows.append(images.cpu())
         labels.append(prompt + (f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""))
-    titles = [f"seed {args.seed + j}" for j in range(args.num)]
+    titles = [f"seed {seed}" for seed in seeds]
     title = (f"{args.sampler or model.hparams.sampler}, {args.steps or model.hparams.sample_steps} steps, "
              f"guidance {guidance:g}{size_note}")
     if video and args.frames == 1:  # a video model's one-frame clip is an image (joint image+video training)
@@ -384,9 +387,9 @@ def _sample_unclip(args, model, height, width, size_note: str, device) -> None:
     negative = f"\n(negative: {args.negative_prompt})" if args.negative_prompt else ""
     rows, labels = [], []
     if mode == "prior":
-        for i, prompt in enumerate(args.prompt):
+        for prompt in args.prompt:  # column j: one seed for every prompt, as its title says
             rows.append(unclip.generate([prompt] * args.num, negative_prompts=args.negative_prompt,
-                                        seed=[args.seed + i * args.num + j for j in range(args.num)],
+                                        seed=[args.seed + j for j in range(args.num)],
                                         guidance=guidance, prior_guidance=args.prior_guidance, **decoder).cpu())
             labels.append(prompt + negative)
         col_titles = seeds

@@ -1,4 +1,5 @@
 import json
+import logging
 import subprocess
 import sys
 
@@ -41,16 +42,17 @@ def test_fit_rejects_unknown_keys_and_prints_config(tmp_path):
     assert printed["model"]["init_args"]["lr"] == 3e-4
 
 
-def test_sample_and_evaluate_commands(tiny_ckpts, tmp_path, capsys, monkeypatch):
+def test_sample_and_evaluate_commands(tiny_ckpts, tmp_path, capsys, monkeypatch, caplog):
     from test_ldm import make_ldm
 
     from lit_diffusion.stages.ldm import LatentDiffusionModule
 
-    calls = []
+    calls, seeds = [], []
     sample = LatentDiffusionModule.sample
 
     def spy(self, prompts, **kwargs):
         calls.append({k: kwargs.get(k) for k in ("guidance", "guidance_rescale", "clip_x0")})
+        seeds.append(kwargs.get("seed"))
         return sample(self, prompts, **kwargs)
 
     monkeypatch.setattr(LatentDiffusionModule, "sample", spy)
@@ -65,6 +67,12 @@ def test_sample_and_evaluate_commands(tiny_ckpts, tmp_path, capsys, monkeypatch)
     assert capsys.readouterr().out.strip().endswith("grid.png")
     assert Image.open(out).size[0] > 100
     assert calls == [{"guidance": 3.0, "guidance_rescale": 0.7, "clip_x0": 2.5}] * 2  # one call per prompt
+    assert seeds == [[0, 1], [0, 1]]  # the grid's columns are titled "seed 0", "seed 1" for every row
+    with caplog.at_level(logging.WARNING, logger="lit_diffusion"):
+        main(["sample", "--ckpt", str(tmp_path / "ldm.ckpt"), "--prompt", "a large red circle", "--guidance", "1",
+              "--negative-prompt", "a green square", "--steps", "2", "--num", "1", "--out", str(out)])
+    assert any("--negative-prompt and --guidance-rescale do nothing" in r.message for r in caplog.records)
+    calls.clear()
     calls.clear()
     result = tmp_path / "eval.json"
     main(["evaluate", "--ckpt", str(tmp_path / "ldm.ckpt"), "--data", str(tiny_ckpts["data"] / "val-*.tar"),

@@ -214,6 +214,19 @@ def test_validation_loss_of_a_sample_depends_on_neither_its_batch_nor_its_positi
     assert val_loss([renamed]) != pytest.approx(whole, rel=1e-3)
 
 
+def test_options_no_sampler_of_the_model_takes_are_refused(tiny_ckpts):
+    """clip_x0 on a flow model was accepted, then every grid and evaluation failed, well into the run; an eta given
+    to a sampler other than DDIM changed nothing."""
+    with pytest.raises(ValueError, match=r"model.init_args.clip_x0 = 1.0 .*leave it 0 for objective flow"):
+        make_ldm(tiny_ckpts, objective="flow", sampler="euler", clip_x0=1.0)
+    model = make_ldm(tiny_ckpts)
+    for sampler in ("ddpm", "dpmpp_2m"):
+        with pytest.raises(ValueError, match=rf"eta=0.5 sets DDIM's step noise; sampler '{sampler}' does not take"):
+            model.sample(["a red circle"], sampler=sampler, steps=2, eta=0.5)
+    ddim = [model.sample(["a red circle"], sampler="ddim", steps=2, eta=eta, seed=[0]) for eta in (0.0, 1.0)]
+    assert not torch.equal(*ddim)  # where it is taken, it changes the draw
+
+
 def test_zero_terminal_snr_with_eps_prediction_is_refused(tiny_ckpts):
     """abar(T-1) = 0: an eps model's x0 at the first sampling step is inf / NaN, while its training loss stays finite,
     so the pairing would train a whole run and only then sample NaN."""

@@ -389,6 +389,19 @@ def test_inversion_guides_a_captionless_call_with_one_scale_as_sampling_does(sta
         torch.testing.assert_close(inverted.tensors()[name], value, msg=name)
 
 
+def test_a_call_mixing_empty_and_real_captions_with_image_guidance_is_refused(stack):
+    """An empty caption is guided with one scale among empty ones and with two beside captions: in one call its
+    sample would depend on the rest of the batch."""
+    d = UnCLIP.from_checkpoints(stack["flow"]).decoder
+    d.use_image_guidance(2.0)
+    e = d.encode_image_embeddings(_images(2, seed=6))
+    with pytest.raises(ValueError, match="empty and non-empty captions in one call with image guidance"):
+        d.sample(["", "a large blue square"], guidance=3.0, steps=1, image_embeddings=e, seed=[1, 2])
+    alone = d.sample([""], guidance=3.0, steps=1, image_embeddings=e[:1], seed=[1])
+    together = d.sample(["", ""], guidance=3.0, steps=1, image_embeddings=e, seed=[1, 2])
+    torch.testing.assert_close(together[:1], alone, atol=1e-4, rtol=0)
+
+
 def test_a_prior_with_another_clip_and_a_text_only_decoder_are_refused_by_name(stack):
     with pytest.raises(ValueError) as err:
         UnCLIP.from_checkpoints(stack["ddpm"], stack["other_prior"])
@@ -463,8 +476,9 @@ def test_sample_command_unclip_modes_write_labelled_grids(stack, tmp_path, capsy
     _check_grid(tmp_path, out, grid_spy, rows=2, cols=2)
     assert grid_spy["labels"][1].startswith("a large blue square") and "a green triangle" in grid_spy["labels"][1]
     u = UnCLIP.from_checkpoints(dec, prior)
-    expected = u.generate(["a large blue square"] * 2, negative_prompts="a green triangle", seed=[6, 7], steps=3)
-    torch.testing.assert_close(grid_spy["rows"][1], expected)  # row i, column j: seed + i * num + j
+    expected = u.generate(["a large blue square"] * 2, negative_prompts="a green triangle", seed=[4, 5], steps=3)
+    torch.testing.assert_close(grid_spy["rows"][1], expected)  # column j: seed + j in every row, as titled
+    assert grid_spy["col_titles"] == ["seed 4", "seed 5"]
     main(["sample", "--ckpt", dec, "--prior", prior, "--prompt", "a large blue square", "--num", "2", "--steps", "3",
           "--image-guidance", "1.5", "--out", str(out)])  # the image embedding guided apart from the caption
     apart = u.generate(["a large blue square"] * 2, seed=[0, 1], steps=3, image_guidance=1.5)

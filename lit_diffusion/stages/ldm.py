@@ -192,6 +192,9 @@ class LatentDiffusionModule(Stage):
         except ValueError as err:
             raise ValueError(f"model.init_args.sampler: {err}") from None
         _check_guidance_rescale_and_clip_x0(guidance_rescale, clip_x0, "model.init_args.")
+        if clip_x0 and objective == "flow":  # refused at the first grid or evaluation, well into the run, before
+            raise ValueError(f"model.init_args.clip_x0 = {clip_x0} clips the DDPM samplers' predicted x0; the flow "
+                             f"samplers (euler, heun) do not take it: leave it 0 for objective flow")
         if image_guidance is not None and condition != "text+image_embedding":
             raise ValueError(f"model.init_args.image_guidance guides the image embedding apart from the caption: it "
                              f"needs condition text+image_embedding (unCLIP's decoder), not {condition!r}")
@@ -771,7 +774,11 @@ class LatentDiffusionModule(Stage):
         branch, so there is one scale (u + s (i - u)), in one forward of two: this call's image_guidance if it
         gives one, else `guidance` (the model's default image_guidance is for captions)."""
         image_scale = self.image_guidance_scale(image_guidance)
-        if image_scale is not None and negative_prompts is None and all(p == "" for p in prompts):
+        if image_scale is not None and negative_prompts is None and any(p == "" for p in prompts):
+            if not all(p == "" for p in prompts):  # a sample must not depend on the rest of its batch
+                raise ValueError("empty and non-empty captions in one call with image guidance: an empty caption "
+                                 "is guided with one scale among empty ones and with two beside captions; sample "
+                                 "them in separate calls")
             return (image_scale if image_guidance is not None else guidance), None
         return guidance, image_scale
 
@@ -824,6 +831,8 @@ class LatentDiffusionModule(Stage):
         guidance = h.guidance if guidance is None else float(guidance)
         sampler = sampler or h.sampler
         steps = steps or h.sample_steps
+        if eta is not None and eta != 0 and sampler != "ddim":  # the model's own eta is DDIM's default only
+            raise ValueError(f"eta={eta} sets DDIM's step noise; sampler {sampler!r} does not take it (ddpm is eta 1)")
         eta = h.eta if eta is None else eta
         rescale = h.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
         clip_x0 = h.clip_x0 if clip_x0 is None else float(clip_x0)
