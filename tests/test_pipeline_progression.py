@@ -438,6 +438,8 @@ def test_a_killed_phase_resumes_through_the_cli_to_the_uninterrupted_phases_weig
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4  # resumed half way
     resumed = one_process(tmp_path, run_args(ldm_config(tmp_path, tiny_ckpts, -1), root, "second", resume=True) + init)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # from step 4 of the checkpoint (a rerun from init_from at step 0 would end with the same weights)
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stderr + resumed.stdout
     assert_bit_identical(final_weights(root, "whole"), final_weights(root, "second"))
     with pytest.raises(AssertionError, match="tensors differ"):  # init_from mattered: the first phase ends elsewhere
         assert_bit_identical(final_weights(root, "first"), final_weights(root, "whole"))
