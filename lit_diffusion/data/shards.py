@@ -82,7 +82,8 @@ def _expand_folder(pattern: str, path: str, split: str | None) -> list[str]:
                          f"({', '.join(f'{p}-*.tar' for p in splits)}): name one ({pattern.rstrip('/')}/"
                          f"{splits[-1]}-*.tar) or give the folder where its split is known")
     if not every:
-        raise ValueError(f"no shards matching '*.tar' in directory {pattern!r}")
+        want = f"'{split}-*.tar' (or, a folder of one split, '*.tar')" if split else "'*.tar'"
+        raise ValueError(f"no shards matching {want} in directory {pattern!r}")
     return every
 
 
