@@ -466,9 +466,10 @@ def tiny_progression(tmp_path, tiny_ckpts) -> dict:
         "data.init_args.image_size": px, "model.init_args.image_size": px, "trainer.max_steps": 3,
         "model.init_args.flow": {**flow, "shift": resolution_shift(px, 16)}}} for px in (8, 16)]
     # the first phase's EMA (the config's last callback) averages from its first step, so its checkpoint holds
-    # trained weights (and rounded frozen encoders); the second's starts at step 100 as configured, so it never
-    # updates in 3 steps and ldm.ckpt holds its copy of the weights the phase started with
+    # trained weights (and rounded frozen encoders); the second's starts at step 100 as configured, so in 3 steps
+    # its average follows the trained weights, which a learning rate of 0 keeps where the phase started
     ldm["phases"][0]["args"]["trainer.callbacks.update_starting_at_step"] = 0
+    ldm["phases"][1]["args"]["model.init_args.lr"] = 0.0
     return cfg
 
 
@@ -484,11 +485,12 @@ def test_a_tiny_two_phase_pipeline_trains_evaluates_and_reports_the_chain(tiny_c
     assert first["hyper_parameters"]["image_size"] == 8 and last["hyper_parameters"]["image_size"] == 16
     assert [c["lit_diffusion"]["schedule"]["shift"] for c in (first, last)] == [0.5, 1.0]
     assert "init_from" not in last["hyper_parameters"]
-    # the second phase started from the first's weights: ldm.ckpt holds its EMA copy, taken when Lightning set the
-    # module up (after __init__ loaded init_from) and never updated; the first's are 3 trained steps averaged, which
-    # no fresh initialisation gives
+    # the second phase started from the first's weights: at learning rate 0 it kept them, and its average (no
+    # update before step 100) follows them; the first's are 3 trained steps averaged, which no fresh
+    # initialisation gives
     assert int(first["averaging_state"]["n_averaged"]) == 3 and int(last["averaging_state"]["n_averaged"]) == 0
     assert _equal(_unet(last["state_dict"]), _unet(first["state_dict"]))
+    assert _equal(_unet(last["current_model_state"]), _unet(first["state_dict"]))
     config = yaml.safe_load((root / "ldm_16" / "config.yaml").read_text())
     assert config["model"]["init_args"]["init_from"] == str(root / "ldm_8.ckpt")
     assert config["data"]["class_path"] == IMAGE_DATA and config["data"]["init_args"]["image_size"] == 16
