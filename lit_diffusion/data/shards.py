@@ -70,17 +70,16 @@ def _expand_folder(pattern: str, path: str, split: str | None) -> list[str]:
     refused: its val shards would join the train ones."""
     every = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
     splits = sorted({p for p in SPLIT_PREFIXES for f in every if os.path.basename(f).startswith(f"{p}-")})
+    held = ", ".join(f"{p}-*.tar" for p in splits)
     if split:
         found = [f for f in every if os.path.basename(f).startswith(f"{split}-")]
-        if found or splits:
-            if not found:
-                raise ValueError(f"no shards matching '{split}-*.tar' in directory {pattern!r} (it holds "
-                                 f"{', '.join(f'{p}-*.tar' for p in splits)})")
+        if found:
             return found
+        if splits:
+            raise ValueError(f"no shards matching '{split}-*.tar' in directory {pattern!r} (it holds {held})")
     elif len(splits) > 1:
-        raise ValueError(f"directory {pattern!r} holds the shards of several splits "
-                         f"({', '.join(f'{p}-*.tar' for p in splits)}): name one ({pattern.rstrip('/')}/"
-                         f"{splits[-1]}-*.tar) or give the folder where its split is known")
+        raise ValueError(f"directory {pattern!r} holds the shards of several splits ({held}): name one "
+                         f"({pattern.rstrip('/')}/{splits[-1]}-*.tar) or give the folder where its split is known")
     if not every:
         want = f"'{split}-*.tar' (or, a folder of one split, '*.tar')" if split else "'*.tar'"
         raise ValueError(f"no shards matching {want} in directory {pattern!r}")
