@@ -127,6 +127,7 @@ def test_metric_fraction_and_errors():
     for kind, objects in (("one_object", 1), ("two_objects", 2)):
         expected = sum(k == objects for k in kinds[2:]) / sum(k == objects for k in kinds)
         assert per_attribute[kind] == pytest.approx(expected)
+        assert per_attribute[f"{kind}_count"] == pytest.approx(expected)  # a blank has no object
     with pytest.raises(ValueError, match="do not match"):
         metric.update(images, attrs[:3])
     with pytest.raises(ValueError, match="objects"):

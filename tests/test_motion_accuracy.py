@@ -7,6 +7,7 @@ import torch
 from lit_diffusion.data.moving_shapes import clip_attrs, render_clip, write_moving_shapes
 from lit_diffusion.data.shapes import COLORS, SHAPES
 from lit_diffusion.data.video import VideoDataModule
+from lit_diffusion.evaluation.report import _video_lines
 from lit_diffusion.metrics.motion_accuracy import ATTRIBUTES, MotionAccuracy, check_clip
 
 FLIP = {"left": "right", "right": "left", "up": "up", "down": "down"}
@@ -199,6 +200,32 @@ def test_per_kind_accuracy_on_a_hand_made_mix():
     assert metric.compute().item() == pytest.approx(3 / 5)
     assert out["one_object"] == pytest.approx(2 / 3) and out["two_objects"] == pytest.approx(1 / 2)
     assert out["direction"] == pytest.approx(3 / 5) and out["count"] == out["shapes"] == 1.0
+    assert out["one_object_direction"] == pytest.approx(2 / 3) and out["two_objects_direction"] == pytest.approx(1 / 2)
+    assert out["one_object_shapes"] == out["two_objects_shapes"] == out["two_objects_count"] == 1.0
+
+
+def test_attributes_within_a_caption_kind():
+    """`two_objects_shapes` counts the two-object captions whose shapes were right, apart from the one-object ones:
+    here a caption that names the wrong shape for one of its two objects."""
+    one = [a for a in draw(40, seed=1001) if len(a["objects"]) == 1][:4]
+    two = [a for a in draw(40, seed=1001) if len(a["objects"]) == 2][:4]
+    videos = torch.stack([to_video(a) for a in one + two])
+    wrong = copy.deepcopy(two[1])  # the clip drawn from two[1], judged against another shape
+    obj = wrong["objects"][0]
+    obj["shape"] = next(s for s in SHAPES if s != obj["shape"])
+    metric = MotionAccuracy()
+    metric.update(videos, one + [two[0], wrong, *two[2:]])
+    out = metric.attribute_accuracy()
+    assert out["two_objects_shapes"] == pytest.approx(3 / 4) and out["one_object_shapes"] == 1.0
+    assert out["shapes"] == pytest.approx(7 / 8) and out["two_objects"] == pytest.approx(3 / 4)
+    assert out["two_objects_colors"] == out["two_objects_direction"] == out["one_object_sizes"] == 1.0
+    assert {k for k in out if k.startswith("one_object_")} == {f"one_object_{a}" for a in ATTRIBUTES}
+    # the video report's second table, from the logged keys
+    results = {f"eval_detail/motion_{k}_g3.0": v for k, v in out.items()}
+    lines = _video_lines(results, [3])
+    assert "| 3 | two objects | 1 | 1 | 0.75 | 1 | 1 |" in lines and "| 3 | one object | 1 | 1 | 1 | 1 | 1 |" in lines
+    assert lines[lines.index("| 3 | one object | 1 | 1 | 1 | 1 | 1 |") - 2] == (
+        "| guidance | caption kind | count | colors | shapes | sizes | direction |")
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")

@@ -139,7 +139,8 @@ def _compare_lines(compare: dict, results: dict, guidance, backends) -> list[str
 
 def _video_lines(results: dict, guidance) -> list[str]:
     """A video model's table: motion caption accuracy overall and by attribute and caption kind, CLIP score, FID
-    of single frames and the Frechet distance of the clips' video-CLIP embeddings."""
+    of single frames and the Frechet distance of the clips' video-CLIP embeddings; then each attribute's accuracy
+    within each caption kind (what the two-object captions get wrong)."""
     from lit_diffusion.metrics.motion_accuracy import ATTRIBUTES as MOTION
 
     detail = (*KINDS, *MOTION)
@@ -152,6 +153,13 @@ def _video_lines(results: dict, guidance) -> list[str]:
                _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/fid_frames_g{g:.1f}")),
                _fmt(results.get(f"eval/fcd_g{g:.1f}"))]
         lines.append("| " + " | ".join(row) + " |")
+    # where the captions of each kind fail: a two-object caption is right only if every attribute is
+    lines += ["", "| guidance | caption kind | " + " | ".join(MOTION) + " |", "|" + "---|" * (len(MOTION) + 2)]
+    for g in guidance:
+        for kind in KINDS:
+            if f"eval_detail/motion_{kind}_g{g:.1f}" in results:
+                lines.append(f"| {g:g} | {kind.replace('_', ' ')} | " + " | ".join(
+                    _fmt(results.get(f"eval_detail/motion_{kind}_{k}_g{g:.1f}")) for k in MOTION) + " |")
     return lines
 
 

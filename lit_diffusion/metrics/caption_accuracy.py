@@ -155,6 +155,8 @@ class CaptionAccuracy(Metric):
         for kind in KINDS:
             self.add_state(f"{kind}_correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
             self.add_state(f"{kind}_count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+            for key in self.attributes:
+                self.add_state(f"{kind}_{key}_sum", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         for word in RELATION_WORDS:
             for what in ("count", "correct", "placed"):
                 self.add_state(f"relation_{word}_{what}", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
@@ -171,6 +173,9 @@ class CaptionAccuracy(Metric):
             mine = [r for r, a in zip(results, attrs) if caption_kind(a) == kind]
             setattr(self, f"{kind}_correct", getattr(self, f"{kind}_correct") + sum(int(r["correct"]) for r in mine))
             setattr(self, f"{kind}_count", getattr(self, f"{kind}_count") + len(mine))
+            for key in self.attributes:
+                name = f"{kind}_{key}_sum"
+                setattr(self, name, getattr(self, name) + sum(int(r[key]) for r in mine))
         for word, relation in RELATION_WORDS.items():
             mine = [r for r, a in zip(results, attrs) if a.get("relation") == relation]
             for what, n in (("count", len(mine)), ("correct", sum(int(r["correct"]) for r in mine)),
@@ -184,7 +189,8 @@ class CaptionAccuracy(Metric):
 
     def attribute_accuracy(self) -> dict[str, float]:
         """Accuracy of each attribute, overall (`correct`) and of each caption kind present (`one_object`,
-        `two_objects`), and the fraction of samples with an object at the border (`cut`), gathered over all ranks;
+        `two_objects`), each attribute's within a kind (`two_objects_shapes`: how often a two-object caption's
+        shapes were right), and the fraction of samples with an object at the border (`cut`), gathered over all ranks;
         for each relation word present (`RELATION_WORDS`), `relation_{word}`: the accuracy of its captions, and
         `relation_{word}_placed`: how often its relation held."""
         with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
@@ -192,8 +198,11 @@ class CaptionAccuracy(Metric):
             n = max(int(self.count), 1)
             out = {key: int(getattr(self, f"{key}_sum")) / n for key in (*self.attributes, "correct", "cut")}
             for kind in KINDS:
-                if int(getattr(self, f"{kind}_count")):
-                    out[kind] = int(getattr(self, f"{kind}_correct")) / int(getattr(self, f"{kind}_count"))
+                count = int(getattr(self, f"{kind}_count"))
+                if count:
+                    out[kind] = int(getattr(self, f"{kind}_correct")) / count
+                    out.update({f"{kind}_{key}": int(getattr(self, f"{kind}_{key}_sum")) / count
+                                for key in self.attributes})
             for word in RELATION_WORDS:
                 count = int(getattr(self, f"relation_{word}_count"))
                 if count:
