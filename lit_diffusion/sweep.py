@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ ARG_MACROS = ("args", "args_no_hyphens", "args_no_equals", "args_no_boolean_flag
               "args_json_file", "args_append_hydra", "args_override_hydra")
 MACROS = ("env", "interpreter", "program", *ARG_MACROS)
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
+ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")  # wandb's SWEEP_COMMAND_ENV_VAR_REGEX
 # keys a single parameter may hold (the union over the schema's parameter definitions)
 PARAMETER_KEYS = ("value", "values", "probabilities", "distribution", "min", "max", "q", "mu", "sigma", "a", "b",
                   "parameters")
@@ -160,8 +162,8 @@ def expand_command(config: Mapping, params: Mapping[str, Any], interpreter: str 
         variables["args_json_file"] = [str(args_json_file)]
     command = []
     for chunk in map(str, config.get("command", DEFAULT_COMMAND)):
-        if chunk.startswith("${envvar:") and chunk.endswith("}"):
-            command.append(os.environ.get(chunk[9:-1], chunk[9:-1]))
+        if ENVVAR.search(chunk):  # anywhere in the chunk, an unset variable as its name (as wandb's agent)
+            command.append(ENVVAR.sub(lambda m: os.environ.get(m[1], m[1]), chunk))
         elif chunk.startswith("${") and chunk.endswith("}"):
             command += variables.get(chunk[2:-1], [])
         else:
@@ -285,7 +287,8 @@ def run_sweep(sweep_file: str | Path | Mapping, count: int | None = None, root: 
 
     sweep_file: a sweep YAML, or the sweep config itself as a dict (e.g. a shipped YAML with a smaller grid).
     overrides: extra `key=value` (or {key: value}) appended to every run's command, e.g. trainer.max_steps=10.
-    env: extra environment for the runs. cwd: where the command runs (its relative paths resolve there).
+    env: extra environment for the runs. cwd: where the command runs (its relative paths resolve there; `root`
+    stays relative to this process's folder).
     Returns the sweep state, also written to ROOT/NAME/sweep.json.
     """
     if isinstance(sweep_file, Mapping):
@@ -301,6 +304,8 @@ def run_sweep(sweep_file: str | Path | Mapping, count: int | None = None, root: 
         raise ValueError(f"{sweep_file}: method {method} proposes runs without end; pass --count N")
     name = name or config.get("name") or sweep_file.stem
     sweep_dir = Path(root) / name
+    if cwd is not None:  # the runs write where this process reads, not under cwd
+        sweep_dir = sweep_dir.absolute()
     extra_args = parse_overrides(overrides)
     swept = {str(k) for k in (config.get("parameters") or {})}
     clash = sorted(k for k in swept if any(a.startswith((f"--{k}=", f"--{k} ")) or a == f"--{k}" for a in extra_args))
@@ -318,6 +323,11 @@ def run_sweep(sweep_file: str | Path | Mapping, count: int | None = None, root: 
     if state is None:
         state = {"name": name, "file": str(sweep_file), "method": method, "metric": metric or None,
                  "config": config, "sweep_dir": str(sweep_dir), "runs": []}
+    elif state.get("runs") and state.get("overrides", []) != extra_args:
+        # the runs so far were trained with the other overrides: ranking them beside new ones compares two setups
+        before, now = (" ".join(a) or "(none)" for a in (state.get("overrides") or [], extra_args))
+        raise ValueError(f"{state_path}: its runs were made with --set {before}, not {now}; repeat the same --set, "
+                         "or pick another --name or --root")
     state["overrides"] = extra_args
     records: list[dict] = state["runs"]
 
@@ -383,7 +393,10 @@ def run_sweep(sweep_file: str | Path | Mapping, count: int | None = None, root: 
             say(f"[{name}] {run_name} FAILED ({record['error']}); log {log_path}:\n"
                 f"{record['log_tail'] or '(no output)'}")
         elif metric_name and record["metric"] is None:
-            record["note"] = f"finished without {metric_name} in {record['run_dir']}/summary.json"
+            last = ((summary or {}).get("final") or {}).get(metric_name)
+            record["note"] = (f"finished with {metric_name} = {last} (not a figure), in {record['run_dir']}/summary.json"
+                              if last is not None else
+                              f"finished without {metric_name} in {record['run_dir']}/summary.json")
             say(f"[{name}] {run_name} {record['note']}")
         else:
             shown = f", {metric_name}={record['metric']:.6g}" if metric_name else ""

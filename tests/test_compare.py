@@ -183,8 +183,13 @@ class FakeRun:
         self.url = f"https://wandb.ai/me/proj/runs/{name}"
         self._history = history
 
-    def scan_history(self, keys):
-        return [row for row in self._history if all(k in row for k in keys)]
+    def scan_history(self, keys=None):
+        """As wandb's `Run.scan_history`: with keys, the rows holding all of them and only those keys (and W&B's
+        own `_step`, a count of log calls); without, every row whole."""
+        rows = [dict(row, _step=i) for i, row in enumerate(self._history)]
+        if keys is None:
+            return rows
+        return [{k: row[k] for k in [*keys, "_step"]} for row in rows if all(k in row for k in keys)]
 
 
 class FakeApi:
@@ -240,3 +245,75 @@ def test_flatten_names_nested_config_keys():
     assert flat["model.init_args.guidance"] == 3.0
     assert flat["trainer.callbacks.0.init_args.decay"] == 0.995
     assert flat["model.init_args.unet.channel_mult"] == [1, 2]
+
+
+def test_wandb_runs_of_one_name_stay_apart(tmp_path):
+    """Offline sweeps name their runs run-000, run-001, ... in every sweep, so a W&B project holds runs of one
+    name: each keeps its row and its points (told apart by the run id), and the Pareto front sees both."""
+    full = ldm_config(3.0)
+    runs = [FakeRun("run-000", {"config": full}, {"eval/fid_clip_g3.0": 10.0, "eval/clip_score_g3.0": 30.0}, []),
+            FakeRun("run-000", {"config": full}, {"eval/fid_clip_g3.0": 50.0, "eval/clip_score_g3.0": 10.0}, [])]
+    runs[1].url = "https://wandb.ai/me/proj/runs/x7y8"
+    result = cmp.compare(["wandb:me/proj"], tmp_path / "out", api=FakeApi(runs, {}), echo=False)
+    assert [r["run"] for r in result["rows"]] == ["run-000 (run-000)", "run-000 (x7y8)"]
+    assert result["pareto"]["clip"] == [("run-000 (run-000)", 3.0)]
+    assert cmp.tradeoff(result["runs"], "clip") == {"run-000 (run-000)": [(3.0, 30.0, 10.0)],
+                                                    "run-000 (x7y8)": [(3.0, 10.0, 50.0)]}
+
+
+def test_a_run_listed_twice_is_refused(tmp_path):
+    run = write_run(tmp_path / "a", {"eval/fid_clip": 1.0})
+    with pytest.raises(ValueError, match="listed more than once"):
+        cmp.compare([str(run), str(run)], tmp_path / "out", echo=False)
+
+
+def test_wandb_best_step_is_the_training_step(tmp_path):
+    """W&B's `_step` counts log calls (the training loss every 25 steps, ...): the best step is Lightning's
+    `trainer/global_step`, which W&B returns only when asked for."""
+    history = [{"train/loss": 0.5, "trainer/global_step": 25 * i} for i in range(1, 40)]
+    history.insert(30, {"eval/fid_clip": 12.0, "trainer/global_step": 775})
+    history.append({"eval/fid_clip": 10.0, "trainer/global_step": 1550})
+    run = FakeRun("a", {"config": ldm_config(3.0)}, {"eval/fid_clip": 10.0}, history)
+    api = FakeApi([run], {"metric": {"name": "eval/fid_clip", "goal": "minimize"}, "parameters": {}})
+    result = cmp.compare(["wandb:me/proj/sw"], tmp_path / "out", api=api, echo=False)
+    assert result["rows"][0]["best_step"] == 1550
+
+
+def test_wandb_best_values_of_every_figure(tmp_path):
+    """`--which best` on W&B runs: every figure's best comes from the run's history (a sweep keeps only its
+    metric's), and only pairs of one step make points."""
+    history = [{"eval/fid_clip": 12.0, "eval/fid_clip_g3.0": 12.0, "eval/clip_score_g3.0": 31.0,
+                "trainer/global_step": 100},
+               {"train/loss": 0.2, "trainer/global_step": 150},
+               {"eval/fid_clip": 10.0, "eval/fid_clip_g3.0": 10.0, "eval/clip_score_g3.0": 30.0,
+                "trainer/global_step": 200}]
+    run = FakeRun("a", {"config": ldm_config(3.0)},
+                  {"eval/fid_clip": 10.0, "eval/fid_clip_g3.0": 10.0, "eval/clip_score_g3.0": 30.0}, history)
+    api = FakeApi([run], {"metric": {"name": "eval/fid_clip", "goal": "minimize"}, "parameters": {}})
+    result = cmp.compare(["wandb:me/proj/sw"], tmp_path / "out", which="best", api=api, echo=False)
+    row = result["rows"][0]
+    assert (row["eval/fid_clip"], row["eval/fid_clip_g3.0"], row["eval/clip_score_g3.0"]) == (10.0, 10.0, 31.0)
+    assert result["lacking"] == {} and row["best_step"] == 200
+    info = result["runs"][0]
+    assert info.best_step["eval/fid_clip_g3.0"] == 200 and info.best_step["eval/clip_score_g3.0"] == 100
+    assert cmp.tradeoff(result["runs"], "clip", "best") == {}  # the two bests are of different steps
+
+
+def test_unfinished_and_broken_down_runs_are_not_best(tmp_path):
+    """A summary.json without a status (the run is going, or was killed before Lightning finalized it) reads
+    "unfinished" and is not ranked; a final figure that broke down (NaN, as W&B's summary keeps it) shows as nan
+    and is not ranked either, nor plotted."""
+    done = write_run(tmp_path / "done", {"eval/fid_clip": 20.0, "eval/fid_clip_g3.0": 20.0,
+                                         "eval/clip_score_g3.0": 25.0})
+    killed = write_run(tmp_path / "killed", {"eval/fid_clip": 15.0})
+    summary = json.loads((killed / "summary.json").read_text())
+    del summary["status"]
+    (killed / "summary.json").write_text(json.dumps(summary))
+    broken = write_run(tmp_path / "broken", {"eval/fid_clip": float("nan"), "eval/fid_clip_g3.0": float("nan"),
+                                             "eval/clip_score_g3.0": 30.0}, best={"eval/fid_clip": 5.0})
+    result = cmp.compare([str(done), str(killed), str(broken)], tmp_path / "out", echo=False)
+    assert [r["status"] for r in result["rows"]] == ["success", "unfinished", "success"]
+    assert result["best"] == "done"
+    table = read_markdown_table(tmp_path / "out" / "compare.md")
+    assert [r["eval/fid_clip"] for r in table] == ["20", "15", "nan"]
+    assert cmp.tradeoff(result["runs"], "clip") == {"done": [(3.0, 25.0, 20.0)]}

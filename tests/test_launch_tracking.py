@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -36,6 +37,19 @@ def test_jsonl_logger_keeps_final_and_best(tmp_path):
     assert summary["best"]["val/loss"] == 1.0 and summary["best_step"]["val/loss"] == 2
     assert summary["best"]["val/psnr"] == 25.0 and summary["best_step"]["val/psnr"] == 2
     assert summary["best"]["eval/fid_clip_g3.0"] == 10.0
+
+
+def test_a_final_value_that_broke_down_is_kept(tmp_path):
+    """The last value is what W&B's run summary keeps, NaN included: a run whose last evaluation broke down must
+    not be ranked by an earlier figure (the sweep and `compare` read `final`); the best stays the best finite one."""
+    lg = tracking.JSONLLogger(tmp_path, "r")
+    lg.log_metrics({"eval/fid_clip": 10.0}, step=100)
+    lg.log_metrics({"eval/fid_clip": float("nan")}, step=200)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert math.isnan(summary["final"]["eval/fid_clip"])
+    assert summary["best"]["eval/fid_clip"] == 10.0 and summary["best_step"]["eval/fid_clip"] == 100
+    from lit_diffusion.sweep import metric_of
+    assert metric_of(summary, "eval/fid_clip") == (None, 10.0)  # no final figure: the sweep does not rank it
 
 
 @pytest.mark.parametrize("key,lower", [("val/loss", True), ("eval/fid_clip_g3.0", True), ("val/rfid", True),

@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -69,3 +70,23 @@ def test_wandb_failure_mid_run_disables_wandb_and_training_finishes(shapes_data,
     assert sorted(int(r["step"]) for r in rows if r["train/loss"]) == list(range(6))
     last_train = [r for r in jsonl if "train/loss" in r][-1]
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["final"]["train/loss"] == last_train["train/loss"]
+
+
+def test_the_offline_hint_names_where_the_run_is(tmp_path, caplog, monkeypatch):
+    """The `wandb sync` pattern the offline warning gives matches the run's own offline folder (a pipeline's
+    stage sits at runs/NAME/STAGE, a sweep's run at runs/sweeps/S/run-NNN: not under runs/*/wandb)."""
+    import glob
+    import re
+
+    from lit_diffusion.runtime import tracking
+
+    monkeypatch.setattr(tracking, "_said_mode", False)
+    with caplog.at_level(logging.WARNING, logger="lit_diffusion"):
+        loggers = default_loggers(tmp_path / "runs" / "shapes" / "clip", "clip", wandb=True)
+    said = next(r.getMessage() for r in caplog.records if "W&B logs offline" in r.getMessage())
+    pattern = re.search(r"`wandb sync (\S+)`", said)[1]
+    run = next(lg for lg in loggers if isinstance(lg, SafeWandbLogger)).experiment
+    try:
+        assert [str(p) for p in map(Path, glob.glob(pattern))] == [str(Path(run.dir).parent)]
+    finally:
+        run.finish()

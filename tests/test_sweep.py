@@ -84,6 +84,41 @@ def test_grid_count_then_resume_finishes_the_grid_without_repeats(tmp_path):
     assert len(third["runs"]) == 3  # exhausted: nothing new
 
 
+def test_resuming_with_other_overrides_is_refused(tmp_path):
+    """Runs made with another --set would be ranked beside the new ones: refused, naming both."""
+    path = write_sweep(tmp_path, parameters={"x": {"values": [2, 3, 4]}})
+    sw.run_sweep(path, count=1, root=tmp_path, name="s", overrides=["trainer.max_steps=10"], echo=False)
+    with pytest.raises(ValueError, match=r"--set --trainer.max_steps=10, not --trainer.max_steps=1000"):
+        sw.run_sweep(path, count=1, root=tmp_path, name="s", overrides=["trainer.max_steps=1000"], echo=False)
+    with pytest.raises(ValueError, match=r"not \(none\)"):
+        sw.run_sweep(path, count=1, root=tmp_path, name="s", echo=False)
+    again = sw.run_sweep(path, count=1, root=tmp_path, name="s", overrides=["trainer.max_steps=10"], echo=False)
+    assert [r["params"]["x"] for r in again["runs"]] == [2, 3]
+
+
+def test_a_relative_root_with_cwd_reads_the_runs_it_wrote(tmp_path, monkeypatch):
+    """`cwd` moves where the command runs; the runs still write under `root` as this process sees it, where their
+    metric is read back."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    path = write_sweep(tmp_path, parameters={"x": {"values": [2]}})
+    state = sw.run_sweep(path, root="rel_runs", name="s", cwd=tmp_path / "elsewhere", echo=False)
+    assert state["runs"][0]["status"] == "finished" and state["runs"][0]["metric"] == f({"x": 2})
+    assert (tmp_path / "rel_runs" / "s" / "run-000" / "summary.json").is_file()
+    assert not (tmp_path / "elsewhere" / "rel_runs").exists()
+
+
+def test_a_final_nan_is_noted_and_never_best(tmp_path):
+    program = tmp_path / "program.py"
+    program.write_text(PROGRAM.replace('"final": {"eval/loss": loss}', '"final": {"eval/loss": float("nan") if x == 2 else loss}'))
+    config = {"program": str(program), "method": "grid", "metric": {"name": "eval/loss", "goal": "minimize"},
+              "parameters": {"x": {"values": [2, 4]}}}
+    state = sw.run_sweep(config, root=tmp_path, name="s", echo=False)
+    nan_run = state["runs"][0]
+    assert nan_run["metric"] is None and "eval/loss = nan (not a figure)" in nan_run["note"]
+    assert state["best"]["params"] == {"x": 4}
+
+
 @pytest.mark.parametrize("method", ["random", "bayes"])
 def test_random_and_bayes_respect_count_and_bounds(tmp_path, method):
     path = write_sweep(tmp_path, method=method,
@@ -123,7 +158,7 @@ def test_missing_program_is_a_failed_run_not_a_crash(tmp_path):
     assert "nope.py" in state["runs"][0]["log_tail"]
 
 
-def test_commands_are_expanded_like_wandb_agent():
+def test_commands_are_expanded_like_wandb_agent(monkeypatch):
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
     params = {"model.init_args.lr": 0.0003, "model.init_args.sampler": "ddim", "run.wandb": False, "n": 3}
@@ -141,6 +176,14 @@ def test_commands_are_expanded_like_wandb_agent():
     finally:
         del os.environ["SWEEP_TEST_VAR"]
     assert cmd[1:] == ["python", "-m", "lit_diffusion", "fit", "a.b=1.5", "--seed_everything=3"]
+    # inside an argument too, as wandb's create_sweep_command (an unset variable stands as its name)
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command
+
+    chunks = ["--data=${envvar:SWEEP_TEST_DIR}/shards", "${envvar:SWEEP_TEST_UNSET}x", "--k=${args}"]
+    monkeypatch.setenv("SWEEP_TEST_DIR", "/data")
+    monkeypatch.delenv("SWEEP_TEST_UNSET", raising=False)
+    assert sw.expand_command({"command": chunks}, {}) == create_sweep_command(list(chunks)) == [
+        "--data=/data/shards", "SWEEP_TEST_UNSETx", "--k=${args}"]
     assert sw.expand_command({"program": "p.py"}, {"k": 2}, interpreter="py")[1:] == ["py", "p.py", "--k=2"]
 
 

@@ -32,7 +32,10 @@ _NOT_PARAMS = ("run.", "config", "trainer.logger", "trainer.default_root_dir", "
 DEFAULT_METRIC = "eval/fid_clip"
 
 
-FAILED = ("failed", "crashed", "killed")  # run states (ours, the sweep's, W&B's) that did not finish
+FINISHED = ("success", "finished")  # ours (Lightning's finalize), the sweep's and W&B's for a run that ended well
+# a summary.json without a status: the run is still going, or was stopped before Lightning could finalize it
+UNFINISHED = "unfinished"
+STEP_KEY = "trainer/global_step"  # what Lightning's WandbLogger logs beside every metric (W&B's _step counts calls)
 
 
 @dataclass
@@ -67,12 +70,18 @@ def _config_params(config: Mapping | None) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not any(k == p.rstrip(".") or k.startswith(p) for p in _NOT_PARAMS)}
 
 
-def _numbers(d: Mapping | None) -> dict[str, float]:
+def _numbers(d: Mapping | None, finite: bool = True) -> dict[str, float]:
+    """The numeric entries; with finite=False NaN and inf are kept (a final value that broke down is shown as it
+    is, as W&B's summary keeps it, and never ranks or plots)."""
     out = {}
     for k, v in (d or {}).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (not finite or math.isfinite(v)):
             out[k] = float(v)
     return out
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
 
 
 # ------------------------------------------------------------------------------------------------ collecting
@@ -90,8 +99,9 @@ def _run_from_dir(directory: Path, name: str | None = None, status: str | None =
         params = _config_params(yaml.safe_load((directory / "config.yaml").read_text()))
     params.update(sweep_params or {})
     return RunInfo(name=name or directory.name, source=str(directory), has_config=has_config,
-                   status=status or summary.get("status") or ("finished" if summary else "no summary"),
-                   params=params, sweep_params=tuple(sweep_params or ()), final=_numbers(summary.get("final")),
+                   status=status or summary.get("status") or (UNFINISHED if summary else "no summary"),
+                   params=params, sweep_params=tuple(sweep_params or ()),
+                   final=_numbers(summary.get("final"), finite=False),
                    best=_numbers(summary.get("best")),
                    best_step={k: int(v) for k, v in (summary.get("best_step") or {}).items()
                               if isinstance(v, (int, float))})
@@ -120,7 +130,9 @@ def parse_wandb_spec(spec: str) -> tuple[str, str, str | None]:
     return parts[0], parts[1], (parts[2] if len(parts) == 3 else None)
 
 
-def _runs_from_wandb(spec: str, api=None) -> tuple[list[RunInfo], dict | None]:
+def _runs_from_wandb(spec: str, api=None, history: bool = False) -> tuple[list[RunInfo], dict | None]:
+    """The runs of a W&B project or sweep; with `history`, each run's best value and step of every figure (one
+    scan of its history), else of the sweep's metric alone."""
     entity, project, sweep_id = parse_wandb_spec(spec)
     if api is None:
         mode, why = tracking.wandb_mode()
@@ -150,32 +162,45 @@ def _runs_from_wandb(spec: str, api=None) -> tuple[list[RunInfo], dict | None]:
         params.update(sweep_params)
         summary = getattr(r.summary, "_json_dict", None) or dict(r.summary or {})
         info = RunInfo(name=r.name, source=getattr(r, "url", f"{entity}/{project}/{r.id}"), status=r.state,
-                       params=params, sweep_params=tuple(sweep_params), final=_numbers(summary), has_config=True)
-        if metric and metric.get("name"):
-            _wandb_best(r, metric["name"], metric.get("goal"), info)
+                       params=params, sweep_params=tuple(sweep_params), final=_numbers(summary, finite=False),
+                       has_config=True)
+        name = (metric or {}).get("name")
+        if history:
+            _wandb_bests(r.scan_history(), None, name, (metric or {}).get("goal"), info)
+        elif name:
+            # W&B returns the rows holding every key asked for, and only those keys (and its own `_step`)
+            _wandb_bests(r.scan_history(keys=[name, STEP_KEY]), [name], name, metric.get("goal"), info)
         runs.append(info)
     return runs, metric
 
 
-def _wandb_best(run, name: str, goal: str | None, info: RunInfo) -> None:
-    lower = goal == "minimize" if goal else tracking.lower_is_better(name)
-    best = None
-    for row in run.scan_history(keys=[name]):
-        value, step = row.get(name), row.get("trainer/global_step", row.get("_step"))
-        if isinstance(value, (int, float)) and math.isfinite(value) and (
-                best is None or (value < best[0] if lower else value > best[0])):
-            best = (float(value), int(step) if step is not None else -1)
-    if best:
-        info.best[name], info.best_step[name] = best
+def _wandb_bests(rows, keys: Sequence[str] | None, metric: str | None, goal: str | None, info: RunInfo) -> None:
+    """Each key's best finite value over a W&B history and the training step it was logged at (Lightning's
+    `trainer/global_step`; -1 where a row lacks it), all numeric keys when `keys` is None. The sweep's `goal`
+    ranks its `metric`, the key's name the others (`tracking.lower_is_better`)."""
+    best: dict[str, tuple[float, int]] = {}
+    for row in rows:
+        step = row.get(STEP_KEY)
+        for key, value in row.items():
+            if (keys is not None and key not in keys) or key.startswith("_") or key in (STEP_KEY, "epoch"):
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                continue
+            lower = goal == "minimize" if key == metric and goal else tracking.lower_is_better(key)
+            if key not in best or (value < best[key][0] if lower else value > best[key][0]):
+                best[key] = (float(value), int(step) if isinstance(step, (int, float)) else -1)
+    for key, (value, step) in best.items():
+        info.best[key], info.best_step[key] = value, step
 
 
-def collect_runs(specs: Sequence[str], api=None) -> tuple[list[RunInfo], dict | None]:
-    """Runs named by run dirs, sweep dirs or wandb: specs, and the sweep metric {name, goal} if one was found."""
+def collect_runs(specs: Sequence[str], api=None, history: bool = False) -> tuple[list[RunInfo], dict | None]:
+    """Runs named by run dirs, sweep dirs or wandb: specs, and the sweep metric {name, goal} if one was found;
+    `history`: W&B runs' best values of every figure (`--which best`), read from their histories."""
     runs, metric = [], None
     for spec in specs:
         spec = str(spec)
         if spec.startswith("wandb:"):
-            found, m = _runs_from_wandb(spec, api)
+            found, m = _runs_from_wandb(spec, api, history)
         else:
             path = Path(spec)
             if (path / "sweep.json").is_file():
@@ -190,10 +215,21 @@ def collect_runs(specs: Sequence[str], api=None) -> tuple[list[RunInfo], dict | 
         metric = metric or m
     if not runs:
         raise ValueError("no runs to compare")
+    sources = [r.source for r in runs]
+    twice = sorted({s for s in sources if sources.count(s) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)}: listed more than once (directly, or in a sweep and on its own)")
     names = [r.name for r in runs]
-    for r in runs:  # the same run name from two sweeps: tell them apart by folder
+    for r in runs:  # the same run name from two sweeps, or two W&B runs of one name: tell them apart
         if names.count(r.name) > 1:
-            r.name = f"{Path(r.source).parent.name}/{r.name}"
+            where = r.source.rstrip("/")
+            # a W&B run by its id (the url's last part), a run directory by its parent folder
+            r.name = (f"{r.name} ({where.rsplit('/', 1)[-1]})" if "://" in where
+                      else f"{Path(where).parent.name}/{r.name}")
+    names = [r.name for r in runs]
+    for r in runs:  # still alike (two run folders of one name under parents of one name): number them
+        if names.count(r.name) > 1:
+            r.name = f"{r.name} #{1 + [q for q in runs if q.name == r.name].index(r)}"
     return runs, metric
 
 
@@ -259,12 +295,12 @@ def tradeoff(runs: Sequence[RunInfo], backend: str,
         pts = []
         for k, fid in values.items():
             m = GUIDANCE_KEY.match(k)
-            if m and m["backend"] == backend:
+            if m and m["backend"] == backend and _finite(fid):
                 clip_key = f"eval/clip_score_g{m['g']}"
                 clip = values.get(clip_key)
                 if which == "best" and (r.best_step.get(k) is None or r.best_step.get(k) != r.best_step.get(clip_key)):
                     continue
-                if clip is not None:
+                if _finite(clip):
                     pts.append((float(m["g"]), clip, fid))
         if pts:
             out[r.name] = sorted(pts)
@@ -295,7 +331,7 @@ def compare(specs: Sequence[str], out: str | Path, metric: str | None = None, go
     if goal not in (None, "minimize", "maximize"):
         raise ValueError(f"--goal must be minimize or maximize, got {goal!r}")
     say = print if echo else (lambda *a, **k: None)
-    runs, sweep_metric = collect_runs(specs, api)
+    runs, sweep_metric = collect_runs(specs, api, history=which == "best")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -328,9 +364,10 @@ def compare(specs: Sequence[str], out: str | Path, metric: str | None = None, go
 
     best = None
     if metric:
-        # not a failed run: its figure is from before it stopped (W&B's engine ranks it worst)
-        scored = [(r, getattr(r, which).get(metric)) for r in runs if r.status not in FAILED]
-        scored = [(r, v) for r, v in scored if v is not None]
+        # a finished run: a failed one's figure is from before it stopped (W&B's engine ranks it worst), a running
+        # or killed one's from before its end; a figure that broke down (NaN) is no score
+        scored = [(r, getattr(r, which).get(metric)) for r in runs if r.status in FINISHED]
+        scored = [(r, v) for r, v in scored if _finite(v)]
         for r, v in scored:
             if best is None or (v < best[1] if goal == "minimize" else v > best[1]):
                 best = (r, v)

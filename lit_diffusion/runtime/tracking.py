@@ -76,13 +76,15 @@ def wandb_mode() -> tuple[str, str]:
 _said_mode = False
 
 
-def _say_mode_once(mode: str, why: str) -> None:
+def _say_mode_once(mode: str, why: str, directory: Path | None = None) -> None:
     global _said_mode
     if _said_mode:
         return
     _said_mode = True
     if mode == "offline":
-        rank_zero_only(log.warning)(f"W&B logs offline ({why}); upload later with `wandb sync runs/*/wandb/offline-run-*`")
+        where = f"{directory}/wandb/offline-run-*" if directory is not None else "RUN_DIR/wandb/offline-run-*"
+        rank_zero_only(log.warning)(f"W&B logs offline ({why}); each run keeps its W&B files in RUN_DIR/wandb: "
+                                    f"upload later with `wandb sync {where}`")
     elif mode == "disabled":
         rank_zero_only(log.warning)(f"W&B is disabled ({why}); metrics go to CSV/JSONL only")
 
@@ -173,9 +175,11 @@ class JSONLLogger(Logger):
                 continue
             value = float(value)
             row[key] = value
-            if key == "epoch" or not math.isfinite(value):
+            if key == "epoch":
                 continue
-            self._final[key] = value
+            self._final[key] = value  # NaN too: the last value is what W&B's summary keeps, broken down or not
+            if not math.isfinite(value):
+                continue
             best = self._best.get(key)
             better = best is None or (value < best[0] if lower_is_better(key) else value > best[0])
             if better:
@@ -216,7 +220,7 @@ def default_loggers(run_root: str | Path, name: str, project: str = "lit-diffusi
     loggers: list[Logger] = [RunCSVLogger(save_dir=str(directory), name="", version=""), JSONLLogger(directory, name)]
     if wandb:
         mode, why = wandb_mode()
-        _say_mode_once(mode, why)
+        _say_mode_once(mode, why, directory)
         if mode != "disabled":
             directory.mkdir(parents=True, exist_ok=True)
             loggers.append(SafeWandbLogger(
