@@ -233,9 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from lit_diffusion.runtime.launch import apply_launcher_env
-        from lit_diffusion.runtime.lightning_cli import run_lightning_cli
+        from lit_diffusion.runtime.lightning_cli import RunDirInUse, run_lightning_cli
 
-        run_lightning_cli(apply_launcher_env(argv))
+        try:
+            run_lightning_cli(apply_launcher_env(argv))
+        except RunDirInUse as err:
+            print(f"lit-diffusion {argv[0]}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         return
     parser = argparse.ArgumentParser(prog="lit-diffusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -31,6 +31,7 @@ stale as a changed stage makes the later stages stale.
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import inspect
 import json
 import logging
@@ -63,7 +64,7 @@ INIT_FROM = "model.init_args.init_from"  # the override that starts a phase from
 RESERVED = (*STAGES, "eval", "latents")  # names under runs/NAME that a phase's run directory must not take
 
 
-class StageInputsChanged(RuntimeError):
+class StageInputsChanged(ValueError):
     """A finished (or interrupted) stage was made from other inputs than the pipeline would give it now."""
 
 
@@ -246,8 +247,13 @@ def place_given_checkpoints(cfg: dict, root: Path) -> None:
             continue
         load_stage_checkpoint(given, stage)  # fails here, naming the file, rather than inside the next stage
         final = root / f"{stage}.ckpt"
-        if final.is_file() and os.path.samefile(final, given):
-            continue
+        if final.is_file() and (os.path.samefile(final, given) or filecmp.cmp(final, given, shallow=False)):
+            continue  # placed by an earlier run of this pipeline
+        if final.is_file():  # trained here, or another file placed before: replacing it would lose it
+            raise StageInputsChanged(
+                f"[{stage}] {final} holds another {stage} checkpoint than the given {given} (trained or placed by an "
+                f"earlier run of this pipeline); to use {given}, delete {final} and what was made from it, or choose "
+                "another run name (`name:` in the pipeline config)")
         tmp = final.with_suffix(".ckpt.tmp")
         tmp.unlink(missing_ok=True)
         try:

@@ -50,6 +50,15 @@ def test_a_stage_run_logged_to_a_file_is_short_and_warns_only_of_what_the_readme
     assert all(re.search(r"train/loss \d", line) and " it/s " in line for line in progress), progress
     assert progress[-1].endswith("ETA 0:00")
     assert not [line for line in lines if line.startswith("Epoch ")]  # no bar
+    # the same command again would overwrite this run's checkpoint and append to its metrics: refused in one line
+    last = tmp_path / "runs" / "clip" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+                           env={**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert f"{tmp_path / 'runs' / 'clip'} holds the checkpoints of an earlier run (last.ckpt): resume it with " \
+           f"--ckpt_path {last}" in again.stderr
+    assert last.read_bytes() == before
 
 
 class _Steps(BoringModel):

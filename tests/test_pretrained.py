@@ -487,6 +487,19 @@ def test_pipeline_uses_a_named_checkpoint_instead_of_training(imported, tmp_path
         out = run_stage(stage, cfg, tmp_path, "run", {}, {})
         assert out["skipped"] and out["ckpt"] == str(tmp_path / f"{stage}.ckpt") and not (tmp_path / stage).exists()
     place_given_checkpoints(cfg, tmp_path)  # again: nothing changes
+    # a byte-equal copy in place (placed from another file system) is the same checkpoint; another one is refused
+    (tmp_path / "vae.ckpt").unlink()
+    (tmp_path / "vae.ckpt").write_bytes(imported["vae"].read_bytes())
+    place_given_checkpoints(cfg, tmp_path)
+    trained = torch.load(imported["vae"], map_location="cpu", weights_only=True)
+    trained["global_step"] = 1234  # as if trained here
+    (tmp_path / "vae.ckpt").unlink()
+    torch.save(trained, tmp_path / "vae.ckpt")
+    here = (tmp_path / "vae.ckpt").read_bytes()
+    with pytest.raises(ValueError, match=rf"\[vae\] {tmp_path / 'vae.ckpt'} holds another vae checkpoint than the "
+                                         rf"given {imported['vae']}"):
+        place_given_checkpoints(cfg, tmp_path)
+    assert (tmp_path / "vae.ckpt").read_bytes() == here
     cfg["stages"]["vae"]["checkpoint"] = str(imported["clip"])
     with pytest.raises(CheckpointError, match=r"clip\.ckpt is a 'clip' checkpoint, expected a 'vae' checkpoint"):
         place_given_checkpoints(cfg, tmp_path)

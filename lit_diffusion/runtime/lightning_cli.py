@@ -94,6 +94,8 @@ class LitDiffusionCLI(LightningCLI):
             run["name"] = _resumable_run(run["root"], run["name"])
             os.environ["LIT_DIFFUSION_RUN_NAME"] = run["name"]  # DDP processes launched from here resume it too
         directory = tracking.run_dir(run["root"], run["name"])
+        if self.subcommand == "fit" and not cfg.get("ckpt_path"):
+            _refuse_a_finished_run(directory)
         if config.get("default_root_dir") is None:
             config["default_root_dir"] = str(directory)
         if config.get("logger") in (None, True):
@@ -114,6 +116,20 @@ class LitDiffusionCLI(LightningCLI):
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] if plugins else []
             config["plugins"] = [*plugins, safety.AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks)
+
+
+class RunDirInUse(ValueError):
+    """A fresh run asked for a run directory that holds another run's checkpoints (`fit` says it in one line)."""
+
+
+def _refuse_a_finished_run(directory: Path) -> None:
+    """A fresh `fit` in a run directory that holds an earlier run's checkpoints would overwrite them (and append
+    to its metrics): refused, saying how to resume or start elsewhere."""
+    earlier = sorted((directory / "checkpoints").glob("*.ckpt"))
+    if earlier:
+        raise RunDirInUse(f"{directory} holds the checkpoints of an earlier run ({', '.join(p.name for p in earlier)})"
+                         f": resume it with --ckpt_path {directory / 'checkpoints' / 'last.ckpt'}, or pick another "
+                         f"--run.name (or delete {directory} to start it over)")
 
 
 def _explicit_run_name(cfg) -> bool:
