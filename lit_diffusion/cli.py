@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import logging
 import sys
 from pathlib import Path
@@ -27,9 +28,64 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,5, got {text!r}") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,5, got {text!r}")
+    return values
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
+def _at_least(low: float):
+    """A finite number >= low (eta, a scale)."""
+    def parse(text: str) -> float:
+        value = _finite(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text!r}")
+        return value
+    return parse
+
+
+def _whole(low: int):
+    """A whole number >= low: 1 for a count of samples, steps or images, 0 where none is a choice."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+_count = _whole(1)
+
+
+def _new_output(path, option: str, folder: bool = False) -> None:
+    """Refuse an output that would overwrite earlier work: an existing file (or, for a folder, one holding files)."""
+    path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{option} {path} is a file; give a folder to write")
+        held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        if held:
+            raise ValueError(f"{option} {path} already holds {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}: "
+                             "give an empty or new folder")
+    elif path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give the file to write")
+    elif path.exists():
+        raise ValueError(f"{option} {path} exists; remove it or choose another path")
 
 
 def _print_json(obj) -> None:
@@ -70,13 +126,15 @@ def cmd_data_moving_shapes(args) -> None:
 def cmd_data_convert(args) -> None:
     from lit_diffusion.data.convert import convert
 
-    summary = convert(args.inputs, args.out, prefix=args.prefix, shard_size=args.shard_size)
+    summary = convert(args.inputs, args.out, prefix=args.prefix, shard_size=args.shard_size, path_key=args.path_key,
+                      caption_key=args.caption_key, overwrite=args.overwrite)
     _print_json(summary)
 
 
 def cmd_data_tokenizer(args) -> None:
     from lit_diffusion.data.tokenizer import train_from_shards
 
+    _new_output(args.out, "--out")
     tok = train_from_shards(args.data, args.out, vocab_size=args.vocab_size, context_length=args.context_length,
                             max_captions=args.max_captions)
     _print_json({"out": args.out, "vocab_size": tok.vocab_size, "context_length": tok.context_length})
@@ -152,8 +210,8 @@ def add_data(sub) -> None:
     data = sub.add_parser("data", help="make WebDataset shards").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("shapes", help="draw the embedded default data: captioned shapes")
     p.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar and tokenizer.json")
-    p.add_argument("--train", type=int, default=5000, help="training samples")
-    p.add_argument("--val", type=int, default=500, help="validation samples")
+    p.add_argument("--train", type=_whole(0), default=5000, help="training samples")
+    p.add_argument("--val", type=_whole(0), default=500, help="validation samples")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (of a non-square canvas: sqrt(W * H))")
     p.add_argument("--aspect-ratios", type=_aspect_ratios, default=("1:1",), metavar="W:H,...",
                    help="canvas aspect ratios, one drawn per sample, e.g. 1:1,3:2,2:3,2:1,1:2 (default: 1:1)")
@@ -165,8 +223,8 @@ def add_data(sub) -> None:
     p.set_defaults(func=cmd_data_shapes)
     p = data.add_parser("moving-shapes", help="draw the embedded video data: captioned clips of moving shapes")
     p.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar and tokenizer.json")
-    p.add_argument("--train", type=int, default=5000, help="training clips")
-    p.add_argument("--val", type=int, default=500, help="validation clips")
+    p.add_argument("--train", type=_whole(0), default=5000, help="training clips")
+    p.add_argument("--val", type=_whole(0), default=500, help="validation clips")
     p.add_argument("--size", type=int, default=32, help="frame side in pixels")
     p.add_argument("--frames", type=int, default=8, help="frames per clip")
     p.add_argument("--grow-probability", type=float, default=0.0,
@@ -178,14 +236,17 @@ def add_data(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image folder(s), .csv or .jsonl files")
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", default="train", help="shard name prefix (train, val)")
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--shard-size", type=_count, default=1000)
+    p.add_argument("--path-key", default="path", help="CSV / JSONL: the column of image paths")
+    p.add_argument("--caption-key", default="caption", help="CSV / JSONL: the column of captions")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards of this prefix already in --out")
     p.set_defaults(func=cmd_data_convert)
     p = data.add_parser("tokenizer", help="train a BPE tokenizer on the captions of shards")
     p.add_argument("--data", required=True, help="training shards (brace pattern, glob, folder)")
     p.add_argument("--out", required=True, help="tokenizer.json to write")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--vocab-size", type=_count, default=8192)
     p.add_argument("--context-length", type=int, default=77)
-    p.add_argument("--max-captions", type=int, default=200_000)
+    p.add_argument("--max-captions", type=_count, default=200_000)
     p.set_defaults(func=cmd_data_tokenizer)
     p = data.add_parser("encode", help="image-caption shards -> latent shards (VAE latents, CLIP text features), "
                                        "once, on every rank of torchrun / fabric run / srun; a rerun resumes")
@@ -206,12 +267,12 @@ def add_data(sub) -> None:
                         "target (model.init_args.repa) when training from latent shards")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=None, help="pixels (default: the size the VAE trained at); "
+    p.add_argument("--image-size", type=_count, default=None, help="pixels (default: the size the VAE trained at); "
                                                                    "with --buckets, their base size")
     p.add_argument("--buckets", default=None, help='aspect buckets as JSON, e.g. \'{"step": 8}\' or '
                                                    '\'{"sizes": [[32, 32], [24, 48]], "step": 8}\' (data.buckets.'
                                                    'BucketConfig fields): each image encoded at its bucket\'s size')
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=_count, default=None,
                    help="video-caption shards: each clip's first N frames through the VAE frame by frame, latents "
                         "[N, C, h, w] (the video diffusion stage's model.init_args.frames)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
@@ -460,11 +521,11 @@ def add_sample(sub) -> None:
     p.add_argument("--prompt", action="append", default=None, help="a caption; repeat for more rows")
     p.add_argument("--negative-prompt", default=None, help="pushed away from (replaces the empty prompt in CFG; "
                                                            "with --prior, in the prior's guidance too)")
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=_finite, default=None,
                    help="classifier-free guidance scale (1 = none; default: the checkpoint's)")
     p.add_argument("--sampler", default=None, help="ddim | ddpm | dpmpp_2m (default: the checkpoint's)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--steps", type=_count, default=None)
+    p.add_argument("--eta", type=_at_least(0), default=None, help="DDIM eta (0 = deterministic)")
     _add_guidance_rescale_and_clip_x0(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's image_size); a "
@@ -472,7 +533,7 @@ def add_sample(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels (default: the checkpoint's image_size)")
     p.add_argument("--aspect", type=_aspect_ratio, default=None, metavar="W:H",
                    help="instead of --height/--width: the size of this aspect ratio, e.g. 3:2, " + ASPECT_HELP)
-    p.add_argument("--num", type=int, default=4, help="images per prompt (with --image: variations per image)")
+    p.add_argument("--num", type=_count, default=4, help="images per prompt (with --image: variations per image)")
     unclip = p.add_argument_group("unCLIP (DALL-E 2): --ckpt is the decoder, one of these gives its image embeddings")
     unclip.add_argument("--prior", default=None, metavar="PRIOR.ckpt",
                         help="captions (--prompt) through this prior to CLIP image embeddings, then the decoder")
@@ -488,7 +549,7 @@ def add_sample(sub) -> None:
                              "--edit, the image to edit. Read as RGB, resized and centre-cropped to the sample size")
     unclip.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"),
                         help="slerp between the CLIP embeddings of images A and B, the same noise in every frame")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=_count, default=None,
                    help="a video checkpoint: frames per clip (default: its own; writes OUT and OUT.gif); "
                         "--interpolate: frames from A to B (default 5)")
     unclip.add_argument("--edit", default=None, metavar="NEW",
@@ -514,12 +575,14 @@ def cmd_evaluate(args) -> None:
     if args.aspect_ratios and args.save_images:
         raise ValueError("--save-images with --aspect-ratios is not supported: the saved images would not be exactly "
                          "what FID saw (the centre squares of the non-square ones)")
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a folder; give the JSON file to write")
     out_dir = Path(args.json).parent if args.json else Path(".")
-    try:
+    try:  # with --json, its plots are named after it: a run's own eval_final.json and plots stay
         results, paths, _ = evaluate_checkpoint(args.ckpt, args.data, cfg, out_dir, name=Path(args.ckpt).stem,
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                                 image_size=args.image_size, device=args.device,
-                                                prior_ckpt=args.prior)
+                                                prior_ckpt=args.prior, stem=Path(args.json).stem if args.json else None)
     except AspectRatioError as err:
         raise ValueError(f"--aspect-ratios {err}") from None
     reals = describe_fid_reals(results)  # with --aspect-ratios: which real images each ratio's FID compared against
@@ -538,7 +601,7 @@ def add_evaluate(sub) -> None:
                         "decoder; it must use the decoder's CLIP). A decoder checkpoint without --prior is evaluated "
                         "with the true image embeddings of the val images (the decoder's upper bound)")
     p.add_argument("--data", required=True, help="evaluation shards (brace pattern, glob, folder)")
-    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--num-samples", type=_count, default=500)
     p.add_argument("--guidance", type=_floats, default=[1.0, 3.0, 5.0], help="e.g. 1,3,5")
     p.add_argument("--aspect-ratios", type=_aspect_ratios, default=None, metavar="W:H,...",
                    help="e.g. 1:1,2:1,1:2: every caption generated at each ratio (instead of the base size only), "
@@ -550,7 +613,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--features", default="clip", help="FID features: clip, inception or clip,inception")
     p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 weights file")
     p.add_argument("--sampler", default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=_count, default=None)
     _add_guidance_rescale_and_clip_x0(p)
     p.add_argument("--image-guidance", type=float, default=None,
                    help="unCLIP's decoder: the image embedding's own guidance scale, --guidance then the caption's "
@@ -558,7 +621,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=_count, default=None)
     p.add_argument("--cache-dir", default="runs/.fid_cache", help="real statistics cache")
     p.add_argument("--save-images", default=None, metavar="DIR",
                    help="write the evaluated images (uint8 PNG, exactly what the metrics saw) to DIR/g{guidance}/"
@@ -592,9 +655,9 @@ def add_clip(sub) -> None:
     clip = sub.add_parser("clip", help="use a CLIP checkpoint").add_subparsers(dest="clip_cmd", required=True)
     p = clip.add_parser("query", help='rank images for a caption; "+red -blue" adds and subtracts embeddings')
     p.add_argument("--ckpt", required=True, help="CLIP checkpoint (stage 1)")
-    p.add_argument("--images", required=True, help="an image folder, shard URLs or a single image")
+    p.add_argument("--images", required=True, help="an image folder, or an image file or URL")
     p.add_argument("--text", required=True, help='e.g. "a large red circle" or "a large red circle +blue -red"')
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_count, default=5)
     p.set_defaults(func=cmd_clip_query)
 
 
@@ -618,6 +681,7 @@ def add_pipeline(sub) -> None:
 
 
 def cmd_import(args) -> None:
+    _new_output(args.out, "--out")
     try:
         from lit_diffusion.pretrained.weights import save_stage_checkpoint
 
@@ -707,6 +771,7 @@ EXPORT_TARGETS = ("diffusers", "transformers", "open_clip")
 def cmd_export(args) -> None:
     from pathlib import Path
 
+    _new_output(args.out, "--out", folder=True)
     try:
         if args.to == "diffusers":  # an ldm.ckpt becomes a whole pipeline, a vae.ckpt an AutoencoderKL
             from lit_diffusion.export.pipeline import export_diffusers_checkpoint

@@ -3,6 +3,7 @@ import logging
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import _fit, tiny_datamodule
 from PIL import Image
@@ -75,6 +76,9 @@ def test_sample_and_evaluate_commands(tiny_ckpts, tmp_path, capsys, monkeypatch,
     calls.clear()
     calls.clear()
     result = tmp_path / "eval.json"
+    # the folder also holds a run's own evaluation (the pipeline's runs/NAME/eval): it stays as it is
+    (tmp_path / "eval_final.json").write_text("{}")
+    (tmp_path / "fid_clip_vs_clip_score_final.png").write_bytes(b"run's own plot")
     main(["evaluate", "--ckpt", str(tmp_path / "ldm.ckpt"), "--data", str(tiny_ckpts["data"] / "val-*.tar"),
           "--num-samples", "8", "--guidance", "1,3", "--features", "clip", "--steps", "3", "--batch-size", "4",
           "--guidance-rescale", "0.5", "--clip-x0", "3",
@@ -85,7 +89,9 @@ def test_sample_and_evaluate_commands(tiny_ckpts, tmp_path, capsys, monkeypatch,
     assert figures["eval/num_samples"] == 8
     for key in ("eval/fid_clip_g1.0", "eval/fid_clip_g3.0", "eval/clip_score_g3.0", "eval/caption_acc_g3.0"):
         assert isinstance(figures[key], float)
-    assert (tmp_path / "fid_clip_vs_clip_score_final.png").is_file()
+    assert Image.open(tmp_path / "fid_clip_vs_clip_score_eval.png").size[0] > 100  # named after --json
+    assert (tmp_path / "eval_final.json").read_text() == "{}"
+    assert (tmp_path / "fid_clip_vs_clip_score_final.png").read_bytes() == b"run's own plot"
 
 
 def test_user_errors_are_one_line(tmp_path):
@@ -93,3 +99,59 @@ def test_user_errors_are_one_line(tmp_path):
     assert proc.returncode == 2
     assert "ldm checkpoint not found" in proc.stderr and "missing.ckpt" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+BAD_VALUES = [  # (argv, the option and what it says): refused by the parser before anything loads or runs
+    (["sample", "--ckpt", "m.ckpt", "--prompt", "x", "--guidance", "nan"], "--guidance: expected a number, got 'nan'"),
+    (["sample", "--ckpt", "m.ckpt", "--prompt", "x", "--eta", "-1"], "--eta: expected a number >= 0, got '-1'"),
+    (["sample", "--ckpt", "m.ckpt", "--prompt", "x", "--num", "0"], "--num: expected a whole number >= 1, got '0'"),
+    (["sample", "--ckpt", "m.ckpt", "--prompt", "x", "--steps", "0"], "--steps: expected a whole number >= 1"),
+    (["evaluate", "--ckpt", "m.ckpt", "--data", "d", "--guidance", ""], "--guidance: expected comma-separated"),
+    (["evaluate", "--ckpt", "m.ckpt", "--data", "d", "--guidance", "1,inf"], "--guidance: expected comma-separated"),
+    (["evaluate", "--ckpt", "m.ckpt", "--data", "d", "--num-samples", "-4"], "--num-samples: expected a whole number"),
+    (["evaluate", "--ckpt", "m.ckpt", "--data", "d", "--image-size", "0"], "--image-size: expected a whole number"),
+    (["data", "tokenizer", "--data", "d", "--out", "t.json", "--vocab-size", "0"], "--vocab-size: expected a whole"),
+    (["data", "tokenizer", "--data", "d", "--out", "t.json", "--max-captions", "0"], "--max-captions: expected"),
+    (["data", "convert", "in", "--out", "o", "--shard-size", "0"], "--shard-size: expected a whole number >= 1"),
+    (["data", "encode", "--clip", "c", "--vae", "v", "--train", "t", "--out", "o", "--frames", "0"], "--frames: "),
+    (["data", "shapes", "--out", "o", "--train", "-5"], "--train: expected a whole number >= 0, got '-5'"),
+    (["clip", "query", "--ckpt", "c", "--images", "i", "--text", "t", "--top-k", "-1"], "--top-k: expected a whole"),
+    (["bench", "train", "--repeats", "0"], "--repeats: expected a whole number >= 1, got '0'"),
+]
+
+
+@pytest.mark.parametrize("argv,said", BAD_VALUES, ids=[" ".join(a[:2]) + " " + s.split(":")[0] for a, s in BAD_VALUES])
+def test_values_that_make_no_sense_are_refused_naming_the_option(argv, said, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_outputs_that_hold_earlier_work_are_refused(tmp_path, capsys):
+    """import, export and the tokenizer trainer would replace a checkpoint, a folder's files or a tokenizer: each
+    is refused in one line before anything loads, and the file is as it was."""
+    kept = tmp_path / "trained.ckpt"
+    kept.write_bytes(b"a trained checkpoint")
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "README.md").write_text("mine")
+    cases = [(["import", "vae", str(tmp_path / "nowhere"), "--out", str(kept)], f"--out {kept} exists"),
+             (["import", "clip", str(tmp_path / "nowhere"), "--out", str(folder)], f"--out {folder} is a folder"),
+             (["export", "--ckpt", str(kept), "--to", "diffusers", "--out", str(folder)],
+              f"--out {folder} already holds README.md: give an empty or new folder"),
+             (["data", "tokenizer", "--data", str(tmp_path), "--out", str(kept)], f"--out {kept} exists")]
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and said in err and "Traceback" not in err, (argv, err)
+    assert kept.read_bytes() == b"a trained checkpoint" and (folder / "README.md").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md"]
+
+
+def test_clip_query_names_a_shard_given_as_images(tmp_path):
+    from lit_diffusion.evaluation.clip_query import list_images
+
+    with pytest.raises(ValueError, match=r"val-000000.tar is a shard: clip query ranks image files"):
+        list_images(str(tmp_path / "val-000000.tar"))
+    assert list_images(["a.png", "https://x/b.jpg"]) == ["a.png", "https://x/b.jpg"]

@@ -114,6 +114,32 @@ def test_convert_errors(tmp_path, folder):
         convert(folder, tmp_path / "o2")
     assert convert(folder, tmp_path / "o2", overwrite=True)["counts"] == {"train": 2}
     assert convert(folder, tmp_path / "o3", prefix="val")["shards"] == {"val": ["val-000000.tar"]}
+    # a missing input among good ones fails before anything is written, or replaced with --overwrite
+    before = (tmp_path / "o2" / "train-000000.tar").read_bytes()
+    with pytest.raises(ValueError, match="'imgz' does not exist"):
+        convert([folder, "imgz"], tmp_path / "o2", overwrite=True)
+    assert (tmp_path / "o2" / "train-000000.tar").read_bytes() == before
+    with pytest.raises(ValueError, match="'imgz' does not exist"):
+        convert([folder, "imgz"], tmp_path / "o4")
+    assert not list((tmp_path / "o4").glob("*"))
+
+
+def test_the_cli_sets_the_table_columns_and_overwrites_on_request(tmp_path, folder, capsys):
+    from lit_diffusion.cli import main
+
+    (tmp_path / "t.csv").write_text(f"image,text\n{folder / 'a.png'},a red box\n")
+    with pytest.raises(SystemExit):
+        main(["data", "convert", str(tmp_path / "t.csv"), "--out", str(tmp_path / "o")])
+    assert "(set --path-key / --caption-key)" in capsys.readouterr().err
+    main(["data", "convert", str(tmp_path / "t.csv"), "--out", str(tmp_path / "o"), "--path-key", "image",
+          "--caption-key", "text"])
+    assert json.loads(capsys.readouterr().out)["counts"] == {"train": 1}
+    assert [s["caption"] for s in _read_split(tmp_path / "o", "train").values()] == ["a red box"]
+    with pytest.raises(SystemExit):
+        main(["data", "convert", str(folder), "--out", str(tmp_path / "o")])
+    assert "pass --overwrite" in capsys.readouterr().err
+    main(["data", "convert", str(folder), "--out", str(tmp_path / "o"), "--overwrite"])
+    assert json.loads(capsys.readouterr().out)["counts"] == {"train": 2}
 
 
 def test_a_phone_jpeg_keeps_its_bytes_and_orientation(tmp_path):

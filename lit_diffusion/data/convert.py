@@ -52,7 +52,7 @@ def _rows_from_table(table: Path, path_key: str, caption_key: str) -> Iterator[t
             if path_key not in columns or caption_key not in columns:
                 raise ValueError(
                     f"{table}: needs columns {path_key!r} and {caption_key!r}; found {columns} "
-                    f"(set path_key=/caption_key=)"
+                    f"(set --path-key / --caption-key)"
                 )
             for line, row in enumerate(reader, start=2):
                 path, caption = row[path_key], row[caption_key] or ""  # None when a row is short
@@ -78,17 +78,23 @@ def _rows_from_table(table: Path, path_key: str, caption_key: str) -> Iterator[t
             yield source, base / path, caption.encode("utf-8"), json.dumps(extra).encode() if extra else None
 
 
+def _inputs(inputs) -> list[Path]:
+    """The input paths, each checked (before anything is written or replaced)."""
+    paths = [Path(item) for item in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    for path in paths:
+        if not path.exists():
+            raise ValueError(f"convert input {str(path)!r} does not exist")
+        if not (path.is_dir() or (path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".json"))):
+            raise ValueError(f"convert input {str(path)!r}: expected a directory, a .csv or a .jsonl file")
+    return paths
+
+
 def _rows(inputs, path_key: str, caption_key: str) -> Iterator[tuple]:
-    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs:
-        path = Path(item)
+    for path in _inputs(inputs):
         if path.is_dir():
             yield from _rows_from_dir(path)
-        elif path.is_file() and path.suffix.lower() in (".csv", ".jsonl", ".json"):
-            yield from _rows_from_table(path, path_key, caption_key)
-        elif not path.exists():
-            raise ValueError(f"convert input {str(item)!r} does not exist")
         else:
-            raise ValueError(f"convert input {str(item)!r}: expected a directory, a .csv or a .jsonl file")
+            yield from _rows_from_table(path, path_key, caption_key)
 
 
 def _sample(source: str, image_path: Path | None, caption, attrs) -> tuple[dict | None, str | None]:
@@ -151,12 +157,16 @@ def convert(
     split = prefix or split
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be at least 1")
+    _inputs(inputs)  # a missing input fails here, before earlier shards are replaced or new ones written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = [split] + (["val"] if val_fraction > 0 and split != "val" else [])
     existing = [p for s in splits for p in sorted(out_dir.glob(f"{s}-*.tar"))]
     if existing and not overwrite:
-        raise ValueError(f"{out_dir} already holds {existing[0].name} (...); pass overwrite=True or another dir")
+        raise ValueError(f"{out_dir} already holds {existing[0].name} (...); pass --overwrite (overwrite=True) or "
+                         "another --out")
     for p in existing:
         p.unlink()
 

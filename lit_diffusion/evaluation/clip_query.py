@@ -54,6 +54,9 @@ def list_images(images: str | Path | Sequence[str | Path]) -> list[str]:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in directory {path}")
             return found
         images = [images]
+    shards = [str(i) for i in images if str(i).lower().endswith(".tar")]
+    if shards:
+        raise ValueError(f"{shards[0]} is a shard: clip query ranks image files, a folder of them or image URLs")
     return [str(i) for i in images]
 
 
