@@ -163,6 +163,17 @@ def _distributed_from_env(device: str):
     return torch.device("cuda", local_rank) if device == "cuda" else torch.device(device)
 
 
+def _not_into_the_inputs(urls, out) -> None:
+    """Latent shards written into a folder of the image shards they are read from would mix with them."""
+    from lit_diffusion.data.shards import expand_urls
+
+    given = urls.items() if isinstance(urls, dict) else [(None, urls)]
+    folders = {Path(u).resolve().parent for split, spec in given for u in expand_urls(spec, split=split)
+               if "://" not in u and not u.startswith("pipe:")}
+    if Path(out).resolve() in folders:
+        raise ValueError(f"--out {out} is the folder of the shards it encodes: give the latents a folder of their own")
+
+
 def cmd_data_encode(args) -> None:
     import torch
     import torch.distributed as dist
@@ -170,20 +181,23 @@ def cmd_data_encode(args) -> None:
     from lit_diffusion.data.encode import encode_shards
     from lit_diffusion.stages.encoders import frozen_encoders
 
-    device = _distributed_from_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    image_size = args.image_size
-    if image_size is None:  # the size the VAE was trained at, from its data module's saved hyperparameters
-        ckpt = torch.load(args.vae, map_location="cpu", weights_only=True)
-        image_size = (ckpt.get("datamodule_hyper_parameters") or {}).get("image_size")
-        if image_size is None:
-            raise ValueError(f"{args.vae} does not say what image size the VAE was trained at: pass --image-size")
-    encoders = frozen_encoders(args.clip, args.vae, device, std=args.std)
-
     if (args.data is None) == (args.train is None):
         raise ValueError("data encode: give --data (one set of shards) or --train [--val] (splits), not both")
     if args.val is not None and args.train is None:
         raise ValueError("data encode: --val needs --train")
     urls = args.data if args.data is not None else {"train": args.train, **({"val": args.val} if args.val else {})}
+    _not_into_the_inputs(urls, args.out)
+    device = _distributed_from_env(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    image_size = args.image_size
+    if image_size is None:  # the size the VAE was trained at, from its data module's saved hyperparameters
+        from lit_diffusion.stages.base import load_stage_checkpoint
+
+        ckpt = load_stage_checkpoint(args.vae, "vae")  # a missing, damaged or other stage's file: one clear line
+        image_size = (ckpt.get("datamodule_hyper_parameters") or {}).get("image_size")
+        if image_size is None:
+            raise ValueError(f"{args.vae} does not say what image size the VAE was trained at: pass --image-size")
+    encoders = frozen_encoders(args.clip, args.vae, device, std=args.std)
+
     buckets = None
     if args.buckets:
         from lit_diffusion.data.buckets import BucketConfig
@@ -313,8 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as err:
-        # user errors: one clear line, no traceback
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError) as err:
+        # user errors (a missing input, a file where a folder goes, ...): one clear line, no traceback
         print(f"lit-diffusion {args.cmd}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -329,6 +343,8 @@ def cmd_sample(args) -> None:
 
     if args.aspect is not None and (args.height is not None or args.width is not None):
         raise ValueError(f"--aspect {args.aspect} and --height/--width both give the size: give one of them")
+    if Path(args.out).is_dir():  # found before sampling, not when the grid is saved
+        raise ValueError(f"--out {args.out} is a folder; give the image file to write (e.g. samples.png)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = LatentDiffusionModule.from_checkpoint(args.ckpt, map_location=device)
     unclip_options = [flag for flag, value in (("--prior", args.prior), ("--image", args.image),

@@ -155,3 +155,25 @@ def test_clip_query_names_a_shard_given_as_images(tmp_path):
     with pytest.raises(ValueError, match=r"val-000000.tar is a shard: clip query ranks image files"):
         list_images(str(tmp_path / "val-000000.tar"))
     assert list_images(["a.png", "https://x/b.jpg"]) == ["a.png", "https://x/b.jpg"]
+
+
+def test_paths_of_the_wrong_kind_are_one_line_errors(tmp_path, capsys):
+    """A file where a folder goes, a folder where a file goes, latents into the image shards' own folder: one line
+    naming the path, before any work."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "val-000000.tar").write_bytes(b"")
+    cases = [(["data", "shapes", "--out", str(afile), "--train", "2", "--val", "1"], "afile"),
+             (["sample", "--ckpt", "m.ckpt", "--prompt", "x", "--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
+             (["evaluate", "--ckpt", "m.ckpt", "--data", "d", "--json", str(tmp_path)], f"--json {tmp_path} is a folder"),
+             (["data", "encode", "--clip", "c", "--vae", str(tmp_path / "missing.ckpt"), "--data",
+               str(shards / "val-*.tar"), "--out", str(tmp_path / "latents")], "vae checkpoint not found"),
+             (["data", "encode", "--clip", "c", "--vae", "v", "--image-size", "16", "--data", str(shards / "val-*.tar"),
+               "--out", str(shards)], f"--out {shards} is the folder of the shards it encodes")]
+    for argv, said in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and said in err and "Traceback" not in err, (argv, err)
