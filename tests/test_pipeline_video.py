@@ -59,6 +59,8 @@ def test_the_video_pipeline_end_to_end(tmp_path, monkeypatch):
     assert 0 <= report["stages"]["clip"]["figures"]["val/negative_acc"] <= 1  # the motion swap accuracy
     md = (root / "report.md").read_text()
     assert "motion caption accuracy" in md and f"| 3 | {results['eval/motion_acc_g3.0']:.4g} |" in md
+    assert 0 <= results["eval/motion_acc_vae"] <= 1  # the VAE's round trip of the real clips, judged
+    assert f"pass the judge in {results['eval/motion_acc_vae']:.4g} of the clips" in md
     assert (root / "samples.png").is_file()
     assert Image.open(root / "samples.gif").n_frames == FRAMES
     ldm_rows = [json.loads(x) for x in (root / "ldm" / "metrics.jsonl").read_text().splitlines()]

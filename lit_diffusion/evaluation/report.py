@@ -153,6 +153,12 @@ def _video_lines(results: dict, guidance) -> list[str]:
                _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/fid_frames_g{g:.1f}")),
                _fmt(results.get(f"eval/fcd_g{g:.1f}"))]
         lines.append("| " + " | ".join(row) + " |")
+    if results.get("eval/motion_acc_vae") is not None:
+        lines += ["", f"The real val clips sent through the VAE and back pass the judge in "
+                      f"{_fmt(results['eval/motion_acc_vae'])} of the clips (one object "
+                      f"{_fmt(results.get('eval_detail/motion_vae_one_object'))}, two objects "
+                      f"{_fmt(results.get('eval_detail/motion_vae_two_objects'))}): the most a denoiser over these "
+                      "latents can reach."]
     # where the captions of each kind fail: a two-object caption is right only if every attribute is
     lines += ["", "| guidance | caption kind | " + " | ".join(MOTION) + " |", "|" + "---|" * (len(MOTION) + 2)]
     for g in guidance:

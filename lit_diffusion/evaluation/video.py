@@ -12,7 +12,11 @@ metric's state is summed over ranks before it is computed:
 - `eval/fcd_g{g}`: the Frechet distance between the video CLIP's embeddings of real and generated clips. Ours, not
   FVD: FVD uses an I3D network trained on Kinetics, which is neither available offline nor meaningful for these
   clips; this one uses the stage-1 video CLIP, which has learnt exactly the motions the captions name.
-The real statistics are computed in the first evaluation (reduced over ranks) and kept for the later ones.
+- `eval/motion_acc_vae` and `eval_detail/motion_vae_{one_object,two_objects}`: the judge on the real clips sent
+  through the model's VAE and back (encoded and decoded frame by frame, stored as uint8 as samples are): what any
+  denoiser over these latents can reach at most.
+The real statistics and the VAE's figures are computed in the first evaluation (reduced over ranks) and kept for
+the later ones.
 `eval_detail/motion_judged` is the number of clips the judge could check (their attributes describe the decoded
 frames: `data.video.VideoDecoder` marks the others). Still images in the val stream (joint image and video data)
 are skipped and counted in the log. A rank with nothing to generate while another still does makes the same
@@ -37,6 +41,7 @@ from lit_diffusion.evaluation.loop import (
     check_guidance_scales,
     sample_seed,
 )
+from lit_diffusion.metrics.caption_accuracy import KINDS
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import to_uint8
 from lit_diffusion.metrics.fid import FID
@@ -76,6 +81,14 @@ def check_video_clip(clip_module, frames: int) -> None:
                          f"the model's clips (configs/clip/moving_shapes.yaml), or leave out the evaluation")
 
 
+@torch.no_grad()
+def _vae_round_trip(model, videos: Tensor) -> Tensor:
+    """Real clips [B, T, 3, H, W] in [-1, 1] through the model's VAE frame by frame, as stored samples are: [0, 1]
+    floats of uint8 values."""
+    frames = model.vae.decode(model.vae.encode(videos.flatten(0, 1).float()))  # [B*T, 3, H, W] in [-1, 1]
+    return to_uint8((frames + 1) / 2).float().div(255).unflatten(0, videos.shape[:2])
+
+
 class VideoEvaluator:
     """The metrics of the module docstring, per guidance scale, kept between evaluations (the real statistics)."""
 
@@ -92,7 +105,9 @@ class VideoEvaluator:
         self.fcd = {g: FID(self.clip_features, keep_real=True) for g in guidance}
         self.clip_scores = {g: CLIPScore() for g in guidance}
         self.motion = {g: MotionAccuracy() for g in guidance}
+        self.motion_vae = MotionAccuracy()  # the real clips through the VAE, in the first evaluation
         self.real_stats: dict | None = None  # "frames" / "clips" -> RealStats, after the first evaluation
+        self.vae_figures: dict[str, float] = {}  # the VAE round trip's judge figures, after the first evaluation
         self.timings: list[dict] = []
 
     def _metrics(self) -> Iterable:
@@ -102,7 +117,7 @@ class VideoEvaluator:
     @torch.no_grad()
     def run(self, model, loader: Iterable, step: int | None = None) -> dict[str, float]:
         cfg, device = self.config, model.device
-        for metric in self._metrics():
+        for metric in (*self._metrics(), self.motion_vae):
             metric.to(device)
             metric.reset()
         need_real, g0 = self.real_stats is None, cfg.guidance[0]
@@ -125,6 +140,9 @@ class VideoEvaluator:
             _, text_emb = self.clip.encode_text(self.clip.tokenize(captions).to(device))
             judged = [i for i, a in enumerate(attrs)
                       if a and a.get("objects") and "frames" in a and not a.get("partial_window")]
+            if need_real and judged:
+                self.motion_vae.update(_vae_round_trip(model, batch["video"][judged].to(device)).cpu(),
+                                       [attrs[i] for i in judged])
             for g in cfg.guidance:
                 clips = model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
                                      guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0)
@@ -143,7 +161,11 @@ class VideoEvaluator:
                 if not fid.real_injected:  # g0's accumulated real images are replaced by their gathered statistics
                     fid.set_real_stats(*self.real_stats[which])
         judged_total = int(_all_sum(torch.tensor(n_judged, device=device)))
-        results: dict[str, float] = {}
+        if need_real and judged_total:
+            acc = self.motion_vae.attribute_accuracy()
+            self.vae_figures = {"eval/motion_acc_vae": acc["correct"],
+                                **{f"eval_detail/motion_vae_{k}": acc[k] for k in KINDS if k in acc}}
+        results: dict[str, float] = dict(self.vae_figures)
         for g in cfg.guidance:
             if judged_total:
                 acc = self.motion[g].attribute_accuracy()
