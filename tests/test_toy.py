@@ -31,3 +31,9 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         load_toy_config(bad)
     with pytest.raises(FileNotFoundError, match="toy config not found"):
         load_toy_config(tmp_path / "missing.yaml")
+    bad.write_text("train:\n  steps: 0\n")  # trained nothing and divided by zero
+    with pytest.raises(ValueError, match=r"bad.yaml: train.steps must be a whole number >= 1, got 0"):
+        load_toy_config(bad)
+    with pytest.raises(ValueError, match=r"toy config: sample.n_samples must be a whole number >= 1, got 0"):
+        load_toy_config({"sample": {"n_samples": 0}})  # wrote NaN figures
+    assert load_toy_config({"sample": {"n_samples": 5}})["sample"]["n_samples"] == 5

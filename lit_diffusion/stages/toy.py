@@ -67,19 +67,34 @@ def _merge(defaults: dict, overrides: dict, where: str) -> dict:
     return out
 
 
+_COUNTS = {"data": ("n_points",), "schedule": ("num_timesteps",), "model": ("hidden", "layers", "time_dim"),
+           "train": ("steps", "batch_size"), "sample": ("n_samples", "ddim_steps", "field_grid")}
+
+
+def _check_counts(cfg: dict, where: str) -> dict:
+    """Every count (points, steps, samples, widths) a whole number >= 1: 0 trained nothing and wrote NaN figures."""
+    for section, keys in _COUNTS.items():
+        for key in keys:
+            value = cfg[section][key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{where}: {section}.{key} must be a whole number >= 1, got {value!r}")
+    return cfg
+
+
 def load_toy_config(config: dict | str | Path | None) -> dict:
-    """Defaults overridden by a dict or a plain YAML file; unknown keys raise an error naming file and key."""
+    """Defaults overridden by a dict or a plain YAML file; unknown keys and counts below 1 raise an error naming
+    file and key."""
     if config is None:
         return copy.deepcopy(DEFAULT_CONFIG)
     if isinstance(config, dict):
-        return _merge(DEFAULT_CONFIG, config, "toy config")
+        return _check_counts(_merge(DEFAULT_CONFIG, config, "toy config"), "toy config")
     path = Path(config)
     if not path.is_file():
         raise FileNotFoundError(f"toy config not found: {path}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a toy config must be a YAML mapping")
-    return _merge(DEFAULT_CONFIG, data, str(path))
+    return _check_counts(_merge(DEFAULT_CONFIG, data, str(path)), str(path))
 
 
 def nearest_distance(samples: Tensor, data: Tensor) -> Tensor:
