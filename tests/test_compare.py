@@ -261,10 +261,19 @@ def test_wandb_runs_of_one_name_stay_apart(tmp_path):
                                                     "run-000 (x7y8)": [(3.0, 10.0, 50.0)]}
 
 
-def test_a_run_listed_twice_is_refused(tmp_path):
+def test_a_run_listed_twice_is_refused(tmp_path, monkeypatch):
     run = write_run(tmp_path / "a", {"eval/fid_clip": 1.0})
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="listed more than once"):
-        cmp.compare([str(run), str(run)], tmp_path / "out", echo=False)
+        cmp.compare([str(run), "a/"], tmp_path / "out", echo=False)  # one folder, named two ways
+
+
+def test_runs_of_one_name_under_folders_of_one_name_are_numbered(tmp_path):
+    runs = [write_run(tmp_path / side / "x" / "run-000", {"eval/fid_clip": v}) for side, v in (("l", 1.0), ("r", 2.0))]
+    third = write_run(tmp_path / "m" / "x" / "run-000", {"eval/fid_clip": 3.0})
+    result = cmp.compare([*map(str, runs), str(third)], tmp_path / "out", echo=False)
+    assert [r["run"] for r in result["rows"]] == ["x/run-000 #1", "x/run-000 #2", "x/run-000 #3"]
+    assert [r["eval/fid_clip"] for r in result["rows"]] == [1.0, 2.0, 3.0]
 
 
 def test_wandb_best_step_is_the_training_step(tmp_path):

@@ -215,7 +215,7 @@ def collect_runs(specs: Sequence[str], api=None, history: bool = False) -> tuple
         metric = metric or m
     if not runs:
         raise ValueError("no runs to compare")
-    sources = [r.source for r in runs]
+    sources = [r.source if "://" in r.source else str(Path(r.source).resolve()) for r in runs]
     twice = sorted({s for s in sources if sources.count(s) > 1})
     if twice:
         raise ValueError(f"{', '.join(twice)}: listed more than once (directly, or in a sweep and on its own)")
@@ -226,10 +226,12 @@ def collect_runs(specs: Sequence[str], api=None, history: bool = False) -> tuple
             # a W&B run by its id (the url's last part), a run directory by its parent folder
             r.name = (f"{r.name} ({where.rsplit('/', 1)[-1]})" if "://" in where
                       else f"{Path(where).parent.name}/{r.name}")
-    names = [r.name for r in runs]
+    alike: dict[str, list[RunInfo]] = {}
     for r in runs:  # still alike (two run folders of one name under parents of one name): number them
-        if names.count(r.name) > 1:
-            r.name = f"{r.name} #{1 + [q for q in runs if q.name == r.name].index(r)}"
+        alike.setdefault(r.name, []).append(r)
+    for group in alike.values():
+        for i, r in enumerate(group if len(group) > 1 else ()):
+            r.name = f"{r.name} #{i + 1}"
     return runs, metric
 
 
