@@ -598,7 +598,7 @@ def cmd_evaluate(args) -> None:
         results, paths, _ = evaluate_checkpoint(args.ckpt, args.data, cfg, out_dir, name=Path(args.ckpt).stem,
                                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                                 image_size=args.image_size, device=args.device,
-                                                prior_ckpt=args.prior, stem=Path(args.json).stem if args.json else None)
+                                                prior_ckpt=args.prior, json_path=args.json)
     except AspectRatioError as err:
         raise ValueError(f"--aspect-ratios {err}") from None
     reals = describe_fid_reals(results)  # with --aspect-ratios: which real images each ratio's FID compared against

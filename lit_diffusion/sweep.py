@@ -93,6 +93,10 @@ def validate_sweep_config(config: Any, source: str = "sweep config") -> dict:
     command = config.get("command", DEFAULT_COMMAND)
     macros = [c[2:-1] for c in map(str, command) if c.startswith("${") and c.endswith("}")]
     unknown = [m for m in macros if m not in MACROS and not m.startswith("envvar:")]
+    names = [m for c in map(str, command) for m in re.findall(r"\$\{envvar:([^}]*)\}", c)]
+    unexpanded = [n for n in names if not ENVVAR.fullmatch(f"${{envvar:{n}}}")]
+    if unexpanded:  # wandb's agent leaves these as they are: the run would get the literal text
+        messages.append(f"command: ${{envvar:{unexpanded[0]}}}: wandb expands only names of A-Z, 0-9 and _")
     if unknown:
         messages.append(f"command: unknown macro(s) {', '.join('${' + m + '}' for m in unknown)}; "
                         f"known: {', '.join('${' + m + '}' for m in MACROS)}, ${{envvar:NAME}}")
@@ -164,6 +168,8 @@ def expand_command(config: Mapping, params: Mapping[str, Any], interpreter: str 
     for chunk in map(str, config.get("command", DEFAULT_COMMAND)):
         if ENVVAR.search(chunk):  # anywhere in the chunk, an unset variable as its name (as wandb's agent)
             command.append(ENVVAR.sub(lambda m: os.environ.get(m[1], m[1]), chunk))
+        elif chunk.startswith("${envvar:"):  # a name wandb does not expand (refused by validation): as it is
+            command.append(chunk)
         elif chunk.startswith("${") and chunk.endswith("}"):
             command += variables.get(chunk[2:-1], [])
         else:

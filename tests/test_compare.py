@@ -288,6 +288,17 @@ def test_wandb_best_step_is_the_training_step(tmp_path):
     assert result["rows"][0]["best_step"] == 1550
 
 
+def test_a_wandb_run_without_training_steps_keeps_its_best(tmp_path):
+    """A sweep program that logs with plain `wandb.log` has no trainer/global_step: its best is still found
+    (its step unknown, -1), as with `--which best`."""
+    history = [{"eval/fid_clip": 12.0}, {"eval/fid_clip": 9.0}, {"eval/fid_clip": 10.0}]
+    api = FakeApi([FakeRun("a", {"config": ldm_config(3.0)}, {"eval/fid_clip": 10.0}, history)],
+                  {"metric": {"name": "eval/fid_clip", "goal": "minimize"}, "parameters": {}})
+    for which in ("final", "best"):
+        info = cmp.compare(["wandb:me/proj/sw"], tmp_path / which, which=which, api=api, echo=False)["runs"][0]
+        assert info.best["eval/fid_clip"] == 9.0 and info.best_step["eval/fid_clip"] == -1, which
+
+
 def test_wandb_best_values_of_every_figure(tmp_path):
     """`--which best` on W&B runs: every figure's best comes from the run's history (a sweep keeps only its
     metric's), and only pairs of one step make points."""

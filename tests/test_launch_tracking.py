@@ -100,3 +100,24 @@ def test_resumed_run_appends_to_metrics_csv_and_keeps_summary(tmp_path):
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["final"]["train/loss"] == 3.0 and summary["best"]["train/loss"] == 2.0
     assert summary["best_step"]["train/loss"] == 1
+
+
+def test_a_fresh_fit_names_the_checkpoint_to_resume_from(tmp_path):
+    """The refusal of a fresh `fit` in a run directory holding checkpoints names one that exists: last.ckpt, else
+    the newest (a config's own ModelCheckpoint may write only `vae-{step}.ckpt`)."""
+    import os
+
+    from lit_diffusion.runtime.lightning_cli import RunDirInUse, _refuse_a_finished_run
+
+    _refuse_a_finished_run(tmp_path / "run")  # nothing there yet: no refusal
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for i, name in enumerate(("vae-500.ckpt", "vae-1000.ckpt")):
+        (ckpts / name).write_bytes(b"x")
+        os.utime(ckpts / name, (1_000_000 + i, 1_000_000 + i))
+    with pytest.raises(RunDirInUse, match=rf"resume it with --ckpt_path {ckpts / 'vae-1000.ckpt'}, or pick another"):
+        _refuse_a_finished_run(tmp_path / "run")
+    (ckpts / "last.ckpt").write_bytes(b"x")
+    os.utime(ckpts / "last.ckpt", (999_000, 999_000))  # older, still the one to resume from
+    with pytest.raises(RunDirInUse, match=rf"resume it with --ckpt_path {ckpts / 'last.ckpt'}, or pick another"):
+        _refuse_a_finished_run(tmp_path / "run")

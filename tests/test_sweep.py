@@ -184,6 +184,13 @@ def test_commands_are_expanded_like_wandb_agent(monkeypatch):
     monkeypatch.delenv("SWEEP_TEST_UNSET", raising=False)
     assert sw.expand_command({"command": chunks}, {}) == create_sweep_command(list(chunks)) == [
         "--data=/data/shards", "SWEEP_TEST_UNSETx", "--k=${args}"]
+    # a lower-case name wandb leaves as it is: kept, not dropped, and refused by validation
+    monkeypatch.setenv("low_var", "X")
+    lower = ["${envvar:low_var}", "--a=${envvar:low_var}"]
+    assert sw.expand_command({"command": lower}, {}) == create_sweep_command(list(lower)) == lower
+    with pytest.raises(sw.SweepConfigError, match=r"\$\{envvar:low_var\}: wandb expands only names of A-Z"):
+        sw.validate_sweep_config({"method": "grid", "parameters": {"x": {"values": [1]}},
+                                  "command": ["${interpreter}", "p.py", "${args}", "--a=${envvar:low_var}"]}, "s.yaml")
     assert sw.expand_command({"program": "p.py"}, {"k": 2}, interpreter="py")[1:] == ["py", "p.py", "--k=2"]
 
 

@@ -168,8 +168,11 @@ def _runs_from_wandb(spec: str, api=None, history: bool = False) -> tuple[list[R
         if history:
             _wandb_bests(r.scan_history(), None, name, (metric or {}).get("goal"), info)
         elif name:
-            # W&B returns the rows holding every key asked for, and only those keys (and its own `_step`)
+            # W&B returns the rows holding every key asked for, and only those keys (and its own `_step`); a run
+            # not logged through Lightning has no training step beside its metric: its best then has step -1
             _wandb_bests(r.scan_history(keys=[name, STEP_KEY]), [name], name, metric.get("goal"), info)
+            if name not in info.best:
+                _wandb_bests(r.scan_history(keys=[name]), [name], name, metric.get("goal"), info)
         runs.append(info)
     return runs, metric
 

@@ -504,16 +504,22 @@ def result_aspect_ratios(results: dict) -> list[str]:
 
 
 def write_results(results: dict, out_dir: str | Path, step: int | None, backends: Sequence[str],
-                  name: str = "model", stem: str | None = None) -> dict[str, Path]:
+                  name: str = "model", json_path: str | Path | None = None) -> dict[str, Path]:
     """eval JSON and the FID-vs-CLIP-score plot (one per backend) into out_dir; returns the paths. They are named by
-    the step (`eval_step0001000.json`, `eval_final.json`, ..._final.png) or, given `stem`, by it (`STEM.json`,
-    `fid_clip_vs_clip_score_STEM.png`), so an evaluation written beside a run's own does not replace its files."""
+    the step (`eval_step0001000.json`, `eval_final.json`, ..._final.png) or, given `json_path`, the JSON is that
+    file and the plots are named after it (`fid_clip_vs_clip_score_STEM.png` beside it), so an evaluation written
+    beside a run's own does not replace its files."""
     from lit_diffusion.evaluation.plots import save_tradeoff
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = stem or (f"step{step:07d}" if step is not None else "final")
-    paths = {"json": out_dir / (f"{stem}.json" if stem else f"eval_{tag}.json")}
+    if json_path is not None:
+        json_path = Path(json_path)
+        out_dir, tag = json_path.parent, json_path.stem
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        tag = f"step{step:07d}" if step is not None else "final"
+    paths = {"json": json_path or out_dir / f"eval_{tag}.json"}
     reals = describe_fid_reals(results)  # with aspect ratios: which real images each ratio's FID compared against
     paths["json"].write_text(json.dumps({"step": step, **results, **({"fid_real_per_aspect_ratio": reals}
                                                                      if reals else {})}, indent=2))
@@ -530,7 +536,8 @@ def write_results(results: dict, out_dir: str | Path, step: int | None, backends
 
 def evaluate_checkpoint(ckpt: str | Path, data_urls, config: EvalConfig, out_dir: str | Path, name: str = "model",
                         batch_size: int = 50, num_workers: int = 0, image_size: int | None = None,
-                        device: str | None = None, prior_ckpt: str | Path | None = None, stem: str | None = None,
+                        device: str | None = None, prior_ckpt: str | Path | None = None,
+                        json_path: str | Path | None = None,
                         ) -> tuple[dict[str, float], dict[str, Path], EvalConfig]:
     """Evaluate an ldm checkpoint on `data_urls` in this process (`lit-diffusion evaluate`, the pipeline);
     returns the figures, the files written (eval JSON, plots) and the config as used. For unCLIP's decoder,
@@ -560,7 +567,7 @@ def evaluate_checkpoint(ckpt: str | Path, data_urls, config: EvalConfig, out_dir
     with torch.inference_mode():
         loader = dm.eval_dataloader(config.num_samples)
         results = evaluator.run(model, loader, prior=prior) if frames == 1 else evaluator.run(model, loader)
-    paths = write_results(results, out_dir, None, config.backends, name=name, stem=stem)
+    paths = write_results(results, out_dir, None, config.backends, name=name, json_path=json_path)
     if config.save_images:
         paths["images"] = Path(config.save_images)
     return results, paths, config

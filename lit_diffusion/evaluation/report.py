@@ -160,12 +160,12 @@ def _video_lines(results: dict, guidance) -> list[str]:
                       f"{_fmt(results.get('eval_detail/motion_vae_two_objects'))}): the most a denoiser over these "
                       "latents can reach."]
     # where the captions of each kind fail: a two-object caption is right only if every attribute is
-    lines += ["", "| guidance | caption kind | " + " | ".join(MOTION) + " |", "|" + "---|" * (len(MOTION) + 2)]
-    for g in guidance:
-        for kind in KINDS:
-            if f"eval_detail/motion_{kind}_g{g:.1f}" in results:
-                lines.append(f"| {g:g} | {kind.replace('_', ' ')} | " + " | ".join(
-                    _fmt(results.get(f"eval_detail/motion_{kind}_{k}_g{g:.1f}")) for k in MOTION) + " |")
+    rows = [f"| {g:g} | {kind.replace('_', ' ')} | " + " | ".join(
+                _fmt(results.get(f"eval_detail/motion_{kind}_{k}_g{g:.1f}")) for k in MOTION) + " |"
+            for g in guidance for kind in KINDS if f"eval_detail/motion_{kind}_g{g:.1f}" in results]
+    if rows:  # no clip judged (data without attributes): no table
+        lines += ["", "| guidance | caption kind | " + " | ".join(MOTION) + " |", "|" + "---|" * (len(MOTION) + 2),
+                  *rows]
     return lines
 
 

@@ -125,11 +125,12 @@ class RunDirInUse(ValueError):
 def _refuse_a_finished_run(directory: Path) -> None:
     """A fresh `fit` in a run directory that holds an earlier run's checkpoints would overwrite them (and append
     to its metrics): refused, saying how to resume or start elsewhere."""
-    earlier = sorted((directory / "checkpoints").glob("*.ckpt"))
-    if earlier:
+    earlier = sorted((directory / "checkpoints").glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt",
+                                                                                  -p.stat().st_mtime))
+    if earlier:  # last.ckpt first, else the newest
         raise RunDirInUse(f"{directory} holds the checkpoints of an earlier run ({', '.join(p.name for p in earlier)})"
-                         f": resume it with --ckpt_path {directory / 'checkpoints' / 'last.ckpt'}, or pick another "
-                         f"--run.name (or delete {directory} to start it over)")
+                         f": resume it with --ckpt_path {earlier[0]}, or pick another --run.name (or delete "
+                         f"{directory} to start it over)")
 
 
 def _explicit_run_name(cfg) -> bool:
