@@ -18,58 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import logging
 import sys
 from pathlib import Path
 
+from lit_diffusion.runtime.arguments import comma_floats, finite_float, number_at_least, positive_count, whole_number
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,3,5, got {text!r}")
-    return values
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    return value
-
-
-def _at_least(low: float):
-    """A finite number >= low (eta, a scale)."""
-    def parse(text: str) -> float:
-        value = _finite(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a number >= {low:g}, got {text!r}")
-        return value
-    return parse
-
-
-def _whole(low: int):
-    """A whole number >= low: 1 for a count of samples, steps or images, 0 where none is a choice."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
-        return value
-    return parse
-
-
-_count = _whole(1)
 
 
 def _new_output(path, option: str, folder: bool = False) -> None:
@@ -224,8 +181,8 @@ def add_data(sub) -> None:
     data = sub.add_parser("data", help="make WebDataset shards").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("shapes", help="draw the embedded default data: captioned shapes")
     p.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar and tokenizer.json")
-    p.add_argument("--train", type=_whole(0), default=5000, help="training samples")
-    p.add_argument("--val", type=_whole(0), default=500, help="validation samples")
+    p.add_argument("--train", type=whole_number(0), default=5000, help="training samples")
+    p.add_argument("--val", type=whole_number(0), default=500, help="validation samples")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (of a non-square canvas: sqrt(W * H))")
     p.add_argument("--aspect-ratios", type=_aspect_ratios, default=("1:1",), metavar="W:H,...",
                    help="canvas aspect ratios, one drawn per sample, e.g. 1:1,3:2,2:3,2:1,1:2 (default: 1:1)")
@@ -237,8 +194,8 @@ def add_data(sub) -> None:
     p.set_defaults(func=cmd_data_shapes)
     p = data.add_parser("moving-shapes", help="draw the embedded video data: captioned clips of moving shapes")
     p.add_argument("--out", required=True, help="output folder for train-*.tar, val-*.tar and tokenizer.json")
-    p.add_argument("--train", type=_whole(0), default=5000, help="training clips")
-    p.add_argument("--val", type=_whole(0), default=500, help="validation clips")
+    p.add_argument("--train", type=whole_number(0), default=5000, help="training clips")
+    p.add_argument("--val", type=whole_number(0), default=500, help="validation clips")
     p.add_argument("--size", type=int, default=32, help="frame side in pixels")
     p.add_argument("--frames", type=int, default=8, help="frames per clip")
     p.add_argument("--grow-probability", type=float, default=0.0,
@@ -250,7 +207,7 @@ def add_data(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image folder(s), .csv or .jsonl files")
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", default="train", help="shard name prefix (train, val)")
-    p.add_argument("--shard-size", type=_count, default=1000)
+    p.add_argument("--shard-size", type=positive_count, default=1000)
     p.add_argument("--path-key", default="path", help="CSV / JSONL: the column of image paths")
     p.add_argument("--caption-key", default="caption", help="CSV / JSONL: the column of captions")
     p.add_argument("--overwrite", action="store_true", help="replace the shards of this prefix already in --out")
@@ -258,9 +215,9 @@ def add_data(sub) -> None:
     p = data.add_parser("tokenizer", help="train a BPE tokenizer on the captions of shards")
     p.add_argument("--data", required=True, help="training shards (brace pattern, glob, folder)")
     p.add_argument("--out", required=True, help="tokenizer.json to write")
-    p.add_argument("--vocab-size", type=_count, default=8192)
+    p.add_argument("--vocab-size", type=positive_count, default=8192)
     p.add_argument("--context-length", type=int, default=77)
-    p.add_argument("--max-captions", type=_count, default=200_000)
+    p.add_argument("--max-captions", type=positive_count, default=200_000)
     p.set_defaults(func=cmd_data_tokenizer)
     p = data.add_parser("encode", help="image-caption shards -> latent shards (VAE latents, CLIP text features), "
                                        "once, on every rank of torchrun / fabric run / srun; a rerun resumes")
@@ -281,12 +238,12 @@ def add_data(sub) -> None:
                         "target (model.init_args.repa) when training from latent shards")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=_count, default=None, help="pixels (default: the size the VAE trained at); "
-                                                                   "with --buckets, their base size")
+    p.add_argument("--image-size", type=positive_count, default=None,
+                   help="pixels (default: the size the VAE trained at); with --buckets, their base size")
     p.add_argument("--buckets", default=None, help='aspect buckets as JSON, e.g. \'{"step": 8}\' or '
                                                    '\'{"sizes": [[32, 32], [24, 48]], "step": 8}\' (data.buckets.'
                                                    'BucketConfig fields): each image encoded at its bucket\'s size')
-    p.add_argument("--frames", type=_count, default=None,
+    p.add_argument("--frames", type=positive_count, default=None,
                    help="video-caption shards: each clip's first N frames through the VAE frame by frame, latents "
                         "[N, C, h, w] (the video diffusion stage's model.init_args.frames)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
@@ -537,11 +494,11 @@ def add_sample(sub) -> None:
     p.add_argument("--prompt", action="append", default=None, help="a caption; repeat for more rows")
     p.add_argument("--negative-prompt", default=None, help="pushed away from (replaces the empty prompt in CFG; "
                                                            "with --prior, in the prior's guidance too)")
-    p.add_argument("--guidance", type=_finite, default=None,
+    p.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (1 = none; default: the checkpoint's)")
     p.add_argument("--sampler", default=None, help="ddim | ddpm | dpmpp_2m (default: the checkpoint's)")
-    p.add_argument("--steps", type=_count, default=None)
-    p.add_argument("--eta", type=_at_least(0), default=None, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--steps", type=positive_count, default=None)
+    p.add_argument("--eta", type=number_at_least(0), default=None, help="DDIM eta (0 = deterministic)")
     _add_guidance_rescale_and_clip_x0(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's image_size); a "
@@ -549,7 +506,8 @@ def add_sample(sub) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels (default: the checkpoint's image_size)")
     p.add_argument("--aspect", type=_aspect_ratio, default=None, metavar="W:H",
                    help="instead of --height/--width: the size of this aspect ratio, e.g. 3:2, " + ASPECT_HELP)
-    p.add_argument("--num", type=_count, default=4, help="images per prompt (with --image: variations per image)")
+    p.add_argument("--num", type=positive_count, default=4,
+                   help="images per prompt (with --image: variations per image)")
     unclip = p.add_argument_group("unCLIP (DALL-E 2): --ckpt is the decoder, one of these gives its image embeddings")
     unclip.add_argument("--prior", default=None, metavar="PRIOR.ckpt",
                         help="captions (--prompt) through this prior to CLIP image embeddings, then the decoder")
@@ -565,7 +523,7 @@ def add_sample(sub) -> None:
                              "--edit, the image to edit. Read as RGB, resized and centre-cropped to the sample size")
     unclip.add_argument("--interpolate", nargs=2, default=None, metavar=("A", "B"),
                         help="slerp between the CLIP embeddings of images A and B, the same noise in every frame")
-    p.add_argument("--frames", type=_count, default=None,
+    p.add_argument("--frames", type=positive_count, default=None,
                    help="a video checkpoint: frames per clip (default: its own; writes OUT and OUT.gif); "
                         "--interpolate: frames from A to B (default 5)")
     unclip.add_argument("--edit", default=None, metavar="NEW",
@@ -573,7 +531,7 @@ def add_sample(sub) -> None:
                              "from the image's inverted latent (needs --from)")
     unclip.add_argument("--from", dest="from_caption", default=None, metavar="OLD",
                         help="--edit: the caption of the image as it is")
-    unclip.add_argument("--thetas", type=_floats, default=None,
+    unclip.add_argument("--thetas", type=comma_floats, default=None,
                         help="--edit: slerp weights towards the text diff (default 0,0.1,0.2,0.3,0.4,0.5)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="samples.png")
@@ -617,8 +575,8 @@ def add_evaluate(sub) -> None:
                         "decoder; it must use the decoder's CLIP). A decoder checkpoint without --prior is evaluated "
                         "with the true image embeddings of the val images (the decoder's upper bound)")
     p.add_argument("--data", required=True, help="evaluation shards (brace pattern, glob, folder)")
-    p.add_argument("--num-samples", type=_count, default=500)
-    p.add_argument("--guidance", type=_floats, default=[1.0, 3.0, 5.0], help="e.g. 1,3,5")
+    p.add_argument("--num-samples", type=positive_count, default=500)
+    p.add_argument("--guidance", type=comma_floats, default=[1.0, 3.0, 5.0], help="e.g. 1,3,5")
     p.add_argument("--aspect-ratios", type=_aspect_ratios, default=None, metavar="W:H,...",
                    help="e.g. 1:1,2:1,1:2: every caption generated at each ratio (instead of the base size only), "
                         + ASPECT_HELP + "; every figure overall and per ratio (keys + _ar{W:H}, e.g. "
@@ -629,7 +587,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--features", default="clip", help="FID features: clip, inception or clip,inception")
     p.add_argument("--inception-weights", default=None, help="local pt_inception-2015-12-05 weights file")
     p.add_argument("--sampler", default=None)
-    p.add_argument("--steps", type=_count, default=None)
+    p.add_argument("--steps", type=positive_count, default=None)
     _add_guidance_rescale_and_clip_x0(p)
     p.add_argument("--image-guidance", type=float, default=None,
                    help="unCLIP's decoder: the image embedding's own guidance scale, --guidance then the caption's "
@@ -637,7 +595,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--image-size", type=_count, default=None)
+    p.add_argument("--image-size", type=positive_count, default=None)
     p.add_argument("--cache-dir", default="runs/.fid_cache", help="real statistics cache")
     p.add_argument("--save-images", default=None, metavar="DIR",
                    help="write the evaluated images (uint8 PNG, exactly what the metrics saw) to DIR/g{guidance}/"
@@ -673,7 +631,7 @@ def add_clip(sub) -> None:
     p.add_argument("--ckpt", required=True, help="CLIP checkpoint (stage 1)")
     p.add_argument("--images", required=True, help="an image folder, or an image file or URL")
     p.add_argument("--text", required=True, help='e.g. "a large red circle" or "a large red circle +blue -red"')
-    p.add_argument("--top-k", type=_count, default=5)
+    p.add_argument("--top-k", type=positive_count, default=5)
     p.set_defaults(func=cmd_clip_query)
 
 

@@ -400,9 +400,9 @@ def run_sweep(sweep_file: str | Path | Mapping, count: int | None = None, root: 
                 f"{record['log_tail'] or '(no output)'}")
         elif metric_name and record["metric"] is None:
             last = ((summary or {}).get("final") or {}).get(metric_name)
-            record["note"] = (f"finished with {metric_name} = {last} (not a figure), in {record['run_dir']}/summary.json"
-                              if last is not None else
-                              f"finished without {metric_name} in {record['run_dir']}/summary.json")
+            where = f"{record['run_dir']}/summary.json"
+            record["note"] = (f"finished with {metric_name} = {last} (not a figure), in {where}" if last is not None
+                              else f"finished without {metric_name} in {where}")
             say(f"[{name}] {run_name} {record['note']}")
         else:
             shown = f", {metric_name}={record['metric']:.6g}" if metric_name else ""

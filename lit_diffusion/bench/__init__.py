@@ -153,7 +153,7 @@ def _notes(report: dict) -> list[str]:
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from lit_diffusion.cli import _count
+    from lit_diffusion.runtime.arguments import positive_count
     p.add_argument("what", nargs="?", default="all", choices=("all", *SECTIONS), help="which benchmark (default all)")
     p.add_argument("--json", default=None, help="write the full report here")
     p.add_argument("--quick", action="store_true", help="tiny models and few repeats (a smoke run)")
@@ -163,10 +163,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                                                 "instead of drawing one")
     p.add_argument("--clip-ckpt", default=None, help="CLIP checkpoint for the LDM (default: an untrained one)")
     p.add_argument("--vae-ckpt", default=None, help="VAE checkpoint for the LDM (default: an untrained one)")
-    p.add_argument("--repeats", type=_count, default=None, help="interleaved repeats per measurement")
+    p.add_argument("--repeats", type=positive_count, default=None, help="interleaved repeats per measurement")
     p.add_argument("--inception-weights", default=None, help="InceptionV3 file for the eval bench (default: random)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
-    p.add_argument("--threads", type=_count, default=None, help="torch threads while measuring (default: 1 on CPU)")
+    p.add_argument("--threads", type=positive_count, default=None,
+                   help="torch threads while measuring (default: 1 on CPU)")
     p.add_argument("--work-dir", default=None, help="keep generated data and checkpoints here")
 
 
