@@ -27,19 +27,10 @@ from lit_diffusion.runtime.arguments import comma_floats, finite_float, number_a
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-
-
-def _new_output(path, option: str, folder: bool = False) -> None:
-    """Refuse an output that would overwrite earlier work: an existing file (or, for a folder, one holding files)."""
+def _new_output(path, option: str) -> None:
+    """Refuse an output file that would overwrite earlier work (an export's folder: `export.check_new_folder`)."""
     path = Path(path)
-    if folder:
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{option} {path} is a file; give a folder to write")
-        held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-        if held:
-            raise ValueError(f"{option} {path} already holds {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}: "
-                             "give an empty or new folder")
-    elif path.is_dir():
+    if path.is_dir():
         raise ValueError(f"{option} {path} is a folder; give the file to write")
     elif path.exists():
         raise ValueError(f"{option} {path} exists; remove it or choose another path")
@@ -745,7 +736,9 @@ EXPORT_TARGETS = ("diffusers", "transformers", "open_clip")
 def cmd_export(args) -> None:
     from pathlib import Path
 
-    _new_output(args.out, "--out", folder=True)
+    from lit_diffusion.export import check_new_folder
+
+    check_new_folder(args.out, "--out")  # before the checkpoint loads (every exporter checks it again)
     try:
         if args.to == "diffusers":  # an ldm.ckpt becomes a whole pipeline, a vae.ckpt an AutoencoderKL
             from lit_diffusion.export.pipeline import export_diffusers_checkpoint

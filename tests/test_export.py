@@ -316,3 +316,12 @@ def test_transformers_export_refuses_an_end_of_text_id_of_2(tmp_path):
     tokens = module.tokenize(["a large red circle", "word " * 10])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(tokens, normalize=True), module.encode_text(tokens)[1], **TOL)
+
+
+def test_an_export_never_writes_into_a_folder_that_holds_files(tmp_path):
+    """The exporters' own folder check (the CLI calls it before loading): a folder holding another export's files, or
+    a user's, is refused and left as it was."""
+    (tmp_path / "README.md").write_text("mine")
+    with pytest.raises(ExportError, match=rf"{tmp_path} already holds README.md: give an empty or new folder"):
+        export_vae(VAEModule(arch=dict(base_channels=8, ch_mult=[1], norm_groups=4)), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]

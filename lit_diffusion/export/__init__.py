@@ -39,10 +39,23 @@ def write_json(obj: dict, path: Path) -> Path:
     return path
 
 
-def prepare_folder(out: str | Path) -> Path:
-    """The output folder, created; an existing file of that name is refused rather than replaced."""
+def check_new_folder(out: str | Path, label: str = "") -> Path:
+    """An export's folder must be new or empty: an existing file of that name, or a folder holding files (another
+    export's config, a user's README.md), is refused rather than replaced. `label` (e.g. "--out") starts the
+    message."""
     out = Path(out)
+    named = f"{label} {out}" if label else str(out)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} is a file: an export writes a folder")
+        raise ExportError(f"{named} is a file: an export writes a folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        raise ExportError(f"{named} already holds {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}: give an "
+                          "empty or new folder")
+    return out
+
+
+def prepare_folder(out: str | Path) -> Path:
+    """The output folder, checked (`check_new_folder`) and created."""
+    out = check_new_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
