@@ -33,7 +33,8 @@ ARG_MACROS = ("args", "args_no_hyphens", "args_no_equals", "args_no_boolean_flag
               "args_json_file", "args_append_hydra", "args_override_hydra")
 MACROS = ("env", "interpreter", "program", *ARG_MACROS)
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
-ENVVAR = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")  # wandb's SWEEP_COMMAND_ENV_VAR_REGEX
+ENVVAR_NAME = "[A-Z0-9_]*"  # the names wandb's agent expands (its SWEEP_COMMAND_ENV_VAR_REGEX)
+ENVVAR = re.compile(rf"\$\{{envvar:({ENVVAR_NAME})\}}")
 # keys a single parameter may hold (the union over the schema's parameter definitions)
 PARAMETER_KEYS = ("value", "values", "probabilities", "distribution", "min", "max", "q", "mu", "sigma", "a", "b",
                   "parameters")
@@ -94,7 +95,7 @@ def validate_sweep_config(config: Any, source: str = "sweep config") -> dict:
     macros = [c[2:-1] for c in map(str, command) if c.startswith("${") and c.endswith("}")]
     unknown = [m for m in macros if m not in MACROS and not m.startswith("envvar:")]
     names = [m for c in map(str, command) for m in re.findall(r"\$\{envvar:([^}]*)\}", c)]
-    unexpanded = [n for n in names if not ENVVAR.fullmatch(f"${{envvar:{n}}}")]
+    unexpanded = [n for n in names if not re.fullmatch(ENVVAR_NAME, n)]
     if unexpanded:  # wandb's agent leaves these as they are: the run would get the literal text
         messages.append(f"command: ${{envvar:{unexpanded[0]}}}: wandb expands only names of A-Z, 0-9 and _")
     if unknown:

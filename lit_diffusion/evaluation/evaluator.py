@@ -511,15 +511,14 @@ def write_results(results: dict, out_dir: str | Path, step: int | None, backends
     beside a run's own does not replace its files."""
     from lit_diffusion.evaluation.plots import save_tradeoff
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if json_path is not None:
         json_path = Path(json_path)
         out_dir, tag = json_path.parent, json_path.stem
-        out_dir.mkdir(parents=True, exist_ok=True)
     else:
-        tag = f"step{step:07d}" if step is not None else "final"
-    paths = {"json": json_path or out_dir / f"eval_{tag}.json"}
+        out_dir, tag = Path(out_dir), (f"step{step:07d}" if step is not None else "final")
+        json_path = out_dir / f"eval_{tag}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": json_path}
     reals = describe_fid_reals(results)  # with aspect ratios: which real images each ratio's FID compared against
     paths["json"].write_text(json.dumps({"step": step, **results, **({"fid_real_per_aspect_ratio": reals}
                                                                      if reals else {})}, indent=2))
