@@ -9,6 +9,11 @@ whichever rank or batch it lands on: 2 ranks give the 1-rank numbers.
 Generated images are quantised to uint8 before any metric sees them, so the figures are those of the PNG files
 `save_images` writes (`torch-fidelity` or clean-fid on those folders recompute the in-loop FID).
 
+Caption accuracy has a ceiling beside it: `eval/caption_acc_vae` and `eval_detail/caption_vae_{one_object,
+two_objects}` are the judge on the real images of the shapes captions sent through the model's VAE and back (stored
+as uint8, as samples are), the most any denoiser over these latents can reach. They are computed in the first
+evaluation (reduced over ranks) and kept for the later ones.
+
 With `aspect_ratios` every caption is generated at each ratio, at the model's base area (`aspect_size`; 1:1 is
 the base size), with the same per-key seed, and every figure is reported per ratio (keys suffixed `_ar{W:H}`, e.g.
 `eval/fid_clip_g3.0_ar2:1`) as well as over all ratios together (the unsuffixed keys). FID compares centre squares:
@@ -52,8 +57,9 @@ from lit_diffusion.evaluation.loop import (
     _take,
     check_guidance_scales,
     sample_seed,
+    vae_round_trip,
 )
-from lit_diffusion.metrics.caption_accuracy import CaptionAccuracy
+from lit_diffusion.metrics.caption_accuracy import KINDS, CaptionAccuracy
 from lit_diffusion.metrics.clip_score import CLIPScore
 from lit_diffusion.metrics.features import make_extractor, to_uint8
 from lit_diffusion.metrics.fid import FID, RealStats
@@ -247,6 +253,8 @@ class Evaluator:
         self.fids = {b: {g: FID(e, keep_real=True) for g in config.guidance} for b, e in self.extractors.items()}
         self.clip_scores = {g: CLIPScore() for g in config.guidance}
         self.caption_acc = {g: CaptionAccuracy() for g in config.guidance}
+        self.caption_acc_vae = CaptionAccuracy()  # the real images through the VAE, in the first evaluation
+        self.vae_figures: dict[str, float] | None = None  # its figures, after the first evaluation
         self.real_stats: dict[str, RealStats] = {}  # backend -> (mu, sigma, n, root), after the first evaluation
         self.timings: list[dict] = []
         # per aspect ratio: the same metrics again, each fed that ratio's images only
@@ -299,6 +307,11 @@ class Evaluator:
         self._to(device)
         for metric in self._metrics():
             metric.reset()
+        # the judge on the real images through the VAE: once (every rank alike: none has figures yet, all a VAE)
+        need_vae = cfg.caption_accuracy and self.vae_figures is None and getattr(model, "vae", None) is not None
+        if need_vae:
+            self.caption_acc_vae.to(device)
+            self.caption_acc_vae.reset()
         sources = {b: "memory" for b in self.real_stats}
         use_disk = bool(cfg.cache_dir and cfg.data_id)
         for b in cfg.backends:
@@ -362,6 +375,9 @@ class Evaluator:
             tokens = self.clip.tokenize(captions).to(device)
             _, text_emb = self.clip.encode_text(tokens)
             shapes_idx = [i for i, a in enumerate(attrs) if a and a.get("objects")]
+            if need_vae and shapes_idx:
+                self.caption_acc_vae.update(vae_round_trip(model, batch["image"][shapes_idx].to(device)).cpu(),
+                                            [attrs[i] for i in shapes_idx])
             for g in cfg.guidance:
                 if ars:
                     self._update_aspect_ratios(model, g, sizes, captions, seeds, text_emb, attrs, shapes_idx, embed)
@@ -419,8 +435,14 @@ class Evaluator:
             for g in cfg.guidance:
                 self.caption_acc[g].merge_state(self.caption_acc_ar[r][g])
         shapes_total = int(_all_sum(torch.tensor(n_shapes, device=device)))
+        if need_vae:
+            self.vae_figures = {}
+            if shapes_total:
+                acc = self.caption_acc_vae.attribute_accuracy()
+                self.vae_figures = {"eval/caption_acc_vae": acc["correct"],
+                                    **{f"eval_detail/caption_vae_{k}": acc[k] for k in KINDS if k in acc}}
 
-        results: dict[str, float] = {}
+        results: dict[str, float] = dict(self.vae_figures or {}) if cfg.caption_accuracy else {}
         for g in cfg.guidance:
             for b in cfg.backends:
                 results[f"eval/fid_{b}_g{g:.1f}"] = float(self.fids[b][g].compute())

@@ -11,6 +11,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from lit_diffusion.metrics.features import to_uint8
+
 
 @dataclass
 class EvalConfig:
@@ -92,6 +94,16 @@ def _idle_samples(model, cfg: EvalConfig, calls: Sequence[dict] = ({},)) -> None
         for kwargs in calls:
             model.sample([""], guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=[cfg.seed],
                          guidance_rescale=cfg.guidance_rescale, clip_x0=cfg.clip_x0, **kwargs)
+
+
+@torch.no_grad()
+def vae_round_trip(model, real: torch.Tensor) -> torch.Tensor:
+    """Real images [B, 3, H, W] or clips [B, T, 3, H, W] in [-1, 1] through the model's VAE (clips frame by frame),
+    as samples are stored: [0, 1] floats of uint8 values. What the caption judges read of these is the most a
+    denoiser over the VAE's latents can reach."""
+    images = real.flatten(0, 1) if real.dim() == 5 else real
+    decoded = model.vae.decode(model.vae.encode(images.float()))  # in [-1, 1]
+    return to_uint8((decoded + 1) / 2).float().div(255).reshape(real.shape)
 
 
 def _all_sum(x: torch.Tensor) -> torch.Tensor:

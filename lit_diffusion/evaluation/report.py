@@ -137,6 +137,17 @@ def _compare_lines(compare: dict, results: dict, guidance, backends) -> list[str
     return lines
 
 
+def _vae_ceiling_lines(results: dict, judge: str, what: str) -> list[str]:
+    """The judge (`caption` or `motion`) on the real val images or clips sent through the VAE, if evaluated."""
+    if results.get(f"eval/{judge}_acc_vae") is None:
+        return []
+    return ["", f"The real val {what} sent through the VAE and back pass the judge in "
+                f"{_fmt(results[f'eval/{judge}_acc_vae'])} of the {what} (one object "
+                f"{_fmt(results.get(f'eval_detail/{judge}_vae_one_object'))}, two objects "
+                f"{_fmt(results.get(f'eval_detail/{judge}_vae_two_objects'))}): the most a denoiser over these "
+                "latents can reach."]
+
+
 def _video_lines(results: dict, guidance) -> list[str]:
     """A video model's table: motion caption accuracy overall and by attribute and caption kind, CLIP score, FID
     of single frames and the Frechet distance of the clips' video-CLIP embeddings; then each attribute's accuracy
@@ -153,12 +164,7 @@ def _video_lines(results: dict, guidance) -> list[str]:
                _fmt(results.get(f"eval/clip_score_g{g:.1f}")), _fmt(results.get(f"eval/fid_frames_g{g:.1f}")),
                _fmt(results.get(f"eval/fcd_g{g:.1f}"))]
         lines.append("| " + " | ".join(row) + " |")
-    if results.get("eval/motion_acc_vae") is not None:
-        lines += ["", f"The real val clips sent through the VAE and back pass the judge in "
-                      f"{_fmt(results['eval/motion_acc_vae'])} of the clips (one object "
-                      f"{_fmt(results.get('eval_detail/motion_vae_one_object'))}, two objects "
-                      f"{_fmt(results.get('eval_detail/motion_vae_two_objects'))}): the most a denoiser over these "
-                      "latents can reach."]
+    lines += _vae_ceiling_lines(results, "motion", "clips")
     # where the captions of each kind fail: a two-object caption is right only if every attribute is
     rows = [f"| {g:g} | {kind.replace('_', ' ')} | " + " | ".join(
                 _fmt(results.get(f"eval_detail/motion_{kind}_{k}_g{g:.1f}")) for k in MOTION) + " |"
@@ -230,6 +236,7 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
         for g in guidance:
             lines.append(f"| {g:g} | " + " | ".join(_fmt(results.get(f"eval_detail/caption_{k}_g{g:.1f}"))
                                                     for k in detail) + " |")
+        lines += _vae_ceiling_lines(results, "caption", "images")
     lines += _relation_word_lines(results, guidance)
     if "unclip" in evaluation:
         lines += _unclip_lines(evaluation["unclip"], guidance, backends)

@@ -40,6 +40,7 @@ from lit_diffusion.evaluation.loop import (
     _take,
     check_guidance_scales,
     sample_seed,
+    vae_round_trip,
 )
 from lit_diffusion.metrics.caption_accuracy import KINDS
 from lit_diffusion.metrics.clip_score import CLIPScore
@@ -79,14 +80,6 @@ def check_video_clip(clip_module, frames: int) -> None:
         raise ValueError(f"evaluating a {frames}-frame video model needs a CLIP that reads {frames}-frame clips (CLIP "
                          f"score, FID of frames, FCD), but its frozen CLIP (clip_ckpt) has {what}: train the CLIP on "
                          f"the model's clips (configs/clip/moving_shapes.yaml), or leave out the evaluation")
-
-
-@torch.no_grad()
-def _vae_round_trip(model, videos: Tensor) -> Tensor:
-    """Real clips [B, T, 3, H, W] in [-1, 1] through the model's VAE frame by frame, as stored samples are: [0, 1]
-    floats of uint8 values."""
-    frames = model.vae.decode(model.vae.encode(videos.flatten(0, 1).float()))  # [B*T, 3, H, W] in [-1, 1]
-    return to_uint8((frames + 1) / 2).float().div(255).unflatten(0, videos.shape[:2])
 
 
 class VideoEvaluator:
@@ -141,7 +134,7 @@ class VideoEvaluator:
             judged = [i for i, a in enumerate(attrs)
                       if a and a.get("objects") and "frames" in a and not a.get("partial_window")]
             if need_real and judged:
-                self.motion_vae.update(_vae_round_trip(model, batch["video"][judged].to(device)).cpu(),
+                self.motion_vae.update(vae_round_trip(model, batch["video"][judged].to(device)).cpu(),
                                        [attrs[i] for i in judged])
             for g in cfg.guidance:
                 clips = model.sample(captions, guidance=g, sampler=cfg.sampler, steps=cfg.steps, seed=seeds,
