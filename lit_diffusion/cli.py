@@ -251,17 +251,35 @@ def _setup_logging() -> None:
         ours.setLevel(logging.INFO)
 
 
+def _usage_error(err: BaseException | None):
+    """The UsageError that `err` is or was caused by (jsonargparse wraps the error of a class it instantiates, a
+    stage's refused checkpoint, in a ValueError of its own), else None."""
+    from lit_diffusion.errors import UsageError
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UsageError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from lit_diffusion.runtime.launch import apply_launcher_env
-        from lit_diffusion.runtime.lightning_cli import RunDirInUse, run_lightning_cli
+        from lit_diffusion.runtime.lightning_cli import run_lightning_cli
 
         try:
             run_lightning_cli(apply_launcher_env(argv))
-        except RunDirInUse as err:
-            print(f"lit-diffusion {argv[0]}: error: {err}", file=sys.stderr)
+        except Exception as err:  # a UsageError, also from inside Lightning's fit or wrapped by jsonargparse's
+            # instantiation of the classes, is one line; any other error keeps its traceback: it may be a bug
+            usage = _usage_error(err)
+            if usage is None:
+                raise
+            print(f"lit-diffusion {argv[0]}: error: {usage}", file=sys.stderr)
             raise SystemExit(2) from None
         return
     parser = argparse.ArgumentParser(prog="lit-diffusion", description=__doc__,

@@ -28,6 +28,58 @@ def test_data_shapes_command_writes_shards_tokenizer_and_info(tmp_path, capsys):
     assert summary["counts"] == info["counts"]
 
 
+def test_fit_says_a_users_mistake_in_one_line_also_from_inside_lightning(shapes_data, tmp_path, capsys, monkeypatch):
+    """A shard pattern that matches nothing (found in the data module's setup, inside Lightning's fit), a
+    `--ckpt_path` that is missing, truncated or another stage's, and a stage checkpoint of the wrong kind given to a
+    model (found while jsonargparse builds it, which wraps the error) each end the command with exit code 2 and one
+    line naming what was given; an error that is not a user's (a bug) keeps its traceback."""
+    import torch
+
+    from lit_diffusion.data.datamodule import ImageCaptionDataModule
+
+    vae_like = tmp_path / "vae_like.ckpt"
+    torch.save({"lit_diffusion": {"kind": "vae", "version": 1}, "state_dict": {}}, vae_like)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(vae_like.read_bytes()[:200])
+    base = ["fit", "--config", "configs/vae/shapes.yaml", "--run.root", str(tmp_path / "runs"), "--run.wandb", "false",
+            "--trainer.max_steps", "1", "--data.init_args.num_workers", "0",
+            "--data.init_args.train_urls", str(shapes_data / "train-*.tar"),
+            "--data.init_args.val_urls", str(shapes_data / "val-*.tar")]
+
+    def error(*extra) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main([*base, *extra])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        lines = [line for line in err.strip().splitlines() if not line.startswith("INFO: ")]  # Lightning's own
+        assert len(lines) == 1 and lines[0].startswith("lit-diffusion fit: error: "), lines
+        return lines[0]
+
+    missing = tmp_path / "nothing" / "train-*.tar"
+    assert f"shard pattern '{missing}': no such file(s): {missing}" in error(
+        "--data.init_args.train_urls", str(missing), "--run.name", "a")
+    assert f"--ckpt_path {tmp_path}/gone.ckpt: vae checkpoint not found: {tmp_path}/gone.ckpt" in error(
+        "--ckpt_path", str(tmp_path / "gone.ckpt"), "--run.name", "b")
+    assert f"--ckpt_path {truncated}: cannot load vae checkpoint {truncated} safely (weights_only=True)" in error(
+        "--ckpt_path", str(truncated), "--run.name", "c")
+    base[2] = "configs/clip/shapes.yaml"
+    assert f"--ckpt_path {vae_like}: {vae_like} is a 'vae' checkpoint, expected a 'clip' checkpoint" in error(
+        "--ckpt_path", str(vae_like), "--run.name", "d", "--model.init_args.tokenizer_path",
+        str(shapes_data / "tokenizer.json"))
+    base[2] = "configs/ldm/shapes.yaml"
+    assert f"{vae_like} is a 'vae' checkpoint, expected a 'clip' checkpoint" in error(
+        "--model.init_args.clip_ckpt", str(vae_like), "--model.init_args.vae_ckpt", str(vae_like), "--run.name", "e")
+
+    def bug(self, stage=None):
+        raise ValueError("a bug in setup")
+
+    base[2] = "configs/vae/shapes.yaml"
+    monkeypatch.setattr(ImageCaptionDataModule, "setup", bug)
+    with pytest.raises(ValueError, match="a bug in setup"):
+        main([*base, "--run.name", "f"])
+
+
 def test_fit_rejects_unknown_keys_and_prints_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     cfg = yaml.safe_load(open("configs/vae/shapes.yaml"))

@@ -41,6 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, url_opener
 
 from lit_diffusion.data.buckets import BucketConfig, CropPlan, apply, cover_crop
+from lit_diffusion.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,13 @@ def _expand_folder(pattern: str, path: str, split: str | None) -> list[str]:
         if found:
             return found
         if splits:
-            raise ValueError(f"no shards matching '{split}-*.tar' in directory {pattern!r} (it holds {held})")
+            raise UsageError(f"no shards matching '{split}-*.tar' in directory {pattern!r} (it holds {held})")
     elif len(splits) > 1:
-        raise ValueError(f"directory {pattern!r} holds the shards of several splits ({held}): name one "
+        raise UsageError(f"directory {pattern!r} holds the shards of several splits ({held}): name one "
                          f"({pattern.rstrip('/')}/{splits[-1]}-*.tar) or give the folder where its split is known")
     if not every:
         want = f"'{split}-*.tar' (or, a folder of one split, '*.tar')" if split else "'*.tar'"
-        raise ValueError(f"no shards matching {want} in directory {pattern!r}")
+        raise UsageError(f"no shards matching {want} in directory {pattern!r}")
     return every
 
 
@@ -103,7 +104,7 @@ def _expand_local(pattern: str, split: str | None) -> list[str]:
             missing.append(item)
     if missing:
         shown = ", ".join(missing[:3]) + (f", ... ({len(missing)} in all)" if len(missing) > 3 else "")
-        raise ValueError(f"shard pattern {pattern!r}: no such file(s): {shown}")
+        raise UsageError(f"shard pattern {pattern!r}: no such file(s): {shown}")
     return urls
 
 
@@ -112,9 +113,9 @@ def expand_urls(urls: str | os.PathLike | Iterable, split: str | None = None) ->
     directory (with `split`: its `{split}-*.tar`, or all its shards in a folder of that split alone; without: all
     its shards, refused where they are several splits'), `::`-separated or list of any of these, `pipe:` commands
     and remote URLs (brace-expanded, not checked: webdataset opens them). Missing local shards or an empty
-    result raise ValueError naming the pattern."""
+    result raise UsageError (a ValueError) naming the pattern."""
     if urls is None:
-        raise ValueError("no shard URLs given (None)")
+        raise UsageError("no shard URLs given (None)")
     if isinstance(urls, (str, os.PathLike)):
         text = os.fspath(urls)
         parts = text.split("::")
@@ -130,7 +131,7 @@ def expand_urls(urls: str | os.PathLike | Iterable, split: str | None = None) ->
         else:
             result.extend(_expand_local(part, split))
     if not result:
-        raise ValueError(f"shard pattern {text!r} expands to no shards")
+        raise UsageError(f"shard pattern {text!r} expands to no shards")
     return result
 
 

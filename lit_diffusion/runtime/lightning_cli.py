@@ -16,12 +16,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lit_diffusion.errors import UsageError
 from lit_diffusion.runtime import safety, tracking
+from lit_diffusion.runtime.batch_info import BatchInfo
+from lit_diffusion.runtime.launch import shared_run_name
+from lit_diffusion.runtime.progress import LineProgress
 
 log = logging.getLogger("lit_diffusion")
-from lit_diffusion.runtime.batch_info import BatchInfo
-from lit_diffusion.runtime.progress import LineProgress
-from lit_diffusion.runtime.launch import shared_run_name
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -76,6 +77,10 @@ class LitDiffusionCLI(LightningCLI):
                             help="when the output is not a terminal (a log file), one progress line every N optimizer "
                                  "steps instead of a progress bar (runtime/progress.py); on a terminal the bar stays")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        _check_ckpt_path(self.config)
+
     def _run_settings(self) -> dict:
         cfg = self.config.get(str(self.subcommand), self.config)
         run = cfg.get("run")
@@ -118,7 +123,36 @@ class LitDiffusionCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-class RunDirInUse(ValueError):
+CKPT_PATH_WORDS = ("last", "best", "hpc")  # `--ckpt_path` values that name no file (Lightning's, and ours: last)
+
+
+def _check_ckpt_path(config) -> None:
+    """`--ckpt_path FILE` must be a readable checkpoint (weights_only) of the configured stage: a missing or
+    truncated file, or another stage's, is refused in one line naming the option, before Lightning reads its
+    hyper-parameters. Keywords, remote paths and models that are not lit_diffusion stages are left to Lightning."""
+    import importlib
+
+    from lit_diffusion.stages.base import CheckpointError, Stage, load_stage_checkpoint
+
+    subcommand = config.get("subcommand")
+    cfg = config.get(subcommand) if subcommand else config
+    path = cfg.get("ckpt_path") if cfg is not None else None
+    if not path or str(path) in CKPT_PATH_WORDS or str(path).startswith("registry") or "://" in str(path):
+        return
+    class_path = (cfg.get("model") or {}).get("class_path") if cfg.get("model") is not None else None
+    if not class_path or "." not in str(class_path):
+        return
+    module, name = str(class_path).rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        return
+    try:
+        load_stage_checkpoint(path, cls.stage_kind, mmap=True)
+    except CheckpointError as err:
+        raise CheckpointError(f"--ckpt_path {path}: {err}") from None
+
+
+class RunDirInUse(UsageError):
     """A fresh run asked for a run directory that holds another run's checkpoints (`fit` says it in one line)."""
 
 

@@ -16,10 +16,12 @@ from typing import Any, ClassVar, Self
 import lightning as L
 import torch
 
+from lit_diffusion.errors import UsageError
+
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A stage checkpoint that is missing, unreadable, unsafe or of the wrong kind."""
 
 
@@ -40,13 +42,14 @@ def check_block(ckpt: Any, kind: str, source: str) -> dict:
     return block
 
 
-def load_stage_checkpoint(path: str | Path, kind: str) -> dict:
-    """Load a stage checkpoint with `weights_only=True` (on the CPU) and check that it is a `kind` checkpoint."""
+def load_stage_checkpoint(path: str | Path, kind: str, mmap: bool = False) -> dict:
+    """Load a stage checkpoint with `weights_only=True` (on the CPU) and check that it is a `kind` checkpoint;
+    `mmap`: its tensors mapped from the file, not read (a check of the file that reads little of it)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{kind} checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # pickle.UnpicklingError for unsafe globals, RuntimeError for corrupt zips
         raise CheckpointError(
             f"cannot load {kind} checkpoint {path} safely (weights_only=True): {type(err).__name__}: "
