@@ -261,7 +261,8 @@ def _usage_error(err: BaseException | None):
         if isinstance(err, UsageError):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        # `raise ... from None` hides the context: an error raised while handling a UsageError is not one
+        err = err.__cause__ if err.__cause__ is not None or err.__suppress_context__ else err.__context__
     return None
 
 

@@ -80,6 +80,44 @@ def test_fit_says_a_users_mistake_in_one_line_also_from_inside_lightning(shapes_
         main([*base, "--run.name", "f"])
 
 
+def test_the_ckpt_path_check_leaves_valid_checkpoints_alone_and_only_usage_errors_are_one_line(tmp_path):
+    """A sharded (FSDP) checkpoint is a folder, and a checkpoint in torch's legacy format cannot be memory-mapped:
+    both are Lightning's to read, not refused; an error raised while a UsageError was handled, `from None`, is not
+    taken for it (it keeps its traceback), while one raised `from` it is."""
+    import torch
+
+    from lit_diffusion.cli import _usage_error
+    from lit_diffusion.errors import UsageError
+    from lit_diffusion.runtime.lightning_cli import _check_ckpt_path
+
+    model = {"class_path": "lit_diffusion.stages.vae.VAEModule"}
+    sharded = tmp_path / "sharded.ckpt"
+    sharded.mkdir()
+    (sharded / "meta.pt").write_bytes(b"")
+    _check_ckpt_path({"subcommand": "fit", "fit": {"ckpt_path": str(sharded), "model": model}})
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save({"lit_diffusion": {"kind": "vae", "version": 1}, "state_dict": {"w": torch.ones(2)}}, legacy,
+               _use_new_zipfile_serialization=False)
+    _check_ckpt_path({"subcommand": "fit", "fit": {"ckpt_path": str(legacy), "model": model}})
+    with pytest.raises(UsageError, match="expected a 'clip' checkpoint"):
+        _check_ckpt_path({"subcommand": "fit", "fit": {"ckpt_path": str(legacy), "model": {
+            "class_path": "lit_diffusion.stages.clip.CLIPModule"}}})
+
+    def raised(cause: bool) -> BaseException:
+        try:
+            try:
+                raise UsageError("a user's mistake")
+            except UsageError as usage:
+                if cause:
+                    raise ValueError("wrapped") from usage
+                raise RuntimeError("a bug while handling it") from None
+        except Exception as err:  # noqa: BLE001
+            return err
+
+    assert str(_usage_error(raised(cause=True))) == "a user's mistake"
+    assert _usage_error(raised(cause=False)) is None
+
+
 def test_fit_rejects_unknown_keys_and_prints_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     cfg = yaml.safe_load(open("configs/vae/shapes.yaml"))

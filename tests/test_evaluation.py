@@ -479,3 +479,33 @@ def test_the_vae_ceiling_is_the_judge_on_the_real_images_round_trip_computed_onc
     for key, value in first.items():
         if key != "eval/seconds":
             assert ddp[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+class KeepingVAE:
+    def encode(self, images):
+        return images
+
+    def decode(self, latents):
+        return latents
+
+
+def test_the_vae_ceiling_judges_only_the_real_images_the_loader_kept_whole(tmp_path):
+    """A square reader centre-crops a 2:1 image, cutting objects its caption describes: such images are left out
+    of the VAE's ceiling (counted in `eval_detail/caption_vae_judged`), so a VAE that keeps every image scores the
+    judge's reading of the whole images, not of the crops."""
+    from lit_diffusion.metrics.caption_accuracy import check_image
+
+    write_shapes(tmp_path, train=0, val=VAL, size=24, shard_size=10, seed=0, aspect_ratios="1:1,2:1,1:2")
+    passed = {"whole": [], "cropped": []}
+    for batch in _shapes_loader(tmp_path):
+        for image, attrs in zip(batch["image"], batch["attrs"]):
+            stored = to_uint8(((image + 1) / 2).clamp(0, 1)).float().div(255)
+            which = "whole" if attrs["width"] == attrs["height"] else "cropped"
+            passed[which].append(check_image(stored, attrs)["correct"])
+    whole = sum(passed["whole"]) / len(passed["whole"])
+    assert passed["cropped"] and sum(passed["cropped"]) / len(passed["cropped"]) < whole  # the crops fail more
+    model = _replay_images(tmp_path)
+    model.vae = KeepingVAE()
+    _, results = _evaluate_replay(tmp_path, model)
+    assert results["eval_detail/caption_vae_judged"] == len(passed["whole"])
+    assert results["eval/caption_acc_vae"] == pytest.approx(whole)

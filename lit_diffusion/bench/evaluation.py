@@ -23,7 +23,8 @@ def bench_eval(module, shapes_dir: Path, work: Path, settings: Settings, backend
     rows, details = [], {}
     # untimed warm-up: first-call costs (allocator, kernels, tokenizer caches) would flatter the ratio
     Evaluator(EvalConfig(guidance=[3.0], num_samples=n, backends=["clip"], sampler="ddim", steps=settings.eval_steps,
-                         resolution=settings.image_size), module.clip).run(module, dm.eval_dataloader(n))
+                         resolution=settings.image_size, caption_accuracy=False), module.clip).run(
+        module, dm.eval_dataloader(n))
     for backend in backends:
         runs = {"first": [], "second": [], "disk": []}
         generate = {"first": [], "second": []}
@@ -31,7 +32,8 @@ def bench_eval(module, shapes_dir: Path, work: Path, settings: Settings, backend
         for r in range(settings.repeats):
             cfg = EvalConfig(guidance=[3.0], num_samples=n, backends=[backend], inception_weights=inception_weights,
                              sampler="ddim", steps=settings.eval_steps, cache_dir=str(work / f"fid_cache_{r}"),
-                             data_id=f"bench-{r}", resolution=settings.image_size)
+                             data_id=f"bench-{r}", resolution=settings.image_size,
+                             caption_accuracy=False)  # what the cache saves: no judge (nor its first-run VAE ceiling)
             evaluator = Evaluator(cfg, module.clip)
             for kind in ("first", "second"):
                 evaluator.run(module, dm.eval_dataloader(n))

@@ -11,8 +11,10 @@ Generated images are quantised to uint8 before any metric sees them, so the figu
 
 Caption accuracy has a ceiling beside it: `eval/caption_acc_vae` and `eval_detail/caption_vae_{one_object,
 two_objects}` are the judge on the real images of the shapes captions sent through the model's VAE and back (stored
-as uint8, as samples are), the most any denoiser over these latents can reach. They are computed in the first
-evaluation (reduced over ranks) and kept for the later ones.
+as uint8, as samples are), the most any denoiser over these latents can reach. Only images the loader kept whole are
+judged (`eval_detail/caption_vae_judged` counts them): a caption describes the whole image, and a square reader's
+centre crop of a 2:1 image cuts its objects. They are computed in the first evaluation (reduced over ranks) and kept
+for the later ones.
 
 With `aspect_ratios` every caption is generated at each ratio, at the model's base area (`aspect_size`; 1:1 is
 the base size), with the same per-key seed, and every figure is reported per ratio (keys suffixed `_ar{W:H}`, e.g.
@@ -153,6 +155,22 @@ def image_aspect_ratio(attrs: dict | None, size_row, ratios: Sequence[str]) -> s
     if not close:
         return "other"
     return close[nearest_bucket(height, width, [hw for _, hw in close])][0]
+
+
+def _uncropped(batch: dict, i: int, attrs: dict) -> bool:
+    """Whether the loader kept the whole of real image `i` (within a pixel a side, the writer's rounding): its
+    caption's attributes describe the whole image, so the caption judge reads a cropped one wrongly. The original
+    size is the batch's size row's (h, w), else `KEY.json`'s width and height; neither known: kept."""
+    height, width = batch["image"].shape[-2:]
+    size_rows = batch.get("size")
+    if size_rows is not None:
+        oh, ow = float(size_rows[i][0]), float(size_rows[i][1])
+    elif attrs.get("width") and attrs.get("height"):
+        oh, ow = float(attrs["height"]), float(attrs["width"])
+    else:
+        return True
+    scale = max(height / oh, width / ow)  # resized to cover the target, then cropped to it
+    return abs(oh * scale - height) <= 1 and abs(ow * scale - width) <= 1
 
 
 def _centre_square(images: torch.Tensor) -> torch.Tensor:
@@ -333,7 +351,7 @@ class Evaluator:
         need_real_ar = [b for b in cfg.backends if ars and b not in sources_ar]
         folders = _image_folders(cfg.save_images, cfg.guidance) if cfg.save_images else None
         t0 = time.perf_counter()
-        n_local, n_shapes = 0, 0
+        n_local, n_shapes, n_vae = 0, 0, 0
         n_real_ar, n_unknown = {r: 0 for r in ars}, 0  # this rank's real images of each ratio, and of none known
         size_kwargs = [{"height": h, "width": w} for h, w in sizes.values()] or [{}]  # one sample call per ratio
         dummy = {}  # a rank with no images left samples with it while another still generates (FSDP)
@@ -375,9 +393,11 @@ class Evaluator:
             tokens = self.clip.tokenize(captions).to(device)
             _, text_emb = self.clip.encode_text(tokens)
             shapes_idx = [i for i, a in enumerate(attrs) if a and a.get("objects")]
-            if need_vae and shapes_idx:
-                self.caption_acc_vae.update(vae_round_trip(model, batch["image"][shapes_idx].to(device)).cpu(),
-                                            [attrs[i] for i in shapes_idx])
+            whole = [i for i in shapes_idx if need_vae and _uncropped(batch, i, attrs[i])]
+            if whole:
+                self.caption_acc_vae.update(vae_round_trip(model, batch["image"][whole].to(device)).cpu(),
+                                            [attrs[i] for i in whole])
+                n_vae += len(whole)
             for g in cfg.guidance:
                 if ars:
                     self._update_aspect_ratios(model, g, sizes, captions, seeds, text_emb, attrs, shapes_idx, embed)
@@ -437,9 +457,10 @@ class Evaluator:
         shapes_total = int(_all_sum(torch.tensor(n_shapes, device=device)))
         if need_vae:
             self.vae_figures = {}
-            if shapes_total:
+            vae_total = int(_all_sum(torch.tensor(n_vae, device=device)))
+            if vae_total:
                 acc = self.caption_acc_vae.attribute_accuracy()
-                self.vae_figures = {"eval/caption_acc_vae": acc["correct"],
+                self.vae_figures = {"eval/caption_acc_vae": acc["correct"], "eval_detail/caption_vae_judged": vae_total,
                                     **{f"eval_detail/caption_vae_{k}": acc[k] for k in KINDS if k in acc}}
 
         results: dict[str, float] = dict(self.vae_figures or {}) if cfg.caption_accuracy else {}

@@ -129,7 +129,8 @@ CKPT_PATH_WORDS = ("last", "best", "hpc")  # `--ckpt_path` values that name no f
 def _check_ckpt_path(config) -> None:
     """`--ckpt_path FILE` must be a readable checkpoint (weights_only) of the configured stage: a missing or
     truncated file, or another stage's, is refused in one line naming the option, before Lightning reads its
-    hyper-parameters. Keywords, remote paths and models that are not lit_diffusion stages are left to Lightning."""
+    hyper-parameters. Keywords, remote paths, sharded checkpoints (folders) and models that are not lit_diffusion
+    stages are left to Lightning."""
     import importlib
 
     from lit_diffusion.stages.base import CheckpointError, Stage, load_stage_checkpoint
@@ -137,7 +138,8 @@ def _check_ckpt_path(config) -> None:
     subcommand = config.get("subcommand")
     cfg = config.get(subcommand) if subcommand else config
     path = cfg.get("ckpt_path") if cfg is not None else None
-    if not path or str(path) in CKPT_PATH_WORDS or str(path).startswith("registry") or "://" in str(path):
+    if (not path or str(path) in CKPT_PATH_WORDS or str(path).startswith("registry") or "://" in str(path)
+            or Path(path).is_dir()):  # a sharded (FSDP) checkpoint is a folder: Lightning reads it
         return
     class_path = (cfg.get("model") or {}).get("class_path") if cfg.get("model") is not None else None
     if not class_path or "." not in str(class_path):

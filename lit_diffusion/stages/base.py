@@ -10,6 +10,7 @@ weights strictly and returns it in eval mode on `map_location`.
 from __future__ import annotations
 
 import inspect
+import pickle
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -44,13 +45,20 @@ def check_block(ckpt: Any, kind: str, source: str) -> dict:
 
 def load_stage_checkpoint(path: str | Path, kind: str, mmap: bool = False) -> dict:
     """Load a stage checkpoint with `weights_only=True` (on the CPU) and check that it is a `kind` checkpoint;
-    `mmap`: its tensors mapped from the file, not read (a check of the file that reads little of it)."""
+    `mmap`: its tensors mapped from the file, not read (a check of the file that reads little of it), where the file's
+    format (torch's zip format) and file system allow it, else read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{kind} checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # pickle.UnpicklingError for unsafe globals, RuntimeError for corrupt zips
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not (mmap and "mmap" in str(err)):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a legacy-format file: read it all
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        # unsafe globals, a corrupt or truncated file, one that cannot be read; anything else may be a bug
         raise CheckpointError(
             f"cannot load {kind} checkpoint {path} safely (weights_only=True): {type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}"
@@ -108,7 +116,7 @@ class Stage(L.LightningModule):
         args = cls.init_args_from_checkpoint(ckpt, source)
         try:
             module = cls(**args)
-        except (TypeError, ValueError) as err:  # a CheckpointError of an embedded stage is a ValueError too
+        except ValueError as err:  # a CheckpointError of an embedded stage is a ValueError too; a TypeError is a bug's
             raise CheckpointError(f"{source}: cannot rebuild the {cls.stage_kind} stage from its saved config: "
                                   f"{err}") from err
         module.load_weights(ckpt.get("state_dict") or {}, source)
