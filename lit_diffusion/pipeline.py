@@ -461,6 +461,8 @@ def check_stage_inputs(cfg: dict, root: Path, data: dict[str, dict], extras: dic
     retraining = None  # the finished checkpoint (stem) of the first step that will train now
     for i, step in enumerate(steps):
         paths = _step_paths(root, step)
+        if (cfg["stages"].get(step.stage) or {}).get("checkpoint"):
+            continue  # given (`checkpoint:`, placed by `place_given_checkpoints`): not made from anything upstream
         if retraining is not None:
             stale = [str(paths[k]) for k in ("final", "last") if paths[k].is_file()]
             if stale:

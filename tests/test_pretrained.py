@@ -507,3 +507,21 @@ def test_pipeline_uses_a_named_checkpoint_instead_of_training(imported, tmp_path
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError, match=r"stages\.ldm\.checkpoint: only \['clip', 'vae'\]"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_given_vae_beside_a_clip_trained_here_is_not_taken_for_stale(imported, tmp_path):
+    """Our own CLIP trained by the pipeline and a VAE given as a checkpoint (a published one, or one trained
+    elsewhere): the VAE is not made from the CLIP, so the CLIP's training does not make it stale; a VAE the
+    pipeline trained before would be."""
+    from lit_diffusion.pipeline import StageInputsChanged, check_stage_inputs, load_config, place_given_checkpoints
+
+    cfg = load_config("configs/pipeline/pretrained.yaml")
+    cfg["stages"]["clip"] = {"config": "configs/clip/shapes.yaml"}
+    cfg["stages"]["vae"]["checkpoint"] = str(imported["vae"])
+    place_given_checkpoints(cfg, tmp_path)
+    assert (tmp_path / "vae.ckpt").is_file() and not (tmp_path / "clip.ckpt").exists()
+    stages = {s: {} for s in ("clip", "vae", "ldm", "prior")}
+    check_stage_inputs(cfg, tmp_path, stages, stages)  # the CLIP will train; the given VAE stays as it is
+    cfg["stages"]["vae"] = {"config": "configs/vae/shapes.yaml"}  # the same file, now as this pipeline's own VAE
+    with pytest.raises(StageInputsChanged, match=r"\[vae\] .*vae\.ckpt was made from a clip\.ckpt that is missing"):
+        check_stage_inputs(cfg, tmp_path, stages, stages)
