@@ -393,7 +393,7 @@ class Evaluator:
             tokens = self.clip.tokenize(captions).to(device)
             _, text_emb = self.clip.encode_text(tokens)
             shapes_idx = [i for i, a in enumerate(attrs) if a and a.get("objects")]
-            whole = [i for i in shapes_idx if need_vae and _uncropped(batch, i, attrs[i])]
+            whole = [i for i in shapes_idx if _uncropped(batch, i, attrs[i])] if need_vae else []
             if whole:
                 self.caption_acc_vae.update(vae_round_trip(model, batch["image"][whole].to(device)).cpu(),
                                             [attrs[i] for i in whole])

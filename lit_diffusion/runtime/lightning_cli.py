@@ -141,7 +141,8 @@ def _check_ckpt_path(config) -> None:
     if (not path or str(path) in CKPT_PATH_WORDS or str(path).startswith("registry") or "://" in str(path)
             or Path(path).is_dir()):  # a sharded (FSDP) checkpoint is a folder: Lightning reads it
         return
-    class_path = (cfg.get("model") or {}).get("class_path") if cfg.get("model") is not None else None
+    model = cfg.get("model")
+    class_path = model.get("class_path") if model is not None else None
     if not class_path or "." not in str(class_path):
         return
     module, name = str(class_path).rsplit(".", 1)
