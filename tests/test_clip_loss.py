@@ -52,6 +52,20 @@ def test_hard_negatives_join_the_image_to_text_softmax_only():
         ClipLoss()(image, text, scale, negatives)
 
 
+def test_several_negative_slots_a_row_are_all_candidates_of_every_image():
+    image, text = _pairs(0, 4)
+    negatives = torch.stack([_pairs(1, 4)[0], _pairs(2, 4)[0]], dim=1)  # [4, 2, E]: two kinds of swap a caption
+    mask = torch.tensor([[True, False], [False, False], [True, True], [False, True]])
+    scale = torch.tensor(10.0)
+    candidates = torch.cat([text, negatives[mask]])  # every caption, then the 4 present negatives
+    expected = 0.0
+    for i in range(4):
+        row = scale * candidates @ image[i]
+        col = scale * image @ text[i]
+        expected -= (row[i] - torch.logsumexp(row, 0)) / 8 + (col[i] - torch.logsumexp(col, 0)) / 8
+    assert ClipLoss()(image, text, scale, negatives, mask).item() == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_perfectly_aligned_pairs_give_low_loss_and_shuffled_pairs_high():
     image, _ = _pairs(1, 16, dim=32)
     scale = torch.tensor(100.0)
@@ -151,6 +165,9 @@ def test_distributed_loss_and_gradients_equal_one_process_on_the_global_batch(tm
 
 CAPTIONS = [["a red circle left of a blue square", "a large green triangle", "a yellow square above a red circle"],
             ["a small red circle", "a large blue square", "a green triangle"]]  # rank 1: no swap word
+# a word-swap slot and a colour-binding slot a caption: rank 0 fills some of both, rank 1 none
+NEGATIVES = dict(hard_negatives={"left": "right", "above": "below"},
+                 binding_negatives={"color": ["red", "blue", "green", "yellow"]})
 
 
 def _clip_worker(rank: int, port: int, tokenizer: str, out_dir):
@@ -165,7 +182,7 @@ def _clip_worker(rank: int, port: int, tokenizer: str, out_dir):
     try:
         torch.set_num_threads(1)
         torch.manual_seed(0)
-        clip = CLIPModule(tokenizer_path=tokenizer, hard_negatives={"left": "right", "above": "below"}, **TINY_CLIP)
+        clip = CLIPModule(tokenizer_path=tokenizer, **NEGATIVES, **TINY_CLIP)
         images = torch.rand(WORLD * LOCAL, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
         batch = {"image": images[rank * LOCAL:(rank + 1) * LOCAL], "caption": CAPTIONS[rank]}
         loss = clip.model_step(batch, ClipLoss(rank, WORLD, gather_with_grad=True))[0]
@@ -192,7 +209,7 @@ def test_a_rank_whose_captions_have_no_swap_word_trains_in_step_with_the_others(
                        start_method="fork")
     ranks = [torch.load(tmp_path / f"clip{r}.pt") for r in range(WORLD)]
     torch.manual_seed(0)
-    clip = CLIPModule(tokenizer_path=tokenizer, hard_negatives={"left": "right", "above": "below"}, **TINY_CLIP)
+    clip = CLIPModule(tokenizer_path=tokenizer, **NEGATIVES, **TINY_CLIP)
     images = torch.rand(WORLD * LOCAL, 3, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
     loss = clip.model_step({"image": images, "caption": CAPTIONS[0] + CAPTIONS[1]}, ClipLoss())[0]
     loss.backward()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import retry_on_gloo_teardown_abort
 
-from lit_diffusion.data.negatives import WordSwaps, swap_table
+from lit_diffusion.data.negatives import BindingSwaps, WordSwaps, swap_table
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, MAX_LOGIT_SCALE, TextConfig, VisionConfig
 from lit_diffusion.models.transformer import Transformer
@@ -243,10 +243,51 @@ def test_negative_embeddings_are_the_swapped_captions_in_their_rows(tokenizer_fi
         swapped = ["a small green triangle below a large red square",
                    "a large yellow circle right of a small cyan triangle"]
         expected = module.encode_text(module.tokenize(swapped))[1]
-    assert mask.tolist() == [False, False, True, True]
-    torch.testing.assert_close(negatives[2:], expected, rtol=1e-5, atol=1e-6)
+    assert mask.tolist() == [[False], [False], [True], [True]]  # one slot a caption: the word swap
+    torch.testing.assert_close(negatives[2:, 0], expected, rtol=1e-5, atol=1e-6)
     assert not negatives[:2].any()
     assert CLIPModule(tokenizer_path=str(tokenizer_file), **TINY).negative_embeddings(CAPTIONS) is None
+
+
+def test_binding_swaps_exchange_two_objects_attributes():
+    swaps = BindingSwaps({"color": ["red", "blue", "green"], "shape": ["circle", "square", "triangle"]})
+    assert swaps("a small red circle moving left and a large blue square moving up") == {
+        "color": "a small blue circle moving left and a large red square moving up",
+        "shape": "a small red square moving left and a large blue circle moving up"}
+    # the first word with the next *different* one; a capital stays with its place; whole words only
+    assert swaps("Red circle, red square and green square")["color"] == "Green circle, red square and red square"
+    assert swaps("a red circle above a red square") == {"color": None, "shape": "a red square above a red circle"}
+    assert swaps("a reddish circle") == {"color": None, "shape": None}
+    with pytest.raises(ValueError, match=r"binding_negatives: 'red' is in both 'color' and 'hue'"):
+        BindingSwaps({"color": ["red", "blue"], "hue": ["red", "green"]})
+    with pytest.raises(ValueError, match=r"opt\.color: a group needs two or more different words"):
+        BindingSwaps({"color": ["red", "Red"]}, "opt")
+    with pytest.raises(ValueError, match="group name 'two words' is not a plain identifier"):
+        BindingSwaps({"two words": ["a", "b"]})
+
+
+def test_negative_slots_are_the_word_swap_then_one_per_binding_group(tokenizer_file):
+    torch.manual_seed(0)
+    module = CLIPModule(tokenizer_path=str(tokenizer_file), hard_negatives={"above": "below"},
+                        binding_negatives={"color": ["red", "green", "yellow", "cyan", "blue"],
+                                           "size": ["small", "large"]}, **TINY).eval()
+    assert module.negative_kinds == ["words", "color", "size"]
+    expected = {(2, 0): "a small green triangle below a large red square",
+                (2, 1): "a small red triangle above a large green square",
+                (2, 2): "a large green triangle above a small red square",
+                (3, 1): "a large cyan circle left of a small yellow triangle",
+                (3, 2): "a small yellow circle left of a large cyan triangle"}
+    with torch.no_grad():
+        negatives, mask = module.negative_embeddings(CAPTIONS)
+        for (i, k), caption in expected.items():
+            torch.testing.assert_close(negatives[i, k], module.encode_text(module.tokenize([caption]))[1][0],
+                                       rtol=1e-5, atol=1e-6)
+    assert negatives.shape == (4, 3, 16) and mask.nonzero().tolist() == sorted(list(k) for k in expected)
+    assert not negatives[~mask].any()
+    args = {**CLIPModule.accepted_args(dict(module.hparams)), "tokenizer_json": module.tokenizer.to_json(),
+            "tokenizer_path": None}
+    reloaded = CLIPModule(**args)  # as a checkpoint rebuilds it
+    assert reloaded.negative_kinds == module.negative_kinds
 
 
 def test_images_of_another_size_are_cropped_and_resized_as_clip_preprocesses_them(module):

@@ -130,3 +130,40 @@ def test_hard_negatives_teach_clip_which_object_is_where(tmp_path):
         probe.load_state_dict(module.state_dict())
         accuracy[name] = trainer().validate(probe, data, verbose=False)[0]["val/negative_acc"]
     assert accuracy["with"] > 0.7 and accuracy["without"] < 0.65, accuracy
+
+
+def test_validation_scores_each_kind_of_negative_against_a_hand_count(shapes_data):
+    """`val/negative_acc` (the word swap) and `val/binding_acc_<group>` (two objects' attributes exchanged): the
+    share of val images that score their caption above its false twin, counted here sample by sample."""
+    from conftest import TINY_CLIP
+
+    from lit_diffusion.data.negatives import BindingSwaps, WordSwaps
+
+    words, groups = {"above": "below", "left": "right"}, {"color": ["red", "green", "blue", "yellow", "cyan",
+                                                                   "magenta"], "size": ["small", "large"]}
+    torch.manual_seed(1)  # untrained: the figures are near 0.5, far from 0 and 1
+    module = CLIPModule(tokenizer_path=str(shapes_data / "tokenizer.json"), hard_negatives=words,
+                        binding_negatives=groups, **TINY_CLIP).eval()
+    data = ImageCaptionDataModule(train_urls=str(shapes_data / "train-*.tar"), val_urls=str(shapes_data / "val-*.tar"),
+                                  image_size=16, batch_size=16, num_workers=0)
+    metrics = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False).validate(module, data, verbose=False)[0]
+    data.setup("validate")
+    wins = {"words": [], "color": [], "size": []}
+    swap_words, swap_groups = WordSwaps(words), BindingSwaps(groups)
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            for image, caption in zip(batch["image"], batch["caption"]):
+                emb = module.encode_image(image[None])[0]
+                false = {"words": swap_words(caption), **swap_groups(caption)}
+                for kind, twin in false.items():
+                    if twin is not None:
+                        true_score, false_score = (emb @ module.encode_text(module.tokenize([c]))[1][0]
+                                                   for c in (caption, twin))
+                        wins[kind].append(float(true_score > false_score))
+    assert min(len(w) for w in wins.values()) >= 10, {k: len(w) for k, w in wins.items()}
+    expected = {"val/negative_acc": wins["words"], "val/binding_acc_color": wins["color"],
+                "val/binding_acc_size": wins["size"]}
+    for name, w in expected.items():
+        assert metrics[name] == pytest.approx(sum(w) / len(w), abs=1e-6), name
+    assert 0 < metrics["val/binding_acc_color"] < 1

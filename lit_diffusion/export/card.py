@@ -242,7 +242,7 @@ def _ldm_rows(info: dict) -> list[list[str]]:
 def _stage_rows(info: dict) -> list[list[str]]:
     """A CLIP, VAE or prior checkpoint: its architecture fields as saved."""
     hp = info["hparams"]
-    skip = {"lr", "weight_decay", "betas", "warmup_steps", "zeroshot", "hard_negatives", "tokenizer_path",
+    skip = {"lr", "weight_decay", "betas", "warmup_steps", "zeroshot", "hard_negatives", "binding_negatives", "tokenizer_path",
             "tokenizer_json", "clip_ckpt", "init_from", "rfid_backend", "inception_weights"}
     rows = [["stage", info["kind"]]]
     rows += [[k, _args(v) if isinstance(v, dict) else str(v)] for k, v in hp.items() if k not in skip]

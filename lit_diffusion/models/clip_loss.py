@@ -7,8 +7,9 @@ global batch (the all-gather's backward sums every rank's gradient into the rows
 All ranks must pass the same local batch size (all_gather needs equal shapes).
 
 Hard negatives (NegCLIP, Yuksekgonul et al. 2023): embeddings of captions made false by a word swap ("a red
-circle above a blue square" -> "... below ..."), one slot per row with a mask for rows that have none. They are
-gathered like the texts and join every image's candidates (image -> text only: a false caption has no image).
+circle above a blue square" -> "... below ..."), one slot per row, or K slots (one per kind of swap), with a mask
+for the slots that have none. They are gathered like the texts and join every image's candidates (image -> text
+only: a false caption has no image).
 A CLIP trained without them scores such a pair as a coin flip: it reads captions as bags of words.
 """
 
@@ -60,9 +61,12 @@ class ClipLoss(nn.Module):
     def forward(self, image: Tensor, text: Tensor, logit_scale: Tensor, negatives: Tensor | None = None,
                 negative_mask: Tensor | None = None) -> Tensor:
         """image, text: L2-normalised embeddings [b, E] of matching pairs; logit_scale: exp'd scale (scalar);
-        negatives [b, E] and negative_mask [b] (bool): optional hard negative captions, see the module doc."""
+        negatives [b, E] and negative_mask [b] (bool), or [b, K, E] and [b, K]: optional hard negative captions,
+        see the module doc."""
         if (negatives is None) != (negative_mask is None):
             raise ValueError("ClipLoss: pass negatives and negative_mask together")
+        if negatives is not None and negatives.dim() == 3:  # K slots a row: every one is a candidate of every image
+            negatives, negative_mask = negatives.flatten(0, 1), negative_mask.flatten(0, 1)
         # float32 logits even under bf16/fp16 autocast: a softmax over the global batch needs the precision
         with torch.autocast(device_type=image.device.type, enabled=False):
             logits_per_image, logits_per_text = self.logits(

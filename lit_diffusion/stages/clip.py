@@ -20,6 +20,9 @@ Validation embeds the whole val set, gathers it from every rank (uneven per-rank
   CLIP-style, 0.86 with the max over prompts).
 - with `hard_negatives` (word swaps such as above <-> below): `val/negative_acc`, the fraction of val captions
   holding a swap word whose image scores its true caption above the swapped one (0.5: the swap goes unnoticed).
+- with `binding_negatives` ({color: [red, ...], shape: [...]}): `val/binding_acc_<group>`, the same for captions
+  whose two objects' attributes of the group are exchanged ("a red circle and a blue square" -> "a blue circle and
+  a red square"): does the caption embedding know which object has which colour.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lit_diffusion.data.negatives import WordSwaps
+from lit_diffusion.data.negatives import BindingSwaps, WordSwaps
 from lit_diffusion.data.tokenizer import Tokenizer
 from lit_diffusion.models.clip import CLIP, TextConfig, VisionConfig, inflate_image_weights
 from lit_diffusion.models.clip_loss import ClipLoss
@@ -151,6 +154,7 @@ class CLIPModule(Stage):
         gather_with_grad: bool = True,
         tokenizer_json: str | None = None,
         hard_negatives: dict[str, str] | None = None,
+        binding_negatives: dict[str, list[str]] | None = None,
         text_only: bool = False,
         init_from: str | None = None,
     ):
@@ -170,6 +174,9 @@ class CLIPModule(Stage):
             yields a false caption with the words swapped, a negative for its image (NegCLIP; see `ClipLoss`).
             Without them CLIP reads captions as bags of words and the diffusion model it conditions cannot tell
             "A above B" from "A below B".
+        binding_negatives: attribute groups, e.g. {color: [red, blue, ...], shape: [circle, square]}: every caption
+            with two different words of a group also yields a false caption with the two exchanged (which object
+            has which colour), one more negative for its image per group (NegCLIP's attribute swaps; `BindingSwaps`).
         text_only: no image tower (`vision` ignored): a text encoder imported alone conditions a diffusion model.
         init_from: a CLIP stage checkpoint (trained, or written by `lit-diffusion import clip`) to fine-tune: its
             architecture, tokenizer and weights replace vision / text / embed_dim / tokenizer_path. Not a
@@ -211,6 +218,12 @@ class CLIPModule(Stage):
         hard_negatives = dict(hard_negatives or {})
         # checked here, so a bad pair fails at startup naming the option
         self.word_swaps = WordSwaps(hard_negatives, "model.init_args.hard_negatives") if hard_negatives else None
+        binding_negatives = {str(k): [str(w) for w in v] for k, v in (binding_negatives or {}).items()}
+        self.binding_swaps = (BindingSwaps(binding_negatives, "model.init_args.binding_negatives")
+                              if binding_negatives else None)
+        # the negative slots of every caption, in order: the word swap, then one per binding group
+        self.negative_kinds = (["words"] if self.word_swaps else []) + (self.binding_swaps.names
+                                                                        if self.binding_swaps else [])
         # plain python only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters({
             "vision": None if vision is None else asdict(vision), "text": asdict(text), "embed_dim": int(embed_dim),
@@ -218,6 +231,7 @@ class CLIPModule(Stage):
             "weight_decay": weight_decay, "betas": [float(b) for b in betas], "warmup_steps": warmup_steps,
             "zeroshot": zeroshot, "gather_with_grad": gather_with_grad,
             "hard_negatives": {str(k): str(v) for k, v in hard_negatives.items()},
+            "binding_negatives": binding_negatives,
         })
         self.hparams["text_only"] = bool(text_only)
         self.tokenizer = tokenizer
@@ -291,18 +305,26 @@ class CLIPModule(Stage):
         # and short captions in a long context would otherwise spend most of the text compute on padding
         return tokens[:, : int(self.tokenizer.mask(tokens).sum(1).max())]
 
+    def negative_captions(self, caption: str) -> list[str | None]:
+        """The caption's false twins, one per `negative_kinds` slot (None: it has nothing to swap there)."""
+        out = [self.word_swaps(caption)] if self.word_swaps else []
+        if self.binding_swaps:
+            out += list(self.binding_swaps(caption).values())
+        return out
+
     def negative_embeddings(self, captions: Sequence[str]) -> tuple[Tensor, Tensor] | None:
-        """(embeddings [B, E] of the swapped captions, zero where a caption has no swap word; mask [B] bool),
-        or None without `hard_negatives`."""
-        if self.word_swaps is None:
+        """(embeddings [B, K, E] of the false captions, zero where a caption has none of that kind; mask [B, K]
+        bool), K = len(negative_kinds); None without `hard_negatives` or `binding_negatives`."""
+        if not self.negative_kinds:
             return None
-        swapped = [self.word_swaps(c) for c in captions]
+        swapped = [s for c in captions for s in self.negative_captions(c)]  # [B * K], caption-major
         mask = torch.tensor([s is not None for s in swapped], device=self.device)
-        negatives = torch.zeros(len(captions), self.embed_dim, device=self.device)
+        negatives = torch.zeros(len(swapped), self.embed_dim, device=self.device)
         if bool(mask.any()):
             _, embedded = self.model.encode_text(self._text_tokens([s for s in swapped if s is not None]))
             negatives = negatives.to(embedded.dtype).index_copy(0, mask.nonzero()[:, 0], embedded)
-        return negatives, mask
+        k = len(self.negative_kinds)
+        return negatives.view(len(captions), k, -1), mask.view(len(captions), k)
 
     def model_step(self, batch: dict, loss_fn: ClipLoss) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple | None]:
         """-> (loss, image embeddings [B, E], text embeddings [B, E], logit scale, hard negatives or None).
@@ -349,8 +371,8 @@ class CLIPModule(Stage):
             self._val["zeroshot"].append(torch.tensor(labels, dtype=torch.long, device=self.device))
         if negatives is not None:
             embedded, mask = negatives
-            wins = (image * text).sum(1) > (image * embedded.to(image.dtype)).sum(1)  # [B]
-            self._val["negative_win"].append(wins[mask].long())
+            wins = (image * text).sum(1, keepdim=True) > (image[:, None] * embedded.to(image.dtype)).sum(2)  # [B, K]
+            self._val["negative_win"].append(wins.float().masked_fill(~mask, -1.0))  # -1: no negative of that kind
 
     def _gathered(self, name: str, width: int | None) -> Tensor:
         parts = self._val.get(name) or []
@@ -370,7 +392,8 @@ class CLIPModule(Stage):
         text = self._gathered("text", self.embed_dim)
         ids = self._gathered("ids", None)
         labels = self._gathered("zeroshot", None)
-        negative_wins = self._gathered("negative_win", None)
+        kinds = self.negative_kinds
+        negative_wins = self._gathered("negative_win", len(kinds)) if kinds else None  # [N, K]
         self._val = {}
         if image.shape[0] == 0:
             return
@@ -384,8 +407,10 @@ class CLIPModule(Stage):
         if zeroshot is not None:
             metrics["val/zeroshot_acc"] = zeroshot
             metrics["val/zeroshot_chance"] = 1.0 / len(self.hparams.zeroshot["classes"])
-        if negative_wins.numel():
-            metrics["val/negative_acc"] = float(negative_wins.float().mean())
+        for kind, wins in zip(kinds, negative_wins.T if kinds else ()):
+            wins = wins[wins >= 0]
+            if wins.numel():
+                metrics["val/negative_acc" if kind == "words" else f"val/binding_acc_{kind}"] = float(wins.mean())
         # every rank computed the same numbers from the same gathered data; sync_dist only averages equals
         for name, value in metrics.items():
             self.log(name, torch.tensor(value, device=self.device), sync_dist=True,
