@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from lit_diffusion.stages.registry import LATENT_STAGES, OPTIONAL_STAGES, STAGE_KEYS, STAGES, configured_stages
+from lit_diffusion.stages.registry import LATENT_STAGES, OPTIONAL_STAGES, STAGES, configured_stages, stage_keys
 
 log = logging.getLogger("lit_diffusion")
 IMPORTABLE = ("clip", "vae")  # stages that `checkpoint:` can supply instead of training them
@@ -271,7 +271,7 @@ def _summary(run_dir: Path) -> dict:
 
 def _one_line(stage: str, summary: dict, seconds: float, name: str | None = None) -> str:
     final = summary.get("final", {})
-    figures = ", ".join(f"{k}={final[k]:.4g}" for k in STAGE_KEYS[stage] if k in final)
+    figures = ", ".join(f"{k}={final[k]:.4g}" for k in stage_keys(stage, final) if k in final)
     return f"[{name or stage}] done in {seconds / 60:.1f} min: {figures or 'no figures logged'}"
 
 

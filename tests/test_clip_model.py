@@ -264,6 +264,14 @@ def test_binding_swaps_exchange_two_objects_attributes():
         BindingSwaps({"color": ["red", "Red"]}, "opt")
     with pytest.raises(ValueError, match="group name 'two words' is not a plain identifier"):
         BindingSwaps({"two words": ["a", "b"]})
+    # the same two objects listed the other way round: still a true caption, so no negative
+    assert swaps("a small red circle moving left and a small blue circle moving left") == {"color": None,
+                                                                                          "shape": None}
+    assert swaps("a red circle and a blue circle and a green square")["color"] is None  # the same three objects
+    assert swaps("a red circle and a blue circle and a green square")["shape"] == \
+        "a red square and a blue circle and a green circle"
+    with pytest.raises(ValueError, match=r"'light' \(tone\) is a word of 'light blue' \(color\)"):
+        BindingSwaps({"color": ["light blue", "red"], "tone": ["light", "dark"]})
 
 
 def test_negative_slots_are_the_word_swap_then_one_per_binding_group(tokenizer_file):
@@ -284,6 +292,16 @@ def test_negative_slots_are_the_word_swap_then_one_per_binding_group(tokenizer_f
                                        rtol=1e-5, atol=1e-6)
     assert negatives.shape == (4, 3, 16) and mask.nonzero().tolist() == sorted(list(k) for k in expected)
     assert not negatives[~mask].any()
+    # a twin that an earlier slot already holds is not a second negative: the left/right swap of "... moving left
+    # and ... moving right" is also its direction binding swap
+    both = CLIPModule(tokenizer_path=str(tokenizer_file), hard_negatives={"left": "right"},
+                      binding_negatives={"direction": ["left", "right"]}, **TINY)
+    assert both.negative_captions("a red circle left of a blue square right of it") == [
+        "a red circle right of a blue square left of it", None]
+    assert both.negative_captions("a red circle left of a blue square") == ["a red circle right of a blue square",
+                                                                            None]
+    with pytest.raises(ValueError, match="'words' names the hard_negatives slot"):
+        CLIPModule(tokenizer_path=str(tokenizer_file), binding_negatives={"words": ["a", "b"]}, **TINY)
     args = {**CLIPModule.accepted_args(dict(module.hparams)), "tokenizer_json": module.tokenizer.to_json(),
             "tokenizer_path": None}
     reloaded = CLIPModule(**args)  # as a checkpoint rebuilds it

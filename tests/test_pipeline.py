@@ -285,3 +285,14 @@ def test_evaluation_and_samples_keys_are_checked_and_rescale_and_clip_reach_the_
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ValueError, match=rf"unknown {block} keys \['{typo}'\]; known: "):
             load_config(path)
+
+
+def test_summaries_and_reports_show_the_binding_figures_a_clip_config_names():
+    from lit_diffusion.pipeline import _one_line
+    from lit_diffusion.stages.registry import STAGE_KEYS, stage_keys
+
+    final = {"val/i2t_r1": 0.9, "val/binding_acc_shape": 0.96, "val/binding_acc_color": 0.94, "val/other": 1.0}
+    assert stage_keys("clip", final) == STAGE_KEYS["clip"] + ("val/binding_acc_color", "val/binding_acc_shape")
+    assert stage_keys("vae", {"val/binding_acc_color": 1.0}) == STAGE_KEYS["vae"]
+    line = _one_line("clip", {"final": final}, 90.0)
+    assert line == "[clip] done in 1.5 min: val/i2t_r1=0.9, val/binding_acc_color=0.94, val/binding_acc_shape=0.96"

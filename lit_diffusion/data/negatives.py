@@ -51,8 +51,10 @@ class BindingSwaps:
     """`BindingSwaps(groups)(caption)`: {group: the caption with its first word of the group exchanged with the next
     different word of the group, or None where it holds fewer than two different ones}. `groups`: {name: [words]}
     (colours, shapes, sizes, directions: the attributes an object of a caption binds); names become metric names,
-    so they are plain identifiers. A word in two groups, a group of fewer than two words or a bad name is an error
-    naming `option`."""
+    so they are plain identifiers. A twin that only lists the same objects in another order is no negative
+    ("a red circle and a blue circle" -> "a blue circle and a red circle"): it is None. A word in two groups (also
+    as a word of another group's phrase), a group of fewer than two words or a bad name is an error naming
+    `option`."""
 
     def __init__(self, groups: Mapping[str, Sequence[str]], option: str = "binding_negatives"):
         if not isinstance(groups, Mapping) or not groups:
@@ -72,6 +74,11 @@ class BindingSwaps:
                     raise ValueError(f"{option}: {word!r} is in both {owner[word]!r} and {name!r}")
             self.patterns[str(name)] = re.compile(r"\b(" + "|".join(re.escape(w) for w in cleaned) + r")\b",
                                                   re.IGNORECASE)
+        for word, name in owner.items():  # "light" in a tone group and "light blue" in the colours: ambiguous
+            whole = re.compile(rf"\b{re.escape(word)}\b")
+            inside = [w for w, n in owner.items() if n != name and whole.search(w)]
+            if inside:
+                raise ValueError(f"{option}: {word!r} ({name}) is a word of {inside[0]!r} ({owner[inside[0]]})")
 
     @property
     def names(self) -> list[str]:
@@ -94,5 +101,14 @@ class BindingSwaps:
         return (caption[: first.start()] + cased(b, first.group(0)) + caption[first.end(): second.start()]
                 + cased(a, second.group(0)) + caption[second.end():])
 
+    @staticmethod
+    def _objects(caption: str) -> list[str]:
+        """The caption's "and"-joined parts, lower case and sorted: the same objects listed in any order."""
+        return sorted(part.strip().lower() for part in re.split(r"\band\b", caption))
+
     def __call__(self, caption: str) -> dict[str, str | None]:
-        return {name: self._swap(caption, pattern) for name, pattern in self.patterns.items()}
+        out = {}
+        for name, pattern in self.patterns.items():
+            twin = self._swap(caption, pattern)
+            out[name] = None if twin is not None and self._objects(twin) == self._objects(caption) else twin
+        return out

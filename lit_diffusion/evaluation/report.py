@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from lit_diffusion.metrics.caption_accuracy import ATTRIBUTES, KINDS, RELATION_WORDS
-from lit_diffusion.stages.registry import STAGE_KEYS, STAGES
+from lit_diffusion.stages.registry import STAGES, stage_keys
 
 
 def _fmt(value) -> str:
@@ -179,12 +179,14 @@ def write_report(root: Path, name: str, cfg: dict, data: dict, stages: dict, eva
                  timings: dict) -> dict:
     results = evaluation["results"]
     ran = [s for s in STAGES if s in stages]  # the stages this pipeline ran, in order (the prior is optional)
-    stage_figures = {s: {k: (stages[s]["summary"].get("final") or {}).get(k) for k in STAGE_KEYS[s]} for s in ran}
+    finals = {s: stages[s]["summary"].get("final") or {} for s in ran}
+    stage_figures = {s: {k: finals[s].get(k) for k in stage_keys(s, finals[s])} for s in ran}
     stage_configs = {}
     for s in ran:
         path = Path(stages[s].get("run_dir") or root / s) / "config.yaml"  # in phases: the last phase's
         stage_configs[s] = yaml.safe_load(path.read_text()) if path.is_file() else None
-    phases = {s: [_phase(p, STAGE_KEYS[s]) for p in stages[s].get("phases") or []] for s in ran}
+    phases = {s: [_phase(p, stage_keys(s, p["summary"].get("final") or {})) for p in stages[s].get("phases") or []]
+              for s in ran}
     report = {
         "name": name,
         "data": data,

@@ -219,6 +219,9 @@ class CLIPModule(Stage):
         # checked here, so a bad pair fails at startup naming the option
         self.word_swaps = WordSwaps(hard_negatives, "model.init_args.hard_negatives") if hard_negatives else None
         binding_negatives = {str(k): [str(w) for w in v] for k, v in (binding_negatives or {}).items()}
+        if "words" in binding_negatives:  # the word swap's slot: its figure is val/negative_acc
+            raise ValueError("model.init_args.binding_negatives: 'words' names the hard_negatives slot; call the "
+                             "group something else")
         self.binding_swaps = (BindingSwaps(binding_negatives, "model.init_args.binding_negatives")
                               if binding_negatives else None)
         # the negative slots of every caption, in order: the word swap, then one per binding group
@@ -306,11 +309,12 @@ class CLIPModule(Stage):
         return tokens[:, : int(self.tokenizer.mask(tokens).sum(1).max())]
 
     def negative_captions(self, caption: str) -> list[str | None]:
-        """The caption's false twins, one per `negative_kinds` slot (None: it has nothing to swap there)."""
+        """The caption's false twins, one per `negative_kinds` slot (None: it has nothing to swap there, or the twin
+        is an earlier slot's: "A moving left and B moving right" swapped left/right or by direction is one twin)."""
         out = [self.word_swaps(caption)] if self.word_swaps else []
         if self.binding_swaps:
             out += list(self.binding_swaps(caption).values())
-        return out
+        return [None if twin in out[:i] else twin for i, twin in enumerate(out)]
 
     def negative_embeddings(self, captions: Sequence[str]) -> tuple[Tensor, Tensor] | None:
         """(embeddings [B, K, E] of the false captions, zero where a caption has none of that kind; mask [B, K]
@@ -324,7 +328,7 @@ class CLIPModule(Stage):
             _, embedded = self.model.encode_text(self._text_tokens([s for s in swapped if s is not None]))
             negatives = negatives.to(embedded.dtype).index_copy(0, mask.nonzero()[:, 0], embedded)
         k = len(self.negative_kinds)
-        return negatives.view(len(captions), k, -1), mask.view(len(captions), k)
+        return negatives.view(len(captions), k, self.embed_dim), mask.view(len(captions), k)
 
     def model_step(self, batch: dict, loss_fn: ClipLoss) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple | None]:
         """-> (loss, image embeddings [B, E], text embeddings [B, E], logit scale, hard negatives or None).

@@ -9,6 +9,15 @@ STAGE_KEYS = {  # the figures a stage's one-line summary and the report show
     "prior": ("val/prior_cos", "val/prior_cos_text_baseline", "val/prior_cos_unrelated", "val/loss"),
     "ldm": ("val/loss", "train/loss"),
 }
+STAGE_KEY_PREFIXES = {"clip": ("val/binding_acc_",)}  # figures named by the config (one per binding group)
+
+
+def stage_keys(stage: str, figures: dict) -> tuple[str, ...]:
+    """The figures of `figures` a stage's summary and the report show: `STAGE_KEYS`, then those named by its
+    config (`STAGE_KEY_PREFIXES`), sorted."""
+    prefixes = STAGE_KEY_PREFIXES.get(stage, ())
+    named = sorted(k for k in figures if prefixes and k.startswith(prefixes))
+    return STAGE_KEYS[stage] + tuple(named)
 
 
 def configured_stages(cfg: dict) -> tuple[str, ...]:
