@@ -333,7 +333,12 @@ def test_two_ranks_validate_as_one_process_also_when_one_rank_has_no_val_batch(t
 
     info = write_shapes(tmp_path / "data", train=8, val=8, size=16, shard_size=8, seed=0)
     torch.manual_seed(0)
-    module = CLIPModule(tokenizer_path=str(tmp_path / "data" / "tokenizer.json"), **TINY)
+    # a word swap and two binding groups: the per-kind wins are gathered too (4 of the 8 val captions have two
+    # objects, 3 of them a relation word)
+    module = CLIPModule(tokenizer_path=str(tmp_path / "data" / "tokenizer.json"),
+                        hard_negatives={"above": "below", "left": "right"},
+                        binding_negatives={"color": ["red", "green", "blue", "yellow", "purple", "cyan"],
+                                           "size": ["small", "large"]}, **TINY)
 
     def validate(**kwargs):
         data = ImageCaptionDataModule(train_urls=info["urls"]["train"], val_urls=info["urls"]["val"], image_size=16,
@@ -345,6 +350,8 @@ def test_two_ranks_validate_as_one_process_also_when_one_rank_has_no_val_batch(t
     single = validate(devices=1)
     ddp = retry_on_gloo_teardown_abort(lambda: validate(devices=2, strategy="ddp_spawn"))
     assert "val/loss" in single and "val/i2t_r1" in single and set(ddp) == set(single)
+    if val_max_samples is None:
+        assert {"val/negative_acc", "val/binding_acc_color", "val/binding_acc_size"} <= set(single)
     # the contrastive loss is over a batch, and two ranks batch the samples otherwise (0, 2, 4, 6 and 1, 3, 5, 7):
     # equal only when the batches are the same (one sample); the gathered retrieval figures always
     for key in single if val_max_samples == 1 else set(single) - {"val/loss"}:
